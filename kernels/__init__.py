@@ -1,0 +1,1 @@
+"""Mixed-bit GEMM kernels for QVLA's quantized Linear (imported as qvla_ros.kernels)."""
