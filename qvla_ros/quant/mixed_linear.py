@@ -1,0 +1,180 @@
+"""`MixedBitLinear`: an nn.Linear replacement holding really packed mixed-bit rows.
+
+The buffers follow the layout of `qvla_ros.quant.packing` (read its docstring first):
+
+    row_index            int32    [N_kept]
+    g{b}_qweight         uint8    [R_b, Kp*b/8]   b in {8, 4, 2};  b = 3: [R_3, Kp/4] (low 2 bits)
+    g3_qweight_hi        uint8    [R_3, Kp/8]     (high bit plane)
+    g{b}_scale, g{b}_zero float16 [R_b]           b in {8, 4, 3, 2}
+    g16_weight           bfloat16 [R_16, K]
+    bias                 float32  [N]             (when the Linear had one)
+
+Only the widths present in the layer have buffers. The forward below is the CPU path and the
+correctness oracle for the GPU kernels: dequantize the groups, one matmul over the kept rows,
+scatter the results to their original channels; pruned channels output the bias (or 0).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .packing import (DEFAULT_ROW_TILE, GROUP_ORDER, PackedGroup, PackedWeight, bit_counts,
+                      padded_in_features)
+from .quantizer import ACT_BITS, check_bits, fake_quantize_activations
+
+_PARTS = ("qweight", "qweight_hi", "scale", "zero", "weight")
+
+
+def _group_shapes(bits: int, rows: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of one group's buffers (the layout contract, in one place)."""
+    kp = padded_in_features(in_features)
+    if bits == 16:
+        return {"weight": ((rows, in_features), torch.bfloat16)}
+    shapes = {"scale": ((rows,), torch.float16), "zero": ((rows,), torch.float16)}
+    if bits == 3:
+        shapes["qweight"] = ((rows, kp // 4), torch.uint8)
+        shapes["qweight_hi"] = ((rows, kp // 8), torch.uint8)
+    else:
+        shapes["qweight"] = ((rows, kp * bits // 8), torch.uint8)
+    return shapes
+
+
+class MixedBitLinear(nn.Module):
+    """y = x W^T + b with each output row of W stored at its own bit-width (0, 2, 3, 4, 8 or 16).
+
+    Build one from a trained Linear with `from_linear`, or an empty one of the right shapes with
+    `empty` (to load a saved state_dict into). `act_bits=8` quantizes each input token to int8
+    with its own scale before the matmul (the 8-bit-activation path of the kernels).
+    """
+
+    def __init__(self, in_features: int, out_features: int, counts: Mapping[int, int], *,
+                 bias: bool = True, act_bits: int = 16, row_tile: int = DEFAULT_ROW_TILE):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.act_bits = check_bits(act_bits, ACT_BITS)
+        self.row_tile = int(row_tile)
+        counts = {check_bits(b): int(n) for b, n in counts.items()}
+        if sum(counts.values()) != self.out_features:
+            raise ValueError(f"row counts {counts} do not add up to out_features={self.out_features}")
+        #: (bits, rows) of each stored group, in packed order
+        self.group_layout: tuple[tuple[int, int], ...] = tuple(
+            (b, counts[b]) for b in GROUP_ORDER if counts.get(b, 0) > 0)
+        kept = sum(n for _, n in self.group_layout)
+        self.register_buffer("row_index", torch.zeros(kept, dtype=torch.int32))
+        for b, rows in self.group_layout:
+            for part, (shape, dtype) in _group_shapes(b, rows, self.in_features).items():
+                self.register_buffer(f"g{b}_{part}", torch.zeros(shape, dtype=dtype))
+        if bias:
+            self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+        self.cache_dequantized = False
+        self._dequant_cache: torch.Tensor | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bits_per_row, *, bias: bool = True,
+              act_bits: int = 16, row_tile: int = DEFAULT_ROW_TILE) -> "MixedBitLinear":
+        """A module with the buffers of this bit assignment, all zero (for load_state_dict)."""
+        bits = torch.as_tensor(bits_per_row)
+        if bits.numel() != out_features:
+            raise ValueError(f"bits_per_row has {bits.numel()} entries for {out_features} output channels")
+        return cls(in_features, out_features, bit_counts(bits), bias=bias, act_bits=act_bits, row_tile=row_tile)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits_per_row, act_bits: int = 16,
+                    row_tile: int = DEFAULT_ROW_TILE) -> "MixedBitLinear":
+        """Quantize and pack `linear`'s weight, one width per output channel."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        packed = PackedWeight.from_weight(linear.weight, bits_per_row, row_tile=row_tile)
+        module = cls.from_packed(packed, bias=linear.bias, act_bits=act_bits, row_tile=row_tile)
+        return module.to(linear.weight.device)
+
+    @classmethod
+    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None, act_bits: int = 16,
+                    row_tile: int = DEFAULT_ROW_TILE) -> "MixedBitLinear":
+        counts = {g.bits: g.rows for g in packed.groups}
+        counts[0] = packed.out_features - packed.kept_rows
+        module = cls(packed.in_features, packed.out_features, counts, bias=bias is not None,
+                     act_bits=act_bits, row_tile=row_tile)
+        module.row_index.copy_(packed.row_index)
+        for g in packed.groups:
+            for part, tensor in g.tensors().items():
+                getattr(module, f"g{g.bits}_{part}").copy_(tensor)
+        if bias is not None:
+            module.bias.copy_(bias.detach().to(torch.float32))
+        return module
+
+    # ---- views of the packed data -------------------------------------------------------------
+    def groups(self) -> list[PackedGroup]:
+        """The stored groups as PackedGroup views of this module's buffers (no copies)."""
+        out, start = [], 0
+        for b, rows in self.group_layout:
+            parts = {p: getattr(self, f"g{b}_{p}") for p in _PARTS if hasattr(self, f"g{b}_{p}")}
+            out.append(PackedGroup(bits=b, start=start, rows=rows, in_features=self.in_features, **parts))
+            start += rows
+        return out
+
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.out_features, self.in_features, self.row_index, self.groups())
+
+    def dequantize_groups(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weights [N_kept, K] in packed order (row r is original channel row_index[r])."""
+        return self.packed_weight().dequantize_groups(dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Weights [N, K] in original channel order, pruned rows zero."""
+        return self.packed_weight().dequantize(dtype)
+
+    def bits_per_row(self) -> torch.Tensor:
+        return self.packed_weight().bits_per_row()
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed weight buffers (codes, scales, zeros, dense rows, row_index), measured
+        from the tensors themselves; the bias is not counted (it is not quantized)."""
+        return sum(buf.numel() * buf.element_size() for name, buf in self.named_buffers(recurse=False)
+                   if name != "bias")
+
+    # ---- compute ------------------------------------------------------------------------------
+    def _packed_weight_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cache_dequantized:
+            return self.dequantize_groups(dtype)
+        cache = self._dequant_cache
+        if cache is None or cache.dtype != dtype or cache.device != self.row_index.device:
+            cache = self._dequant_cache = self.dequantize_groups(dtype).to(self.row_index.device)
+        return cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        x = fake_quantize_activations(x.to(dtype), self.act_bits)
+        w = self._packed_weight_for(dtype).to(x.device)
+        y = torch.nn.functional.linear(x, w)
+        if self.bias is not None:
+            out = self.bias.to(dtype).expand(*x.shape[:-1], self.out_features).clone()
+            index = self.row_index.long()
+            out.index_add_(-1, index, y)
+        else:
+            out = x.new_zeros(*x.shape[:-1], self.out_features)
+            out.index_copy_(-1, self.row_index.long(), y)
+        return out
+
+    # Cached weights describe the buffers: drop them whenever the buffers are replaced or moved.
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dequant_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dequant_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        groups = ", ".join(f"{b}b:{n}" for b, n in self.group_layout)
+        pruned = self.out_features - self.row_index.numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, groups=[{groups}], "
+                f"pruned={pruned}, act_bits={self.act_bits}, bias={self.bias is not None}")
