@@ -13,12 +13,15 @@ STAMPS="$VENV/.qvla-stamps"
 PY_BIN="${PYTHON:-python3}"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
+# pip -q still prints this machine's notices about absent local index folders; keep real errors.
+pip_quiet() { "$PY" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 stamp_ok() { [[ -f "$STAMPS/$1" && "$(cat "$STAMPS/$1")" == "$2" ]]; }
 stamp_set() { mkdir -p "$STAMPS"; printf '%s' "$2" > "$STAMPS/$1"; }
 
 # 1. System libraries for offscreen MuJoCo rendering (EGL or OSMesa), when missing and we are root.
-if ! ldconfig -p 2>/dev/null | grep -q 'libOSMesa.so'; then
+# (grep without -q: under pipefail, -q's early exit would fail the pipeline with SIGPIPE)
+if ! ldconfig -p 2>/dev/null | grep 'libOSMesa.so' >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     log "installing offscreen GL libraries (libosmesa6 libegl1 libgl1)"
     (apt-get install -y -qq libosmesa6 libegl1 libgl1 >/dev/null 2>&1 ||
@@ -38,8 +41,8 @@ PY="$VENV/bin/python"
 req_hash=$(hash_of "$ROOT/requirements.txt")
 if ! stamp_ok requirements "$req_hash"; then
   log "installing pinned dependencies (first run: ~2 min)"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+  pip_quiet install -q --upgrade pip
+  pip_quiet install -q -r "$ROOT/requirements.txt"
   stamp_set requirements "$req_hash"
 fi
 
@@ -70,7 +73,7 @@ pkg_hash=$( (cd "$ROOT" && git ls-files -co --exclude-standard qvla_ros kernels 
   sort | xargs -r cat 2>/dev/null) | sha256sum | cut -c1-16)
 if ! stamp_ok package "$pkg_hash"; then
   log "installing qvla_ros into the venv"
-  "$PY" -m pip install -q --no-deps --no-build-isolation "$ROOT"
+  pip_quiet install -q --no-deps --no-build-isolation "$ROOT"
   rm -rf "$ROOT/build" "$ROOT"/*.egg-info
   stamp_set package "$pkg_hash"
 fi
