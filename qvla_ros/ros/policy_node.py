@@ -1,0 +1,461 @@
+"""qvla_policy_node: serves a (quantized) VLA policy. Camera images + instruction + proprio in,
+action chunks out; the bit plan is swapped at run time through `~/reload_plan` or the `plan`
+parameter.
+
+Topics (all relative, so they remap):
+    image, image2      sensor_msgs/Image   cameras, in the policy's camera order (image2 only when
+                                           the policy takes two); QoS from `image_qos`
+    instruction        std_msgs/String     reliable + transient local: a node started late still
+                                           gets the instruction that is in force
+    proprio            sensor_msgs/JointState
+                       `position` is the policy's proprio vector. JointState rather than
+                       Float32MultiArray: it has a header (the state's time) and names, so the node
+                       can check the layout against `proprio_names` instead of trusting the order,
+                       and a robot's joint_states publisher can be remapped onto it as is.
+    action_chunk       qvla_ros/ActionChunk header = the image's header; plan_id = the plan that
+                                           produced it
+    diagnostics        diagnostic_msgs/DiagnosticArray, every `diagnostics_period` seconds
+Service:
+    ~/reload_plan      qvla_ros/srv/ReloadPlan
+
+Threads: executor callbacks only check messages and keep the newest of each; one worker thread
+runs the policy on the newest frame, so a slow policy drops stale frames and never blocks the
+callbacks; reloads run in the control callback group beside the serving weights.
+"""
+from __future__ import annotations
+
+import array
+import collections
+import math
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+
+from qvla_ros.msg import ActionChunk
+from qvla_ros.ros import paths
+from qvla_ros.ros.image_conversion import ENCODINGS, ImageConversionError, image_to_rgb8
+from qvla_ros.ros.observation_sync import Dropped, ObservationSync, Stamped
+from qvla_ros.ros.policy_server import PlanRejected, PolicyServer
+from qvla_ros.ros.topics import CHUNK_QOS, INSTRUCTION_QOS, STATE_SUBSCRIBER_QOS, image_qos
+from qvla_ros.srv import ReloadPlan
+
+try:  # ros-diagnostic-msgs: the standard diagnostics channel (rqt_robot_monitor, aggregators)
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+except ImportError:  # pragma: no cover - depends on the install
+    DiagnosticArray = None
+
+NODE_NAME = "qvla_policy_node"
+TRIGGERS = ("image", "rate")
+IMAGE_QOS = ("sensor_data", "reliable")
+
+
+
+def _descriptor(description: str, read_only: bool = False, **ranges) -> ParameterDescriptor:
+    return ParameterDescriptor(description=description, read_only=read_only, **ranges)
+
+
+class PolicyNode(Node):
+    """The policy node; see the module docstring for its interface."""
+
+    def __init__(self, **kwargs):
+        super().__init__(NODE_NAME, **kwargs)
+        self._declare_parameters()
+        for param in self._declared.values():
+            error = self._invalid(param)
+            if error:
+                raise ValueError(f"parameter {param.name}: {error}")
+
+        p = self.get_parameter
+        plan = paths.resolve(p("plan").value)
+        self.get_logger().info(
+            f"loading {p('checkpoint').value or 'the shipped policy'} with "
+            f"{plan or 'no plan (full precision)'} on {p('device').value}")
+        self.server = PolicyServer(checkpoint=paths.resolve(p("checkpoint").value),
+                                   device=p("device").value, plan_path=plan)
+        cfg = self.server.config
+        self.n_cams = cfg.n_cams
+        self.image_size = (p("image_height").value or cfg.image_size,
+                           p("image_width").value or cfg.image_size)
+        self.encodings = tuple(p("expected_encodings").value)
+        self.proprio_names = tuple(p("proprio_names").value or ())
+        self.proprio_dim = cfg.proprio_dim
+        self.trigger = p("trigger").value
+        self.rate_hz = p("rate_hz").value
+
+        self.sync = ObservationSync(self.n_cams, tolerance=p("sync_tolerance").value,
+                                    timeout=p("sync_timeout").value)
+
+        self._stats = _Stats()
+        self._reject_log: dict[str, tuple[float, int]] = {}
+
+        inputs = MutuallyExclusiveCallbackGroup()
+        control = ReentrantCallbackGroup()
+        camera_qos = self._image_qos()
+        topics = ["image", "image2"][: self.n_cams]
+        for cam, topic in enumerate(topics):
+            self.create_subscription(Image, topic, lambda msg, cam=cam: self._on_image(msg, cam),
+                                     camera_qos, callback_group=inputs)
+        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
+                                 callback_group=inputs)
+        self.create_subscription(JointState, "proprio", self._on_proprio, STATE_SUBSCRIBER_QOS,
+                                 callback_group=inputs)
+        self.chunk_pub = self.create_publisher(ActionChunk, "action_chunk", CHUNK_QOS)
+        self.create_service(ReloadPlan, "~/reload_plan", self._on_reload_plan,
+                            callback_group=control)
+        self.diagnostics_pub = None
+        if DiagnosticArray is not None:
+            self.diagnostics_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
+            self.create_timer(p("diagnostics_period").value, self._publish_diagnostics,
+                              callback_group=control)
+        else:
+            self.get_logger().warning("diagnostic_msgs is not installed (pip install "
+                                      "ros-diagnostic-msgs): no diagnostics published")
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._worker = threading.Thread(target=self._work, name="qvla-inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"ready: serving {self.server.active.label} (loaded in "
+            f"{self.server.active.load_seconds:.1f} s); cameras {', '.join(topics)} at "
+            f"{self.image_size[1]}x{self.image_size[0]} {'/'.join(self.encodings)}, trigger "
+            f"{self.trigger}{f' at {self.rate_hz} Hz' if self.trigger == 'rate' else ''}")
+
+    # Parameters ---------------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        d = _descriptor
+        self.declare_parameter("checkpoint", "", d(
+            "policy checkpoint directory; empty = the shipped policy", read_only=True))
+        self.declare_parameter("plan", "", d(
+            "BitPlan file to serve; empty = full precision. Setting it reloads the plan."))
+        self.declare_parameter("device", "cpu", d("torch device: cpu, cuda, cuda:N",
+                                                  read_only=True))
+        self.declare_parameter("trigger", "image", d(
+            "'image': a forward for each new image; 'rate': at most rate_hz forwards a second on "
+            "the newest image"))
+        self.declare_parameter("rate_hz", 10.0, d(
+            "forwards per second when trigger is 'rate'",
+            floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1000.0)]))
+        self.declare_parameter("image_qos", "sensor_data", d(
+            "'sensor_data' (best effort: matches any camera) or 'reliable'", read_only=True))
+        self.declare_parameter("image_qos_depth", 1, d(
+            "image subscription queue depth", read_only=True,
+            integer_range=[IntegerRange(from_value=1, to_value=100, step=1)]))
+        self.declare_parameter("expected_encodings", ["rgb8", "bgr8"], d(
+            f"image encodings accepted, among {', '.join(ENCODINGS)}", read_only=True))
+        self.declare_parameter("image_height", 0, d(
+            "required image height in pixels; 0 = the policy's image size", read_only=True,
+            integer_range=[IntegerRange(from_value=0, to_value=8192, step=1)]))
+        self.declare_parameter("image_width", 0, d(
+            "required image width in pixels; 0 = the policy's image size", read_only=True,
+            integer_range=[IntegerRange(from_value=0, to_value=8192, step=1)]))
+        # A string array with no default: an empty list literal would be typed as a byte array.
+        self.declare_parameter("proprio_names", Parameter.Type.STRING_ARRAY, d(
+            "names of the JointState entries that form the policy's proprio vector, in order; "
+            "unset = JointState.position in the order it comes", read_only=True))
+        self.declare_parameter("sync_tolerance", 0.05, d(
+            "seconds between the stamp of an image and those of image2 and proprio used with it; "
+            "negative = take the newest of each, whatever its stamp", read_only=True))
+        self.declare_parameter("sync_timeout", 0.5, d(
+            "seconds the worker waits for image2/proprio/instruction before dropping a frame",
+            read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.0, to_value=60.0)]))
+        self.declare_parameter("diagnostics_period", 1.0, d(
+            "seconds between diagnostics messages", read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.05, to_value=3600.0)]))
+        self._declared = {name: self.get_parameter(name) for name in (
+            "checkpoint", "plan", "device", "trigger", "rate_hz", "image_qos", "image_qos_depth",
+            "expected_encodings", "image_height", "image_width", "proprio_names",
+            "sync_tolerance", "sync_timeout", "diagnostics_period")}
+
+    @staticmethod
+    def _invalid(param: Parameter) -> str | None:
+        """Why `param` cannot be used, or None. Ranges are checked by rclpy from descriptors."""
+        value = param.value
+        if param.name == "trigger" and value not in TRIGGERS:
+            return f"must be one of {', '.join(TRIGGERS)}, got {value!r}"
+        if param.name == "image_qos" and value not in IMAGE_QOS:
+            return f"must be one of {', '.join(IMAGE_QOS)}, got {value!r}"
+        if param.name == "device":
+            if not (value == "cpu" or value == "cuda" or
+                    (value.startswith("cuda:") and value[5:].isdigit())):
+                return f"must be cpu, cuda or cuda:N, got {value!r}"
+        if param.name == "expected_encodings":
+            unknown = [e for e in value if e not in ENCODINGS]
+            if not value or unknown:
+                return (f"must list encodings among {', '.join(ENCODINGS)}, got {list(value)!r}")
+        if param.name == "plan" and value and not os.path.isfile(paths.resolve(value)):
+            return f"no plan file at {value!r}"
+        return None
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for param in params:
+            error = self._invalid(param)
+            if error:
+                self.get_logger().error(f"parameter {param.name} refused: {error}")
+                return SetParametersResult(successful=False, reason=error)
+        for param in params:
+            if param.name == "plan":
+                path = paths.resolve(param.value)
+                if path != self.server.active.plan_path:
+                    ok, message = self._reload(path, via="parameter")
+                    if not ok:
+                        return SetParametersResult(successful=False, reason=message)
+            elif param.name == "trigger":
+                self.trigger = param.value
+            elif param.name == "rate_hz":
+                self.rate_hz = param.value
+        self.sync.wake()
+        return SetParametersResult(successful=True)
+
+    def _image_qos(self) -> QoSProfile:
+        return image_qos(self.get_parameter("image_qos").value,
+                         self.get_parameter("image_qos_depth").value)
+
+    # Input callbacks: check, convert, keep the newest ------------------------------------------
+    def _on_image(self, msg: Image, cam: int) -> None:
+        arrival = time.monotonic()
+        topic = "image2" if cam else "image"
+        try:
+            rgb = image_to_rgb8(msg, self.encodings, self.image_size)
+        except ImageConversionError as exc:
+            self._reject(f"{topic}", f"{topic} dropped: {exc}")
+            return
+        if cam == 0:
+            self._stats.frames += 1
+        self.sync.put_image(cam, Stamped(stamp=_seconds(msg.header.stamp), value=rgb,
+                                         arrival=arrival, header=msg.header))
+
+    def _on_instruction(self, msg: String) -> None:
+        text = msg.data.strip()
+        current = self.sync.instruction
+        if not text:
+            kept = f"still following {current!r}" if current else "no instruction yet"
+            self._reject("instruction", f"empty instruction ignored; {kept}")
+            return
+        self.sync.put_instruction(text)
+        if text != current:
+            self.get_logger().info(f"instruction: {text!r}")
+
+    def _on_proprio(self, msg: JointState) -> None:
+        position = np.asarray(msg.position, dtype=np.float64)
+        if self.proprio_names:
+            index = {name: i for i, name in enumerate(msg.name)}
+            missing = [n for n in self.proprio_names if n not in index]
+            if missing or len(msg.name) != len(position):
+                self._reject("proprio", f"proprio dropped: names {list(msg.name)} with "
+                                        f"{len(position)} positions do not give "
+                                        f"{list(self.proprio_names)}")
+                return
+            position = position[[index[n] for n in self.proprio_names]]
+        if position.shape != (self.proprio_dim,):
+            self._reject("proprio", f"proprio dropped: {position.size} positions, the policy "
+                                    f"takes {self.proprio_dim}")
+            return
+        if not np.isfinite(position).all():
+            # A stale state is worse than none: wait for the next valid one.
+            self.sync.clear_proprio()
+            self._reject("proprio", f"proprio dropped: non-finite values {position.tolist()}; "
+                                    f"no chunk until a valid state arrives")
+            return
+        self.sync.put_proprio(Stamped(stamp=_seconds(msg.header.stamp),
+                                      value=position.astype(np.float32), arrival=time.monotonic()))
+
+    def _reject(self, kind: str, message: str) -> None:
+        """Count a refused input and log it: the first of a kind at once, then at most one line
+        a second per kind so a bad stream cannot flood the log."""
+        self._stats.rejected[kind] += 1
+        now = time.monotonic()
+        last, suppressed = self._reject_log.get(kind, (-math.inf, 0))
+        if now - last >= 1.0:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            self.get_logger().warning(message + more)
+            self._reject_log[kind] = (now, 0)
+        else:
+            self._reject_log[kind] = (last, suppressed + 1)
+
+    # Inference worker ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        next_tick = 0.0
+        while True:
+            rate = self.trigger == "rate"
+            observation = self.sync.next(not_before=next_tick if rate else 0.0)
+            if observation is None:
+                return
+            if rate:
+                next_tick = max(next_tick + 1.0 / self.rate_hz, time.monotonic())
+            if isinstance(observation, Dropped):
+                where = {"no_instruction": "instruction", "no_proprio": "proprio"}.get(
+                    observation.kind, observation.kind.removeprefix("no_"))
+                self._reject(observation.kind, f"frame dropped: {observation.message} on "
+                                               f"{self.resolve_topic_name(where)}")
+                continue
+            self._run(observation)
+
+    def _run(self, obs) -> None:
+        try:
+            result = self.server.infer(obs.images, obs.instruction, obs.proprio)
+        except Exception as exc:  # the node keeps serving; the log says what failed
+            self._reject("forward", f"policy forward failed: {type(exc).__name__}: {exc}")
+            return
+        msg = ActionChunk()
+        msg.header = obs.primary.header
+        msg.horizon, msg.action_dim = (int(n) for n in result.actions.shape)
+        msg.actions = array.array("f", result.actions.astype(np.float32).tobytes())
+        msg.instruction = obs.instruction
+        msg.plan_id = result.plan_id
+        msg.inference_time = float(result.seconds)
+        latency = time.monotonic() - obs.primary.arrival
+        msg.latency = float(latency)
+        self.chunk_pub.publish(msg)
+        self._stats.record(result.seconds, latency)
+
+    # Reload -------------------------------------------------------------------------------------
+    def _on_reload_plan(self, request: ReloadPlan.Request,
+                        response: ReloadPlan.Response) -> ReloadPlan.Response:
+        path = paths.resolve(request.plan_path)
+        ok, message = self._reload(path, via="service")
+        response.success = ok
+        response.message = message
+        response.active_plan_id = self.server.active.plan_id
+        if ok and self.get_parameter("plan").value != request.plan_path:
+            # Keep the parameter in step with what serves (the callback sees no change to load).
+            self.set_parameters([Parameter("plan", value=path)])
+        return response
+
+    def _reload(self, path: str, via: str) -> tuple[bool, str]:
+        old = self.server.active
+        self.get_logger().info(f"reload ({via}): loading {path or 'full precision'} beside "
+                               f"{old.label}")
+        try:
+            new = self.server.reload(path)
+        except PlanRejected as exc:
+            self._stats.reloads_refused += 1
+            message = f"{exc}; still serving {self.server.active.label}"
+            self.get_logger().error(f"reload ({via}) refused: {message}")
+            return False, message
+        self._stats.reloads += 1
+        message = (f"now serving {new.label} (was {old.label}); loaded and checked in "
+                   f"{new.load_seconds:.2f} s")
+        self.get_logger().info(f"reload ({via}): {message}")
+        return True, message
+
+    # Diagnostics --------------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        snapshot = self._stats.snapshot(dropped=self.sync.dropped)
+        active = self.server.active
+        status = DiagnosticStatus()
+        status.name = f"{self.get_name()}: policy"
+        status.hardware_id = self.get_parameter("device").value
+        if snapshot["chunks"] == 0 and snapshot["frames"] > 0:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"frames arrive but no chunk was published ({active.label})"
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = f"serving {active.label} at {snapshot['chunk_rate_hz']:.1f} Hz"
+        values = {"plan_id": active.plan_id, "plan_path": active.plan_path,
+                  "instruction": self.sync.instruction or ""}
+        values.update({k: f"{v:.4g}" if isinstance(v, float) else str(v)
+                       for k, v in snapshot.items()})
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [status]
+        self.diagnostics_pub.publish(msg)
+
+    def destroy_node(self) -> None:
+        self.sync.stop()
+        if self._worker.is_alive():
+            self._worker.join(timeout=10.0)
+        super().destroy_node()
+
+
+class _Stats:
+    """Counters since start, and inference/latency times since the last snapshot."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.frames = 0
+        self.chunks = 0
+        self.reloads = 0
+        self.reloads_refused = 0
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._window: list[tuple[float, float]] = []
+        self._window_start = time.monotonic()
+        self._window_frames = 0
+
+    def record(self, inference: float, latency: float) -> None:
+        with self._lock:
+            self.chunks += 1
+            self._window.append((inference, latency))
+
+    def snapshot(self, dropped: int) -> dict:
+        with self._lock:
+            now = time.monotonic()
+            window, self._window = self._window, []
+            elapsed, self._window_start = now - self._window_start, now
+            frames, self._window_frames = self.frames - self._window_frames, self.frames
+        inference = np.array([w[0] for w in window]) * 1e3
+        latency = np.array([w[1] for w in window]) * 1e3
+        out = {
+            "chunks": len(window),
+            "frames": frames,
+            "chunk_rate_hz": len(window) / elapsed if elapsed > 0 else 0.0,
+            "inference_ms_p50": float(np.median(inference)) if len(window) else 0.0,
+            "inference_ms_max": float(inference.max()) if len(window) else 0.0,
+            "latency_ms_p50": float(np.median(latency)) if len(window) else 0.0,
+            "latency_ms_max": float(latency.max()) if len(window) else 0.0,
+            "chunks_total": self.chunks,
+            "frames_total": self.frames,
+            "frames_dropped_total": dropped,
+            "reloads": self.reloads,
+            "reloads_refused": self.reloads_refused,
+        }
+        out.update({f"rejected_{k}": v for k, v in sorted(self.rejected.items())})
+        return out
+
+
+def _seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args if args is not None else sys.argv)
+    try:
+        node = PolicyNode()
+    except (PlanRejected, ValueError, FileNotFoundError) as exc:
+        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    # Threads: the input group, the control group (reloads, diagnostics), parameter services.
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The policy the node serves, and the swap of its bit plan at run time. No ROS here: the node
+feeds it numpy arrays and publishes what it returns.
+
+One `ServedPolicy` (weights + the id of the plan that made them) is active at a time. A forward
+reads the active one ONCE and uses it to the end, so a chunk always comes from one plan and
+names it. A reload builds the new ServedPolicy beside the serving one (load, quantize, check its
+shapes against the serving one, one probe forward) and only then replaces the reference; a
+forward already running finishes on the old weights. One reload at a time; a second one asked for
+meanwhile is refused, not queued.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FULL_PRECISION_ID", "Inference", "PlanRejected", "PolicyServer", "ServedPolicy"]
+
+# plan_id of the unquantized policy (ActionChunk.plan_id: empty = full precision).
+FULL_PRECISION_ID = ""
+
+# Config fields a plan must leave unchanged so that the node's inputs and outputs still fit.
+_INTERFACE_FIELDS = ("n_cams", "image_size", "proprio_dim", "horizon", "action_dim")
+
+
+class PlanRejected(Exception):
+    """A plan that will not be served; the message says why, in words a person can act on."""
+
+
+@dataclass(frozen=True)
+class ServedPolicy:
+    """Weights ready to run and where they came from."""
+
+    policy: Any  # honours the policy contract: policy(images, instruction, proprio) -> actions
+    plan_id: str  # FULL_PRECISION_ID for the unquantized checkpoint
+    plan_path: str  # "" for the unquantized checkpoint
+    load_seconds: float
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    @property
+    def label(self) -> str:
+        return self.plan_id or "full precision"
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One forward: the chunk [horizon, action_dim], the plan that produced it, its wall time."""
+
+    actions: np.ndarray
+    plan_id: str
+    seconds: float
+
+
+def _load_policy(checkpoint: str, plan_path: str, device: str) -> tuple[Any, str]:
+    """(policy, plan_id) for a checkpoint directory ("" = the shipped default) and a BitPlan
+    file ("" = full precision)."""
+    from qvla_ros.policy import load_policy
+
+    if not plan_path:
+        policy = load_policy(checkpoint or None, device=device)
+        plan_id = FULL_PRECISION_ID
+    else:
+        from qvla_ros.quant import load_quantized_policy
+        from qvla_ros.quant.plan import BitPlan
+
+        plan = BitPlan.load(plan_path)
+        policy = load_quantized_policy(checkpoint or None, plan_path).to(device)
+        plan_id = plan.plan_id
+    policy.eval()
+    return policy, plan_id
+
+
+class PolicyServer:
+    """Runs the active policy on one observation at a time and swaps plans between forwards.
+
+    checkpoint: policy checkpoint directory ("" = the shipped default); device: torch device;
+    plan_path: BitPlan file to start with ("" = full precision). Raises PlanRejected when the
+    starting plan cannot be served.
+    """
+
+    def __init__(self, checkpoint: str = "", device: str = "cpu", plan_path: str = ""):
+        self.checkpoint = checkpoint
+        self.device = device
+        self._reload_lock = threading.Lock()
+        self._reloading = ""
+        self._active = self._build(plan_path, reference=None)
+
+    @property
+    def active(self) -> ServedPolicy:
+        return self._active
+
+    @property
+    def config(self):
+        return self._active.config
+
+    # Inference ----------------------------------------------------------------------------------
+    def infer(self, images: np.ndarray, instruction: str, proprio: np.ndarray) -> Inference:
+        """Chunk for one observation: images uint8 [n_cams, H, W, 3], proprio float32 [P]."""
+        served = self._active  # one read: this forward uses one plan from start to end
+        start = time.perf_counter()
+        actions = self._forward(served.policy, images, instruction, proprio)
+        return Inference(actions=actions, plan_id=served.plan_id,
+                         seconds=time.perf_counter() - start)
+
+    def _forward(self, policy, images: np.ndarray, instruction: str,
+                 proprio: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            image_batch = torch.from_numpy(np.ascontiguousarray(images))[None].to(self.device)
+            proprio_batch = torch.from_numpy(
+                np.asarray(proprio, dtype=np.float32))[None].to(self.device)
+            out = policy(image_batch, [instruction], proprio_batch)
+        return out[0].float().cpu().numpy()
+
+    # Reload -------------------------------------------------------------------------------------
+    def reload(self, plan_path: str) -> ServedPolicy:
+        """Load, check and start serving `plan_path` ("" = full precision). Returns the new
+        ServedPolicy. Raises PlanRejected (the old plan keeps serving) when the plan cannot be
+        served or another reload is running."""
+        if not self._reload_lock.acquire(blocking=False):
+            raise PlanRejected(
+                f"another reload (of {self._reloading or 'full precision'!r}) is in progress; "
+                f"ask again when it has finished")
+        try:
+            self._reloading = plan_path
+            candidate = self._build(plan_path, reference=self._active)
+            self._active = candidate  # the swap: one reference assignment, atomic for readers
+            return candidate
+        finally:
+            self._reloading = ""
+            self._reload_lock.release()
+
+    def _build(self, plan_path: str, reference: ServedPolicy | None) -> ServedPolicy:
+        if plan_path and not os.path.isfile(plan_path):
+            raise PlanRejected(f"no plan file at {plan_path!r}")
+        start = time.perf_counter()
+        try:
+            policy, plan_id = _load_policy(self.checkpoint, plan_path, self.device)
+        except Exception as exc:  # any loader failure is a refused plan, with its reason
+            what = f"plan {plan_path!r}" if plan_path else "the full-precision checkpoint"
+            raise PlanRejected(f"{what} cannot be loaded: {exc}") from exc
+        served = ServedPolicy(policy=policy, plan_id=plan_id, plan_path=plan_path,
+                              load_seconds=time.perf_counter() - start)
+        self._check(served, reference)
+        return served
+
+    def _check(self, served: ServedPolicy, reference: ServedPolicy | None) -> None:
+        """Refuse weights whose interface differs from the serving ones, or whose probe forward
+        gives a chunk of the wrong shape or non-finite values."""
+        cfg = served.config
+        if reference is not None:
+            changed = [f"{name} {getattr(reference.config, name)} -> {getattr(cfg, name)}"
+                       for name in _INTERFACE_FIELDS
+                       if getattr(cfg, name) != getattr(reference.config, name)]
+            if changed:
+                raise PlanRejected(f"plan {served.plan_path!r} is for a policy with another "
+                                   f"interface ({', '.join(changed)}); not swapped in")
+        probe_images = np.zeros((cfg.n_cams, cfg.image_size, cfg.image_size, 3), np.uint8)
+        probe_proprio = np.zeros(cfg.proprio_dim, np.float32)
+        try:
+            actions = self._forward(served.policy, probe_images, "probe", probe_proprio)
+        except Exception as exc:
+            raise PlanRejected(f"{served.label}: probe forward failed: {exc}") from exc
+        if actions.shape != (cfg.horizon, cfg.action_dim):
+            raise PlanRejected(f"{served.label}: probe forward returned a chunk of shape "
+                               f"{list(actions.shape)}, expected [{cfg.horizon}, {cfg.action_dim}]")
+        if not np.isfinite(actions).all():
+            raise PlanRejected(f"{served.label}: probe forward returned non-finite actions")
+
