@@ -1,0 +1,376 @@
+"""Behaviour cloning of the VLA policy from scripted-expert demonstrations.
+
+Every frame t of every episode is a sample: (images_t, instruction, proprio_t) -> the action chunk
+actions[t : t + horizon], padded with the episode's last action. All episodes sit in memory as
+uint8 (on the GPU when there is one), so a step costs one gather, a random-shift augmentation and
+one forward/backward in bf16 autocast.
+
+The output directory is a loadable policy checkpoint at every save (config.json, tokenizer.json,
+model.safetensors), plus `training_state.safetensors` (weights, optimizer moments, step, RNG: all
+a resume needs, in one atomically replaced file, no pickle) and `training.json` (how it was
+trained: data and manifest hash, steps, seed, device, wall time, loss curve).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .configuration_vla import get_config
+from .modeling_vla import VLAPolicy, _atomic_write, make_policy
+from .processing_vla import InstructionTokenizer, compute_norm_stats, default_instructions, images_to_pixels
+
+STATE_FILE = "training_state.safetensors"
+META_FILE = "training.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    Args:
+        config: policy preset name ("tiny", "micro") or a VLAConfig dict.
+        steps: optimizer steps in total (a resumed run continues up to this count).
+        batch_size: samples per step.
+        lr: peak AdamW learning rate (linear warm-up, then cosine decay to lr_min_ratio * lr).
+        weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings).
+        warmup_steps: linear warm-up length.
+        lr_min_ratio: final learning rate as a fraction of lr.
+        grad_clip: max global gradient norm.
+        shift_pixels: random-shift augmentation: each camera image is translated by up to this
+            many pixels (edge pixels repeat); 0 turns it off.
+        seed: seeds weights, sampling and augmentation.
+        checkpoint_every: save every this many steps (and at the end).
+        log_every: record the mean loss every this many steps.
+        time_limit_s: optional wall-clock budget for this invocation; the learning-rate schedule
+            follows whichever of steps or time is further along, and the run saves and stops
+            when the time is up (so a run under a hard timeout still ends with a good checkpoint).
+        val_fraction: share of episodes held out for the validation L1 (0 disables).
+        device: "cuda", "cpu" or None (GPU when present).
+    """
+
+    config: str | dict = "tiny"
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    lr_min_ratio: float = 0.05
+    grad_clip: float = 1.0
+    shift_pixels: int = 6
+    seed: int = 0
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    time_limit_s: float | None = None
+    val_fraction: float = 0.05
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.warmup_steps < 0:
+            raise ValueError("TrainConfig: lr and grad_clip must be > 0, weight_decay and warmup_steps >= 0")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"TrainConfig.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if self.shift_pixels < 0:
+            raise ValueError(f"TrainConfig.shift_pixels must be >= 0, got {self.shift_pixels}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"TrainConfig.time_limit_s must be > 0, got {self.time_limit_s}")
+
+
+class ChunkData:
+    """All frames of a set of episodes, ready to sample action-chunk training batches from.
+
+    images uint8 [N, n_cams, H, W, 3]; proprio float32 [N, P]; actions float32 [N, A];
+    last float32 index of each frame's episode end; instr int64 index into `instructions`.
+    """
+
+    def __init__(self, episodes: Iterable[dict], horizon: int):
+        images, proprio, actions, last, instr = [], [], [], [], []
+        self.instructions: list[str] = []
+        self.episode_count = 0
+        offset = 0
+        for ep in episodes:
+            imgs = np.asarray(ep["images"])
+            n = len(imgs)
+            if imgs.dtype != np.uint8 or imgs.ndim != 5 or imgs.shape[-1] != 3 or n == 0:
+                raise ValueError(f"episode images must be uint8 [T, n_cams, H, W, 3] with T > 0, "
+                                 f"got {imgs.dtype} {imgs.shape}")
+            if len(ep["proprio"]) != n or len(ep["actions"]) != n:
+                raise ValueError(f"episode has {n} frames but {len(ep['proprio'])} proprio and "
+                                 f"{len(ep['actions'])} actions")
+            text = ep["instruction"]
+            if text not in self.instructions:
+                self.instructions.append(text)
+            images.append(imgs)
+            proprio.append(np.asarray(ep["proprio"], dtype=np.float32))
+            actions.append(np.asarray(ep["actions"], dtype=np.float32))
+            last.append(np.full(n, offset + n - 1, dtype=np.int64))
+            instr.append(np.full(n, self.instructions.index(text), dtype=np.int64))
+            offset += n
+            self.episode_count += 1
+        if not images:
+            raise ValueError("no episodes to train on")
+        self.horizon = horizon
+        self.images = torch.from_numpy(np.concatenate(images))
+        self.proprio = torch.from_numpy(np.concatenate(proprio))
+        self.actions = torch.from_numpy(np.concatenate(actions))
+        self.last = torch.from_numpy(np.concatenate(last))
+        self.instr = torch.from_numpy(np.concatenate(instr))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to(self, device: torch.device) -> "ChunkData":
+        for name in ("images", "proprio", "actions", "last", "instr"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images uint8 [B, C, H, W, 3], instruction ids [B], proprio [B, P], actions [B, horizon, A])."""
+        index = index.to(self.images.device)
+        steps = index[:, None] + torch.arange(self.horizon, device=index.device)
+        steps = torch.minimum(steps, self.last[index][:, None])
+        return self.images[index], self.instr[index], self.proprio[index], self.actions[steps]
+
+
+def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translates each image of float [N, 3, S, S] by an integer offset in [-max_shift, max_shift]
+    (DrQ-style; border pixels repeat). Offsets come from `generator` (CPU) for reproducibility."""
+    n, _, s, _ = pixels.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(pixels.device)
+    theta = torch.zeros(n, 2, 3, device=pixels.device, dtype=pixels.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift.to(pixels.dtype) * (2.0 / s)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="nearest", padding_mode="border", align_corners=False)
+
+
+def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
+    """Warm-up then cosine, as a function of training progress in [0, 1]."""
+    if progress < warmup:
+        return max(progress / warmup, 1e-3)
+    t = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _optimizer(policy: VLAPolicy, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in policy.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name and "action_queries" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def loss_on_batch(policy: VLAPolicy, data: ChunkData, token_ids: torch.Tensor, text_mask: torch.Tensor,
+                  index: torch.Tensor, shift_pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Mean L1 between the predicted and the true normalized action chunks of frames `index`."""
+    images, instr, proprio, actions = data.batch(index)
+    pixels = images_to_pixels(images, policy.config.image_size)
+    if shift_pixels:
+        pixels = random_shift(pixels, shift_pixels, generator)
+    pred = policy.predict_normalized(pixels, token_ids[instr], text_mask[instr], policy.normalize_proprio(proprio))
+    return F.l1_loss(pred, policy.normalize_actions(actions))
+
+
+# State files ------------------------------------------------------------------------------------
+def _save_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer, generator: torch.Generator,
+                info: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for key, value in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors["rng.sampler"] = generator.get_state()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+    meta = {"info": json.dumps(info), "param_groups": json.dumps(groups)}
+    _atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def _load_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer,
+                generator: torch.Generator) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"{path} is not a readable training state: {exc}") from None
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        policy.load_state_dict(model)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not match the policy being trained: {exc}") from None
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    groups = json.loads(meta["param_groups"])
+    current = opt.state_dict()
+    for g, saved in zip(current["param_groups"], groups):
+        g.update(saved)
+    opt.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    generator.set_state(tensors["rng.sampler"])
+    return json.loads(meta["info"])
+
+
+def manifest_hash(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+# The loop ---------------------------------------------------------------------------------------
+def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, manifest: dict | None = None,
+          data_path: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Trains a policy on `episodes` (DemoDataset.episodes() dicts) into checkpoint directory `out`.
+
+    Returns the training record (also written to out/training.json).
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy_config = get_config(cfg.config)
+    manifest = manifest or {}
+    data_hash = manifest_hash(manifest)
+
+    state_path = out / STATE_FILE
+    record: dict = {}
+    if resume and state_path.is_file():
+        record = json.loads((out / META_FILE).read_text()) if (out / META_FILE).is_file() else {}
+        if record.get("manifest_sha256") not in (None, data_hash):
+            raise ValueError(f"cannot resume {out}: it was trained on other data "
+                             f"(manifest {record['manifest_sha256'][:12]}, now {data_hash[:12]})")
+        if record.get("policy_config") not in (None, policy_config.to_dict()):
+            raise ValueError(f"cannot resume {out}: it holds another policy configuration")
+    elif resume:
+        print(f"qvla train: nothing to resume in {out}, starting afresh")
+        resume = False
+
+    episodes = list(episodes)
+    rng = np.random.default_rng(cfg.seed)
+    n_val = int(len(episodes) * cfg.val_fraction) if len(episodes) >= 20 else 0
+    val_ids = set(rng.choice(len(episodes), n_val, replace=False).tolist()) if n_val else set()
+    train_data = ChunkData((e for i, e in enumerate(episodes) if i not in val_ids), policy_config.horizon)
+    val_data = ChunkData((e for i, e in enumerate(episodes) if i in val_ids), policy_config.horizon) if val_ids else None
+    del episodes
+
+    if resume:
+        tokenizer = InstructionTokenizer.from_str((out / "tokenizer.json").read_text())
+    else:
+        tokenizer = InstructionTokenizer.train(train_data.instructions + default_instructions())
+    policy = make_policy(policy_config, seed=cfg.seed, device=device, tokenizer=tokenizer)
+    policy.set_norm_stats(compute_norm_stats(train_data.proprio.numpy(), train_data.actions.numpy()))
+    train_data.to(device)
+    if val_data is not None:
+        val_data.to(device)
+
+    def encode(data: ChunkData) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenizer.encode(data.instructions, policy_config.max_text_tokens)
+        return ids.to(device), mask.to(device)
+
+    train_tok = encode(train_data)
+    val_tok = encode(val_data) if val_data is not None else None
+    opt = _optimizer(policy, cfg, fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, wall_before, losses = 0, 0.0, []
+    if resume:
+        info = _load_state(state_path, policy, opt, generator)
+        step, wall_before, losses = info["step"], info["wall_s"], info.get("losses", [])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    policy.train()
+
+    def save(final: bool) -> None:
+        wall = wall_before + time.perf_counter() - started
+        info = {"step": step, "wall_s": wall, "losses": losses}
+        policy.eval()
+        val = _val_loss(policy, val_data, val_tok) if val_data is not None else None
+        policy.train()
+        _save_state(state_path, policy, opt, generator, info)
+        policy.save_pretrained(out)
+        record.update({
+            "data": data_path, "manifest_sha256": data_hash, "episodes": train_data.episode_count,
+            "frames": len(train_data), "val_episodes": val_data.episode_count if val_data else 0,
+            "val_l1": val, "steps_done": step, "steps_target": cfg.steps, "finished": final,
+            "train_config": dataclasses.asdict(cfg), "policy_config": policy_config.to_dict(),
+            "parameters": policy.num_parameters(), "seed": cfg.seed, "device": _device_name(device),
+            "torch": torch.__version__, "wall_s": round(wall, 1), "losses": losses,
+        })
+        _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1) + "\n"))
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    window: list[torch.Tensor] = []
+    warmup = cfg.warmup_steps / cfg.steps
+    while step < cfg.steps:
+        elapsed = time.perf_counter() - started
+        prog = step / cfg.steps
+        if cfg.time_limit_s:
+            prog = max(prog, elapsed / cfg.time_limit_s)
+        if prog >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(prog, warmup, cfg.lr_min_ratio)
+        index = torch.randint(0, len(train_data), (cfg.batch_size,), generator=generator)
+        with autocast:
+            loss = loss_on_batch(policy, train_data, *train_tok, index, cfg.shift_pixels, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        window.append(loss.detach())
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean = torch.stack(window).mean().item()
+            window.clear()
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"training loss became {mean} at step {step}")
+            losses.append([step, round(mean, 5)])
+            bar.set_postfix(l1=f"{mean:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save(final=False)
+    bar.close()
+    save(final=True)
+    policy.eval()
+    return record
+
+
+@torch.no_grad()
+def _val_loss(policy: VLAPolicy, data: ChunkData, tok: tuple[torch.Tensor, torch.Tensor],
+              max_frames: int = 4096, batch: int = 512) -> float:
+    """Mean normalized L1 over (up to max_frames evenly spaced) held-out frames, no augmentation."""
+    index = torch.linspace(0, len(data) - 1, min(max_frames, len(data))).long()
+    total = 0.0
+    autocast = torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=policy.device.type == "cuda")
+    for chunk in index.split(batch):
+        with autocast:
+            total += loss_on_batch(policy, data, *tok, chunk, 0, torch.Generator()).item() * len(chunk)
+    return round(total / len(index), 5)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
