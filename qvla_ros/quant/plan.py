@@ -1,0 +1,392 @@
+"""BitPlan: which bit-width every output channel of every quantized Linear gets, as a file.
+
+One JSON document, readable by people except for the per-channel widths, which are stored as
+zlib-compressed base64 of a uint8 array (1.4 M channels of a 7B model take well under 1 MB):
+
+    {
+      "format": "qvla-bitplan", "version": 1,
+      "plan_id": "<16 hex digits: sha256 of everything else but 'created'>",
+      "created": "<UTC time>",
+      "model": {"class": ..., "config": ..., "architecture": "<sha256>", "weights": "<sha256>",
+                "params": ...},
+      "budget": {"bits_per_param": 4.0, "counts": "<what a bit is counted for>"},
+      "candidate_bits": [0, 2, 3, 4, 8, 16], "row_tile": 16,
+      "predicted": {"action_cost": ..., "weight_bytes": ..., "bits_per_param": ..., "params": ...},
+      "provenance": {"calibration": {...}, "allocation": {...}},
+      "totals": {"16": rows, "8": rows, ...},
+      "layers": [{"name": ..., "in_features": K, "out_features": N, "act_bits": 16,
+                  "counts": {"16": rows, ...}, "bits": "<zlib+base64 uint8 [N]>"}, ...]
+    }
+
+Loading checks everything and raises PlanError naming the problem: truncated or edited files
+(the plan id is a hash of the content), unknown widths, wrong channel counts, row groups that break
+the kernels' row tile, and (with a model) a plan made for another architecture or other weights.
+Saving is atomic (temp file + rename), so a reader never sees half a plan.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .packing import DEFAULT_ROW_TILE, check_row_tile, predicted_nbytes, row_bits
+from .quantizer import ACT_BITS, ALL_BITS
+
+PLAN_FORMAT = "qvla-bitplan"
+PLAN_VERSION = 1
+BITS_ENCODING = "zlib+base64:uint8"
+BUDGET_COUNTS = ("bits of every stored byte of the quantized Linear weights (codes, fp16 scale and zero, "
+                 "int32 row_index, bf16 rows) per weight parameter of those layers; biases excluded")
+# Plans larger than this are refused before parsing (a 7B plan is < 2 MB).
+MAX_PLAN_BYTES = 256 * 2 ** 20
+
+
+class PlanError(ValueError):
+    """A bit plan is malformed, inconsistent, or does not belong to the model."""
+
+
+# ---- model fingerprint ------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    # Weights are hashed as bfloat16, so the same checkpoint loaded in float32 or bfloat16
+    # has the same fingerprint.
+    if t.is_floating_point():
+        t = t.to(torch.bfloat16)
+    return t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture hash (class, parameter names and shapes) and weight hash of a float model."""
+    state = model.state_dict()
+    arch = hashlib.sha256(type(model).__name__.encode())
+    weights = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        arch.update(f"{name}:{tuple(tensor.shape)};".encode())
+        weights.update(name.encode())
+        weights.update(_tensor_bytes(tensor))
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "config": getattr(config, "name", None) if config is not None else None,
+        "architecture": arch.hexdigest(),
+        "weights": weights.hexdigest(),
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+# ---- bits encoding ----------------------------------------------------------------------------
+def _encode_bits(bits: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(bits.astype(np.uint8).tobytes(), 9)).decode("ascii")
+
+
+def _decode_bits(text: str, where: str) -> np.ndarray:
+    if not isinstance(text, str):
+        raise PlanError(f"{where}: 'bits' must be a {BITS_ENCODING} string")
+    try:
+        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except (binascii.Error, zlib.error, UnicodeEncodeError, ValueError) as exc:
+        raise PlanError(f"{where}: 'bits' is not valid {BITS_ENCODING} ({exc}); the file was edited or damaged") from None
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def _counts(bits: np.ndarray) -> dict[int, int]:
+    return {b: int(np.count_nonzero(bits == b)) for b in ALL_BITS}
+
+
+@dataclass
+class LayerPlan:
+    """Widths of one Linear's output channels (bits: uint8 [out_features], values in ALL_BITS)."""
+    name: str
+    in_features: int
+    out_features: int
+    bits: np.ndarray
+    act_bits: int = 16
+
+    def __post_init__(self) -> None:
+        self.bits = np.asarray(self.bits)
+        where = f"layer {self.name!r}"
+        if self.bits.ndim != 1 or self.bits.shape[0] != self.out_features:
+            raise PlanError(f"{where}: {self.bits.size} channel widths for {self.out_features} output channels")
+        if self.bits.size and (not np.all(np.isin(self.bits, ALL_BITS))):
+            unknown = sorted(set(np.unique(self.bits).tolist()) - set(ALL_BITS))
+            raise PlanError(f"{where}: unknown bit-widths {unknown}; allowed {list(ALL_BITS)}")
+        self.bits = self.bits.astype(np.uint8)
+        if self.act_bits not in ACT_BITS:
+            raise PlanError(f"{where}: activation bits {self.act_bits!r} not in {list(ACT_BITS)}")
+        if self.in_features <= 0 or self.out_features <= 0:
+            raise PlanError(f"{where}: bad shape in_features={self.in_features}, out_features={self.out_features}")
+
+    @property
+    def counts(self) -> dict[int, int]:
+        return _counts(self.bits)
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    def weight_bits(self) -> int:
+        """Stored bits of this layer's weights (see packing.row_bits)."""
+        return sum(row_bits(b, self.in_features) * n for b, n in self.counts.items())
+
+    def weight_nbytes(self) -> int:
+        return predicted_nbytes(self.counts, self.in_features)
+
+
+@dataclass
+class BitPlan:
+    """A bit plan for one model (see the module docstring for the file)."""
+    layers: dict[str, LayerPlan]
+    model: dict[str, Any]
+    budget_bits_per_param: float | None = None
+    row_tile: int = DEFAULT_ROW_TILE
+    candidate_bits: tuple[int, ...] = ALL_BITS
+    action_cost: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        for layer in self.layers.values():
+            try:
+                check_row_tile(layer.counts, layer.out_features, self.row_tile)
+            except ValueError as exc:
+                raise PlanError(f"layer {layer.name!r}: {exc}") from None
+            extra = set(np.unique(layer.bits).tolist()) - set(self.candidate_bits)
+            if extra:
+                raise PlanError(f"layer {layer.name!r} uses widths {sorted(extra)} outside the plan's "
+                                f"candidate_bits {list(self.candidate_bits)}")
+
+    # ---- derived figures ----------------------------------------------------------------------
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers.values())
+
+    def weight_nbytes(self) -> int:
+        """Predicted bytes of the packed weights of all planned layers (biases excluded)."""
+        return sum(l.weight_nbytes() for l in self.layers.values())
+
+    def bits_per_param(self) -> float:
+        return sum(l.weight_bits() for l in self.layers.values()) / max(self.params, 1)
+
+    def totals(self) -> dict[int, int]:
+        out = {b: 0 for b in ALL_BITS}
+        for layer in self.layers.values():
+            for b, n in layer.counts.items():
+                out[b] += n
+        return out
+
+    @property
+    def plan_id(self) -> str:
+        return _content_id(self._document(with_id=False))
+
+    # ---- serialization ------------------------------------------------------------------------
+    def _document(self, with_id: bool = True) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "budget": {"bits_per_param": self.budget_bits_per_param, "counts": BUDGET_COUNTS},
+            "candidate_bits": list(self.candidate_bits),
+            "row_tile": self.row_tile,
+            "predicted": {"action_cost": self.action_cost, "weight_bytes": self.weight_nbytes(),
+                          "bits_per_param": round(self.bits_per_param(), 6), "params": self.params},
+            "provenance": self.provenance,
+            "totals": {str(b): n for b, n in self.totals().items()},
+            "layers": [{"name": l.name, "in_features": l.in_features, "out_features": l.out_features,
+                        "act_bits": l.act_bits, "counts": {str(b): n for b, n in l.counts.items()},
+                        "bits": _encode_bits(l.bits)} for l in self.layers.values()],
+        }
+        if not with_id:
+            return doc
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "plan_id": _content_id(doc),
+                "created": self.created or _now(), **{k: v for k, v in doc.items() if k not in ("format", "version")}}
+
+    def to_json(self) -> str:
+        return json.dumps(self._document(), indent=1, sort_keys=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.to_json()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "BitPlan":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                            "the file is truncated or not a bit plan") from None
+        return cls.from_document(doc, source)
+
+    @classmethod
+    def from_document(cls, doc: Any, source: str = "plan") -> "BitPlan":
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source} is not a {PLAN_FORMAT} file")
+        if doc.get("version") != PLAN_VERSION:
+            raise PlanError(f"{source} has plan version {doc.get('version')!r}; this library reads version {PLAN_VERSION}")
+        _require(doc, {"plan_id": str, "model": dict, "budget": dict, "candidate_bits": list, "row_tile": int,
+                       "predicted": dict, "provenance": dict, "layers": list}, source)
+        candidates = tuple(doc["candidate_bits"])
+        unknown = [b for b in candidates if b not in ALL_BITS]
+        if unknown or not candidates:
+            raise PlanError(f"{source}: unknown candidate bit-widths {unknown}; allowed {list(ALL_BITS)}")
+        if doc["row_tile"] < 1:
+            raise PlanError(f"{source}: row_tile must be >= 1, got {doc['row_tile']}")
+        layers: dict[str, LayerPlan] = {}
+        for i, entry in enumerate(doc["layers"]):
+            where = f"{source}: layer #{i}"
+            if not isinstance(entry, dict):
+                raise PlanError(f"{where} is not an object")
+            _require(entry, {"name": str, "in_features": int, "out_features": int, "act_bits": int,
+                             "counts": dict, "bits": str}, where)
+            where = f"{source}: layer {entry['name']!r}"
+            if entry["name"] in layers:
+                raise PlanError(f"{where} appears twice")
+            bits = _decode_bits(entry["bits"], where)
+            try:
+                layer = LayerPlan(entry["name"], entry["in_features"], entry["out_features"], bits, entry["act_bits"])
+            except PlanError as exc:
+                raise PlanError(f"{source}: {exc}") from None
+            stated = {int(b): n for b, n in entry["counts"].items() if str(b).isdigit()}
+            if stated != layer.counts:
+                raise PlanError(f"{where}: its 'counts' {stated} disagree with its bits {layer.counts}; "
+                                "the file was edited")
+            layers[layer.name] = layer
+        budget = doc["budget"].get("bits_per_param")
+        try:
+            plan = cls(layers=layers, model=doc["model"], budget_bits_per_param=budget,
+                       row_tile=doc["row_tile"], candidate_bits=candidates,
+                       action_cost=doc["predicted"].get("action_cost"), provenance=doc["provenance"],
+                       created=str(doc.get("created", "")))
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from None
+        # Any other edit (a count, a figure, provenance) shows as a hash that no longer matches.
+        stated_id = doc["plan_id"]
+        actual_id = _content_id({k: v for k, v in doc.items() if k not in ("plan_id", "created")})
+        if actual_id != stated_id or plan.plan_id != stated_id:
+            raise PlanError(f"{source}: content does not match its plan_id {stated_id!r} "
+                            f"(hash of content is {actual_id!r}); the file was edited or damaged")
+        return plan
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "BitPlan":
+        """Read and validate a plan file; with `model`, also check that it belongs to that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"no bit plan file at {path}")
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(f"{path} is {size} bytes, larger than any bit plan ({MAX_PLAN_BYTES})")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"{path} is not UTF-8 text; not a bit plan") from None
+        plan = cls.from_json(text, source=str(path))
+        if model is not None:
+            plan.check_model(model)
+        return plan
+
+    # ---- checks against a model ---------------------------------------------------------------
+    def check_model(self, model: nn.Module, check_weights: bool = True,
+                    fingerprint: Mapping[str, Any] | None = None) -> None:
+        """Raise PlanError unless this plan was made for `model` (architecture, weights, layer shapes)."""
+        fp = dict(fingerprint) if fingerprint is not None else model_fingerprint(model)
+        if fp["architecture"] != self.model.get("architecture"):
+            raise PlanError(
+                f"bit plan {self.plan_id} was made for another model: architecture "
+                f"{str(self.model.get('architecture'))[:12]} ({self.model.get('class')}, config "
+                f"{self.model.get('config')!r}), this model is {fp['architecture'][:12]} "
+                f"({fp['class']}, config {fp['config']!r})")
+        if check_weights and fp["weights"] != self.model.get("weights"):
+            raise PlanError(f"bit plan {self.plan_id} was made for other weights of this architecture "
+                            f"(weights {str(self.model.get('weights'))[:12]}, this model "
+                            f"{fp['weights'][:12]}): its sensitivities do not describe this checkpoint")
+        self.check_layers(model)
+
+    def check_layers(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for layer in self.layers.values():
+            module = modules.get(layer.name)
+            if module is None:
+                raise PlanError(f"bit plan names layer {layer.name!r}, which the model does not have")
+            shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+            if shape != (layer.out_features, layer.in_features):
+                raise PlanError(f"layer {layer.name!r}: the plan has {layer.out_features} x {layer.in_features}, "
+                                f"the model {shape[0]} x {shape[1]}")
+
+    # ---- people -------------------------------------------------------------------------------
+    def summary(self) -> str:
+        totals = self.totals()
+        n = sum(totals.values())
+        widths = ", ".join(f"{b}b {100 * totals[b] / max(n, 1):.1f}%" for b in sorted(totals, reverse=True))
+        cost = "n/a" if self.action_cost is None else f"{self.action_cost:.4g}"
+        budget = "n/a" if self.budget_bits_per_param is None else f"{self.budget_bits_per_param:g}"
+        return (f"BitPlan {self.plan_id}: {len(self.layers)} layers, {n} channels, "
+                f"{self.bits_per_param():.3f} bits/param (budget {budget}), "
+                f"{self.weight_nbytes() / 2 ** 20:.3f} MiB packed; rows: {widths}; predicted action cost {cost}")
+
+
+def _require(doc: Mapping[str, Any], keys: Mapping[str, type], where: str) -> None:
+    for key, kind in keys.items():
+        if key not in doc:
+            raise PlanError(f"{where} lacks '{key}'")
+        value = doc[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PlanError(f"{where}: '{key}' must be {kind.__name__}, got {type(value).__name__}")
+
+
+def _content_id(doc: Mapping[str, Any]) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def plan_from_bits(model: nn.Module, bits: Mapping[str, Iterable[int] | np.ndarray | torch.Tensor], *,
+                   act_bits: int | Mapping[str, int] = 16, row_tile: int = DEFAULT_ROW_TILE,
+                   budget_bits_per_param: float | None = None, action_cost: float | None = None,
+                   candidate_bits: tuple[int, ...] = ALL_BITS, provenance: Mapping[str, Any] | None = None,
+                   fingerprint: Mapping[str, Any] | None = None) -> BitPlan:
+    """A BitPlan for `model` from {layer name: per-channel widths} (e.g. a uniform baseline)."""
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, b in bits.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise PlanError(f"{name!r} is not a Linear layer of the model")
+        arr = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b)
+        if arr.ndim == 0:
+            arr = np.full(module.out_features, int(arr))
+        layer_act = act_bits[name] if isinstance(act_bits, Mapping) else act_bits
+        layers[name] = LayerPlan(name, module.in_features, module.out_features, arr, int(layer_act))
+    return BitPlan(layers=layers, model=dict(fingerprint or model_fingerprint(model)),
+                   budget_bits_per_param=budget_bits_per_param, row_tile=row_tile,
+                   candidate_bits=tuple(candidate_bits), action_cost=action_cost,
+                   provenance=dict(provenance or {}))

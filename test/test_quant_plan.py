@@ -1,0 +1,169 @@
+"""BitPlan files and quantize_ on a real (micro, random-weight) policy: round trips, bytes, errors."""
+import base64
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+try:  # the policy stage lands separately; without it these tests have nothing to quantize
+    from qvla_ros.policy import make_policy
+except ImportError:
+    pytest.skip("qvla_ros.policy.make_policy is not available", allow_module_level=True)
+from qvla_ros.quant.api import (disk_weight_nbytes, load_quantized, load_quantized_policy, quantize_,
+                                quantized_weight_nbytes, save_quantized)
+from qvla_ros.quant.mixed_linear import MixedBitLinear
+from qvla_ros.quant.plan import BitPlan, PlanError, plan_from_bits
+from qvla_ros.quant.targets import quantizable_linears
+
+
+def _inputs(policy, b=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = policy.config
+    images = torch.randint(0, 256, (b, cfg.n_cams, cfg.image_size, cfg.image_size, 3), generator=gen,
+                           dtype=torch.uint8)
+    return images, ["open the drawer"] * b, torch.randn(b, cfg.proprio_dim, generator=gen)
+
+
+def _mixed_plan(policy, seed=0, **kw):
+    """Random tile-respecting widths over every quantizable layer."""
+    rng = np.random.default_rng(seed)
+    bits = {}
+    for name, linear in quantizable_linears(policy).items():
+        n = linear.out_features
+        per_tile = rng.choice([0, 2, 3, 4, 8, 16], size=n // 16, p=[.1, .2, .2, .3, .1, .1])
+        bits[name] = rng.permutation(np.repeat(per_tile, 16))
+    return plan_from_bits(policy, bits, **kw)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return make_policy("micro", seed=0)
+
+
+def test_plan_roundtrip_and_stable_id(policy, tmp_path):
+    plan = _mixed_plan(policy, budget_bits_per_param=4.0, action_cost=0.125,
+                       provenance={"calibration": {"frames": 8}})
+    path = plan.save(tmp_path / "p.json")
+    loaded = BitPlan.load(path, model=policy)
+    assert loaded.plan_id == plan.plan_id and len(plan.plan_id) == 16
+    for name, layer in plan.layers.items():
+        assert np.array_equal(loaded.layers[name].bits, layer.bits)
+    assert loaded.provenance == {"calibration": {"frames": 8}}
+    assert loaded.weight_nbytes() == plan.weight_nbytes()
+    # the id is a hash of content: saving again (another time stamp) keeps it, any change moves it
+    assert BitPlan.from_json(plan.to_json()).plan_id == plan.plan_id
+    other = _mixed_plan(policy, seed=1)
+    assert other.plan_id != plan.plan_id
+    text = path.read_text()
+    assert '"plan_id"' in text and "bits/param" in plan.summary()
+
+
+def test_corrupt_plans_are_named(policy, tmp_path):
+    plan = _mixed_plan(policy)
+    text = plan.to_json()
+    doc = json.loads(text)
+
+    def load_doc(d):
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(d) if not isinstance(d, str) else d)
+        return BitPlan.load(p)
+
+    with pytest.raises(PlanError, match="truncated"):
+        load_doc(text[: len(text) // 2])
+    with pytest.raises(PlanError, match="no bit plan file"):
+        BitPlan.load(tmp_path / "missing.json")
+    with pytest.raises(PlanError, match="not a qvla-bitplan"):
+        load_doc({"hello": 1})
+    # a figure edited by hand
+    edited = json.loads(text)
+    edited["predicted"]["weight_bytes"] += 1
+    with pytest.raises(PlanError, match="edited or damaged"):
+        load_doc(edited)
+    # an unknown width written into a layer's bits
+    bad = json.loads(text)
+    layer = bad["layers"][0]
+    bits = np.full(layer["out_features"], 5, dtype=np.uint8)
+    layer["bits"] = base64.b64encode(zlib.compress(bits.tobytes())).decode()
+    with pytest.raises(PlanError, match=r"unknown bit-widths \[5\]"):
+        load_doc(bad)
+    # wrong channel count
+    short = json.loads(text)
+    layer = short["layers"][1]
+    layer["bits"] = base64.b64encode(zlib.compress(np.full(3, 4, np.uint8).tobytes())).decode()
+    with pytest.raises(PlanError, match=f"3 channel widths for {layer['out_features']} output channels"):
+        load_doc(short)
+    # counts disagreeing with the bits
+    counts = json.loads(text)
+    counts["layers"][0]["counts"]["16"] += 1
+    with pytest.raises(PlanError, match="disagree"):
+        load_doc(counts)
+    # garbage in the bits field
+    garbage = json.loads(text)
+    garbage["layers"][0]["bits"] = "@@@"
+    with pytest.raises(PlanError, match="not valid zlib"):
+        load_doc(garbage)
+    # a plan for a newer format
+    newer = dict(doc, version=99)
+    with pytest.raises(PlanError, match="version 99"):
+        load_doc(newer)
+
+
+def test_plan_for_another_model_is_refused(policy, tmp_path):
+    plan = _mixed_plan(policy)
+    other_weights = make_policy("micro", seed=1)
+    with pytest.raises(PlanError, match="other weights"):
+        plan.check_model(other_weights)
+    other_arch = make_policy(policy.config.replace(num_layers=1), seed=0)
+    with pytest.raises(PlanError, match="another model"):
+        plan.check_model(other_arch)
+    with pytest.raises(PlanError, match="other weights"):
+        quantize_(other_weights, plan)
+    assert not any(isinstance(m, MixedBitLinear) for m in other_weights.modules())
+
+
+def test_quantize_measure_save_load(policy, tmp_path):
+    torch.manual_seed(0)
+    qpolicy = make_policy("micro", seed=0)
+    plan = _mixed_plan(qpolicy, seed=3)
+    inputs = _inputs(qpolicy)
+    with torch.no_grad():
+        reference = qpolicy(*inputs)
+    quantize_(qpolicy, plan)
+    layers = {n: m for n, m in qpolicy.named_modules() if isinstance(m, MixedBitLinear)}
+    assert set(layers) == set(plan.layers)
+    for name, m in layers.items():
+        assert np.array_equal(m.bits_per_row().numpy(), plan.layers[name].bits)
+    with torch.no_grad():
+        out = qpolicy(*inputs)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, reference)
+    # memory: measured on the tensors, and on disk, equals the plan's prediction
+    measured = quantized_weight_nbytes(qpolicy)
+    assert measured == plan.weight_nbytes()
+    directory = save_quantized(qpolicy, plan, tmp_path / "q")
+    assert disk_weight_nbytes(directory, plan) == plan.weight_nbytes()
+    reloaded = load_quantized(directory)
+    with torch.no_grad():
+        assert torch.equal(reloaded(*inputs), out)
+    assert reloaded.qvla_plan_id == plan.plan_id
+    # quantizing twice is refused
+    with pytest.raises(PlanError, match="already quantized"):
+        quantize_(qpolicy, plan)
+
+
+def test_load_quantized_policy_from_float_checkpoint(policy, tmp_path):
+    policy.save_pretrained(tmp_path / "float")
+    plan = _mixed_plan(policy, act_bits=8)
+    plan_path = plan.save(tmp_path / "plan.json")
+    q = load_quantized_policy(tmp_path / "float", plan_path, cache_dequantized=True)
+    assert q.qvla_plan_id == plan.plan_id
+    assert all(m.act_bits == 8 for m in q.modules() if isinstance(m, MixedBitLinear))
+    with torch.no_grad():
+        assert torch.isfinite(q(*_inputs(q))).all()
+    f = load_quantized_policy(tmp_path / "float", None)
+    assert f.qvla_plan_id is None
+    wrong = _mixed_plan(make_policy("micro", seed=7)).save(tmp_path / "wrong.json")
+    with pytest.raises(PlanError, match="other weights"):
+        load_quantized_policy(tmp_path / "float", wrong)
