@@ -1,0 +1,118 @@
+"""`qvla demos` and `qvla eval`: the benchmark's two verbs (registered by qvla_ros/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from .suite import DEFAULT_MAX_STEPS, TASK_NAMES
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated task names (default: all ten: {','.join(TASK_NAMES)})")
+    p.add_argument("--episodes-per-task", type=_positive, default=50)
+    p.add_argument("--workers", type=_non_negative, default=2,
+                   help="worker processes (0: run in this process)")
+    p.add_argument("--max-steps", type=_positive, default=DEFAULT_MAX_STEPS,
+                   help="steps before an episode counts as failed")
+    p.add_argument("--cameras", default=None,
+                   help="comma-separated camera names (default: corner,gripper_follow)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    demos = subparsers.add_parser(
+        "demos", help="scripted-expert demonstrations for the benchmark suite",
+        description="Scripted-expert demonstrations: one .npz per successful episode + manifest.json. "
+                    "Re-running the same command on the same folder resumes it.")
+    _add_common(demos)
+    demos.add_argument("--image-size", type=_positive, default=128)
+    demos.add_argument("--batch-size", type=_positive, default=4,
+                       help="environments each worker steps together")
+    demos.set_defaults(func=_demos)
+
+    ev = subparsers.add_parser(
+        "eval", help="closed-loop success of a policy (optionally quantized by a plan)",
+        description="Closed-loop rollouts on held-out seeds: success per task and overall with "
+                    "Wilson 95%% intervals, written as results.json + success.png.")
+    _add_common(ev)
+    ev.add_argument("--policy", required=True, help="'expert' or a policy checkpoint directory")
+    ev.add_argument("--plan", default=None, help="BitPlan file: evaluate the policy quantized by it")
+    ev.add_argument("--replan-steps", type=_positive, default=None,
+                    help="actions executed from each chunk before re-planning (default: whole chunk)")
+    ev.add_argument("--batch-size", type=_positive, default=8,
+                    help="environments each worker steps in lockstep (one batched policy call)")
+    ev.add_argument("--image-size", type=_positive, default=None,
+                    help="camera image size (default: the policy's config.image_size)")
+    ev.add_argument("--seed-offset", type=_non_negative, default=0,
+                    help="use another block of held-out seeds")
+    ev.add_argument("--device", default="cpu", help="torch device of the policy")
+    ev.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    ev.set_defaults(func=_eval)
+
+
+def _cameras(args):
+    from .env import DEFAULT_CAMERAS
+    return DEFAULT_CAMERAS if args.cameras is None else tuple(c for c in args.cameras.split(",") if c)
+
+
+def _demos(args) -> int:
+    from .demos import generate_demos
+    manifest = generate_demos(args.out, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
+                              workers=args.workers, batch_size=args.batch_size,
+                              image_size=args.image_size, cameras=_cameras(args),
+                              max_steps=args.max_steps, progress=not args.quiet)
+    run = manifest["runs"][-1]
+    print(f"{len(manifest['episodes'])} episodes ({manifest['frames']} frames) in {args.out}; "
+          f"this run wrote {run['episodes_written']} in {run['wall_time_s']:.0f} s")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate
+    from .factories import make_factory
+    from .suite import resolve_tasks
+
+    resolve_tasks(args.tasks)  # unknown task names fail before anything starts
+    results_path = args.out / "results.json"
+    if results_path.exists() and not args.force:
+        print(f"qvla eval: {results_path} exists; pass --force to overwrite or pick another --out",
+              file=sys.stderr)
+        return 2
+    try:
+        factory = make_factory(args.policy, args.plan, args.device)
+    except ValueError as exc:
+        print(f"qvla eval: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "episodes.jsonl"
+    if log.exists():  # an earlier (perhaps crashed) run's episodes: keep them aside, not lost
+        import time
+        log.rename(log.with_name(f"episodes.{time.strftime('%Y%m%d-%H%M%S', time.localtime(log.stat().st_mtime))}.jsonl"))
+    results = evaluate(factory, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
+                       workers=args.workers, batch_size=args.batch_size,
+                       replan_steps=args.replan_steps, max_steps=args.max_steps,
+                       image_size=args.image_size, cameras=_cameras(args),
+                       seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log)
+    results.save(args.out)
+    print(results.table())
+    print(f"wall time {results.settings['wall_time_s']:.0f} s on {results.settings['cpu']} "
+          f"({args.workers} workers); results in {results_path}")
+    return 0

@@ -1,0 +1,172 @@
+"""Worker processes that each build a policy once and roll out batches of episodes.
+
+The unit of work is a batch: one task, a list of seeds, run in lockstep by `run_lockstep` on a
+batch of environments the worker keeps between batches (building one costs ~1 s). Workers are
+started with the "spawn" method: a clean interpreter per worker, so no GL context, MuJoCo state
+or torch thread pool is inherited from the parent. `workers=0` runs the same code in-process.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+from collections import OrderedDict
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .dataset import episode_path, write_episode, write_json_atomic
+from .env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, SuiteEnv
+from .rollout import EpisodeResult, run_lockstep
+from .suite import DEFAULT_MAX_STEPS
+
+__all__ = ["RolloutSettings", "WorkerError", "run_batches", "failed_marker"]
+
+# Environments kept per worker: those of this many most recently used tasks.
+_TASKS_CACHED = 2
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How episodes are run.
+
+    Args:
+        image_size: camera image side; None = the policy's `config.image_size` (else 128).
+        cameras: camera names (the first `config.n_cams` are used when the policy says fewer).
+        max_steps: steps before an episode counts as failed.
+        replan_steps: actions executed from each chunk; None = the whole chunk.
+        record_dir: if set, each successful episode is written there as a demonstration and
+            each failed one leaves a marker, so a resumed run skips both.
+        torch_threads: torch intra-op threads per worker (None = cores / workers).
+    """
+
+    image_size: int | None = None
+    cameras: tuple[str, ...] = DEFAULT_CAMERAS
+    max_steps: int = DEFAULT_MAX_STEPS
+    replan_steps: int | None = None
+    record_dir: str | None = None
+    torch_threads: int | None = None
+
+
+class WorkerError(RuntimeError):
+    """A batch failed inside a worker; the message names the task and seeds."""
+
+
+def failed_marker(root, task: str, seed: int) -> Path:
+    return Path(root) / task / f"seed_{seed:07d}.failed.json"
+
+
+# Per-process state of a worker.
+_STATE: dict = {}
+
+
+def _init_worker(policy_factory: Callable, settings: RolloutSettings, threads: int) -> None:
+    # Only remember what to build: the policy is built by the first batch, so a factory that
+    # fails raises a normal, readable exception from that batch instead of breaking the pool.
+    import torch
+    torch.set_num_threads(threads)
+    _STATE.clear()
+    _STATE.update(factory=policy_factory, settings=settings, envs=OrderedDict())
+
+
+def _ensure_policy() -> None:
+    if "policy" in _STATE:
+        return
+    settings: RolloutSettings = _STATE["settings"]
+    policy = _STATE["factory"]()
+    config = getattr(policy, "config", None)
+    image_size = settings.image_size or getattr(config, "image_size", None) or DEFAULT_IMAGE_SIZE
+    n_cams = getattr(config, "n_cams", None) or len(settings.cameras)
+    if n_cams > len(settings.cameras):
+        raise ValueError(f"policy wants {n_cams} cameras, the benchmark has {len(settings.cameras)}")
+    _STATE.update(policy=policy, image_size=int(image_size), cameras=tuple(settings.cameras[:n_cams]))
+
+
+def _envs_for(task: str, count: int) -> list[SuiteEnv]:
+    cache: OrderedDict = _STATE["envs"]
+    envs = cache.pop(task, [])
+    settings: RolloutSettings = _STATE["settings"]
+    while len(envs) < count:
+        envs.append(SuiteEnv(task, image_size=_STATE["image_size"], cameras=_STATE["cameras"],
+                             max_steps=settings.max_steps))
+    cache[task] = envs
+    while len(cache) > _TASKS_CACHED:
+        for env in cache.popitem(last=False)[1]:
+            env.close()
+    return envs[:count]
+
+
+def _close_envs() -> None:
+    for envs in _STATE.get("envs", {}).values():
+        for env in envs:
+            env.close()
+    _STATE.clear()
+
+
+def _run_batch(task: str, seeds: Sequence[int]) -> tuple[list[dict], dict]:
+    settings: RolloutSettings = _STATE["settings"]
+    try:
+        _ensure_policy()
+    except Exception as exc:
+        raise WorkerError(f"building the policy failed: {type(exc).__name__}: {exc}") from exc
+    envs = _envs_for(task, len(seeds))
+
+    def save(i, result: EpisodeResult, traj) -> None:
+        if settings.record_dir is None:
+            return
+        if result.success:
+            write_episode(episode_path(settings.record_dir, task, result.seed), traj.images,
+                          traj.proprio, traj.actions, envs[i].task.instruction, task, result.seed)
+        else:
+            write_json_atomic(failed_marker(settings.record_dir, task, result.seed), result.to_dict())
+
+    try:
+        results = run_lockstep(_STATE["policy"], envs, list(seeds), settings.replan_steps,
+                               record=settings.record_dir is not None, on_episode_end=save)
+    except Exception as exc:
+        raise WorkerError(f"task {task}, seeds {list(seeds)}: {type(exc).__name__}: {exc}") from exc
+    info = {"image_size": _STATE["image_size"], "cameras": list(_STATE["cameras"]), "pid": os.getpid()}
+    return [r.to_dict() for r in results], info
+
+
+def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[int]]],
+                settings: RolloutSettings, workers: int = 0,
+                on_batch: Callable[[list[dict], dict], None] | None = None) -> None:
+    """Run every (task, seeds) batch; `on_batch(results, info)` is called in this process as each
+    batch finishes. The first failing batch stops the run and raises WorkerError."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    try:
+        pickle.dumps(policy_factory)
+    except Exception as exc:
+        raise ValueError(f"policy_factory must be picklable to reach worker processes "
+                         f"({type(exc).__name__}: {exc}); use a module-level class or "
+                         "functools.partial of a module-level function") from exc
+    cores = os.cpu_count() or 1
+    threads = settings.torch_threads or max(1, cores // max(1, workers))
+    if workers == 0:
+        _init_worker(policy_factory, settings, threads)
+        try:
+            for task, seeds in batches:
+                results, info = _run_batch(task, seeds)
+                if on_batch is not None:
+                    on_batch(results, info)
+        finally:
+            _close_envs()
+        return
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(policy_factory, settings, threads)) as pool:
+        pending = {pool.submit(_run_batch, task, list(seeds)) for task, seeds in batches}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for fut in done:
+                    results, info = fut.result()
+                    if on_batch is not None:
+                        on_batch(results, info)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
