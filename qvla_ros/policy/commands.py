@@ -22,30 +22,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=2000, help="save every N steps (default: 2000)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="wall-clock budget in seconds: the schedule follows it and the run stops and saves in time")
+    p.add_argument("--all-data", action="store_true",
+                   help="train on every episode, including the dataset's held-out 'val' split")
     p.add_argument("--max-episodes", type=int, default=None, help="use only the first N episodes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from itertools import islice
+def _read_all(dataset, limit: int | None, desc: str):
+    """Episodes in dataset order, decompressed on several threads (zlib releases the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
+    from tqdm import tqdm
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    with ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        yield from tqdm(pool.map(dataset.__getitem__, range(n)), total=n, desc=desc, unit="ep")
+
+
+def run(args: argparse.Namespace) -> int:
     from qvla_ros.sim.dataset import DemoDataset
 
     from .training import TrainConfig, train
 
     if not Path(args.data).is_dir():
         raise SystemExit(f"qvla train: --data {args.data} is not a directory")
-    dataset = DemoDataset(args.data)
+    # The dataset's own split: seeds it holds out ("val") never train, so the recorded val L1 is
+    # on episodes the policy has not seen; --all-data trains on every episode.
+    dataset = DemoDataset(args.data, split="all" if args.all_data else "train")
+    val = None if args.all_data else DemoDataset(args.data, split="val")
     cfg = TrainConfig(config=args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, shift_pixels=args.shift, checkpoint_every=args.checkpoint_every,
                       time_limit_s=args.time_limit, device=args.device)
-    episodes = dataset.episodes()
-    if args.max_episodes is not None:
-        episodes = islice(episodes, args.max_episodes)
+    episodes = _read_all(dataset, args.max_episodes, "train episodes")
     record = train(episodes, args.out, cfg, manifest=dataset.manifest, data_path=str(Path(args.data).resolve()),
-                   resume=args.resume)
+                   resume=args.resume, val_episodes=_read_all(val, None, "val episodes") if val is not None and len(val) else None)
     print(f"qvla train: {record['steps_done']} steps on {record['frames']} frames "
           f"({record['episodes']} episodes) in {record['wall_s']:.0f} s on {record['device']}; "
           f"final L1 {record['losses'][-1][1] if record['losses'] else float('nan'):.4f}, "

@@ -56,7 +56,6 @@ class TrainConfig:
         time_limit_s: optional wall-clock budget for this invocation; the learning-rate schedule
             follows whichever of steps or time is further along, and the run saves and stops
             when the time is up (so a run under a hard timeout still ends with a good checkpoint).
-        val_fraction: share of episodes held out for the validation L1 (0 disables).
         device: "cuda", "cpu" or None (GPU when present).
     """
 
@@ -73,7 +72,6 @@ class TrainConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     time_limit_s: float | None = None
-    val_fraction: float = 0.05
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -86,8 +84,6 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if self.shift_pixels < 0:
             raise ValueError(f"TrainConfig.shift_pixels must be >= 0, got {self.shift_pixels}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"TrainConfig.time_limit_s must be > 0, got {self.time_limit_s}")
 
@@ -241,10 +237,12 @@ def manifest_hash(manifest: dict) -> str:
 
 # The loop ---------------------------------------------------------------------------------------
 def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, manifest: dict | None = None,
-          data_path: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+          data_path: str | None = None, resume: bool = False, progress: bool = True,
+          val_episodes: Iterable[dict] | None = None) -> dict:
     """Trains a policy on `episodes` (DemoDataset.episodes() dicts) into checkpoint directory `out`.
 
-    Returns the training record (also written to out/training.json).
+    `val_episodes` (optional, e.g. the dataset's "val" split) give the held-out L1 recorded at
+    every save. Returns the training record (also written to out/training.json).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -267,13 +265,10 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         print(f"qvla train: nothing to resume in {out}, starting afresh")
         resume = False
 
-    episodes = list(episodes)
-    rng = np.random.default_rng(cfg.seed)
-    n_val = int(len(episodes) * cfg.val_fraction) if len(episodes) >= 20 else 0
-    val_ids = set(rng.choice(len(episodes), n_val, replace=False).tolist()) if n_val else set()
-    train_data = ChunkData((e for i, e in enumerate(episodes) if i not in val_ids), policy_config.horizon)
-    val_data = ChunkData((e for i, e in enumerate(episodes) if i in val_ids), policy_config.horizon) if val_ids else None
-    del episodes
+    train_data = ChunkData(episodes, policy_config.horizon)
+    val_episodes = list(val_episodes) if val_episodes is not None else []
+    val_data = ChunkData(val_episodes, policy_config.horizon) if val_episodes else None
+    del val_episodes
 
     if resume:
         tokenizer = InstructionTokenizer.from_str((out / "tokenizer.json").read_text())
