@@ -56,7 +56,12 @@ _NATIVE_BIG_ENDIAN = sys.byteorder == "big"
 
 
 class ImageConversionError(ValueError):
-    """A sensor_msgs/Image that cannot be read as the policy's input; the message says why."""
+    """A sensor_msgs/Image that cannot be read as the policy's input; the message says why and
+    `kind` names the problem for counting: encoding, size, step, short_data, empty, shape."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _encoding(name: str) -> Encoding:
@@ -64,7 +69,8 @@ def _encoding(name: str) -> Encoding:
         return ENCODINGS[name]
     except KeyError:
         raise ImageConversionError(
-            f"unsupported image encoding {name!r}; supported: {', '.join(ENCODINGS)}") from None
+            f"unsupported image encoding {name!r}; supported: {', '.join(ENCODINGS)}",
+            "encoding") from None
 
 
 def image_to_array(msg) -> np.ndarray:
@@ -78,17 +84,17 @@ def image_to_array(msg) -> np.ndarray:
     enc = _encoding(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
     if height <= 0 or width <= 0:
-        raise ImageConversionError(f"empty image: {width}x{height} pixels")
+        raise ImageConversionError(f"empty image: {width}x{height} pixels", "empty")
     row_bytes = width * enc.pixel_bytes
     if step < row_bytes:
         raise ImageConversionError(
             f"step {step} is shorter than one row of {width} {msg.encoding} pixels "
-            f"({row_bytes} bytes)")
+            f"({row_bytes} bytes)", "step")
     buffer = np.frombuffer(msg.data, dtype=np.uint8)
     if buffer.size < step * height:
         raise ImageConversionError(
             f"image data is {buffer.size} bytes, shorter than step x height = {step} x {height} "
-            f"= {step * height} bytes")
+            f"= {step * height} bytes", "short_data")
     order = ">" if msg.is_bigendian else "<"
     dtype = np.dtype(order + enc.dtype) if enc.itemsize > 1 else np.dtype(enc.dtype)
     shape = (height, width, enc.channels) if enc.channels > 1 else (height, width)
@@ -120,7 +126,7 @@ def to_rgb8(pixels: np.ndarray, encoding: str) -> np.ndarray:
         scaled = np.rint(np.clip(intensity, 0.0, 1.0) * 255.0).astype(np.uint8)
         return np.broadcast_to(scaled[..., None], (*pixels.shape, 3))
     raise ImageConversionError(
-        f"unsupported image encoding {encoding!r}; supported: {', '.join(ENCODINGS)}")
+        f"unsupported image encoding {encoding!r}; supported: {', '.join(ENCODINGS)}", "encoding")
 
 
 def image_to_rgb8(msg, encodings=None, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -132,10 +138,11 @@ def image_to_rgb8(msg, encodings=None, size: tuple[int, int] | None = None) -> n
     if encodings is not None and msg.encoding not in encodings:
         raise ImageConversionError(
             f"image encoding {msg.encoding!r} is not accepted here; expected one of "
-            f"{', '.join(encodings)}")
+            f"{', '.join(encodings)}", "encoding")
     if size is not None and (int(msg.height), int(msg.width)) != tuple(size):
         raise ImageConversionError(
-            f"image is {msg.width}x{msg.height} pixels; the policy takes {size[1]}x{size[0]}")
+            f"image is {msg.width}x{msg.height} pixels; the policy takes {size[1]}x{size[0]}",
+            "size")
     return to_rgb8(image_to_array(msg), msg.encoding)
 
 
@@ -148,7 +155,7 @@ def array_to_image(pixels: np.ndarray, encoding: str = "rgb8", msg=None):
     if pixels.ndim != expected_dims or (enc.channels > 1 and pixels.shape[2] != enc.channels):
         raise ImageConversionError(
             f"{encoding} needs an array of shape [H, W{', %d' % enc.channels if enc.channels > 1 else ''}],"
-            f" got {list(pixels.shape)}")
+            f" got {list(pixels.shape)}", "shape")
     if msg is None:
         from sensor_msgs.msg import Image
         msg = Image()

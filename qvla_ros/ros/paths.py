@@ -25,7 +25,7 @@ def data_roots() -> list[Path]:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
             roots.append(Path(get_package_share_directory(PACKAGE)))
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: no AMENT_PREFIX_PATH (not sourced)
             pass
     except ImportError:
         pass

@@ -235,7 +235,7 @@ class PolicyNode(Node):
         try:
             rgb = image_to_rgb8(msg, self.encodings, self.image_size)
         except ImageConversionError as exc:
-            self._reject(f"{topic}", f"{topic} dropped: {exc}")
+            self._reject(f"{topic}_{exc.kind}", f"{topic} dropped: {exc}")
             return
         if cam == 0:
             self._stats.frames += 1
@@ -247,7 +247,7 @@ class PolicyNode(Node):
         current = self.sync.instruction
         if not text:
             kept = f"still following {current!r}" if current else "no instruction yet"
-            self._reject("instruction", f"empty instruction ignored; {kept}")
+            self._reject("instruction_empty", f"empty instruction ignored; {kept}")
             return
         self.sync.put_instruction(text)
         if text != current:
@@ -259,19 +259,19 @@ class PolicyNode(Node):
             index = {name: i for i, name in enumerate(msg.name)}
             missing = [n for n in self.proprio_names if n not in index]
             if missing or len(msg.name) != len(position):
-                self._reject("proprio", f"proprio dropped: names {list(msg.name)} with "
+                self._reject("proprio_names", f"proprio dropped: names {list(msg.name)} with "
                                         f"{len(position)} positions do not give "
                                         f"{list(self.proprio_names)}")
                 return
             position = position[[index[n] for n in self.proprio_names]]
         if position.shape != (self.proprio_dim,):
-            self._reject("proprio", f"proprio dropped: {position.size} positions, the policy "
+            self._reject("proprio_size", f"proprio dropped: {position.size} positions, the policy "
                                     f"takes {self.proprio_dim}")
             return
         if not np.isfinite(position).all():
             # A stale state is worse than none: wait for the next valid one.
             self.sync.clear_proprio()
-            self._reject("proprio", f"proprio dropped: non-finite values {position.tolist()}; "
+            self._reject("proprio_nan", f"proprio dropped: non-finite values {position.tolist()}; "
                                     f"no chunk until a valid state arrives")
             return
         self.sync.put_proprio(Stamped(stamp=_seconds(msg.header.stamp),

@@ -59,22 +59,12 @@ class Inference:
 
 
 def _load_policy(checkpoint: str, plan_path: str, device: str) -> tuple[Any, str]:
-    """(policy, plan_id) for a checkpoint directory ("" = the shipped default) and a BitPlan
-    file ("" = full precision)."""
-    from qvla_ros.policy import load_policy
+    """(policy, plan_id) for a checkpoint directory ("" = the shipped default; a quantized
+    checkpoint carries its own plan) and a BitPlan file ("" = none)."""
+    from qvla_ros.quant import load_quantized_policy
 
-    if not plan_path:
-        policy = load_policy(checkpoint or None, device=device)
-        plan_id = FULL_PRECISION_ID
-    else:
-        from qvla_ros.quant import load_quantized_policy
-        from qvla_ros.quant.plan import BitPlan
-
-        plan = BitPlan.load(plan_path)
-        policy = load_quantized_policy(checkpoint or None, plan_path).to(device)
-        plan_id = plan.plan_id
-    policy.eval()
-    return policy, plan_id
+    policy = load_quantized_policy(checkpoint or None, plan_path or None, device=device)
+    return policy.eval(), getattr(policy, "qvla_plan_id", None) or FULL_PRECISION_ID
 
 
 class PolicyServer:
