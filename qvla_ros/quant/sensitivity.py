@@ -1,0 +1,549 @@
+"""Action-space sensitivity: S[layer][channel][bits] = E_frames || A(channel at bits) - A* ||^2.
+
+A* is the float policy's action chunk (the contract's output, environment units, all horizon steps
+and action dimensions); A(channel c at b bits) is the chunk when only row c of one Linear is
+replaced by what the packed layout stores for it at b bits (0 = pruned: the row is zero and the
+channel outputs its bias; 16 bits costs 0 by definition). Two estimators, one table format:
+
+* exact (`exact_sensitivity`): really run the perturbed policy. The calibration batch is
+  replicated R times and replica r perturbs one (channel, bits) pair through a forward hook that
+  adds x @ dW_c^T to output column c, so one forward measures R perturbations. Everything that
+  ran before the perturbed layer is replayed from a cache instead of recomputed: the first forward
+  records the calls of every module that finished before the layer started (the ViT, the
+  projector, the decoder layers before it, ...), and later forwards return those outputs,
+  repeated over the replicas. This works on any module tree through hooks; a self-check compares
+  the replayed forward with the plain one before any measurement.
+* jacobian (`jacobian_sensitivity`): first order in the perturbation. With g = dA/dy (action
+  Jacobian at the layer's output y, per token) the change of the chunk is sum_t g_t (x_t . dW_c),
+  and ||.||^2 over the action dimensions is estimated with random projections v of the action
+  output (Hutchinson: E_v[(v . J u)^2] = ||J u||^2), or exactly with the unit vectors when the chunk
+  is small. One backward per projection gives every layer at once; the per-channel value is the
+  Gauss-Newton term sum_frames ||J_c dW_c x||^2 (no logits, no layer-local proxy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibration import CalibrationFrames
+from .quantizer import ALL_BITS, check_bits, fake_quantize_rows
+from .targets import QuantTargets, quantizable_linears
+
+SENS_FORMAT = "qvla-sensitivity"
+SENS_VERSION = 1
+
+
+class SensitivityError(ValueError):
+    """A sensitivity table is malformed or does not fit the request."""
+
+
+# ---- the table --------------------------------------------------------------------------------
+@dataclass
+class SensitivityTable:
+    """costs[layer]: float64 [out_features, len(bits)], NaN where a channel was not measured."""
+    bits: tuple[int, ...]
+    costs: dict[str, np.ndarray]
+    in_features: dict[str, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.bits = tuple(check_bits(b) for b in self.bits)
+        if len(set(self.bits)) != len(self.bits):
+            raise SensitivityError(f"repeated bit-widths in {self.bits}")
+        for name, table in self.costs.items():
+            if table.ndim != 2 or table.shape[1] != len(self.bits):
+                raise SensitivityError(f"layer {name!r}: costs of shape {table.shape}, expected [channels, {len(self.bits)}]")
+            if name not in self.in_features:
+                raise SensitivityError(f"layer {name!r} has no in_features")
+
+    def column(self, bits: int) -> int:
+        if bits not in self.bits:
+            raise SensitivityError(f"the table has no {bits}-bit column (it has {list(self.bits)})")
+        return self.bits.index(bits)
+
+    def measured(self, name: str) -> np.ndarray:
+        """bool [channels]: channels whose every width was measured."""
+        return np.isfinite(self.costs[name]).all(axis=1)
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        meta = {"format": SENS_FORMAT, "version": str(SENS_VERSION), "bits": json.dumps(list(self.bits)),
+                "in_features": json.dumps(self.in_features), "layers": json.dumps(list(self.costs)),
+                "meta": json.dumps(self.meta)}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.costs.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityTable":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SensitivityError(f"no sensitivity table at {path}")
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                meta = fh.metadata() or {}
+                if meta.get("format") != SENS_FORMAT:
+                    raise SensitivityError(f"{path} is not a {SENS_FORMAT} file")
+                if meta.get("version") != str(SENS_VERSION):
+                    raise SensitivityError(f"{path} has version {meta.get('version')}, expected {SENS_VERSION}")
+                order = json.loads(meta["layers"])
+                costs = {k: fh.get_tensor(k) for k in order}
+            return cls(tuple(json.loads(meta["bits"])), costs, json.loads(meta["in_features"]),
+                       json.loads(meta["meta"]))
+        except SensitivityError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise SensitivityError(f"{path} is not a readable sensitivity table ({type(exc).__name__}: {exc})") from None
+
+
+def weight_deltas(weight: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """dW [len(bits), N, K] float32: stored weights at each width minus the float weights
+    (16 bits -> 0 by definition; 0 bits -> -W)."""
+    w = weight.detach().to(torch.float32)
+    out = torch.zeros(len(bits), *w.shape)
+    for i, b in enumerate(bits):
+        if b != 16:
+            out[i] = fake_quantize_rows(w, b) - w
+    return out
+
+
+def _resolve_layers(policy: nn.Module, layers: Iterable[str] | None, targets: QuantTargets | None) -> dict[str, nn.Linear]:
+    candidates = quantizable_linears(policy, targets)
+    if layers is None:
+        return candidates
+    modules = dict(policy.named_modules())
+    out = {}
+    for name in layers:
+        if not isinstance(modules.get(name), nn.Linear):
+            raise SensitivityError(f"{name!r} is not a Linear layer of the policy")
+        out[name] = modules[name]
+    return out
+
+
+def _call_policy(policy: nn.Module, inputs) -> torch.Tensor:
+    actions = policy(*inputs)
+    if not isinstance(actions, torch.Tensor) or actions.dim() != 3:
+        raise SensitivityError("the policy must return an action chunk tensor [B, horizon, action_dim]")
+    return actions.float()
+
+
+# ---- exact estimator: call tracing and replay -------------------------------------------------
+@dataclass
+class _Call:
+    module: nn.Module
+    index: int          # k-th call of this module
+    start: int
+    end: int = -1
+    parent: int | None = None  # position in the trace of the enclosing call
+
+
+def _trace_calls(policy: nn.Module, run: Callable[[], Any]) -> list[_Call]:
+    """Every submodule call of one forward, with start/end clock ticks and nesting."""
+    calls: list[_Call] = []
+    stack: list[int] = []
+    counts: dict[int, int] = {}
+    clock = [0]
+
+    def pre(module, args):
+        clock[0] += 1
+        k = counts.get(id(module), 0)
+        counts[id(module)] = k + 1
+        calls.append(_Call(module, k, clock[0], parent=stack[-1] if stack else None))
+        stack.append(len(calls) - 1)
+
+    def post(module, args, output):
+        clock[0] += 1
+        calls[stack.pop()].end = clock[0]
+
+    handles = []
+    for name, module in policy.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _repeat_batch(obj, rows: int, ratio: int):
+    """Repeat every tensor in `obj` whose leading dim is `rows` `ratio` times (replica-major)."""
+    if isinstance(obj, torch.Tensor):
+        if ratio > 1 and obj.dim() > 0 and obj.shape[0] == rows:
+            return obj.repeat(ratio, *([1] * (obj.dim() - 1)))
+        return obj.clone()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_repeat_batch(v, rows, ratio) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_repeat_batch(v, rows, ratio) for v in obj)
+    if isinstance(obj, dict):
+        # transformers' ModelOutput is an ordered dict subclass built from keyword arguments.
+        return type(obj)(**{k: _repeat_batch(v, rows, ratio) for k, v in obj.items()})
+    return obj
+
+
+class _PrefixReplay:
+    """Replays, from a cache, every call that finishes before `target` first starts.
+
+    Inside the context, each wrapped module's forward either returns its recorded output
+    (repeated over the replicas, detected from its live input's batch size) or runs normally.
+    """
+
+    def __init__(self, calls: list[_Call], target: nn.Module):
+        starts = [c.start for c in calls if c.module is target]
+        if not starts:
+            raise SensitivityError("the layer is never called by the policy's forward")
+        first = min(starts)
+        cacheable = [c.end < first for c in calls]
+        maximal = [cacheable[i] and (c.parent is None or not cacheable[c.parent]) for i, c in enumerate(calls)]
+        skipped = [False] * len(calls)
+        for i, c in enumerate(calls):
+            p = c.parent
+            while p is not None:
+                if maximal[p]:
+                    skipped[i] = True
+                    break
+                p = calls[p].parent
+        # per module: the sequence of what its live calls do ("cache" slot or None = run)
+        self.plans: dict[int, list[int | None]] = {}
+        self.modules: dict[int, nn.Module] = {}
+        self.n_slots = 0
+        for i, c in enumerate(calls):
+            if skipped[i]:
+                continue
+            slot = None
+            if maximal[i]:
+                slot = self.n_slots
+                self.n_slots += 1
+            self.plans.setdefault(id(c.module), []).append(slot)
+            self.modules[id(c.module)] = c.module
+        self.plans = {k: v for k, v in self.plans.items() if any(s is not None for s in v)}
+        self.outputs: list[Any] = [None] * self.n_slots
+        self.input_rows: list[int] = [0] * self.n_slots
+        self.recording = True
+        self._counters: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self._counters = {}
+
+    def _wrap(self, key: int, module: nn.Module):
+        original = module.forward
+        plan = self.plans[key]
+
+        def forward(*args, **kwargs):
+            k = self._counters.get(key, 0)
+            self._counters[key] = k + 1
+            slot = plan[k] if k < len(plan) else None
+            if slot is None:
+                return original(*args, **kwargs)
+            live = _first_tensor(args, kwargs)
+            if self.recording:
+                out = original(*args, **kwargs)
+                self.outputs[slot] = _repeat_batch(out, -1, 1)
+                self.input_rows[slot] = live.shape[0] if live is not None and live.dim() else 0
+                return out
+            rows = self.input_rows[slot]
+            ratio = 1
+            if live is not None and live.dim() and rows:
+                if live.shape[0] % rows:
+                    raise SensitivityError("replayed call got a batch that is not a multiple of the recorded one")
+                ratio = live.shape[0] // rows
+            return _repeat_batch(self.outputs[slot], rows, ratio)
+
+        return forward
+
+    def __enter__(self):
+        for key, module in self.modules.items():
+            if key in self.plans:
+                module.forward = self._wrap(key, module)
+        return self
+
+    def __exit__(self, *exc):
+        for key, module in self.modules.items():
+            if key in self.plans and "forward" in module.__dict__:
+                del module.forward
+
+
+class _ChannelPerturbation:
+    """Forward hook on a Linear: replica r of the batch gets x @ dW[r]^T added to column chan[r]."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+        self.delta_rows: torch.Tensor | None = None   # [R, K]
+        self.channels: torch.Tensor | None = None     # [R]
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, inputs, output):
+        if self.delta_rows is None:
+            return output
+        x = inputs[0]
+        r = self.delta_rows.shape[0]
+        if x.shape[0] % r:
+            raise SensitivityError(f"layer input batch {x.shape[0]} is not a multiple of {r} replicas")
+        n = output.shape[-1]
+        xr = x.reshape(r, -1, x.shape[-1]).to(torch.float32)
+        u = torch.einsum("rmk,rk->rm", xr, self.delta_rows)
+        out = output.reshape(r, -1, n).clone()
+        m = out.shape[1]
+        out[torch.arange(r)[:, None], torch.arange(m)[None, :], self.channels[:, None]] += u.to(out.dtype)
+        return out.reshape(output.shape)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _default_replicas(frames: int, target_rows: int = 64) -> int:
+    return max(1, target_rows // max(frames, 1))
+
+
+def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Sequence[int] = ALL_BITS,
+                      layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
+                      channels: Mapping[str, np.ndarray] | None = None, max_channels: int | None = None,
+                      replicas: int | None = None, seed: int = 0, progress: bool = True,
+                      check_tolerance: float = 1e-4) -> SensitivityTable:
+    """Measure S by running the perturbed policy (see the module docstring).
+
+    channels / max_channels: measure only these channels (or a seeded random subset of this size
+    per layer); the others are NaN. replicas: perturbations per forward (default: 64 rows / frames).
+    """
+    from tqdm.auto import tqdm
+
+    bits = tuple(check_bits(b) for b in bits)
+    chosen = _resolve_layers(policy, layers, targets)
+    policy.eval()
+    inputs = frames.inputs()
+    f = len(frames)
+    r_max = replicas or _default_replicas(f)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        reference = _call_policy(policy, inputs)
+    calls = _trace_calls(policy, lambda: policy(*inputs))
+    measured_bits = [i for i, b in enumerate(bits) if b != 16]
+    plan = {}
+    for name, module in chosen.items():
+        n = module.out_features
+        if channels is not None and name in channels:
+            idx = np.asarray(channels[name], dtype=np.int64)
+        elif max_channels is not None and max_channels < n:
+            idx = np.sort(rng.choice(n, size=max_channels, replace=False))
+        else:
+            idx = np.arange(n)
+        plan[name] = idx
+    total = sum(len(idx) * len(measured_bits) for idx in plan.values())
+    costs: dict[str, np.ndarray] = {}
+    checks: dict[str, float] = {}
+    started = time.time()
+    bar = tqdm(total=total, desc="exact sensitivity", unit="pert", disable=not progress)
+    for name, module in chosen.items():
+        table = np.full((module.out_features, len(bits)), np.nan)
+        idx = plan[name]
+        table[idx, :] = 0.0
+        deltas = weight_deltas(module.weight, bits)
+        pairs = [(c, bi) for c in idx.tolist() for bi in measured_bits]
+        replay = _PrefixReplay(calls, module)
+        hook = _ChannelPerturbation(module)
+        try:
+            with torch.no_grad(), replay:
+                replay.reset()
+                _call_policy(policy, inputs)          # records the prefix
+                replay.recording = False
+                replay.reset()
+                check = _call_policy(policy, inputs)  # replayed, unperturbed
+                err = float((check - reference).abs().max())
+                checks[name] = err
+                if err > check_tolerance * max(1.0, float(reference.abs().max())):
+                    raise SensitivityError(f"layer {name}: replaying the cached prefix changes the actions by "
+                                           f"{err:.3g}; the policy's forward is not replayable")
+                for start in range(0, len(pairs), r_max):
+                    chunk = pairs[start:start + r_max]
+                    r = len(chunk)
+                    chans = torch.tensor([c for c, _ in chunk])
+                    hook.channels = chans
+                    hook.delta_rows = torch.stack([deltas[bi, c] for c, bi in chunk])
+                    replay.reset()
+                    out = _call_policy(policy, frames.inputs(r)).reshape(r, f, *reference.shape[1:])
+                    err2 = (out - reference.unsqueeze(0)).pow(2).sum(dim=(-1, -2)).mean(dim=1).double().numpy()
+                    for (c, bi), value in zip(chunk, err2):
+                        table[c, bi] = value
+                    bar.update(r)
+        finally:
+            hook.remove()
+        costs[name] = table
+    bar.close()
+    meta = {"estimator": "exact", "frames": f, "calibration": frames.source, "replicas": r_max,
+            "seconds": round(time.time() - started, 2), "replay_max_abs_error": max(checks.values(), default=0.0),
+            "policy": _policy_fingerprint(policy)}
+    return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
+
+
+def _policy_fingerprint(policy: nn.Module) -> dict[str, Any]:
+    from .plan import model_fingerprint
+
+    return model_fingerprint(policy)
+
+
+# ---- jacobian estimator -----------------------------------------------------------------------
+class _JacobianTap:
+    """Hooks on one Linear: keeps its input (first replica) and turns the gradient at its output
+    into per-channel first-order action changes for every width."""
+
+    def __init__(self, module: nn.Linear, deltas: torch.Tensor, acc: torch.Tensor):
+        self.module = module
+        self.deltas = deltas     # [nb, N, K]
+        self.acc = acc           # [N, nb] float64, sum over frames and projections of (v . J u)^2
+        self.replicas = 1
+        self.frames = 1
+        self.handle = module.register_forward_hook(self.forward_hook)
+
+    def forward_hook(self, module, inputs, output):
+        x = inputs[0].detach()
+        p, f = self.replicas, self.frames
+        if x.shape[0] % (p * f):
+            raise SensitivityError(f"layer input batch {x.shape[0]} does not split into {p} x {f}")
+        # the input is the same in every replica: the change of y per width, per frame and token
+        x0 = x.reshape(p, -1, x.shape[-1])[0].to(torch.float32)              # [M, K]
+        dy = torch.einsum("mk,bnk->bmn", x0, self.deltas)                      # [nb, M, N]
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+
+        def grad_hook(grad, dy=dy):
+            g = grad.detach().reshape(p, f, -1, grad.shape[-1]).to(torch.float32)   # [P, F, T, N]
+            d = dy.reshape(dy.shape[0], f, -1, dy.shape[-1])                         # [nb, F, T, N]
+            s = torch.einsum("pftn,bftn->pfbn", g, d)                                # [P, F, nb, N]
+            self.acc += s.double().pow(2).sum(dim=(0, 1)).T
+
+        output.register_hook(grad_hook)
+        return output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Sequence[int] = ALL_BITS,
+                         layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
+                         projections: int | None = None, max_rows: int = 64, seed: int = 0,
+                         progress: bool = True) -> SensitivityTable:
+    """First-order estimate of S from action-space Jacobians (see the module docstring).
+
+    projections: random Gaussian projections of the action chunk per frame; None uses the unit
+    vectors (exact first order) when the chunk has at most 64 numbers, else 16 random ones.
+    max_rows: replicas x frames per forward/backward.
+    """
+    from tqdm.auto import tqdm
+
+    bits = tuple(check_bits(b) for b in bits)
+    chosen = _resolve_layers(policy, layers, targets)
+    policy.eval()
+    f_total = len(frames)
+    with torch.no_grad():
+        probe = _call_policy(policy, frames.select([0]).inputs())
+    chunk_shape = probe.shape[1:]
+    d = int(np.prod(chunk_shape))
+    basis = projections is None and d <= 64
+    p = d if basis else (projections or 16)
+    gen = torch.Generator().manual_seed(seed)
+    accs = {name: torch.zeros(m.out_features, len(bits), dtype=torch.float64) for name, m in chosen.items()}
+    taps = [_JacobianTap(m, weight_deltas(m.weight, bits), accs[name]) for name, m in chosen.items()]
+    grads = {prm: prm.requires_grad for prm in policy.parameters()}
+    started = time.time()
+    # replicas per pass: all p projections if they fit, else several passes over projection blocks
+    p_block = max(1, min(p, max_rows))
+    f_block = max(1, max_rows // p_block)
+    passes = [(fs, ps) for fs in range(0, f_total, f_block) for ps in range(0, p, p_block)]
+    try:
+        for prm in policy.parameters():
+            prm.requires_grad_(False)
+        for fs, ps in tqdm(passes, desc="jacobian sensitivity", unit="pass", disable=not progress):
+            sub = frames.select(range(fs, min(fs + f_block, f_total)))
+            pp = min(p_block, p - ps)
+            for tap in taps:
+                tap.replicas, tap.frames = pp, len(sub)
+            if basis:
+                v = torch.eye(d)[ps:ps + pp]                                        # [pp, d]
+                v = v[:, None, :].expand(pp, len(sub), d)
+            else:
+                v = torch.randn(pp, len(sub), d, generator=gen)
+            with torch.enable_grad():
+                actions = _call_policy(policy, sub.inputs(pp)).reshape(pp, len(sub), d)
+                (actions * v).sum().backward()
+    finally:
+        for tap in taps:
+            tap.remove()
+        for prm, flag in grads.items():
+            prm.requires_grad_(flag)
+    scale = 1.0 / f_total if basis else 1.0 / (f_total * p)
+    costs = {name: (acc * scale).numpy() for name, acc in accs.items()}
+    for name in costs:
+        for i, b in enumerate(bits):
+            if b == 16:
+                costs[name][:, i] = 0.0
+    meta = {"estimator": "jacobian", "frames": f_total, "calibration": frames.source,
+            "projections": "unit vectors (exact first order)" if basis else f"{p} gaussian",
+            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy)}
+    return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
+
+
+# ---- comparison -------------------------------------------------------------------------------
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two 1-D arrays (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3:
+        return math.nan
+    return float(spearmanr(a[keep], b[keep]).statistic)
+
+
+def compare_tables(reference: SensitivityTable, estimate: SensitivityTable) -> dict[str, Any]:
+    """Spearman rank agreement of `estimate` with `reference` on the entries both measured:
+    overall, per layer, per width, and of the channel order inside each layer at each width."""
+    common = [b for b in reference.bits if b in estimate.bits and b != 16]
+    per_layer, per_bits_vals = {}, {b: ([], []) for b in common}
+    all_ref, all_est, within = [], [], {b: [] for b in common}
+    for name in reference.costs:
+        if name not in estimate.costs:
+            continue
+        ref = reference.costs[name][:, [reference.column(b) for b in common]]
+        est = estimate.costs[name][:, [estimate.column(b) for b in common]]
+        keep = np.isfinite(ref).all(axis=1) & np.isfinite(est).all(axis=1)
+        if not keep.any():
+            continue
+        per_layer[name] = spearman(ref[keep], est[keep])
+        all_ref.append(ref[keep].ravel())
+        all_est.append(est[keep].ravel())
+        for j, b in enumerate(common):
+            per_bits_vals[b][0].append(ref[keep, j])
+            per_bits_vals[b][1].append(est[keep, j])
+            within[b].append(spearman(ref[keep, j], est[keep, j]))
+    return {
+        "overall": spearman(np.concatenate(all_ref), np.concatenate(all_est)) if all_ref else math.nan,
+        "per_layer": per_layer,
+        "per_bits": {b: spearman(np.concatenate(v[0]), np.concatenate(v[1])) for b, v in per_bits_vals.items() if v[0]},
+        "within_layer_median_per_bits": {b: float(np.nanmedian(v)) for b, v in within.items() if v},
+        "entries": int(sum(len(a) for a in all_ref)),
+    }

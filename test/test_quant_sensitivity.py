@@ -1,0 +1,117 @@
+"""Action-space sensitivity: the exact estimator equals a brute-force re-run, the jacobian one ranks
+like it, the table round-trips."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
+from qvla_ros.quant.quantizer import fake_quantize_rows
+from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
+                                        exact_sensitivity, jacobian_sensitivity)
+
+try:
+    from qvla_ros.policy import make_policy
+except ImportError:
+    pytest.skip("qvla_ros.policy.make_policy is not available", allow_module_level=True)
+
+LAYERS = ["vision.0.encoder.layers.0.mlp.fc1", "decoder.layers.1.self_attn.v_proj", "decoder.layers.0.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return make_policy("micro", seed=0)
+
+
+@pytest.fixture(scope="module")
+def frames(policy):
+    return synthetic_frames(policy.config, 2, seed=1)
+
+
+def brute_force(policy, frames, layer, channel, bits):
+    """Quantize one row in a copy of the policy and measure the action change directly."""
+    perturbed = copy.deepcopy(policy)
+    linear = perturbed.get_submodule(layer)
+    with torch.no_grad():
+        reference = policy(*frames.inputs())
+        w = linear.weight[channel:channel + 1]
+        linear.weight[channel] = fake_quantize_rows(w, bits)[0]
+        out = perturbed(*frames.inputs())
+    return float((out - reference).pow(2).sum(dim=(-1, -2)).mean())
+
+
+def test_exact_matches_brute_force(policy, frames):
+    channels = {LAYERS[0]: np.array([17]), LAYERS[1]: np.array([5]), LAYERS[2]: np.array([0])}
+    table = exact_sensitivity(policy, frames, bits=(0, 2, 4, 16), layers=LAYERS, channels=channels,
+                              progress=False)
+    assert table.meta["replay_max_abs_error"] < 1e-5
+    for layer, idx in channels.items():
+        for c in idx:
+            for bits in (0, 4):
+                expected = brute_force(policy, frames, layer, int(c), bits)
+                got = table.costs[layer][c, table.column(bits)]
+                assert got == pytest.approx(expected, rel=2e-3, abs=1e-12), (layer, c, bits)
+            assert table.costs[layer][c, table.column(16)] == 0.0
+        unmeasured = np.setdiff1d(np.arange(table.costs[layer].shape[0]), idx)
+        assert np.isnan(table.costs[layer][unmeasured]).all()
+
+
+def test_jacobian_ranks_like_exact_and_table_roundtrips(policy, frames, tmp_path):
+    layers = LAYERS[1:]
+    channels = {name: np.arange(0, 32, 4) for name in layers}
+    exact = exact_sensitivity(policy, frames, bits=(0, 2, 4, 16), layers=layers, channels=channels,
+                              progress=False)
+    jac = jacobian_sensitivity(policy, frames, bits=(0, 2, 4, 8, 16), layers=layers, progress=False)
+    assert np.isfinite(jac.costs[layers[0]]).all()
+    assert (jac.costs[layers[0]][:, jac.column(16)] == 0).all()
+    # the cost falls with the width for (nearly) every channel
+    c = jac.costs[layers[0]]
+    assert np.mean(c[:, jac.column(2)] > c[:, jac.column(4)]) > 0.9
+    agreement = compare_tables(exact, jac)
+    assert agreement["overall"] > 0.9
+    assert agreement["entries"] == 2 * 8 * 3
+    # random projections estimate the same quantity
+    rnd = jacobian_sensitivity(policy, frames, bits=(2, 4), layers=layers[:1], projections=8, progress=False)
+    assert compare_tables(exact, rnd)["overall"] > 0.7
+    path = jac.save(tmp_path / "s.safetensors")
+    back = SensitivityTable.load(path)
+    assert back.bits == jac.bits and back.meta["estimator"] == "jacobian"
+    for name in layers:
+        assert np.array_equal(back.costs[name], jac.costs[name])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(SensitivityError, match="not a readable sensitivity table"):
+        SensitivityTable.load(tmp_path / "bad.safetensors")
+
+
+class TwiceTower(nn.Module):
+    """A stand-in policy that calls one encoder twice (per camera) before a perturbed head layer,
+    so replay must serve repeated calls and pass-through inputs correctly."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(12, 16), nn.GELU())
+        self.mix = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 6)
+
+    def forward(self, images, instruction, proprio):
+        x = images.float().flatten(2)[..., :12] / 255.0
+        feats = torch.cat([self.encoder(x[:, 0]), self.encoder(x[:, 1])], dim=-1)
+        return self.out(torch.tanh(self.mix(feats))).reshape(-1, 2, 3)
+
+
+def test_replay_generic_module_and_bad_layer():
+    torch.manual_seed(0)
+    model = TwiceTower().eval()
+    gen = torch.Generator().manual_seed(0)
+    frames = CalibrationFrames(torch.randint(0, 256, (3, 2, 2, 2, 3), generator=gen, dtype=torch.uint8),
+                               ["a", "b", "c"], torch.zeros(3, 4))
+    table = exact_sensitivity(model, frames, bits=(0, 4), layers=["mix", "encoder.0"], progress=False)
+    for layer in ("mix", "encoder.0"):
+        for c in (0, 7):
+            expected = brute_force(model, frames, layer, c, 4)
+            assert table.costs[layer][c, 1] == pytest.approx(expected, rel=2e-3, abs=1e-14)
+    with pytest.raises(SensitivityError, match="not a Linear"):
+        exact_sensitivity(model, frames, layers=["nope"], progress=False)
