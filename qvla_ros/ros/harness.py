@@ -76,6 +76,11 @@ class NodeProcess:
               echo: bool = False) -> "NodeProcess":
         command = executable_command(executable) + ros_arguments(params_files, overrides, remaps)
         env = dict(os.environ if env is None else env)
+        # The node imports the same qvla_ros as its caller (a source checkout or an install).
+        package_root = str(Path(__file__).resolve().parents[2])
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if package_root not in paths:
+            env["PYTHONPATH"] = os.pathsep.join([package_root] + paths)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Log lines as the console shows them, without colour codes, for wait_for().
         env.setdefault("RCUTILS_COLORIZED_OUTPUT", "0")

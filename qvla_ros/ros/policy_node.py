@@ -94,7 +94,8 @@ class PolicyNode(Node):
         self.image_size = (p("image_height").value or cfg.image_size,
                            p("image_width").value or cfg.image_size)
         self.encodings = tuple(p("expected_encodings").value)
-        self.proprio_names = tuple(p("proprio_names").value or ())
+        # Unset (a typed parameter nobody set): positions in the order they come.
+        self.proprio_names = tuple(self.get_parameter_or("proprio_names").value or ())
         self.proprio_dim = cfg.proprio_dim
         self.trigger = p("trigger").value
         self.rate_hz = p("rate_hz").value
@@ -179,7 +180,7 @@ class PolicyNode(Node):
         self.declare_parameter("diagnostics_period", 1.0, d(
             "seconds between diagnostics messages", read_only=True,
             floating_point_range=[FloatingPointRange(from_value=0.05, to_value=3600.0)]))
-        self._declared = {name: self.get_parameter(name) for name in (
+        self._declared = {name: self.get_parameter_or(name, Parameter(name)) for name in (
             "checkpoint", "plan", "device", "trigger", "rate_hz", "image_qos", "image_qos_depth",
             "expected_encodings", "image_height", "image_width", "proprio_names",
             "sync_tolerance", "sync_timeout", "diagnostics_period")}

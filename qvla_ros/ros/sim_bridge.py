@@ -30,6 +30,7 @@ import rclpy
 from rcl_interfaces.msg import IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
@@ -60,22 +61,27 @@ class SimBridge(Node):
         from qvla_ros.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE
 
         d = ParameterDescriptor
-        self.declare_parameter("tasks", list(suite.TASK_NAMES), d(
-            description="suite tasks to run, in order", read_only=True))
+        # Unset (or 0) means "as `qvla eval` does", so the two cannot drift apart.
+        self.declare_parameter("tasks", Parameter.Type.STRING_ARRAY, d(
+            description="suite tasks to run, in order; unset = the whole suite", read_only=True))
         self.declare_parameter("episodes_per_task", 1, d(
             description="episodes of each task", read_only=True,
             integer_range=[IntegerRange(from_value=1, to_value=100000, step=1)]))
         self.declare_parameter("seed_offset", 0, d(
-            description="first held-out seed block, as `qvla eval --seed-offset`", read_only=True))
+            description="held-out seed block, as `qvla eval --seed-offset`", read_only=True,
+            integer_range=[IntegerRange(from_value=0, to_value=2**31 - 1, step=1)]))
         self.declare_parameter("replan_steps", 0, d(
             description="actions executed from each chunk before asking again; 0 = the whole chunk",
+            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=10000, step=1)]))
+        self.declare_parameter("max_steps", 0, d(
+            description="steps after which an episode counts as failed; 0 = the suite's",
+            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=500, step=1)]))
+        self.declare_parameter("image_size", 0, d(
+            description="side of the square camera images in pixels; 0 = the suite's",
+            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=1024, step=1)]))
+        self.declare_parameter("cameras", Parameter.Type.STRING_ARRAY, d(
+            description="MuJoCo cameras published as image, image2; unset = the suite's",
             read_only=True))
-        self.declare_parameter("max_steps", suite.DEFAULT_MAX_STEPS, d(
-            description="steps after which an episode counts as failed", read_only=True))
-        self.declare_parameter("image_size", DEFAULT_IMAGE_SIZE, d(
-            description="side of the square camera images, pixels", read_only=True))
-        self.declare_parameter("cameras", list(DEFAULT_CAMERAS), d(
-            description="MuJoCo cameras published as image, image2", read_only=True))
         self.declare_parameter("chunk_timeout", 5.0, d(
             description="seconds to wait for a chunk before publishing the observation again",
             read_only=True))
@@ -84,20 +90,20 @@ class SimBridge(Node):
         self.declare_parameter("exit_when_done", True, d(
             description="end the process after the last episode", read_only=True))
 
-        p = lambda name: self.get_parameter(name).value  # noqa: E731
-        self.tasks = suite.resolve_tasks(list(p("tasks")))
+        # get_parameter_or: a typed parameter nobody set reads as None.
+        p = lambda name: self.get_parameter_or(name).value  # noqa: E731
+        self.tasks = suite.resolve_tasks(list(p("tasks")) if p("tasks") else None)
         self.episodes_per_task = p("episodes_per_task")
         self.seed_offset = p("seed_offset")
         self.replan_steps = p("replan_steps")
-        self.max_steps = p("max_steps")
-        self.image_size = p("image_size")
-        self.cameras = tuple(p("cameras"))
+        self.max_steps = p("max_steps") or suite.DEFAULT_MAX_STEPS
+        self.image_size = p("image_size") or DEFAULT_IMAGE_SIZE
+        self.cameras = tuple(p("cameras") or DEFAULT_CAMERAS)
         self.chunk_timeout = p("chunk_timeout")
         self.start_timeout = p("start_timeout")
         self.exit_when_done = p("exit_when_done")
-        if self.seed_offset < 0 or self.replan_steps < 0 or len(self.cameras) > 2:
-            raise ValueError("seed_offset and replan_steps must be >= 0 and at most two cameras "
-                             f"are published, got {self.seed_offset}, {self.replan_steps}, "
+        if not 1 <= len(self.cameras) <= 2:
+            raise ValueError(f"cameras: one or two are published (image, image2), got "
                              f"{list(self.cameras)}")
 
         topics = ("image", "image2")[: len(self.cameras)]
