@@ -1,0 +1,158 @@
+"""`qvla calibrate`, `qvla allocate`, `qvla quantize`: the QVLA stages on the command line.
+
+    qvla calibrate --policy default --data demos/ --frames 64 --estimator jacobian --out S.safetensors
+    qvla allocate  --sensitivity S.safetensors --budget 4.0 --out plan.json      (+ plan.png)
+    qvla quantize  --policy default --plan plan.json --out tiny_q4/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_BITS = "0,2,3,4,8,16"
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    from .quantizer import check_bits
+
+    try:
+        return tuple(check_bits(int(b)) for b in text.split(",") if b.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (a file, a budget), reported as one line instead of a traceback."""
+    from ..policy import CheckpointError
+    from ..sim.dataset import DemoFileError
+    from .allocate import BudgetError
+    from .plan import PlanError
+    from .sensitivity import SensitivityError
+
+    return (CheckpointError, DemoFileError, BudgetError, PlanError, SensitivityError, FileNotFoundError)
+
+
+def _reporting(verb: str, handler):
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except _user_errors() as exc:
+            print(f"qvla {verb}: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _policy_path(text: str):
+    return None if text in ("default", "") else text
+
+
+def register(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser("calibrate", help="action-space sensitivity table of a policy", formatter_class=fmt,
+                              description="S[layer][channel][bits] = E ||A(channel at bits) - A*||^2 over calibration frames.")
+    p.add_argument("--policy", default="default", help="policy checkpoint directory, or 'default' (the shipped one)")
+    p.add_argument("--data", help="demonstration folder (qvla demos) to take calibration frames from")
+    p.add_argument("--synthetic", action="store_true", help="random frames instead of --data (smoke runs only)")
+    p.add_argument("--split", default="train", choices=("train", "val", "all"), help="demonstration split")
+    p.add_argument("--frames", type=int, default=32, help="calibration frames")
+    p.add_argument("--estimator", choices=("exact", "jacobian"), default="jacobian")
+    p.add_argument("--bits", type=_bits, default=DEFAULT_BITS, help="widths to measure")
+    p.add_argument("--max-channels", type=int, default=None,
+                   help="exact only: measure this many random channels per layer (others NaN)")
+    p.add_argument("--projections", type=int, default=None,
+                   help="jacobian only: random projections per frame (default: exact unit vectors for small chunks)")
+    p.add_argument("--exclude", action="append", default=None,
+                   help="regex of module names kept 16-bit (repeatable; default: action head and projectors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="sensitivity table (.safetensors)")
+    p.set_defaults(func=_reporting("calibrate", calibrate_command))
+
+    a = subparsers.add_parser("allocate", help="bit plan under a memory budget, from a sensitivity table",
+                              formatter_class=fmt)
+    a.add_argument("--sensitivity", required=True, help="table written by qvla calibrate")
+    a.add_argument("--budget", type=float, required=True,
+                   help="bits per weight parameter of the quantized layers, scales/zeros/indices included")
+    a.add_argument("--bits", type=_bits, default=DEFAULT_BITS, help="candidate widths")
+    a.add_argument("--row-tile", type=int, default=16, help="row groups are multiples of this (kernel tile)")
+    a.add_argument("--max-prune", type=float, default=0.5, help="largest share of a layer's rows that may be pruned")
+    a.add_argument("--act-bits", type=int, choices=(16, 8), default=16, help="activation bits of every layer")
+    a.add_argument("--out", required=True, help="plan file (.json)")
+    a.add_argument("--plot", default=None, help="per-layer allocation figure (default: next to the plan, .png)")
+    a.set_defaults(func=_reporting("allocate", allocate_command))
+
+    q = subparsers.add_parser("quantize", help="apply a bit plan: packed mixed-bit checkpoint", formatter_class=fmt)
+    q.add_argument("--policy", default="default", help="float policy checkpoint directory, or 'default'")
+    q.add_argument("--plan", required=True, help="plan file (qvla allocate)")
+    q.add_argument("--out", required=True, help="directory for the quantized checkpoint")
+    q.set_defaults(func=_reporting("quantize", quantize_command))
+
+
+def calibrate_command(args) -> int:
+    from ..policy import load_policy
+    from .calibration import frames_from_demos, synthetic_frames
+    from .sensitivity import exact_sensitivity, jacobian_sensitivity
+    from .targets import DEFAULT_EXCLUDE, QuantTargets
+
+    if args.frames < 1:
+        print("qvla calibrate: --frames must be >= 1", file=sys.stderr)
+        return 2
+    if not args.data and not args.synthetic:
+        print("qvla calibrate: give --data DEMO_DIR (or --synthetic for a smoke run)", file=sys.stderr)
+        return 2
+    policy = load_policy(_policy_path(args.policy))
+    if args.synthetic:
+        frames = synthetic_frames(policy.config, args.frames, seed=args.seed)
+    else:
+        frames = frames_from_demos(args.data, args.frames, split=args.split, seed=args.seed)
+    targets = QuantTargets(exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE)
+    if args.estimator == "exact":
+        table = exact_sensitivity(policy, frames, bits=args.bits, targets=targets, max_channels=args.max_channels,
+                                  seed=args.seed)
+    else:
+        table = jacobian_sensitivity(policy, frames, bits=args.bits, targets=targets,
+                                     projections=args.projections, seed=args.seed)
+    table.meta["policy_path"] = args.policy
+    path = table.save(args.out)
+    n = sum(c.shape[0] for c in table.costs.values())
+    print(f"qvla calibrate: {args.estimator} sensitivity of {n} channels in {len(table.costs)} layers over "
+          f"{len(frames)} frames ({table.meta['seconds']:.1f} s) -> {path}")
+    return 0
+
+
+def allocate_command(args) -> int:
+    from .allocate import allocate
+    from .plots import plot_allocation
+    from .sensitivity import SensitivityTable
+
+    table = SensitivityTable.load(args.sensitivity)
+    result = allocate(table, args.budget, candidate_bits=args.bits, row_tile=args.row_tile,
+                      max_prune_fraction=args.max_prune)
+    plan = result.to_plan(table, act_bits=args.act_bits,
+                          provenance={"sensitivity_file": str(args.sensitivity)})
+    path = plan.save(args.out)
+    plot = plot_allocation(plan, args.plot or Path(args.out).with_suffix(".png"))
+    report = result.report()
+    print(plan.summary())
+    print(f"qvla allocate: duality gap {report['duality_gap']:.4g} ({100 * report['relative_gap']:.2f}% of the cost), "
+          f"{report['seconds']:.2f} s -> {path}, {plot}")
+    return 0
+
+
+def quantize_command(args) -> int:
+    from ..policy import load_policy
+    from .api import disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized
+    from .plan import BitPlan
+
+    policy = load_policy(_policy_path(args.policy))
+    plan = BitPlan.load(args.plan, model=policy)
+    quantize_(policy, plan)
+    out = save_quantized(policy, plan, args.out)
+    predicted = plan.weight_nbytes()
+    memory = quantized_weight_nbytes(policy)
+    disk = disk_weight_nbytes(out, plan)
+    print(plan.summary())
+    print(json.dumps({"plan_id": plan.plan_id, "predicted_weight_bytes": predicted, "memory_weight_bytes": memory,
+                      "disk_weight_bytes": disk, "out": str(out)}))
+    return 0
