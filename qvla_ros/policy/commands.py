@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="wall-clock budget in seconds: the schedule follows it and the run stops and saves in time")
     p.add_argument("--all-data", action="store_true",
                    help="train on every episode, including the dataset's held-out 'val' split")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="train on a demonstration folder whose generation did not finish")
     p.add_argument("--max-episodes", type=int, default=None, help="use only the first N episodes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -51,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"qvla train: --data {args.data} is not a directory")
     # The dataset's own split: seeds it holds out ("val") never train, so the recorded val L1 is
     # on episodes the policy has not seen; --all-data trains on every episode.
-    dataset = DemoDataset(args.data, split="all" if args.all_data else "train")
-    val = None if args.all_data else DemoDataset(args.data, split="val")
+    dataset = DemoDataset(args.data, split="all" if args.all_data else "train",
+                          allow_incomplete=args.allow_incomplete)
+    val = None if args.all_data else DemoDataset(args.data, split="val", allow_incomplete=args.allow_incomplete)
     cfg = TrainConfig(config=args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, shift_pixels=args.shift, checkpoint_every=args.checkpoint_every,
                       time_limit_s=args.time_limit, device=args.device)
