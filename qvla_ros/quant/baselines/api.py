@@ -1,0 +1,109 @@
+"""One entry point for every baseline: policy + calibration batches + method in, quantized policy out.
+
+    result = quantize_baseline(policy, "gptq-w4", batches)
+    result.policy            # the same object, quantized in place (like quantize_)
+    result.memory            # measured weight memory of the quantizable Linears
+    result.info              # what the method chose (SmoothQuant's alpha, AWQ's alphas, ...)
+
+The quantizable Linears are the QVLA core's (`quantizable_linears`: decoder and vision Linears;
+projectors and the action head stay 16-bit), so every method compresses the same weights.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..mixed_linear import MixedBitLinear
+from ..targets import quantizable_linears
+from .awq import apply_awq
+from .calibration import check_batches
+from .gptq import apply_gptq
+from .groupwise import GroupWiseLinear
+from .memory import WeightMemory, weight_memory
+from .methods import MethodSpec, parse_method
+from .smoothing import set_submodule, wrap_input_scales
+from .smoothquant import DEFAULT_ALPHAS, apply_smoothquant
+
+
+@dataclass
+class QuantResult:
+    policy: nn.Module
+    spec: MethodSpec
+    memory: WeightMemory
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def pack_per_channel(policy: nn.Module, names: Sequence[str], wbits: int, abits: int = 16) -> None:
+    """Every named Linear -> MixedBitLinear with all rows at `wbits` (the uniform BitPlan)."""
+    for name in names:
+        lin = policy.get_submodule(name)
+        set_submodule(policy, name, MixedBitLinear.from_linear(lin, [wbits] * lin.out_features,
+                                                               act_bits=abits))
+
+
+def pack_group_wise(policy: nn.Module, names: Sequence[str], wbits: int, group_size: int) -> None:
+    for name in names:
+        set_submodule(policy, name, GroupWiseLinear.from_linear(policy.get_submodule(name), wbits,
+                                                                group_size))
+
+
+QvlaRunner = Callable[[nn.Module, Sequence[Mapping], MethodSpec, float], dict]
+
+
+@torch.no_grad()
+def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequence[Mapping] = (),
+                      *, names: Sequence[str] | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                      budget: float | None = None, qvla: QvlaRunner | None = None,
+                      awq_grid: int = 20, progress: bool = True) -> QuantResult:
+    """Quantize `policy` in place with `method` and measure its weight memory.
+
+    batches: calibration batches (dicts with images/instruction/proprio); not needed by fp, RTN.
+    names: the Linears to quantize (default: the QVLA core's quantizable Linears).
+    alphas: SmoothQuant's alpha candidates (the one with the lowest calibration action error wins).
+    awq_grid: points of AWQ's scale-exponent and clip-ratio searches (the paper: 20).
+    budget: bits/param for QVLA methods that match another method's memory (the caller measured it).
+    qvla: runs QVLA (calibrate, allocate, quantize_) on the policy at a budget; see qvla_match.py.
+    """
+    spec = parse_method(method) if isinstance(method, str) else method
+    names = list(names) if names is not None else list(quantizable_linears(policy))
+    if spec.family not in ("fp", "rtn", "rtn-group"):
+        batches = check_batches(batches)
+    start = time.perf_counter()
+    info: dict = {}
+    if spec.family == "rtn":
+        pack_per_channel(policy, names, spec.wbits)
+    elif spec.family == "rtn-group":
+        pack_group_wise(policy, names, spec.wbits, spec.group_size)
+    elif spec.family == "smoothquant":
+        info = apply_smoothquant(policy, names, batches,
+                                 lambda p: pack_per_channel(p, names, spec.wbits, spec.abits),
+                                 alphas=alphas, progress=progress)
+    elif spec.family == "gptq":
+        modules = {n: policy.get_submodule(n) for n in names}
+        rel = apply_gptq(policy, modules, batches, spec.wbits, progress=progress)
+        info = {"mean_relative_layer_error": sum(rel.values()) / len(rel)}
+        pack_per_channel(policy, names, spec.wbits)
+    elif spec.family == "awq":
+        modules = {n: policy.get_submodule(n) for n in names}
+        scales, alpha_by_group = apply_awq(policy, modules, batches, spec.wbits, grid=awq_grid,
+                                                progress=progress)
+        pack_per_channel(policy, names, spec.wbits)
+        wrap_input_scales(policy, scales)
+        info = {"alphas": alpha_by_group, "explicit_input_scales": len(scales)}
+    elif spec.family == "qvla":
+        target = spec.budget if spec.budget is not None else budget
+        if target is None:
+            raise ValueError(f"{spec.name}: give the budget in bits/param (the matched method's "
+                             f"measured memory)")
+        if qvla is None:
+            raise ValueError(f"{spec.name}: pass `qvla`, the QVLA runner (see qvla_match.py)")
+        info = qvla(policy, batches, spec, float(target))
+    elif spec.family != "fp":
+        raise ValueError(f"no baseline implements family {spec.family!r}")
+    return QuantResult(policy=policy, spec=spec, memory=weight_memory(policy, names), info=info,
+                       seconds=time.perf_counter() - start)

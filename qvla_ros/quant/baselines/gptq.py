@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2022), weight-only, per output channel, on the project's RTN grid.
+
+Each Linear is quantized one input column at a time; the rounding error of a column is spread
+over the columns not yet quantized through the inverse Hessian of the layer objective
+||W X - Q(W) X||^2 (H = X X^T / n from the calibration inputs). Layers are handled in forward
+order, one group of Linears sharing an input per calibration pass, so each layer is calibrated on
+the inputs that the already-quantized layers before it produce (as in the paper).
+
+Storage: the per-row grid (scale, zero) comes from the row's min/max through the project's one
+RTN quantizer, and each row's min and max entries are pinned to the extreme codes. The result is
+therefore a weight matrix whose rows the packer's own min/max RTN reproduces exactly, so GPTQ
+weights pack into MixedBitLinear with no separate storage format.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..quantizer import check_bits, dequantize_rows, quantize_rows
+from .calibration import check_batches, collect_input_stats, forward_order
+
+
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *,
+                         damp: float = 0.01, block: int = 128, act_order: bool = True
+                         ) -> torch.Tensor:
+    """GPTQ-quantized copy of `weight` [N, K] (dequantized, float32) for input Hessian [K, K].
+
+    damp: fraction of the mean Hessian diagonal added to it (numerical stability, paper: 1%).
+    act_order: quantize columns in order of decreasing Hessian diagonal (the paper's
+    "desc_act"); with one grid per row the order changes no storage.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"GPTQ needs weight [N, K] and Hessian [K, K], got {tuple(weight.shape)} "
+                         f"and {tuple(hessian.shape)}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp must be in [0, 1), got {damp}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    n, k = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    bits = check_bits(bits, (2, 3, 4, 8))
+    _, scale, zero = quantize_rows(w, bits)
+    s32, z32 = scale.float(), zero.float()
+    maxq = 2 ** bits - 1
+    # Each row's min and max entries are pinned to codes 0 and maxq (where they bound the range:
+    # the grid always holds 0), so the packer's min/max recomputes exactly this grid.
+    pin_lo = torch.where(zero > 0, w.argmin(dim=1), torch.full((n,), -1))
+    pin_hi = torch.where(zero < maxq, w.argmax(dim=1), torch.full((n,), -1))
+
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k)
+    inv_perm = torch.argsort(perm)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    pos_lo = torch.where(pin_lo >= 0, inv_perm[pin_lo.clamp(min=0)], pin_lo)
+    pos_hi = torch.where(pin_hi >= 0, inv_perm[pin_hi.clamp(min=0)], pin_hi)
+
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    hinv = _upper_cholesky_of_inverse(h).float()
+
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            d = hinv1[i, i]
+            # The quantizer's grid rule with this row's fixed (scale, zero).
+            codes = torch.clamp(torch.round(col / s32) + z32, 0, maxq)
+            codes = torch.where(pos_lo == i1 + i, torch.zeros_like(codes), codes)
+            codes = torch.where(pos_hi == i1 + i, torch.full_like(codes, maxq), codes)
+            q = dequantize_rows(codes.unsqueeze(1), scale, zero).squeeze(1)
+            q_all[:, i1 + i] = q
+            e = (col - q) / d
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q_all[:, inv_perm]
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, adding damping until H is numerically positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    extra = 0.0
+    base = float(torch.mean(torch.diag(h)))
+    for _ in range(8):
+        try:
+            lower = torch.linalg.cholesky(h + extra * eye)
+            hinv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            extra = base * 0.01 if extra == 0 else extra * 10
+    raise ValueError("GPTQ: the calibration Hessian is not positive definite even with damping; "
+                     "use more calibration frames")
+
+
+def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer output error GPTQ minimises, for H = X X^T / n."""
+    d = (weight.float() - quantized.float()).double()
+    return float(torch.einsum("nk,kl,nl->", d, hessian.double(), d))
+
+
+@torch.no_grad()
+def apply_gptq(policy: nn.Module, modules: Mapping[str, nn.Linear], batches: Sequence[Mapping],
+               bits: int, *, damp: float = 0.01, act_order: bool = True,
+               progress: bool = True) -> dict[str, float]:
+    """Replace each Linear's weight in `modules` by its GPTQ-quantized values (still dense).
+
+    The caller then packs them with the all-`bits` plan; the grid is the packer's own, so packing
+    adds no further error. Returns each layer's relative objective error (for reporting).
+    """
+    batches = check_batches(batches)
+    groups, calls = forward_order(policy, modules, batches[0])
+    rel_err: dict[str, float] = {}
+    for group in tqdm(groups, desc=f"GPTQ W{bits}", disable=not progress, leave=False):
+        stats = collect_input_stats(policy, {group[0]: modules[group[0]]}, batches, hessian=True,
+                                    stop_after_calls=calls[group[0]])
+        h = stats[group[0]].h
+        for name in group:
+            lin = modules[name]
+            q = gptq_quantize_weight(lin.weight, h, bits, damp=damp, act_order=act_order)
+            base = layer_objective(lin.weight, torch.zeros_like(lin.weight), h)
+            rel_err[name] = layer_objective(lin.weight, q, h) / max(base, 1e-30)
+            lin.weight.copy_(q.to(lin.weight.dtype))
+    return rel_err
+

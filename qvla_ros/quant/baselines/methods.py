@@ -1,0 +1,135 @@
+"""Method names for `qvla compare` and the baselines' API, parsed into `MethodSpec`s.
+
+    fp                  the unquantized policy (weights counted as bfloat16: the 100% row)
+    rtn-w{8,4,3,2}      round-to-nearest, one (scale, zero) per output channel (MixedBitLinear)
+    rtn-g{G}-w{4,3,2}   round-to-nearest, one (scale, zero) per G inputs of a row (G = 128, 64, ...)
+    sq-w{8,4}a8         SmoothQuant, per-channel weights, per-token dynamic int8 activations
+    gptq-w{4,3}         GPTQ, weight-only, per channel
+    awq-w{4,3}          AWQ-style scale + clip search, weight-only, per channel
+    qvla@METHOD         QVLA weight-only at METHOD's measured bits/param
+    qvla-a8@METHOD      QVLA with 8-bit activations at METHOD's measured bits/param
+    qvla-b{X}, qvla-a8-b{X}   QVLA at a budget of X bits/param (e.g. qvla-b4.25)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+FAMILIES = ("fp", "rtn", "rtn-group", "smoothquant", "gptq", "awq", "qvla")
+
+#: what `qvla compare` runs when --methods is not given
+DEFAULT_METHODS = (
+    "fp", "rtn-w8", "rtn-w4", "rtn-w3", "rtn-w2", "rtn-g128-w4", "rtn-g128-w3", "rtn-g128-w2",
+    "sq-w8a8", "sq-w4a8", "gptq-w4", "gptq-w3", "awq-w4", "awq-w3",
+    "qvla@rtn-w4", "qvla@rtn-w3", "qvla@rtn-w2", "qvla@gptq-w4", "qvla@gptq-w3",
+    "qvla-a8@sq-w8a8", "qvla-a8@sq-w4a8",
+)
+
+_RTN = re.compile(r"rtn-w(\d+)")
+_GROUP = re.compile(r"rtn-g(\d+)-w(\d+)")
+_SQ = re.compile(r"sq-w(\d+)a8")
+_GPTQ = re.compile(r"gptq-w(\d+)")
+_AWQ = re.compile(r"awq-w(\d+)")
+_QVLA_MATCH = re.compile(r"qvla(-a8)?@(.+)")
+_QVLA_BUDGET = re.compile(r"qvla(-a8)?-b(\d+(?:\.\d+)?)")
+
+
+class MethodError(ValueError):
+    """A method name `qvla compare` does not know, or one with unsupported settings."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One quantization method with its settings.
+
+    Args:
+        name: canonical name (the grammar in the module docstring).
+        family: one of FAMILIES.
+        wbits: weight bits (None for fp and QVLA, whose widths vary per channel).
+        abits: activation bits, 16 or 8.
+        group_size: inputs per (scale, zero) for rtn-group.
+        match: for QVLA, the method whose measured bits/param is the budget.
+        budget: for QVLA, an explicit budget in bits/param.
+    """
+
+    name: str
+    family: str
+    wbits: int | None = None
+    abits: int = 16
+    group_size: int | None = None
+    match: str | None = None
+    budget: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """The line a point belongs to in the comparison plot (a method across its bit-widths)."""
+        if self.family == "rtn-group":
+            return f"RTN group {self.group_size}"
+        if self.family == "qvla":
+            return "QVLA W+A8" if self.abits == 8 else "QVLA"
+        return {"fp": "fp", "rtn": "RTN per-channel", "smoothquant": "SmoothQuant (A8)",
+                "gptq": "GPTQ", "awq": "AWQ"}[self.family]
+
+
+def _wbits(name: str, bits: str, allowed: tuple[int, ...]) -> int:
+    value = int(bits)
+    if value not in allowed:
+        raise MethodError(f"{name}: weight bits must be one of {list(allowed)}, got {value}")
+    return value
+
+
+def parse_method(name: str) -> MethodSpec:
+    """The MethodSpec for a method name; MethodError naming the accepted forms otherwise."""
+    if not isinstance(name, str):
+        raise MethodError(f"a method name is a string, got {type(name).__name__}")
+    text = name.strip().lower()
+    if text in ("fp", "bf16", "fp32"):
+        return MethodSpec("fp", "fp")
+    if m := _RTN.fullmatch(text):
+        return MethodSpec(text, "rtn", wbits=_wbits(text, m[1], (8, 4, 3, 2)))
+    if m := _GROUP.fullmatch(text):
+        group = int(m[1])
+        if group <= 0 or group % 8:
+            raise MethodError(f"{text}: group size must be a positive multiple of 8, got {group}")
+        return MethodSpec(text, "rtn-group", wbits=_wbits(text, m[2], (8, 4, 3, 2)), group_size=group)
+    if m := _SQ.fullmatch(text):
+        return MethodSpec(text, "smoothquant", wbits=_wbits(text, m[1], (8, 4)), abits=8)
+    if m := _GPTQ.fullmatch(text):
+        return MethodSpec(text, "gptq", wbits=_wbits(text, m[1], (8, 4, 3, 2)))
+    if m := _AWQ.fullmatch(text):
+        return MethodSpec(text, "awq", wbits=_wbits(text, m[1], (8, 4, 3, 2)))
+    if m := _QVLA_BUDGET.fullmatch(text):
+        budget = float(m[2])
+        if not 0 < budget <= 16:
+            raise MethodError(f"{text}: a budget is in (0, 16] bits/param, got {budget}")
+        return MethodSpec(text, "qvla", abits=8 if m[1] else 16, budget=budget)
+    if m := _QVLA_MATCH.fullmatch(text):
+        target = parse_method(m[2])
+        if target.family in ("qvla", "fp"):
+            raise MethodError(f"{text}: QVLA matches the memory of a baseline, not of {target.name}")
+        return MethodSpec(f"qvla{m[1] or ''}@{target.name}", "qvla", abits=8 if m[1] else 16,
+                          match=target.name)
+    raise MethodError(f"unknown method {name!r}; known forms: fp, rtn-w{{8,4,3,2}}, "
+                      f"rtn-g{{G}}-w{{4,3,2}}, sq-w{{8,4}}a8, gptq-w{{4,3}}, awq-w{{4,3}}, "
+                      f"qvla@METHOD, qvla-a8@METHOD, qvla-b{{X}}, qvla-a8-b{{X}}")
+
+
+def resolve_order(names: list[str]) -> list[MethodSpec]:
+    """Parsed methods, each QVLA run after the baseline it matches (added if not listed)."""
+    specs: list[MethodSpec] = []
+    seen: set[str] = set()
+
+    def add(spec: MethodSpec) -> None:
+        if spec.name in seen:
+            return
+        if spec.match:
+            add(parse_method(spec.match))
+        seen.add(spec.name)
+        specs.append(spec)
+
+    for name in names:
+        add(parse_method(name))
+    return specs
