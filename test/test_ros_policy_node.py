@@ -81,6 +81,26 @@ def start_policy_node(ros_env, **overrides) -> NodeProcess:
     return proc
 
 
+def list_parameters(feeder) -> set[str]:
+    from rcl_interfaces.srv import ListParameters
+
+    client = feeder.create_client(ListParameters, "/qvla_policy_node/list_parameters")
+    assert client.wait_for_service(timeout_sec=30)
+    future = client.call_async(ListParameters.Request())
+    deadline = time.monotonic() + 30
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    names = set(future.result().result.names)
+    return names - {"use_sim_time", "start_type_description_service"}
+
+
+def yaml_parameters(file: str, node: str) -> set[str]:
+    import yaml
+
+    doc = yaml.safe_load(open(config_file(file)).read())
+    return set(doc[f"/**/{node}"]["ros__parameters"])
+
+
 def assert_no_new_chunk(feeder, count: int, wait: float = 0.3) -> None:
     time.sleep(wait)
     assert len(feeder.received) == count, [r.chunk for r in feeder.received[count:]]
@@ -96,6 +116,9 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
     node = start_policy_node(ros_env, checkpoint=micro["checkpoint"], diagnostics_period=0.2)
     try:
         feeder.wait_for_policy_node()
+        # The parameter file sets exactly the parameters the node declares (no typo is ignored).
+        declared = list_parameters(feeder)
+        assert declared == yaml_parameters("policy_node.yaml", "qvla_policy_node")
         images, proprio = micro["images"], micro["proprio"]
 
         # No instruction yet: the frame is dropped, with a line naming the topic.

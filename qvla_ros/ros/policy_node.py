@@ -87,6 +87,9 @@ class PolicyNode(Node):
         self.get_logger().info(
             f"loading {p('checkpoint').value or 'the shipped policy'} with "
             f"{plan or 'no plan (full precision)'} on {p('device').value}")
+        if p("torch_threads").value:
+            import torch
+            torch.set_num_threads(p("torch_threads").value)
         self.server = PolicyServer(checkpoint=paths.resolve(p("checkpoint").value),
                                    device=p("device").value, plan_path=plan)
         cfg = self.server.config
@@ -147,6 +150,10 @@ class PolicyNode(Node):
             "BitPlan file to serve; empty = full precision. Setting it reloads the plan."))
         self.declare_parameter("device", "cpu", d("torch device: cpu, cuda, cuda:N",
                                                   read_only=True))
+        self.declare_parameter("torch_threads", 0, d(
+            "CPU threads of the policy forward; 0 = torch's default (one per core). On a robot "
+            "computer shared with other busy processes, fewer threads avoid stalls",
+            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=256, step=1)]))
         self.declare_parameter("trigger", "image", d(
             "'image': a forward for each new image; 'rate': at most rate_hz forwards a second on "
             "the newest image"))
@@ -181,7 +188,7 @@ class PolicyNode(Node):
             "seconds between diagnostics messages", read_only=True,
             floating_point_range=[FloatingPointRange(from_value=0.05, to_value=3600.0)]))
         self._declared = {name: self.get_parameter_or(name, Parameter(name)) for name in (
-            "checkpoint", "plan", "device", "trigger", "rate_hz", "image_qos", "image_qos_depth",
+            "checkpoint", "plan", "device", "torch_threads", "trigger", "rate_hz", "image_qos", "image_qos_depth",
             "expected_encodings", "image_height", "image_width", "proprio_names",
             "sync_tolerance", "sync_timeout", "diagnostics_period")}
 
