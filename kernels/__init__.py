@@ -1,1 +1,19 @@
-"""Mixed-bit GEMM kernels for QVLA's quantized Linear (imported as qvla_ros.kernels)."""
+"""Mixed-bit GEMM kernels for QVLA's quantized Linear (imported as qvla_ros.kernels).
+
+    weights = prepare_packed(packed_weight, device="cuda")   # once per layer (kernel layout)
+    y = mixed_bit_linear(x, weights, bias, act_bits=16 | 8)  # every forward
+
+On CUDA tensors the layer is one Triton launch over all its bit groups (plus one for the int8
+activations when act_bits=8); on CPU tensors the same arithmetic runs in plain torch. Triton is
+imported only when a CUDA tensor arrives, so this package imports on machines without it.
+"""
+from .layout import KernelWeights, prepare_groups, prepare_packed
+from .ops import (GemmConfig, launch_mixed_gemm, mixed_bit_linear, override_configs, pick_config,
+                  quantize_activations, triton_available)
+from .reference import mixed_bit_linear_reference, quantize_activations_reference
+
+__all__ = [
+    "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "launch_mixed_gemm", "mixed_bit_linear",
+    "override_configs", "pick_config", "quantize_activations", "triton_available",
+    "mixed_bit_linear_reference", "quantize_activations_reference",
+]

@@ -1,0 +1,229 @@
+"""The mixed-bit Linear as a torch operator: Triton on CUDA tensors, the plain-torch model on CPU.
+
+`torch.ops.qvla.mixed_bit_linear` is registered with torch.library.custom_op and a fake (meta)
+implementation, so it works under torch.compile and CUDA-graph capture. `mixed_bit_linear(x,
+weights, bias, act_bits)` is the call MixedBitLinear makes; `weights` is a KernelWeights built once
+with `prepare_packed` (layout.py).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from .layout import KernelWeights
+from .reference import check_act_bits, mixed_bit_linear_reference, quantize_activations_reference
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Triton imports (it ships with torch's CUDA wheels; CPU-only installs usually lack it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch options of the grouped GEMM.
+
+    Args:
+        bm: tokens per program (1 selects the FMA path for a single token).
+        bn: packed rows per program (rows of one width).
+        wb: 32-bit weight words per row per loop step (a multiple of 32); a step covers
+            wb * 32 / bits input features (so more for narrow widths).
+        kstep: 0 = one tensor-core product per field of the loaded words (keeps decoded weights in
+            registers: small tiles); > 0 = decode kstep features of each row into one tile and make
+            one product per step (large wgmma tiles). A power of two, 64..512.
+        bk16: input features per step for the dense 16-bit rows.
+        num_warps, num_stages: Triton launch options.
+        use_dot: tensor-core products (needs bm >= 16); False: FMA, bm must be 1.
+        decode_f32: decode bfloat16 weights through float32 (one conversion per element) instead of
+            bfloat16 arithmetic; also what the Triton interpreter needs (it has no bf16 arithmetic).
+    """
+    bm: int
+    bn: int
+    wb: int = 32
+    kstep: int = 0
+    bk16: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    use_dot: bool = True
+    decode_f32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.wb % 32 or self.wb <= 0:
+            raise ValueError(f"wb must be a positive multiple of 32, got {self.wb}")
+        if self.kstep and (self.kstep not in (64, 128, 256, 512) or not self.use_dot):
+            raise ValueError(f"kstep must be 0 or one of 64..512 (a power of two) with use_dot, got {self.kstep}")
+        if self.use_dot and self.bm < 16:
+            raise ValueError(f"tensor-core tiles need bm >= 16, got {self.bm}")
+        if not self.use_dot and self.bm != 1:
+            raise ValueError(f"the FMA path computes one token per program (bm=1), got bm={self.bm}")
+
+
+#: chosen per number of tokens M and activation width; `override_configs` replaces entries
+_CONFIGS: dict[tuple[str, int], GemmConfig] = {
+    ("m1", 16): GemmConfig(bm=1, bn=16, num_warps=2, num_stages=2, use_dot=False),
+    ("m16", 16): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
+    ("m64", 16): GemmConfig(bm=64, bn=64, num_warps=4, num_stages=2),
+    ("large", 16): GemmConfig(bm=128, bn=128, bk16=64, num_warps=8, num_stages=2),
+    ("m1", 8): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
+    ("m16", 8): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
+    ("m64", 8): GemmConfig(bm=64, bn=64, num_warps=4, num_stages=2),
+    ("large", 8): GemmConfig(bm=128, bn=128, bk16=64, num_warps=8, num_stages=2),
+}
+
+
+def bucket(m: int) -> str:
+    if m <= 1:
+        return "m1"
+    if m <= 16:
+        return "m16"
+    if m <= 64:
+        return "m64"
+    return "large"
+
+
+def pick_config(m: int, act_bits: int) -> GemmConfig:
+    return _CONFIGS[(bucket(m), act_bits)]
+
+
+def override_configs(configs: dict[tuple[str, int], GemmConfig]) -> None:
+    """Replace tile choices (keys: (bucket name, act_bits)), e.g. with the benchmark's best."""
+    for key, cfg in configs.items():
+        if key not in _CONFIGS:
+            raise ValueError(f"unknown config key {key!r}; known: {sorted(_CONFIGS)}")
+        _CONFIGS[key] = cfg
+
+
+# ---- launches ------------------------------------------------------------------------------------
+
+def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations of x2d [M, K]: (codes int8 [M, K], scale float32 [M], sum int32 [M])."""
+    if x2d.dim() != 2:
+        raise ValueError(f"expected a 2-D activation [tokens, features], got shape {tuple(x2d.shape)}")
+    if not ((x2d.is_cuda or _interpreting()) and triton_available()):
+        return quantize_activations_reference(x2d)
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .triton_gemm import act_quant_kernel
+    x2d = x2d.contiguous()
+    m, k = x2d.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
+    xscale = torch.empty(m, dtype=torch.float32, device=x2d.device)
+    xsum = torch.empty(m, dtype=torch.int32, device=x2d.device)
+    if m:
+        act_quant_kernel[(m,)](x2d, xq, xscale, xsum, k, x2d.stride(0), BLOCK=1024, num_warps=4)
+    return xq, xscale, xsum
+
+
+def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                      act_bits: int, xscale: torch.Tensor | None = None, xsum: torch.Tensor | None = None,
+                      config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of the grouped GEMM over all groups of the layer; returns y [M, N] in out_dtype.
+
+    x_in: [M, K] bf16/fp16 (act_bits=16), or int8 codes with xscale/xsum (act_bits=8).
+    out: optional [M, N] contiguous tensor of out_dtype to write (every element is written).
+    """
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .triton_gemm import mixed_gemm_kernel
+    m, k = x_in.shape
+    cfg = config or pick_config(m, act_bits)
+    a8 = act_bits == 8
+    if a8 and not cfg.use_dot:
+        raise ValueError("the 8-bit-activation path needs a tensor-core config (use_dot=True)")
+    if out is None:
+        y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x_in.device)
+    elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape ({m}, {kw.out_features})")
+    else:
+        y = out
+    if m == 0:
+        return y
+    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows)
+    grid = (tiles * -(-m // cfg.bm),)
+    dummy = kw.scale
+    mixed_gemm_kernel[grid](
+        x_in, xscale if a8 else dummy, xsum if a8 else dummy, kw.qwords, kw.qwords.view(torch.int16), kw.w16,
+        kw.scale, kw.zero, kw.out_index, kw.meta, bias if bias is not None else dummy, y,
+        m, k, x_in.stride(0), y.stride(0), int(bias is not None),
+        A8=a8, ZERO_FOLD=not kw.integer_zero,
+        X_FP16=(not a8) and x_in.dtype == torch.float16, USE_DOT=cfg.use_dot,
+        DECODE_F32=cfg.decode_f32 or _interpreting(),
+        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def _weights_from(qwords, w16, scale, zero, out_index, meta, group_rows, out_features, in_features,
+                  integer_zero) -> KernelWeights:
+    return KernelWeights(int(out_features), int(in_features), qwords, w16, scale, zero, out_index, meta,
+                         tuple(int(r) for r in group_rows), bool(integer_zero))
+
+
+@torch.library.custom_op("qvla::mixed_bit_linear", mutates_args=())
+def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor, out_index: torch.Tensor, meta: torch.Tensor,
+                        bias: Optional[torch.Tensor], group_rows: List[int], out_features: int,
+                        act_bits: int, integer_zero: bool) -> torch.Tensor:
+    """y [..., N] = x W^T + bias for a layer in the kernel layout (see kernels/layout.py)."""
+    kw = _weights_from(qwords, w16, scale, zero, out_index, meta, group_rows, out_features, x.shape[-1],
+                       integer_zero)
+    if not (x.is_cuda and triton_available()):
+        return mixed_bit_linear_reference(x, kw, bias, act_bits)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if act_bits == 8:
+        xq, xscale, xsum = quantize_activations(x2)
+        y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
+    else:
+        y = launch_mixed_gemm(x2, kw, bias, x.dtype, 16)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@mixed_bit_linear_op.register_fake
+def _mixed_bit_linear_fake(x, qwords, w16, scale, zero, out_index, meta, bias, group_rows, out_features,
+                           act_bits, integer_zero):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor | None = None,
+                     act_bits: int = 16) -> torch.Tensor:
+    """y = x W^T + bias for a mixed-bit layer (weights from prepare_packed, on x's device).
+
+    CUDA: one Triton launch (two with act_bits=8: the activation quantization, then the GEMM) for
+    bfloat16/float16 inputs; float32 inputs run in bfloat16 and come back as float32. CPU: the
+    plain-torch model of the same arithmetic (kernels/reference.py).
+    """
+    act_bits = check_act_bits(act_bits)
+    if not isinstance(weights, KernelWeights):
+        raise TypeError(f"weights must be a KernelWeights (see prepare_packed), got {type(weights).__name__}")
+    if x.shape[-1] != weights.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {weights.in_features}")
+    if x.device != weights.device:
+        raise ValueError(f"input on {x.device} but the layer's weights on {weights.device}")
+    if not x.is_floating_point():
+        raise ValueError(f"input must be floating point, got {x.dtype}")
+    if bias is not None and bias.shape != (weights.out_features,):
+        raise ValueError(f"bias must have shape ({weights.out_features},), got {tuple(bias.shape)}")
+    run_dtype = x.dtype
+    if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
+        run_dtype = torch.bfloat16
+    y = torch.ops.qvla.mixed_bit_linear(
+        x.to(run_dtype), weights.qwords, weights.w16, weights.scale, weights.zero, weights.out_index,
+        weights.meta, None if bias is None else bias.to(torch.float32), list(weights.group_rows),
+        weights.out_features, act_bits, weights.integer_zero)
+    return y.to(x.dtype)

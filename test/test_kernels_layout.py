@@ -1,0 +1,157 @@
+"""The kernels' layout and arithmetic on the CPU: kernel words vs. the contract layout, the plain-torch
+model of the kernels vs. the quant module's oracle, the custom op's CPU and fake paths, bad input."""
+import pytest
+import torch
+
+from qvla_ros.kernels import (KernelWeights, mixed_bit_linear, mixed_bit_linear_reference, prepare_packed,
+                              quantize_activations_reference)
+from qvla_ros.kernels.layout import codes_to_words, unpack_contract_codes, words_to_codes
+from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, oracle, random_packed
+from qvla_ros.quant.mixed_linear import MixedBitLinear
+from qvla_ros.quant.packing import pack_codes, unpack_codes
+from qvla_ros.quant.quantizer import fake_quantize_activations
+
+
+def rel_err(y, ref):
+    return float((y.to(torch.float64) - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [8, 296, 512, 1000])
+def test_kernel_words_round_trip_and_match_the_contract(bits, k):
+    gen = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2 ** bits, (5, k), generator=gen, dtype=torch.uint8)
+    low, high = codes_to_words(codes, bits)
+    assert low.dtype == torch.int32 and (high is None) == (bits != 3)
+    assert torch.equal(words_to_codes(low, high, bits, k), codes)
+    # the kernels' own reader of the contract layout agrees with the quant module's packer
+    qweight, qweight_hi = pack_codes(codes, bits) if k % 8 == 0 else (None, None)
+    if qweight is not None:
+        assert torch.equal(unpack_contract_codes(qweight, qweight_hi, bits, k), codes)
+        assert torch.equal(unpack_codes(qweight, qweight_hi, bits, k), codes)
+
+
+def test_field_i_of_a_word_holds_feature_kb_kb_plus_i_times_32_plus_j():
+    # 4 bits: 8 fields per word, K-blocks of 256 features
+    codes = (torch.arange(512) % 16).to(torch.uint8)[None, :]
+    words, _ = codes_to_words(codes, 4)
+    kb, j, i = 1, 5, 3
+    field = (int(words[0, kb * 32 + j]) >> (4 * i)) & 15
+    assert field == int(codes[0, kb * 256 + i * 32 + j])
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_prepare_keeps_every_code_and_names_every_channel_once(mix):
+    n, k = 192, 200
+    packed, _ = random_packed(n, k, mix_counts(n, MIXES[mix]), seed=1)
+    kw = prepare_packed(packed)
+    assert isinstance(kw, KernelWeights)
+    assert sorted(kw.out_index.tolist()) == list(range(n))
+    assert torch.equal(kw.out_index[:kw.kept_rows], packed.row_index)
+    for g in packed.groups:
+        if g.bits != 16:
+            assert torch.equal(kw.group_codes(g.bits), g.codes())
+    assert kw.integer_zero
+
+
+def test_mix_averages_are_what_their_names_say():
+    for name, target in (("avg8", 8), ("avg4", 4), ("avg3", 3)):
+        assert abs(average_bits(mix_counts(4096, MIXES[name])) - target) < 0.15
+
+
+CASES = [  # (name, out_features, in_features, counts)
+    ("every-width-and-pruned", 96, 300, {16: 16, 8: 16, 4: 16, 3: 16, 2: 16, 0: 16}),
+    ("all-4-bit", 64, 256, {4: 64}),
+    ("all-3-bit-odd-k", 48, 1000, {3: 48}),
+    ("all-16-bit", 32, 72, {16: 32}),
+    ("all-pruned", 32, 64, {0: 32}),
+    ("fewer-rows-than-a-tile", 7, 40, {8: 3, 2: 4}),
+]
+
+
+@pytest.mark.parametrize("name,n,k,counts", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_reference_matches_the_oracle(name, n, k, counts, act_bits, with_bias):
+    packed, _ = random_packed(n, k, counts, seed=n + k)
+    kw = prepare_packed(packed)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    y = mixed_bit_linear_reference(x, kw, bias, act_bits)
+    assert y.shape == (2, 3, n)
+    ref = oracle(x.reshape(-1, k), packed, bias, act_bits).reshape(2, 3, n)
+    if name == "all-pruned" and not with_bias:
+        assert torch.equal(y, torch.zeros_like(y))
+    else:
+        assert rel_err(y, ref) < 1e-5
+
+
+def test_fractional_zero_points_are_honoured():
+    packed, _ = random_packed(64, 100, {8: 16, 4: 32, 2: 16}, seed=3, fractional_zero=True)
+    kw = prepare_packed(packed)
+    assert not kw.integer_zero
+    x = torch.randn(4, 100)
+    for act_bits in (16, 8):
+        assert rel_err(mixed_bit_linear_reference(x, kw, None, act_bits), oracle(x, packed, None, act_bits)) < 1e-5
+
+
+def test_activation_codes_match_fake_quantization():
+    x = torch.randn(6, 333) * torch.logspace(-3, 2, 6)[:, None]
+    codes, scale, total = quantize_activations_reference(x)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 127
+    assert torch.equal(total, codes.to(torch.int32).sum(-1))
+    torch.testing.assert_close(codes.float() * scale[:, None], fake_quantize_activations(x, 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_custom_op_on_cpu_follows_mixed_bit_linear_module(act_bits):
+    """The call MixedBitLinear makes on CUDA, run here on CPU, equals the module's own forward."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(120, 80)
+    bits = torch.tensor([16] * 16 + [8] * 16 + [4] * 16 + [3] * 16 + [0] * 16)[torch.randperm(80)]
+    module = MixedBitLinear.from_linear(linear, bits, act_bits=act_bits)
+    kw = prepare_packed(module.packed_weight())
+    x = torch.randn(3, 120)
+    y = mixed_bit_linear(x, kw, module.bias, act_bits=act_bits)
+    assert rel_err(y, module(x).to(torch.float64)) < 1e-5
+
+
+def test_fake_implementation_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    packed, _ = random_packed(48, 64, {4: 32, 0: 16}, seed=5)
+    kw = prepare_packed(packed)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = mode.from_tensor(torch.randn(5, 7, 64, dtype=torch.bfloat16))
+        y = torch.ops.qvla.mixed_bit_linear(x, kw.qwords, kw.w16, kw.scale, kw.zero, kw.out_index, kw.meta,
+                                            None, list(kw.group_rows), kw.out_features, 16, kw.integer_zero)
+    assert y.shape == (5, 7, 48) and y.dtype == torch.bfloat16
+
+
+def test_bad_input_is_named():
+    packed, _ = random_packed(32, 64, {4: 32}, seed=0)
+    kw = prepare_packed(packed)
+    with pytest.raises(ValueError, match="features"):
+        mixed_bit_linear(torch.randn(2, 63), kw)
+    with pytest.raises(ValueError, match="act_bits"):
+        mixed_bit_linear(torch.randn(2, 64), kw, act_bits=4)
+    with pytest.raises(ValueError, match="bias"):
+        mixed_bit_linear(torch.randn(2, 64), kw, bias=torch.zeros(31))
+    with pytest.raises(TypeError, match="KernelWeights"):
+        mixed_bit_linear(torch.randn(2, 64), packed)
+    with pytest.raises(ValueError, match="floating"):
+        mixed_bit_linear(torch.ones(2, 64, dtype=torch.int32), kw)
+
+
+def test_prepare_rejects_inconsistent_layers():
+    packed, _ = random_packed(32, 64, {8: 16, 2: 16}, seed=0)
+    bad_index = packed.row_index.clone()
+    bad_index[1] = bad_index[0]
+    with pytest.raises(ValueError, match="twice"):
+        prepare_packed(type(packed)(packed.out_features, packed.in_features, bad_index, packed.groups))
+    with pytest.raises(ValueError, match="order"):
+        prepare_packed(type(packed)(packed.out_features, packed.in_features, packed.row_index,
+                                    packed.groups[::-1]))
+    with pytest.raises(ValueError, match="outside"):
+        prepare_packed(type(packed)(16, packed.in_features, packed.row_index, packed.groups))
