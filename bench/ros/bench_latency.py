@@ -169,7 +169,8 @@ def main() -> int:
         if (default_checkpoint_dir() / "model.safetensors").is_file():
             label = "shipped tiny policy"
         else:
-            checkpoint = str(args.out / "random_tiny")
+            import tempfile
+            checkpoint = str(Path(tempfile.mkdtemp(prefix="qvla_bench_")) / "random_tiny")
             make_policy("tiny", seed=0).save_pretrained(checkpoint)
             label = "random-weight tiny policy (none shipped yet)"
     env = dict(os.environ)
@@ -199,7 +200,7 @@ def main() -> int:
             runs.append(run)
     finally:
         rclpy.try_shutdown()
-    results = {"policy": label, "checkpoint": checkpoint or "shipped", "cpu": cpu_model(),
+    results = {"policy": label, "checkpoint": args.checkpoint or label, "cpu": cpu_model(),
                "cores": os.cpu_count(), "load_average_after": os.getloadavg(),
                "frames": args.frames, "torch_threads": args.torch_threads or os.cpu_count(), "image": f"{cfg.n_cams} x {cfg.image_size}x{cfg.image_size} rgb8",
                "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
