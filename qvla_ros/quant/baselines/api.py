@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..mixed_linear import MixedBitLinear
+from ..api import quantize_
+from ..plan import BitPlan, plan_from_bits
 from ..targets import quantizable_linears
 from .awq import apply_awq
 from .calibration import check_batches
@@ -35,15 +36,19 @@ class QuantResult:
     spec: MethodSpec
     memory: WeightMemory
     info: dict = field(default_factory=dict)
+    plan: BitPlan | None = None  # the per-channel plan, for methods stored as MixedBitLinear
     seconds: float = 0.0
 
 
-def pack_per_channel(policy: nn.Module, names: Sequence[str], wbits: int, abits: int = 16) -> None:
-    """Every named Linear -> MixedBitLinear with all rows at `wbits` (the uniform BitPlan)."""
-    for name in names:
-        lin = policy.get_submodule(name)
-        set_submodule(policy, name, MixedBitLinear.from_linear(lin, [wbits] * lin.out_features,
-                                                               act_bits=abits))
+def pack_per_channel(policy: nn.Module, names: Sequence[str], wbits: int, abits: int = 16,
+                     method: str | None = None) -> BitPlan:
+    """Every named Linear -> MixedBitLinear with all rows at `wbits`: the uniform BitPlan, applied
+    by the QVLA core's quantize_. Returns the plan (its id names the packed weights)."""
+    plan = plan_from_bits(policy, {n: wbits for n in names}, act_bits=abits,
+                          budget_bits_per_param=None,
+                          provenance={"method": method or f"uniform W{wbits}A{abits}"})
+    quantize_(policy, plan)
+    return plan
 
 
 def pack_group_wise(policy: nn.Module, names: Sequence[str], wbits: int, group_size: int) -> None:
@@ -67,7 +72,8 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
     alphas: SmoothQuant's alpha candidates (the one with the lowest calibration action error wins).
     awq_grid: points of AWQ's scale-exponent and clip-ratio searches (the paper: 20).
     budget: bits/param for QVLA methods that match another method's memory (the caller measured it).
-    qvla: runs QVLA (calibrate, allocate, quantize_) on the policy at a budget; see qvla_match.py.
+    qvla: runs QVLA (calibrate, allocate, quantize_) on the policy at a budget and returns its info
+        dict, with the applied BitPlan under "plan"; see qvla_match.py.
     """
     spec = parse_method(method) if isinstance(method, str) else method
     names = list(names) if names is not None else list(quantizable_linears(policy))
@@ -75,24 +81,28 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
         batches = check_batches(batches)
     start = time.perf_counter()
     info: dict = {}
+    plan: BitPlan | None = None
     if spec.family == "rtn":
-        pack_per_channel(policy, names, spec.wbits)
+        plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
     elif spec.family == "rtn-group":
         pack_group_wise(policy, names, spec.wbits, spec.group_size)
     elif spec.family == "smoothquant":
-        info = apply_smoothquant(policy, names, batches,
-                                 lambda p: pack_per_channel(p, names, spec.wbits, spec.abits),
-                                 alphas=alphas, progress=progress)
+        plans: list[BitPlan] = []
+        info = apply_smoothquant(
+            policy, names, batches,
+            lambda p: plans.append(pack_per_channel(p, names, spec.wbits, spec.abits, method=spec.name)),
+            alphas=alphas, progress=progress)
+        plan = plans[-1]
     elif spec.family == "gptq":
         modules = {n: policy.get_submodule(n) for n in names}
         rel = apply_gptq(policy, modules, batches, spec.wbits, progress=progress)
         info = {"mean_relative_layer_error": sum(rel.values()) / len(rel)}
-        pack_per_channel(policy, names, spec.wbits)
+        plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
     elif spec.family == "awq":
         modules = {n: policy.get_submodule(n) for n in names}
         scales, alpha_by_group = apply_awq(policy, modules, batches, spec.wbits, grid=awq_grid,
                                                 progress=progress)
-        pack_per_channel(policy, names, spec.wbits)
+        plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
         wrap_input_scales(policy, scales)
         info = {"alphas": alpha_by_group, "explicit_input_scales": len(scales)}
     elif spec.family == "qvla":
@@ -102,8 +112,9 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
                              f"measured memory)")
         if qvla is None:
             raise ValueError(f"{spec.name}: pass `qvla`, the QVLA runner (see qvla_match.py)")
-        info = qvla(policy, batches, spec, float(target))
+        info = dict(qvla(policy, batches, spec, float(target)))
+        plan = info.pop("plan", None)
     elif spec.family != "fp":
         raise ValueError(f"no baseline implements family {spec.family!r}")
     return QuantResult(policy=policy, spec=spec, memory=weight_memory(policy, names), info=info,
-                       seconds=time.perf_counter() - start)
+                       plan=plan, seconds=time.perf_counter() - start)

@@ -17,8 +17,24 @@ from torch import nn
 BATCH_KEYS = ("images", "instruction", "proprio")
 
 
-def check_batches(batches: Sequence[Mapping]) -> list[dict]:
-    """The calibration batches as a list, each checked for the policy contract's keys."""
+#: frames per calibration forward when batches are cut from CalibrationFrames
+DEFAULT_BATCH = 16
+
+
+def batches_from_frames(frames, batch_size: int = DEFAULT_BATCH) -> list[dict]:
+    """Calibration batches cut from the QVLA core's CalibrationFrames (the same frames QVLA uses)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images, instructions, proprio = frames.inputs()
+    return [{"images": images[i:i + batch_size], "instruction": list(instructions[i:i + batch_size]),
+             "proprio": proprio[i:i + batch_size]} for i in range(0, images.shape[0], batch_size)]
+
+
+def check_batches(batches) -> list[dict]:
+    """The calibration batches as a list, each checked for the policy contract's keys.
+    CalibrationFrames (qvla_ros.quant.calibration) are cut into batches of DEFAULT_BATCH."""
+    if hasattr(batches, "inputs") and hasattr(batches, "images"):
+        return batches_from_frames(batches)
     batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch of frames, got none")

@@ -1,0 +1,339 @@
+"""`qvla compare`: every method on one policy, one calibration set and one benchmark.
+
+For each method (QVLA after the baseline whose measured memory it matches):
+
+1. quantize a fresh copy of the float policy on the shared calibration frames; measure its weight
+   memory from the stored tensors; save the quantized policy (policy.pt, whole module) and, for
+   methods stored as MixedBitLinear, its BitPlan (plan.json);
+2. offline: action error against held-out demonstrations (sim.metrics.offline_action_error) and
+   the deviation from the float policy's actions on the same frames;
+3. closed loop: sim.evaluate on every task, episodes on held-out seeds, Wilson 95% intervals.
+
+Everything lands under OUT/runs/<method>-<config id>/ and is reused when present: the config id
+hashes the method, the float policy's weights, the calibration frames and the method's settings
+(for QVLA: the budget it was given), so changing any of them re-runs just what changed. Closed-loop
+episodes are appended to episodes.jsonl as they finish; an interrupted run resumes at the first
+task not yet complete. The table (compare.md, compare.json) and plot (compare.png) are rewritten
+from what exists after every method, so a partial run already shows its rows.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .api import quantize_baseline
+from .calibration import batches_from_frames, run_policy
+from .methods import MethodSpec, resolve_order
+from .qvla_match import QvlaRunner
+from .smoothquant import DEFAULT_ALPHAS
+
+RUNS_DIR = "runs"
+
+
+@dataclass
+class CompareSettings:
+    """What `qvla compare` runs (every field is recorded in compare.json).
+
+    Args:
+        methods: method names (methods.py grammar).
+        policy: float policy checkpoint directory; None = the shipped one.
+        data: demonstration folder: calibration frames ("train" split), offline metrics ("val").
+        synthetic: random calibration frames instead of data (smoke runs; no offline metrics).
+        frames: calibration frames, shared by every method.
+        calib_batch: frames per calibration forward.
+        estimator: QVLA's sensitivity estimator ("jacobian" or "exact").
+        episodes_per_task: closed-loop episodes per task (0: skip the closed loop).
+        workers: rollout worker processes.
+        tasks: None (the suite) or comma-separated task names.
+        max_steps: steps before an episode counts as failed (None: the suite's default).
+        offline_frames: held-out frames for the offline metrics.
+        alphas: SmoothQuant's alpha candidates.
+        seed: calibration sampling seed.
+    """
+
+    methods: list[str]
+    policy: str | None = None
+    data: str | None = None
+    synthetic: bool = False
+    frames: int = 64
+    calib_batch: int = 16
+    estimator: str = "jacobian"
+    episodes_per_task: int = 50
+    workers: int = 2
+    tasks: str | None = None
+    max_steps: int | None = None
+    offline_frames: int = 512
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("give at least one method to compare")
+        if self.data is None and not self.synthetic:
+            raise ValueError("give a demonstration folder (data) or ask for synthetic frames")
+        for name in ("frames", "calib_batch", "offline_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.episodes_per_task < 0 or self.workers < 0:
+            raise ValueError("episodes_per_task and workers must be >= 0")
+
+
+class SavedPolicyFactory:
+    """Picklable zero-argument factory for rollout workers: loads a whole quantized policy saved
+    with torch.save (baselines use storage formats beyond the packed checkpoint) and keeps each
+    layer's dequantized weights cached, which makes the CPU path fast enough for rollouts."""
+
+    def __init__(self, path: str | Path, describe: dict | None = None):
+        self.path = str(path)
+        self._describe = dict(describe or {})
+
+    def __call__(self):
+        policy = torch.load(self.path, map_location="cpu", weights_only=False)
+        for module in policy.modules():
+            if hasattr(module, "cache_dequantized"):
+                module.cache_dequantized = True
+        return policy.eval()
+
+    def describe(self) -> dict:
+        return {"kind": "qvla-compare", "path": self.path, **self._describe}
+
+
+def _slug(name: str) -> str:
+    return name.replace("@", "_at_").replace("/", "_")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine() -> dict:
+    from ...sim.evaluate import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "host": platform.node()}
+
+
+class Comparison:
+    """One `qvla compare` run over an output folder (see the module docstring)."""
+
+    def __init__(self, settings: CompareSettings, out: str | Path, progress: bool = True):
+        self.settings = settings
+        self.out = Path(out)
+        self.progress = progress
+        self.specs = resolve_order(settings.methods)
+        self._policy = None
+        self._fingerprint = None
+        self._frames = None
+        self._offline_frames = None
+        self._qvla = None
+
+    # ---- shared inputs ------------------------------------------------------------------------
+    @property
+    def policy(self):
+        if self._policy is None:
+            from ...policy import load_policy
+
+            self._policy = load_policy(self.settings.policy).eval()
+        return self._policy
+
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            from ..plan import model_fingerprint
+
+            self._fingerprint = model_fingerprint(self.policy)
+        return self._fingerprint
+
+    @property
+    def frames(self):
+        if self._frames is None:
+            from ..calibration import frames_from_demos, synthetic_frames
+
+            s = self.settings
+            if s.synthetic:
+                self._frames = synthetic_frames(self.policy.config, s.frames, seed=s.seed)
+            else:
+                self._frames = frames_from_demos(s.data, s.frames, split="train", seed=s.seed)
+        return self._frames
+
+    @property
+    def qvla(self) -> QvlaRunner:
+        if self._qvla is None:
+            self._qvla = QvlaRunner(self.frames, estimator=self.settings.estimator,
+                                    cache_dir=self.out / "sensitivity", seed=self.settings.seed,
+                                    progress=self.progress)
+        return self._qvla
+
+    def config_id(self, spec: MethodSpec, budget: float | None) -> str:
+        s = self.settings
+        doc = {"method": spec.to_dict(), "policy": self.fingerprint["weights"],
+               "frames": self.frames.source, "n_frames": len(self.frames), "calib_batch": s.calib_batch,
+               "alphas": list(s.alphas) if spec.family == "smoothquant" else None,
+               "estimator": s.estimator if spec.family == "qvla" else None,
+               "budget": None if budget is None else round(budget, 6)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    # ---- one method ---------------------------------------------------------------------------
+    def run_dir(self, spec: MethodSpec, budget: float | None) -> Path:
+        return self.out / RUNS_DIR / f"{_slug(spec.name)}-{self.config_id(spec, budget)}"
+
+    def quantize(self, spec: MethodSpec, budget: float | None) -> dict:
+        run = self.run_dir(spec, budget)
+        record = _read_json(run / "quant.json")
+        if record is not None and (run / "policy.pt").is_file():
+            return record
+        policy = copy.deepcopy(self.policy)
+        batches = batches_from_frames(self.frames, self.settings.calib_batch)
+        result = quantize_baseline(policy, spec, batches, alphas=self.settings.alphas, budget=budget,
+                                   qvla=self.qvla, progress=self.progress)
+        run.mkdir(parents=True, exist_ok=True)
+        if result.plan is not None:
+            result.plan.save(run / "plan.json")
+        torch.save(policy, run / "policy.pt")
+        record = {"method": spec.to_dict(), "label": spec.label, "config_id": self.config_id(spec, budget),
+                  "memory": result.memory.to_dict(), "info": result.info,
+                  "plan_id": None if result.plan is None else result.plan.plan_id,
+                  "quantize_seconds": round(result.seconds, 2), "budget": budget}
+        _write_json(run / "quant.json", record)
+        return record
+
+    @torch.no_grad()
+    def offline(self, spec: MethodSpec, budget: float | None) -> dict | None:
+        if self.settings.data is None:
+            return None
+        run = self.run_dir(spec, budget)
+        cached = _read_json(run / "offline.json")
+        if cached is not None:
+            return cached
+        from ...sim.dataset import DemoDataset
+        from ...sim.metrics import offline_action_error
+
+        policy = SavedPolicyFactory(run / "policy.pt")()
+        val = DemoDataset(self.settings.data, split="val")
+        metrics = offline_action_error(policy, val, max_frames=self.settings.offline_frames)
+        metrics["action_mse_vs_fp"] = self._deviation_from_fp(policy)
+        _write_json(run / "offline.json", metrics)
+        return metrics
+
+    def _deviation_from_fp(self, policy) -> float:
+        """Mean squared difference from the float policy's actions on held-out frames."""
+        if self._offline_frames is None:
+            from ..calibration import frames_from_demos
+
+            frames = frames_from_demos(self.settings.data, min(self.settings.offline_frames, 128),
+                                       split="val", seed=self.settings.seed + 1)
+            batches = batches_from_frames(frames, 32)
+            self._offline_frames = (batches, [run_policy(self.policy, b) for b in batches])
+        batches, reference = self._offline_frames
+        total = count = 0.0
+        for batch, ref in zip(batches, reference):
+            diff = run_policy(policy, batch) - ref
+            total += float(diff.pow(2).sum())
+            count += diff.numel()
+        return total / count
+
+    def closed_loop(self, spec: MethodSpec, budget: float | None) -> dict | None:
+        s = self.settings
+        if s.episodes_per_task == 0:
+            return None
+        from ...sim.evaluate import EvalResults, evaluate
+        from ...sim.suite import DEFAULT_MAX_STEPS, eval_seed, resolve_tasks
+
+        run = self.run_dir(spec, budget)
+        tasks = [t.name for t in resolve_tasks(s.tasks)]
+        seeds = [eval_seed(i) for i in range(s.episodes_per_task)]
+        max_steps = s.max_steps or DEFAULT_MAX_STEPS
+        key = f"closed_loop-{s.episodes_per_task}ep-{max_steps}steps"
+        done = _read_json(run / f"{key}.json")
+        if done is not None and set(done["per_task"]) >= set(tasks):
+            return done
+        log = run / f"{key}.episodes.jsonl"
+        episodes = self._logged_episodes(log, tasks, seeds)
+        complete = {t for t in tasks if sum(1 for e in episodes if e["task"] == t) == len(seeds)}
+        todo = [t for t in tasks if t not in complete]
+        settings = {}
+        if todo:
+            factory = SavedPolicyFactory(run / "policy.pt", {"method": spec.name})
+            result = evaluate(factory, todo, s.episodes_per_task, workers=s.workers,
+                              max_steps=max_steps, progress=self.progress, episode_log=log)
+            settings = result.settings
+            episodes = [e for e in episodes if e["task"] in complete] + result.episodes
+        merged = EvalResults.from_episodes(tasks, [e for e in episodes if e["task"] in tasks],
+                                           {**settings, "tasks": tasks, "resumed_tasks": sorted(complete)})
+        record = {"per_task": merged.per_task, "overall": merged.overall, "settings": merged.settings}
+        _write_json(run / f"{key}.json", record)
+        return record
+
+    @staticmethod
+    def _logged_episodes(log: Path, tasks: list[str], seeds: list[int]) -> list[dict]:
+        """Episodes of an interrupted run, one per (task, seed) (the last one logged wins)."""
+        if not log.is_file():
+            return []
+        wanted = set(seeds)
+        found: dict[tuple[str, int], dict] = {}
+        for line in log.read_text().splitlines():
+            try:
+                ep = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the interruption
+            if ep.get("task") in tasks and ep.get("seed") in wanted:
+                found[(ep["task"], ep["seed"])] = ep
+        return list(found.values())
+
+    # ---- the whole comparison -----------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rows: list[dict] = []
+        measured: dict[str, float] = {}
+        bar = tqdm(self.specs, desc="compare", unit="method", disable=not self.progress)
+        for spec in bar:
+            bar.set_postfix(method=spec.name)
+            budget = measured.get(spec.match) if spec.match else None
+            if spec.match and budget is None:
+                raise RuntimeError(f"{spec.name}: {spec.match} has no measured memory")
+            started = time.perf_counter()
+            record = dict(self.quantize(spec, budget))
+            measured[spec.name] = record["memory"]["bits_per_param"]
+            record["offline"] = self.offline(spec, budget)
+            record["closed_loop"] = self.closed_loop(spec, budget)
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(record)
+            self.write_report(rows)
+        return self.write_report(rows)
+
+    def write_report(self, rows: list[dict]) -> dict:
+        from .report import plot_comparison, write_markdown
+
+        settings = asdict(self.settings)
+        settings["max_steps"] = settings["max_steps"] or _default_max_steps()
+        doc = {"format": "qvla-compare", "version": 1, "settings": settings,
+               "calibration": self.frames.source, "policy": self.fingerprint,
+               "machine": machine(), "rows": rows}
+        _write_json(self.out / "compare.json", doc)
+        write_markdown(doc, self.out / "compare.md")
+        plot_comparison(doc, self.out / "compare.png")
+        return doc
+
+
+def _default_max_steps() -> int:
+    from ...sim.suite import DEFAULT_MAX_STEPS
+
+    return DEFAULT_MAX_STEPS

@@ -1,0 +1,81 @@
+"""QVLA at a given memory: the QVLA core's calibrate -> allocate -> quantize_, nothing re-implemented.
+
+`qvla compare` builds one `QvlaRunner` over the same calibration frames the baselines use and
+calls it with a budget equal to a baseline's MEASURED bits/param, so both sides are charged for
+every stored byte (codes, scales, zeros, row indices, group scales, explicit input scales).
+The action-space sensitivity table depends only on the float policy and the frames: it is measured
+once and cached (in memory, and on disk when `cache_dir` is given).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from ..allocate import allocate
+from ..api import quantize_
+from ..calibration import CalibrationFrames
+from ..plan import model_fingerprint
+from ..sensitivity import SensitivityTable, exact_sensitivity, jacobian_sensitivity
+from .methods import MethodSpec
+
+ESTIMATORS = ("jacobian", "exact")
+
+
+class QvlaRunner:
+    """Callable (policy, batches, spec, budget) -> info with the applied plan under "plan".
+
+    Args:
+        frames: the calibration frames (the baselines get the same frames as batches).
+        estimator: "jacobian" (first order, one backward per projection) or "exact".
+        cache_dir: where sensitivity tables are kept between runs (None: memory only).
+        max_prune_fraction: the allocator's cap on pruned rows per layer.
+    """
+
+    def __init__(self, frames: CalibrationFrames, *, estimator: str = "jacobian",
+                 cache_dir: str | Path | None = None, max_prune_fraction: float = 0.5,
+                 seed: int = 0, progress: bool = True):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.frames = frames
+        self.estimator = estimator
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.max_prune_fraction = max_prune_fraction
+        self.seed = seed
+        self.progress = progress
+        self._tables: dict[str, SensitivityTable] = {}
+
+    def table_key(self, policy: nn.Module) -> str:
+        doc = {"weights": model_fingerprint(policy)["weights"], "frames": self.frames.source,
+               "n_frames": len(self.frames), "estimator": self.estimator, "seed": self.seed}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def sensitivity(self, policy: nn.Module) -> SensitivityTable:
+        """The action-space sensitivity table of the float `policy` (cached)."""
+        key = self.table_key(policy)
+        if key in self._tables:
+            return self._tables[key]
+        path = None if self.cache_dir is None else self.cache_dir / f"sensitivity-{key}.safetensors"
+        if path is not None and path.is_file():
+            table = SensitivityTable.load(path)
+        else:
+            measure = jacobian_sensitivity if self.estimator == "jacobian" else exact_sensitivity
+            table = measure(policy, self.frames, seed=self.seed, progress=self.progress)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                table.save(path)
+        self._tables[key] = table
+        return table
+
+    def __call__(self, policy: nn.Module, batches: Sequence[Mapping], spec: MethodSpec,
+                 budget: float) -> dict:
+        table = self.sensitivity(policy)
+        result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction)
+        plan = result.to_plan(table, act_bits=spec.abits, provenance={"method": spec.name})
+        quantize_(policy, plan)
+        return {"plan": plan, "plan_id": plan.plan_id, "budget_bits_per_param": budget,
+                "estimator": self.estimator, "allocation": result.report(),
+                "bits_histogram": {str(b): n for b, n in plan.totals().items()}}

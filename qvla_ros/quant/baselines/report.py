@@ -1,0 +1,121 @@
+"""The comparison table (markdown) and plot (success vs. bits/param, one line per method)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}"
+
+
+def _ci(r: dict | None) -> str:
+    if not r:
+        return "–"
+    lo, hi = r["ci95"]
+    return f"{100 * r['rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _sci(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def write_markdown(doc: dict, path: str | Path) -> Path:
+    """compare.md: one row per method; per-task success (%), average with its Wilson 95% CI,
+    measured weight memory (% of bf16, bits/param), offline action errors."""
+    rows = doc["rows"]
+    tasks: list[str] = []
+    for row in rows:
+        for t in (row.get("closed_loop") or {}).get("per_task", {}):
+            if t not in tasks:
+                tasks.append(t)
+    s = doc["settings"]
+    m = doc["machine"]
+    lines = [
+        "# QVLA vs. baselines",
+        "",
+        f"Policy `{doc['policy'].get('config')}` (weights {doc['policy']['weights'][:12]}), "
+        f"{doc['calibration'].get('frames', s['frames'])} calibration frames "
+        f"({doc['calibration'].get('data')}, split {doc['calibration'].get('split', '-')}), "
+        f"{s['episodes_per_task']} episodes per task (held-out seeds), max {s['max_steps']} steps, "
+        f"QVLA sensitivity: {s['estimator']}.",
+        f"Ran on: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {s['workers']} rollout workers.",
+        "",
+        "Success in %; the average carries its Wilson 95% interval. Memory is measured from the "
+        "stored tensors of the quantized Linears (codes, scales, zero-points, row indices, group "
+        "scales, explicit input scales), relative to the same weights in bf16.",
+        "",
+    ]
+    head = (["method", "W/A", "bits/param", "mem % bf16", "offline L1", "dev. from fp (MSE)"]
+            + tasks + ["average [95% CI]"])
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * len(head)) + "|")
+    for row in rows:
+        spec = row["method"]
+        mem = row["memory"]
+        off = row.get("offline") or {}
+        cl = row.get("closed_loop") or {}
+        per_task = cl.get("per_task", {})
+        wa = ("fp" if spec["family"] == "fp" else
+              f"{'mixed' if spec['wbits'] is None else spec['wbits']}/{spec['abits']}")
+        cells = [spec["name"], wa, f"{mem['bits_per_param']:.3f}", f"{mem['percent_of_bf16']:.1f}",
+                 _sci(off.get("l1")), _sci(off.get("action_mse_vs_fp"))]
+        cells += [_pct(per_task[t]["rate"]) if t in per_task else "–" for t in tasks]
+        cells.append(_ci(cl.get("overall")))
+        lines.append("| " + " | ".join(cells) + " |")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_comparison(doc: dict, path: str | Path) -> Path:
+    """compare.png: closed-loop success (left) and offline deviation from fp (right) against
+    measured bits/param, one line per method (a method's points at its bit-widths)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict]] = {}
+    for row in doc["rows"]:
+        lines.setdefault(row["label"], []).append(row)
+    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for label, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["memory"]["bits_per_param"])
+        x = [r["memory"]["bits_per_param"] for r in rows]
+        style = dict(marker="o", linestyle="--" if label == "fp" else "-", label=label)
+        if label.startswith("QVLA"):
+            style.update(linewidth=2.5, marker="s")
+        succ = [(r.get("closed_loop") or {}).get("overall") for r in rows]
+        if all(succ):
+            y = [100 * s["rate"] for s in succ]
+            err = [[100 * (s["rate"] - s["ci95"][0]) for s in succ],
+                   [100 * (s["ci95"][1] - s["rate"]) for s in succ]]
+            ax_s.errorbar(x, y, yerr=err, capsize=3, **style)
+        dev = [(r.get("offline") or {}).get("action_mse_vs_fp") for r in rows]
+        if all(d is not None for d in dev):
+            ax_e.plot(x, [max(d, 1e-12) for d in dev], **style)
+    ax_s.set_xlabel("measured weight memory (bits / param)")
+    ax_s.set_ylabel("closed-loop success (%) with 95% CI")
+    ax_s.set_ylim(-2, 102)
+    ax_s.grid(alpha=0.3)
+    ax_e.set_xlabel("measured weight memory (bits / param)")
+    ax_e.set_ylabel("action MSE vs. float policy (held-out frames)")
+    ax_e.set_yscale("log")
+    ax_e.grid(alpha=0.3)
+    handles, labels = ax_e.get_legend_handles_labels()
+    if not handles:
+        handles, labels = ax_s.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8)
+    s = doc["settings"]
+    fig.suptitle(f"{s['episodes_per_task']} episodes/task, {doc['machine']['cpu']}", y=0.02, fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.9))
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,83 @@
+"""`qvla compare` end to end on a micro policy: quantize, offline metrics, a (very short) closed
+loop in MuJoCo, table + plot; a second run reuses every result; QVLA matches measured memory."""
+import json
+
+import numpy as np
+import pytest
+
+from qvla_ros.cli import main
+from qvla_ros.policy import make_policy
+from qvla_ros.sim.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
+from qvla_ros.sim.suite import TASKS
+
+
+def _demo_folder(root, n_cams, size):
+    """A demonstration folder in the benchmark's format: seeds 0-1 train, seed 9 held out."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for task in TASKS[:2]:
+        for seed in (0, 1, 9):
+            t = 12
+            path = episode_path(root, task.name, seed)
+            write_episode(path, rng.integers(0, 256, (t, n_cams, size, size, 3), dtype=np.uint8),
+                          rng.normal(size=(t, 4)).astype(np.float32),
+                          rng.uniform(-1, 1, (t, 4)).astype(np.float32), task.instruction, task.name, seed)
+            entries.append({"task": task.name, "seed": seed, "file": str(path.relative_to(root))})
+    write_json_atomic(root / MANIFEST, {"recipe": {"test": True}, "complete": True, "episodes": entries})
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    policy = make_policy("micro", seed=0)
+    policy.save_pretrained(root / "policy")
+    _demo_folder(root / "demos", policy.config.n_cams, policy.config.image_size)
+    return root
+
+
+def _run(root, out, methods, episodes=1):
+    return main(["compare", "--methods", methods, "--policy", str(root / "policy"),
+                 "--data", str(root / "demos"), "--frames", "8", "--offline-frames", "16",
+                 "--episodes-per-task", str(episodes), "--tasks", TASKS[0].name, "--max-steps", "3",
+                 "--workers", "0", "--alphas", "0.5", "--out", str(out), "--quiet"])
+
+
+def test_compare_writes_table_plot_and_resumes(setup, capsys):
+    out = setup / "out"
+    assert _run(setup, out, "fp,rtn-w4,qvla@rtn-w4,rtn-g32-w3,sq-w8a8") == 0
+    doc = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["fp", "rtn-w4", "qvla@rtn-w4", "rtn-g32-w3", "sq-w8a8"]
+    assert rows["fp"]["memory"]["percent_of_bf16"] == pytest.approx(100.0)
+    for name, row in rows.items():
+        cl = row["closed_loop"]
+        assert cl["overall"]["episodes"] == 1 and cl["settings"]["max_steps"] == 3
+        assert np.isfinite(row["offline"]["l1"]) and row["offline"]["frames"] > 0
+        if name != "fp":
+            assert row["memory"]["bits_per_param"] < 16
+            assert row["offline"]["action_mse_vs_fp"] > 0
+    # QVLA got the baseline's measured memory as its budget and stays within it.
+    assert rows["qvla@rtn-w4"]["budget"] == pytest.approx(rows["rtn-w4"]["memory"]["bits_per_param"])
+    assert rows["qvla@rtn-w4"]["memory"]["nbytes"] <= rows["rtn-w4"]["memory"]["nbytes"]
+    assert rows["qvla@rtn-w4"]["plan_id"] and rows["rtn-w4"]["plan_id"]
+    assert rows["sq-w8a8"]["info"]["alpha"] == 0.5
+    table = (out / "compare.md").read_text()
+    assert "| qvla@rtn-w4 |" in table and TASKS[0].name in table and "Ran on:" in table
+    assert (out / "compare.png").stat().st_size > 10_000
+
+    # Second run: everything comes from the cache (files untouched), same table.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert _run(setup, out, "fp,rtn-w4,qvla@rtn-w4,rtn-g32-w3,sq-w8a8") == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "compare.json").read_text())["rows"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(again) == strip(doc["rows"])
+
+
+def test_compare_rejects_bad_input(setup, capsys):
+    assert main(["compare", "--methods", "rtn-w5", "--data", str(setup / "demos"),
+                 "--out", str(setup / "bad")]) == 2
+    assert "weight bits must be one of" in capsys.readouterr().err
+    assert main(["compare", "--methods", "rtn-w4", "--out", str(setup / "bad")]) == 2
+    assert "--data" in capsys.readouterr().err
