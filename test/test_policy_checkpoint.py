@@ -109,3 +109,20 @@ def test_non_finite_weights_are_refused(saved, tmp_path):
     directory = bad.save_pretrained(tmp_path / "nan")
     with pytest.raises(CheckpointError, match="action_head.0.weight holds NaN"):
         load_policy(directory)
+
+
+def test_shipped_policy_loads_and_each_file_fits_16_mib():
+    from qvla_ros.policy import default_checkpoint_dir
+
+    directory = default_checkpoint_dir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert (directory / name).stat().st_size <= 16 * 2**20, name
+    policy = load_policy()
+    cfg = policy.config
+    assert cfg.name == "tiny" and (cfg.n_cams, cfg.image_size, cfg.proprio_dim, cfg.action_dim) == (2, 128, 4, 4)
+    # The statistics of its training data are inside (not the identity placeholders).
+    assert not torch.equal(policy.action_std, torch.ones(cfg.action_dim))
+    images = torch.zeros(1, 2, 128, 128, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        actions = policy(images, ["pull the drawer open"], torch.zeros(1, 4))
+    assert actions.shape == (1, cfg.horizon, 4) and actions.abs().max() <= 1.0

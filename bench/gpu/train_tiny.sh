@@ -28,6 +28,7 @@ STEPS=${STEPS:-40000}
 BATCH=${BATCH:-512}
 LR=${LR:-5e-4}
 SEED=${SEED:-0}
+INIT=${INIT:-}                # a checkpoint to continue from (new optimizer and schedule)
 EVAL_EPS=${EVAL_EPS:-50}
 SWAP_EPS=${SWAP_EPS:-20}
 MAX_STEPS=${MAX_STEPS:-}
@@ -38,6 +39,7 @@ LOG=$OUT/log.txt
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 task_args=(); [ -n "$TASKS" ] && task_args=(--tasks "$TASKS")
+init_args=(); [ -n "$INIT" ] && init_args=(--init "$INIT")
 step_args=(); [ -n "$MAX_STEPS" ] && step_args=(--max-steps "$MAX_STEPS")
 
 # -- setup: carried wheels and GL libraries -------------------------------------------------------
@@ -83,17 +85,17 @@ train_s=$(( $(left) - EVAL_S - SWAP_S - 45 ))
 log "train: up to $STEPS steps, batch $BATCH, ${train_s}s"
 timeout $(( train_s + 30 )) $PY -m qvla_ros.cli train --data "$DEMOS" --out "$POLICY" --config tiny \
   --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --seed "$SEED" --time-limit "$train_s" \
-  --checkpoint-every 2000 --allow-incomplete --device "$DEVICE" >>"$WORK/train.log" 2>&1 || log "train ended early ($?)"
+  --checkpoint-every 2000 --allow-incomplete --device "$DEVICE" "${init_args[@]}" >>"$WORK/train.log" 2>&1 || log "train ended early ($?)"
 tail -c 600 "$WORK/train.log" | tr '\r' '\n' | tail -3 >>"$LOG"
 
 # -- closed-loop evaluation and the language-swap test ---------------------------------------------
 log "eval: $EVAL_EPS episodes per task"
 timeout "$EVAL_S" $PY -m qvla_ros.cli eval --policy "$POLICY" --out "$WORK/eval" "${task_args[@]}" \
   --episodes-per-task "$EVAL_EPS" --workers "$WORKERS" "${step_args[@]}" --quiet --force >>"$LOG" 2>&1 || log "eval ended early ($?)"
-swap_s=$(( $(left) - 12 ))
+swap_s=$(( $(left) - 10 ))
 log "language swap: $SWAP_EPS episodes per task within ${swap_s}s"
 swap_args=(); [ -n "$MAX_STEPS" ] && swap_args=(--max-steps "$MAX_STEPS")
-timeout "$swap_s" $PY bench/policy/language_swap.py --policy "$POLICY" --out "$WORK/swap" \
+[ "$swap_s" -gt 20 ] && timeout "$swap_s" $PY bench/policy/language_swap.py --policy "$POLICY" --out "$WORK/swap" \
   --episodes-per-task "$SWAP_EPS" --workers "$WORKERS" --baseline "$WORK/eval/results.json" \
   "${swap_args[@]}" >>"$WORK/swap.log" 2>&1 || log "swap ended early ($?)"
 tail -n 14 "$WORK/swap.log" >>"$LOG"

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-episodes", type=int, default=None, help="use only the first N episodes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--init", default=None,
+                   help="start from this checkpoint's weights, tokenizer and statistics (new optimizer and schedule)")
     p.set_defaults(func=run)
 
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                       time_limit_s=args.time_limit, device=args.device)
     episodes = _read_all(dataset, args.max_episodes, "train episodes")
     record = train(episodes, args.out, cfg, manifest=dataset.manifest, data_path=str(Path(args.data).resolve()),
-                   resume=args.resume, val_episodes=_read_all(val, None, "val episodes") if val is not None and len(val) else None)
+                   resume=args.resume, init_from=args.init, val_episodes=_read_all(val, None, "val episodes") if val is not None and len(val) else None)
     print(f"qvla train: {record['steps_done']} steps on {record['frames']} frames "
           f"({record['episodes']} episodes) in {record['wall_s']:.0f} s on {record['device']}; "
           f"final L1 {record['losses'][-1][1] if record['losses'] else float('nan'):.4f}, "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .configuration_vla import get_config
-from .modeling_vla import VLAPolicy, _atomic_write, make_policy
+from .modeling_vla import VLAPolicy, _atomic_write, load_policy, make_policy
 from .processing_vla import InstructionTokenizer, compute_norm_stats, default_instructions, images_to_pixels
 
 STATE_FILE = "training_state.safetensors"
@@ -238,11 +238,13 @@ def manifest_hash(manifest: dict) -> str:
 # The loop ---------------------------------------------------------------------------------------
 def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, manifest: dict | None = None,
           data_path: str | None = None, resume: bool = False, progress: bool = True,
-          val_episodes: Iterable[dict] | None = None) -> dict:
+          val_episodes: Iterable[dict] | None = None, init_from: str | os.PathLike | None = None) -> dict:
     """Trains a policy on `episodes` (DemoDataset.episodes() dicts) into checkpoint directory `out`.
 
     `val_episodes` (optional, e.g. the dataset's "val" split) give the held-out L1 recorded at
-    every save. Returns the training record (also written to out/training.json).
+    every save. `init_from` starts from a trained checkpoint's weights, tokenizer and normalization
+    statistics (a new optimizer and schedule: fine-tuning, or more training after a run whose
+    optimizer state is gone). Returns the training record (also written to out/training.json).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -270,12 +272,28 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
     val_data = ChunkData(val_episodes, policy_config.horizon) if val_episodes else None
     del val_episodes
 
-    if resume:
-        tokenizer = InstructionTokenizer.from_str((out / "tokenizer.json").read_text())
+    init_record = None
+    if init_from is not None and not resume:
+        policy = load_policy(init_from, device=device)
+        if policy.config.to_dict() != policy_config.to_dict():
+            raise ValueError(f"--init {init_from} holds a {policy.config.name!r} policy of another shape "
+                             f"than the {policy_config.name!r} being trained")
+        tokenizer = policy.tokenizer
+        init_meta = Path(init_from) / META_FILE
+        init_record = {"path": str(init_from)}
+        if init_meta.is_file():
+            prior = json.loads(init_meta.read_text())
+            init_record.update({k: prior.get(k) for k in ("steps_done", "wall_s", "device", "episodes",
+                                                           "manifest_sha256", "val_l1", "seed")})
     else:
-        tokenizer = InstructionTokenizer.train(train_data.instructions + default_instructions())
-    policy = make_policy(policy_config, seed=cfg.seed, device=device, tokenizer=tokenizer)
-    policy.set_norm_stats(compute_norm_stats(train_data.proprio.numpy(), train_data.actions.numpy()))
+        if resume:
+            tokenizer = InstructionTokenizer.from_str((out / "tokenizer.json").read_text())
+        else:
+            tokenizer = InstructionTokenizer.train(train_data.instructions + default_instructions())
+        policy = make_policy(policy_config, seed=cfg.seed, device=device, tokenizer=tokenizer)
+        policy.set_norm_stats(compute_norm_stats(train_data.proprio.numpy(), train_data.actions.numpy()))
+    if resume and record.get("init_from"):
+        init_record = record["init_from"]
     train_data.to(device)
     if val_data is not None:
         val_data.to(device)
@@ -310,6 +328,7 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
             "train_config": dataclasses.asdict(cfg), "policy_config": policy_config.to_dict(),
             "parameters": policy.num_parameters(), "seed": cfg.seed, "device": _device_name(device),
             "torch": torch.__version__, "wall_s": round(wall, 1), "losses": losses,
+            "init_from": init_record,
         })
         _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1) + "\n"))
 
