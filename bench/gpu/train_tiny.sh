@@ -59,7 +59,7 @@ log "setup done; $(nvidia-smi -L 2>/dev/null | head -1); $(nproc) cores"
 $PY -c "import torch, transformers, metaworld, mujoco; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'mujoco', mujoco.__version__)" >>"$LOG" 2>&1
 
 # -- oft-7b on the GPU, in the background while the CPUs make demonstrations ----------------------
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${OFT:-1}" = 1 ]; then
   timeout 120 $PY bench/policy/oft7b_memory.py --out "$WORK/oft7b.json" >"$WORK/oft7b.log" 2>&1 &
   OFT_PID=$!
 fi
