@@ -140,28 +140,28 @@ class MixedBitLinear(nn.Module):
                    if name != "bias")
 
     # ---- compute ------------------------------------------------------------------------------
-    def _packed_weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        if not self.cache_dequantized:
-            return self.dequantize_groups(dtype)
-        cache = self._dequant_cache
-        if cache is None or cache.dtype != dtype or cache.device != self.row_index.device:
-            cache = self._dequant_cache = self.dequantize_groups(dtype).to(self.row_index.device)
-        return cache
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         dtype = x.dtype if x.is_floating_point() else torch.float32
         x = fake_quantize_activations(x.to(dtype), self.act_bits)
-        w = self._packed_weight_for(dtype).to(x.device)
+        if self.cache_dequantized:
+            # Speed path: the dense weight in original channel order (pruned rows zero), kept.
+            cache = self._dequant_cache
+            if cache is None or cache.dtype != dtype or cache.device != x.device:
+                cache = self._dequant_cache = self.dequantize(dtype).to(x.device)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return torch.nn.functional.linear(x, cache, bias)
+        # The oracle: kept rows only, in packed order, then scattered to their channels.
+        w = self.dequantize_groups(dtype).to(x.device)
         y = torch.nn.functional.linear(x, w)
+        index = self.row_index.long()
         if self.bias is not None:
             out = self.bias.to(dtype).expand(*x.shape[:-1], self.out_features).clone()
-            index = self.row_index.long()
             out.index_add_(-1, index, y)
         else:
             out = x.new_zeros(*x.shape[:-1], self.out_features)
-            out.index_copy_(-1, self.row_index.long(), y)
+            out.index_copy_(-1, index, y)
         return out
 
     # Cached weights describe the buffers: drop them whenever the buffers are replaced or moved.

@@ -547,3 +547,32 @@ def compare_tables(reference: SensitivityTable, estimate: SensitivityTable) -> d
         "within_layer_median_per_bits": {b: float(np.nanmedian(v)) for b, v in within.items() if v},
         "entries": int(sum(len(a) for a in all_ref)),
     }
+
+
+def rescale_to_exact(estimate: SensitivityTable, exact: SensitivityTable, min_channels: int = 3) -> SensitivityTable:
+    """The `estimate` table with each (layer, width) column scaled by the median ratio exact/estimate
+    over the channels `exact` measured there ("hybrid" estimator).
+
+    Inside a layer and width the channel order of `estimate` is kept; what the exact subsample
+    corrects is the scale between layers and widths, which is what the global allocation trades
+    (first order underestimates large perturbations: pruning, 2 bits).
+    """
+    costs, factors = {}, {}
+    for name, table in estimate.costs.items():
+        out = table.copy()
+        if name in exact.costs:
+            for j, b in enumerate(estimate.bits):
+                if b == 16 or b not in exact.bits:
+                    continue
+                ref = exact.costs[name][:, exact.column(b)]
+                est = table[:, j]
+                keep = np.isfinite(ref) & np.isfinite(est) & (est > 0) & (ref > 0)
+                if keep.sum() >= min_channels:
+                    factor = float(np.median(ref[keep] / est[keep]))
+                    out[:, j] = est * factor
+                    factors[f"{name}@{b}"] = factor
+        costs[name] = out
+    meta = dict(estimate.meta)
+    meta.update({"estimator": f"{estimate.meta.get('estimator', '?')}+exact-rescaled",
+                 "rescale_factors": factors, "exact_meta": {k: v for k, v in exact.meta.items() if k != "policy"}})
+    return SensitivityTable(estimate.bits, costs, dict(estimate.in_features), meta)
