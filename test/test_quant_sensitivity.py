@@ -10,7 +10,7 @@ from torch import nn
 from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
 from qvla_ros.quant.quantizer import fake_quantize_rows
 from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
-                                        exact_sensitivity, jacobian_sensitivity)
+                                        exact_sensitivity, jacobian_sensitivity, rescale_to_exact)
 
 try:
     from qvla_ros.policy import make_policy
@@ -115,3 +115,17 @@ def test_replay_generic_module_and_bad_layer():
             assert table.costs[layer][c, 1] == pytest.approx(expected, rel=2e-3, abs=1e-14)
     with pytest.raises(SensitivityError, match="not a Linear"):
         exact_sensitivity(model, frames, layers=["nope"], progress=False)
+
+
+def test_rescale_to_exact_fixes_scale_between_widths_keeps_order():
+    rng = np.random.default_rng(0)
+    bits = (0, 2, 4, 16)
+    base = rng.lognormal(size=(32, 1)) * np.array([[1.0, 0.1, 0.01, 0.0]])
+    estimate = SensitivityTable(bits, {"l": base.copy()}, {"l": 8}, {"estimator": "jacobian"})
+    truth = base * np.array([[3.0, 2.0, 1.0, 1.0]])  # first order underestimates the big perturbations
+    exact = truth.copy()
+    exact[8:] = np.nan  # only a sample measured
+    hybrid = rescale_to_exact(estimate, SensitivityTable(bits, {"l": exact}, {"l": 8}, {}))
+    assert np.allclose(hybrid.costs["l"], truth)
+    assert hybrid.meta["rescale_factors"]["l@0"] == pytest.approx(3.0)
+    assert "exact-rescaled" in hybrid.meta["estimator"]

@@ -57,10 +57,13 @@ def register(subparsers) -> None:
     p.add_argument("--synthetic", action="store_true", help="random frames instead of --data (smoke runs only)")
     p.add_argument("--split", default="train", choices=("train", "val", "all"), help="demonstration split")
     p.add_argument("--frames", type=int, default=32, help="calibration frames")
-    p.add_argument("--estimator", choices=("exact", "jacobian"), default="jacobian")
+    p.add_argument("--estimator", choices=("exact", "jacobian", "hybrid"), default="jacobian",
+                   help="hybrid: jacobian for every channel, rescaled per layer and width by an exact sample "
+                        "of --max-channels channels per layer (default 8) on the first --exact-frames frames")
+    p.add_argument("--exact-frames", type=int, default=8, help="hybrid only: frames of the exact sample")
     p.add_argument("--bits", type=_bits, default=DEFAULT_BITS, help="widths to measure")
     p.add_argument("--max-channels", type=int, default=None,
-                   help="exact only: measure this many random channels per layer (others NaN)")
+                   help="exact: measure this many random channels per layer (others NaN); hybrid: the sample size")
     p.add_argument("--projections", type=int, default=None,
                    help="jacobian only: random projections per frame (default: exact unit vectors for small chunks)")
     p.add_argument("--exclude", action="append", default=None,
@@ -92,7 +95,7 @@ def register(subparsers) -> None:
 def calibrate_command(args) -> int:
     from ..policy import load_policy
     from .calibration import frames_from_demos, synthetic_frames
-    from .sensitivity import exact_sensitivity, jacobian_sensitivity
+    from .sensitivity import exact_sensitivity, jacobian_sensitivity, rescale_to_exact
     from .targets import DEFAULT_EXCLUDE, QuantTargets
 
     if args.frames < 1:
@@ -113,6 +116,13 @@ def calibrate_command(args) -> int:
     else:
         table = jacobian_sensitivity(policy, frames, bits=args.bits, targets=targets,
                                      projections=args.projections, seed=args.seed)
+        if args.estimator == "hybrid":
+            sample = frames.select(range(min(args.exact_frames, len(frames))))
+            exact = exact_sensitivity(policy, sample, bits=args.bits, targets=targets,
+                                      max_channels=args.max_channels or 8, seed=args.seed)
+            seconds = table.meta["seconds"] + exact.meta["seconds"]
+            table = rescale_to_exact(table, exact)
+            table.meta["seconds"] = seconds
     table.meta["policy_path"] = args.policy
     path = table.save(args.out)
     n = sum(c.shape[0] for c in table.costs.values())
