@@ -44,6 +44,25 @@ _ROTATED_180 = frozenset({"corner"})
 _METAWORLD_MAX_PATH = 500
 
 
+def _align_gl_backend() -> None:
+    """Make mujoco use the backend qvla_ros.sim chose even if mujoco was imported earlier
+    (e.g. through metaworld) while MUJOCO_GL was unset: mujoco binds its GL context class at its
+    own import, and without a display the default (GLFW) cannot render."""
+    from mujoco import gl_context
+    wanted = os.environ.get("MUJOCO_GL", "").lower()
+    if wanted == "egl":
+        from mujoco.egl import GLContext
+    elif wanted == "osmesa":
+        from mujoco.osmesa import GLContext
+    else:
+        return
+    if gl_context.GLContext is not GLContext:
+        gl_context.GLContext = GLContext
+
+
+_align_gl_backend()
+
+
 class SuiteEnv:
     """A MetaWorld v3 task with the suite's observations.
 

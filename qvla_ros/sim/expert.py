@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from metaworld.policies import ENV_POLICY_MAP
 
-from .env import ACTION_DIM, DEFAULT_CAMERAS, PROPRIO_DIM
+from .env import ACTION_DIM, PROPRIO_DIM
 
 __all__ = ["ExpertConfig", "ScriptedExpert", "ExpertFactory"]
 
@@ -25,14 +25,14 @@ class ExpertConfig:
     """Shape of the expert's interface (the policy contract's `config`).
 
     Args:
-        n_cams: cameras it is given (and ignores).
+        n_cams: None: any number of cameras (it ignores them).
         image_size: None: any size (it never looks at images).
         proprio_dim: proprio floats per observation.
         horizon: actions per chunk; the scripted controllers are reactive, so 1.
         action_dim: MetaWorld's 4-D action.
     """
 
-    n_cams: int = len(DEFAULT_CAMERAS)
+    n_cams: int | None = None
     image_size: int | None = None
     proprio_dim: int = PROPRIO_DIM
     horizon: int = 1

@@ -11,9 +11,10 @@ robot, the same cameras) and differ in what the instruction asks:
 
 Why these:
 - Language matters. A policy that ignores the instruction can solve at most one task of each
-  pair, so it is capped near 50%. The faucet pair starts from the SAME state (same model, same
-  randomized faucet position) and the goal markers are not rendered, so only the sentence tells
-  the two apart; in the other pairs the start states differ (an open drawer is there to be
+  pair, so it is capped near 50%. The faucet pair loads the same model in the same start
+  configuration (the handle at the same angle; only the randomized faucet position varies), and
+  goal markers are not rendered, so no image cue says which way to turn: only the sentence does.
+  In the other pairs the start states differ (an open drawer is there to be
   closed), so vision carries part of the answer there. Quantization that damages the language
   pathway shows up as success lost on the pairs, which an action-centric metric should catch.
 - Goals are implied by objects. Every task's target follows from an object in the image (a

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import pickle
 from collections import OrderedDict
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +23,9 @@ from .suite import DEFAULT_MAX_STEPS
 
 __all__ = ["RolloutSettings", "WorkerError", "run_batches", "failed_marker"]
 
-# Environments kept per worker: those of this many most recently used tasks.
-_TASKS_CACHED = 2
+# Environments kept per worker: those of this many most recently used tasks (~140 MB each env
+# with its renderer; batches arrive grouped by task, so one task is enough).
+_TASKS_CACHED = 1
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,13 @@ def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[
     batch finishes. The first failing batch stops the run and raises WorkerError."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    try:
-        pickle.dumps(policy_factory)
-    except Exception as exc:
-        raise ValueError(f"policy_factory must be picklable to reach worker processes "
-                         f"({type(exc).__name__}: {exc}); use a module-level class or "
-                         "functools.partial of a module-level function") from exc
+    if workers > 0:
+        try:
+            pickle.dumps(policy_factory)
+        except Exception as exc:
+            raise ValueError(f"policy_factory must be picklable to reach worker processes "
+                             f"({type(exc).__name__}: {exc}); use a module-level class or "
+                             "functools.partial of a module-level function") from exc
     cores = os.cpu_count() or 1
     threads = settings.torch_threads or max(1, cores // max(1, workers))
     if workers == 0:
@@ -158,15 +160,13 @@ def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(policy_factory, settings, threads)) as pool:
-        pending = {pool.submit(_run_batch, task, list(seeds)) for task, seeds in batches}
+        futures = [pool.submit(_run_batch, task, list(seeds)) for task, seeds in batches]
         try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    results, info = fut.result()
-                    if on_batch is not None:
-                        on_batch(results, info)
+            for fut in as_completed(futures):
+                results, info = fut.result()
+                if on_batch is not None:
+                    on_batch(results, info)
         except BaseException:
-            for fut in pending:
-                fut.cancel()
+            # Stop at the first failure: drop queued batches, do not wait for running ones.
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
