@@ -97,7 +97,10 @@ def run(args) -> int:
     env = dict(os.environ)
     if args.domain_id is not None:
         env["ROS_DOMAIN_ID"] = str(args.domain_id)
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID",) if k in env})
+    # Both nodes run on this machine: discover on it only, unless the user chose otherwise.
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")
+                       if k in env})
     print(f"qvla demo: {total} episode(s) of {', '.join(tasks)} through ROS 2 "
           f"(ROS_DOMAIN_ID={env.get('ROS_DOMAIN_ID', '0')}); policy "
           f"{args.checkpoint or 'shipped'}, plan {_label(plan)}"

@@ -129,7 +129,7 @@ class NodeProcess:
     def output_unlocked(self) -> str:
         return "\n".join(self.lines[-80:])
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = 30.0) -> int:
         """SIGINT (a clean ROS shutdown), then SIGKILL if it does not end in `timeout`."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGINT)

@@ -66,7 +66,6 @@ TRIGGERS = ("image", "rate")
 IMAGE_QOS = ("sensor_data", "reliable")
 
 
-
 def _descriptor(description: str, read_only: bool = False, **ranges) -> ParameterDescriptor:
     return ParameterDescriptor(description=description, read_only=read_only, **ranges)
 
@@ -100,6 +99,9 @@ class PolicyNode(Node):
         # Unset (a typed parameter nobody set): positions in the order they come.
         self.proprio_names = tuple(self.get_parameter_or("proprio_names").value or ())
         self.proprio_dim = cfg.proprio_dim
+        if self.proprio_names and len(self.proprio_names) != self.proprio_dim:
+            raise ValueError(f"parameter proprio_names: {len(self.proprio_names)} names, the "
+                             f"policy takes {self.proprio_dim} proprio values")
         self.trigger = p("trigger").value
         self.rate_hz = p("rate_hz").value
 
@@ -218,6 +220,7 @@ class PolicyNode(Node):
             if error:
                 self.get_logger().error(f"parameter {param.name} refused: {error}")
                 return SetParametersResult(successful=False, reason=error)
+        # The plan first: if it is refused, nothing of this request is applied.
         for param in params:
             if param.name == "plan":
                 path = paths.resolve(param.value)
@@ -225,7 +228,8 @@ class PolicyNode(Node):
                     ok, message = self._reload(path, via="parameter")
                     if not ok:
                         return SetParametersResult(successful=False, reason=message)
-            elif param.name == "trigger":
+        for param in params:
+            if param.name == "trigger":
                 self.trigger = param.value
             elif param.name == "rate_hz":
                 self.rate_hz = param.value
@@ -331,7 +335,12 @@ class PolicyNode(Node):
         msg.inference_time = float(result.seconds)
         latency = time.monotonic() - obs.primary.arrival
         msg.latency = float(latency)
-        self.chunk_pub.publish(msg)
+        try:
+            self.chunk_pub.publish(msg)
+        except Exception:  # the context went away under a forward: the node is stopping
+            if self.context.ok():
+                raise
+            return
         self._stats.record(result.seconds, latency)
 
     # Reload -------------------------------------------------------------------------------------
@@ -445,24 +454,26 @@ def _seconds(stamp) -> float:
 
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args if args is not None else sys.argv)
+    node = executor = None
+    code = 0
     try:
+        # Threads: the input group, the control group (reloads, diagnostics), parameter services.
+        executor = MultiThreadedExecutor(num_threads=4)
         node = PolicyNode()
+        executor.add_node(node)
+        executor.spin()
     except (PlanRejected, ValueError, FileNotFoundError) as exc:
         rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    # Threads: the input group, the control group (reloads, diagnostics), parameter services.
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        executor.spin()
+        code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        executor.shutdown()
-        node.destroy_node()
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

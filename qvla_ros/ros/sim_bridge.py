@@ -291,29 +291,33 @@ def _summarize(results: list[dict], wall_s: float) -> dict:
 
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args if args is not None else sys.argv)
+    node = executor = None
+    code = 0
     try:
+        executor = SingleThreadedExecutor()
         node = SimBridge()
-    except ValueError as exc:
-        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
+        executor.add_node(node)
         while rclpy.ok() and not (node.done.is_set() and node.exit_when_done):
             executor.spin_once(timeout_sec=0.1)
         # Let the last results reach their readers before the publisher goes away.
         linger = time.monotonic() + 1.0
         while rclpy.ok() and time.monotonic() < linger:
             executor.spin_once(timeout_sec=0.1)
+    except ValueError as exc:
+        rclpy.logging.get_logger(NODE_NAME).fatal(f"cannot start: {exc}")
+        code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.stop()
-        executor.shutdown()
-        node.destroy_node()
+        if node is not None:
+            node.stop()
+            code = code or (1 if node.failed else 0)
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
-    return 1 if node.failed else 0
+    return code
 
 
 if __name__ == "__main__":
