@@ -74,11 +74,18 @@ def _cameras(args):
 
 
 def _demos(args) -> int:
+    from .dataset import DemoFileError
     from .demos import generate_demos
-    manifest = generate_demos(args.out, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
-                              workers=args.workers, batch_size=args.batch_size,
-                              image_size=args.image_size, cameras=_cameras(args),
-                              max_steps=args.max_steps, progress=not args.quiet)
+    from .suite import resolve_tasks
+    try:
+        resolve_tasks(args.tasks)
+        manifest = generate_demos(args.out, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
+                                  workers=args.workers, batch_size=args.batch_size,
+                                  image_size=args.image_size, cameras=_cameras(args),
+                                  max_steps=args.max_steps, progress=not args.quiet)
+    except (ValueError, DemoFileError) as exc:
+        print(f"qvla demos: {exc}", file=sys.stderr)
+        return 2
     run = manifest["runs"][-1]
     print(f"{len(manifest['episodes'])} episodes ({manifest['frames']} frames) in {args.out}; "
           f"this run wrote {run['episodes_written']} in {run['wall_time_s']:.0f} s")
@@ -90,14 +97,18 @@ def _eval(args) -> int:
     from .factories import make_factory
     from .suite import resolve_tasks
 
-    resolve_tasks(args.tasks)  # unknown task names fail before anything starts
     results_path = args.out / "results.json"
-    if results_path.exists() and not args.force:
-        print(f"qvla eval: {results_path} exists; pass --force to overwrite or pick another --out",
-              file=sys.stderr)
-        return 2
     try:
+        resolve_tasks(args.tasks)  # unknown task names fail before anything starts
+        if results_path.exists() and not args.force:
+            raise ValueError(f"{results_path} exists; pass --force to overwrite or pick another --out")
         factory = make_factory(args.policy, args.plan, args.device)
+        if args.plan is not None:
+            import qvla_ros.quant as quant
+            try:
+                getattr(quant, "load_quantized_policy")
+            except (AttributeError, ImportError) as exc:
+                raise ValueError(f"--plan needs qvla_ros.quant.load_quantized_policy ({exc})") from exc
     except ValueError as exc:
         print(f"qvla eval: {exc}", file=sys.stderr)
         return 2
