@@ -127,6 +127,8 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
         node.wait_for(r"frame dropped: no instruction received yet on /instruction", start=mark)
         feeder.send_instruction("   ")
         node.wait_for(r"empty instruction ignored; no instruction yet", start=mark)
+        feeder.send_instruction("x" * 5000)
+        node.wait_for(r"instruction of 5000 characters ignored \(at most 4096\)", start=mark)
         assert_no_new_chunk(feeder, 0)
 
         feeder.send_instruction(micro["instruction"])

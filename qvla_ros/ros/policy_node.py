@@ -64,6 +64,8 @@ except ImportError:  # pragma: no cover - depends on the install
 NODE_NAME = "qvla_policy_node"
 TRIGGERS = ("image", "rate")
 IMAGE_QOS = ("sensor_data", "reliable")
+# Far beyond any task sentence; bounds the tokenizer's work on a malformed message.
+MAX_INSTRUCTION_CHARS = 4096
 
 
 def _descriptor(description: str, read_only: bool = False, **ranges) -> ParameterDescriptor:
@@ -255,11 +257,17 @@ class PolicyNode(Node):
                                          arrival=arrival, header=msg.header))
 
     def _on_instruction(self, msg: String) -> None:
-        text = msg.data.strip()
+        # Passed on as sent (the policy's tokenizer sees what `qvla eval` would give it); only
+        # an instruction of nothing but whitespace is refused.
+        text = msg.data
         current = self.sync.instruction
-        if not text:
+        if not text.strip():
             kept = f"still following {current!r}" if current else "no instruction yet"
             self._reject("instruction_empty", f"empty instruction ignored; {kept}")
+            return
+        if len(text) > MAX_INSTRUCTION_CHARS:
+            self._reject("instruction_long", f"instruction of {len(text)} characters ignored "
+                                             f"(at most {MAX_INSTRUCTION_CHARS})")
             return
         self.sync.put_instruction(text)
         if text != current:
