@@ -10,6 +10,12 @@
 #   SWAP_EPS=1 MAX_STEPS=8 STEPS=4 BATCH=8 TOTAL_S=400 DEVICE=cpu SETUP=0 PY=.venv/bin/python \
 #   bash bench/gpu/train_tiny.sh
 #
+# .whl_train (ignored through .git/info/exclude) holds the wheels the device image lacks, fetched
+# here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+# --platform manylinux_2_17_x86_64 ... -d .whl_train`: metaworld==3.1.1 mujoco==3.3.0 (cp312)
+# gymnasium==1.4.0 language-world==0.1.1 farama-notifications==0.0.6 glfw==2.11.0 PyOpenGL==3.1.10
+# (47 MB). .gl holds the GL loader debs of the device README (libegl1, libglvnd0, libopengl0, ...).
+#
 # Every stage runs under `timeout`, against one deadline (TOTAL_S from the start), so the call
 # always ends with the checkpoint and whatever results exist copied to $OUT (<= 8 files).
 set -u
