@@ -115,3 +115,26 @@ def test_train_config_validation():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="shift_pixels"):
         TrainConfig(shift_pixels=-1)
+
+
+def test_qvla_train_verb_on_a_demonstration_folder(tmp_path, one_thread):
+    from qvla_ros.cli import main
+    from qvla_ros.sim.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
+
+    data = tmp_path / "demos"
+    entries = []
+    for seed, ep in zip((0, 9, 1), synthetic_episodes(n=3)):  # seed 9 lands in the dataset's val split
+        path = write_episode(episode_path(data, ep["task"], seed), ep["images"], ep["proprio"], ep["actions"],
+                             ep["instruction"], ep["task"], seed)
+        entries.append({"file": path.relative_to(data).as_posix(), "task": ep["task"], "seed": seed,
+                        "length": len(ep["actions"])})
+    write_json_atomic(data / MANIFEST, {"format": "qvla-demos", "version": 1, "complete": True,
+                                        "recipe": {"tasks": {}}, "episodes": entries})
+    out = tmp_path / "policy"
+    rc = main(["train", "--data", str(data), "--out", str(out), "--config", "micro", "--steps", "2",
+               "--batch-size", "4", "--device", "cpu", "--seed", "3"])
+    assert rc == 0
+    record = json.loads((out / "training.json").read_text())
+    assert (record["episodes"], record["val_episodes"], record["steps_done"], record["seed"]) == (2, 1, 2, 3)
+    assert record["val_l1"] is not None and record["data"] == str(data.resolve())
+    assert load_policy(out).config.name == "micro"
