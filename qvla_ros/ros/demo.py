@@ -116,8 +116,10 @@ def run(args) -> int:
                                           "episodes_per_task": args.episodes_per_task,
                                           "seed_offset": args.seed_offset},
                                env=env, echo=args.verbose)
+    start = time.monotonic()
     try:
         report = _watch(policy, bridge, total, reload_plan, args.timeout)
+        report["wall_s"] = time.monotonic() - start
     finally:
         bridge.stop()
         policy.stop()
@@ -129,6 +131,19 @@ def run(args) -> int:
 
 def _label(plan: str) -> str:
     return Path(plan).name if plan else "none (full precision)"
+
+
+def _plan_names(*plans: str) -> dict[str, str]:
+    """{plan id: file name} of the plans used, for the report ("" = full precision). The id is
+    read from the plan file's JSON (no model needed)."""
+    names = {"": "full precision"}
+    for plan in plans:
+        if plan:
+            try:
+                names[json.loads(Path(plan).read_text())["plan_id"]] = Path(plan).name
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+    return names
 
 
 def _watch(policy, bridge, total: int, reload_plan: str, timeout: float) -> dict:
@@ -189,17 +204,24 @@ def _print_report(report: dict, plan: str, reload_plan: str) -> None:
     import numpy as np
 
     episodes, summary, chunks = report["episodes"], report["summary"], report["chunks"]
+    names = _plan_names(plan, reload_plan)
+
+    def name(plan_id):
+        return f"{names[plan_id]} ({plan_id})" if plan_id and plan_id in names else names.get(
+            plan_id, plan_id)
+
     print(f"\n {'#':>3}  {'task':<14} {'seed':>8}  {'result':<8} {'steps':>5}  plan(s)")
     for i, e in enumerate(episodes, 1):
-        plans = ", ".join(p or "full precision" for p in e["plan_ids"])
+        plans = ", ".join(name(p) for p in e["plan_ids"])
         print(f" {i:>3}  {e['task']:<14} {e['seed']:>8}  "
               f"{'success' if e['success'] else 'failure':<8} {e['steps']:>5}  {plans}")
     k, n = summary["successes"], summary["episodes"]
-    print(f"\nsuccess: {k}/{n} ({100 * k / max(n, 1):.0f}%) in {summary['wall_s']:.0f} s")
+    print(f"\nsuccess: {k}/{n} ({100 * k / max(n, 1):.0f}%); episodes took "
+          f"{summary['wall_s']:.0f} s, {report['wall_s']:.0f} s with start-up")
     by_plan: dict[str, list[bool]] = {}
     for e in episodes:
         if len(e["plan_ids"]) == 1:
-            by_plan.setdefault(e["plan_ids"][0] or "full precision", []).append(e["success"])
+            by_plan.setdefault(name(e["plan_ids"][0]), []).append(e["success"])
     if len(by_plan) > 1:
         print("  per plan (episodes served by one plan): " + "; ".join(
             f"{p}: {sum(v)}/{len(v)}" for p, v in by_plan.items()))
