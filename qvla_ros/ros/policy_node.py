@@ -4,7 +4,8 @@ parameter.
 
 Topics (all relative, so they remap):
     image, image2      sensor_msgs/Image   cameras, in the policy's camera order (image2 only when
-                                           the policy takes two); QoS from `image_qos`
+                                           the policy takes two; with one camera, remap both to
+                                           it); QoS from `image_qos`
     instruction        std_msgs/String     reliable + transient local: a node started late still
                                            gets the instruction that is in force
     proprio            sensor_msgs/JointState

@@ -76,6 +76,9 @@ class PolicyServer:
     """
 
     def __init__(self, checkpoint: str = "", device: str = "cpu", plan_path: str = ""):
+        # Imported before the first load is timed (torch and transformers take seconds).
+        import qvla_ros.quant.api  # noqa: F401
+
         self.checkpoint = checkpoint
         self.device = device
         self._reload_lock = threading.Lock()
