@@ -88,7 +88,10 @@ def run(args) -> int:
 
     if args.episodes_per_task < 1 or args.seed_offset < 0:
         raise SystemExit("qvla demo: --episodes-per-task must be >= 1 and --seed-offset >= 0")
-    tasks = [t.name for t in resolve_tasks(args.tasks)]
+    try:
+        tasks = [t.name for t in resolve_tasks(args.tasks)]
+    except ValueError as exc:
+        raise SystemExit(f"qvla demo: {exc}") from None
     settings = _demo_settings()
     plan = _choose_plan(args.plan, settings["plan"], "start")
     reload_plan = _choose_plan(args.reload_plan, settings["reload_plan"], "reload")
