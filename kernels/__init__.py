@@ -10,10 +10,10 @@ imported only when a CUDA tensor arrives, so this package imports on machines wi
 from .layout import KernelWeights, prepare_groups, prepare_packed
 from .ops import (GemmConfig, launch_mixed_gemm, mixed_bit_linear, override_configs, pick_config,
                   quantize_activations, triton_available)
-from .reference import mixed_bit_linear_reference, quantize_activations_reference
+from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
     "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "launch_mixed_gemm", "mixed_bit_linear",
     "override_configs", "pick_config", "quantize_activations", "triton_available",
-    "mixed_bit_linear_reference", "quantize_activations_reference",
+    "dequantize_kernel_weights", "mixed_bit_linear_reference", "quantize_activations_reference",
 ]

@@ -73,14 +73,14 @@ class GemmConfig:
 
 #: chosen per number of tokens M and activation width; `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
-    ("m1", 16): GemmConfig(bm=1, bn=16, num_warps=2, num_stages=2, use_dot=False),
-    ("m16", 16): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
-    ("m64", 16): GemmConfig(bm=64, bn=64, num_warps=4, num_stages=2),
-    ("large", 16): GemmConfig(bm=128, bn=128, bk16=64, num_warps=8, num_stages=2),
-    ("m1", 8): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
-    ("m16", 8): GemmConfig(bm=16, bn=32, num_warps=4, num_stages=2),
-    ("m64", 8): GemmConfig(bm=64, bn=64, num_warps=4, num_stages=2),
-    ("large", 8): GemmConfig(bm=128, bn=128, bk16=64, num_warps=8, num_stages=2),
+    ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False),
+    ("m16", 16): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
+    ("m64", 16): GemmConfig(bm=64, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("large", 16): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("m1", 8): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
+    ("m16", 8): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
+    ("m64", 8): GemmConfig(bm=64, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("large", 8): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
 }
 
 

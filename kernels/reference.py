@@ -34,6 +34,23 @@ def quantize_activations_reference(x2d: torch.Tensor) -> tuple[torch.Tensor, tor
     return codes.to(torch.int8), scale, codes.sum(dim=-1).to(torch.int32)
 
 
+def dequantize_kernel_weights(kw: KernelWeights, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [N, K] in original channel order (pruned rows zero), decoded from the kernel words."""
+    w = torch.zeros(kw.out_features, kw.in_features, dtype=dtype, device=kw.device)
+    for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
+        if rows == 0:
+            continue
+        s = kw.slot(bits)
+        lo, hi = s["start"], s["start"] + rows
+        if bits == 16:
+            part = kw.w16.to(dtype)
+        else:
+            codes = kw.group_codes(bits).to(torch.float32)
+            part = ((codes - kw.zero[lo:hi, None]) * kw.scale[lo:hi, None]).to(dtype)
+        w[kw.out_index[lo:hi].long()] = part
+    return w
+
+
 def mixed_bit_linear_reference(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
                                act_bits: int = 16) -> torch.Tensor:
     """y [..., N] = x W^T + bias, W decoded from the kernel layout; float32 math, x's dtype out."""

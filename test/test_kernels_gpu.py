@@ -1,0 +1,139 @@
+"""The Triton kernels on a CUDA GPU against the quant module's oracle (skipped without a GPU).
+
+Fresh random inputs for every bit mix, token counts on both sides of every tile size, odd shapes
+(N and K off every tile), pruned rows, layers of one width, fp16, folded zero-points; the output
+is filled with NaN first so an element the kernel never writes fails the test.
+"""
+import pytest
+import torch
+
+from qvla_ros.kernels import (GemmConfig, launch_mixed_gemm, mixed_bit_linear, pick_config, prepare_packed,
+                              quantize_activations, quantize_activations_reference)
+from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+_LAYERS = {}
+
+
+def layer(n, k, counts, frac=False):
+    """(PackedWeight on CPU, KernelWeights on the GPU), built once per shape and mix."""
+    key = (n, k, tuple(sorted(counts.items())), frac)
+    if key not in _LAYERS:
+        packed, _ = random_packed(n, k, counts, seed=n + 3 * k, fractional_zero=frac)
+        _LAYERS[key] = (packed, prepare_packed(packed, device="cuda"))
+    return _LAYERS[key]
+
+
+def run(kw, x, bias, act_bits, config=None):
+    out = torch.full((x.shape[0], kw.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    if act_bits == 8:
+        xq, xscale, xsum = quantize_activations(x)
+        launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum, config=config, out=out)
+    else:
+        launch_mixed_gemm(x, kw, bias, x.dtype, 16, config=config, out=out)
+    torch.cuda.synchronize()
+    return out
+
+
+def check(out, packed, x, bias, act_bits):
+    assert torch.isfinite(out).all(), "some output elements were never written"
+    ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), act_bits)
+    err = float((out.cpu().to(torch.float64) - ref).norm() / ref.norm())
+    assert err < (1e-2 if x.dtype == torch.bfloat16 else 2e-3), err
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("m", [1, 16, 64, 590])
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_every_mix_at_every_token_count(mix, m, act_bits):
+    n, k = 1152, 4096
+    packed, kw = layer(n, k, mix_counts(n, MIXES[mix]))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    check(run(kw, x, bias, act_bits), packed, x, bias, act_bits)
+
+
+@pytest.mark.parametrize("m", [1, 5, 17, 63, 65, 129, 333])
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_odd_shapes_and_ragged_groups(m, act_bits):
+    # N = 1000 leaves one ragged group; K = 1000 is no multiple of 16 or of any K-block
+    counts = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
+    packed, kw = layer(1000, 1000, counts)
+    x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+    check(run(kw, x, None, act_bits), packed, x, None, act_bits)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2, 0])
+def test_layers_of_one_width(bits):
+    packed, kw = layer(512, 2048, {bits: 512})
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(512, device="cuda")
+    out = run(kw, x, bias, 16)
+    if bits == 0:
+        assert torch.equal(out, bias.to(out.dtype).expand_as(out))
+    else:
+        check(out, packed, x, bias, 16)
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_float16_activations(m):
+    packed, kw = layer(640, 1536, mix_counts(640, MIXES["avg4"]))
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
+    check(run(kw, x, None, 16), packed, x, None, 16)
+
+
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_fractional_zero_points(m):
+    packed, kw = layer(384, 1024, {8: 64, 4: 128, 3: 128, 2: 64}, frac=True)
+    assert not kw.integer_zero
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    check(run(kw, x, None, 16), packed, x, None, 16)
+
+
+def test_int8_activations_match_the_reference_codes():
+    x = torch.randn(37, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    codes, scale, total = quantize_activations(x)
+    ref_codes, ref_scale, ref_total = quantize_activations_reference(x)
+    assert torch.equal(scale, ref_scale)
+    # division on the GPU may round a code on a tie differently; nothing else may differ
+    assert int((codes.int() - ref_codes.int()).abs().max()) <= 1
+    assert float((codes != ref_codes).float().mean()) < 1e-4
+    assert torch.equal(total, codes.int().sum(-1))
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_custom_op_in_a_cuda_graph(act_bits):
+    packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg4"]))
+    x = torch.randn(2, 8, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1152, device="cuda")
+    eager = mixed_bit_linear(x, kw, bias, act_bits)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mixed_bit_linear(x, kw, bias, act_bits)  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            captured = mixed_bit_linear(x, kw, bias, act_bits)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.shape == (2, 8, 1152)
+    assert torch.equal(captured, eager)
+
+
+def test_float32_inputs_run_in_bfloat16_and_come_back_as_float32():
+    packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg8"]))
+    x = torch.randn(3, 4096, device="cuda")
+    y = mixed_bit_linear(x, kw)
+    assert y.dtype == torch.float32
+    check(y.to(torch.bfloat16), packed, x.to(torch.bfloat16), None, 16)
+
+
+def test_default_configs_cover_every_bucket():
+    for m in (1, 2, 16, 17, 64, 65, 590, 4096):
+        for act_bits in (16, 8):
+            assert isinstance(pick_config(m, act_bits), GemmConfig)
