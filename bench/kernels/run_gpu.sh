@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --f
 t0=$SECONDS
 python3 bench/kernels/bench_kernels.py --warm --workers "${WARM_WORKERS:-8}" > "$OUT/warm.log" 2>&1 &
 warm=$!
-python3 -m pytest -q -n "${TEST_WORKERS:-6}" -p no:cacheprovider test/test_kernels_gpu.py > "$OUT/pytest.log" 2>&1
+timeout 240 python3 -m pytest -q -n "${TEST_WORKERS:-6}" -p no:cacheprovider test/test_kernels_gpu.py > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? after $((SECONDS - t0))s" | tee -a "$OUT/log"
 tail -25 "$OUT/pytest.log" | tee -a "$OUT/log"
 wait $warm
