@@ -167,3 +167,40 @@ def test_load_quantized_policy_from_float_checkpoint(policy, tmp_path):
     wrong = _mixed_plan(make_policy("micro", seed=7)).save(tmp_path / "wrong.json")
     with pytest.raises(PlanError, match="other weights"):
         load_quantized_policy(tmp_path / "float", wrong)
+
+
+def test_random_edits_and_truncations_raise_plan_error_only(policy, tmp_path):
+    """Every damaged variant of a real plan file is refused with PlanError (never another error)."""
+    text = _mixed_plan(policy).to_json()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "fuzz.json"
+    for trial in range(150):
+        chars = list(text)
+        kind = trial % 3
+        if kind == 0:
+            chars = chars[: int(rng.integers(0, len(chars)))]
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 4))):
+                chars[int(rng.integers(0, len(chars)))] = chr(int(rng.integers(32, 127)))
+        else:
+            at = int(rng.integers(0, len(chars)))
+            chars[at:at] = list(rng.choice(["NaN", "1e999", "[[[[", "\"\"", "-1", "null"]))
+        edited = "".join(chars)
+        try:  # an edit that leaves the content as it was (e.g. one digit of the time stamp) is no damage
+            same = {k: v for k, v in json.loads(edited).items() if k != "created"} == \
+                {k: v for k, v in json.loads(text).items() if k != "created"}
+        except (ValueError, AttributeError, RecursionError):
+            same = False
+        if same:
+            continue
+        path.write_text(edited)
+        with pytest.raises(PlanError):
+            BitPlan.load(path)
+
+
+def test_compressed_bits_cannot_inflate_past_the_layer(policy):
+    doc = json.loads(_mixed_plan(policy).to_json())
+    layer = doc["layers"][0]
+    layer["bits"] = base64.b64encode(zlib.compress(bytes(10 ** 7))).decode()
+    with pytest.raises(PlanError, match="more than"):
+        BitPlan.from_document(doc)

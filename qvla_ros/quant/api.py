@@ -1,6 +1,6 @@
 """`quantize_(policy, plan)`: apply a BitPlan in place, torchao style; save and load the result.
 
-    plan = BitPlan.load("config/plans/tiny_4.0.json", model=policy)   # checks it fits
+    plan = BitPlan.load("config/plans/tiny_qvla_4.0.json", model=policy)   # checks it fits
     quantize_(policy, plan)                                            # Linear -> MixedBitLinear
     save_quantized(policy, plan, "out/tiny_q4")                        # packed safetensors + plan
     policy = load_quantized_policy("out/tiny_q4")                      # ... and back

@@ -31,6 +31,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ BUDGET_COUNTS = ("bits of every stored byte of the quantized Linear weights (cod
                  "int32 row_index, bf16 rows) per weight parameter of those layers; biases excluded")
 # Plans larger than this are refused before parsing (a 7B plan is < 2 MB).
 MAX_PLAN_BYTES = 256 * 2 ** 20
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+# No Linear has more rows or columns than this.
+MAX_CHANNELS = 2 ** 26
 
 
 class PlanError(ValueError):
@@ -92,13 +96,18 @@ def _encode_bits(bits: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(bits.astype(np.uint8).tobytes(), 9)).decode("ascii")
 
 
-def _decode_bits(text: str, where: str) -> np.ndarray:
+def _decode_bits(text: str, where: str, expected: int) -> np.ndarray:
     if not isinstance(text, str):
         raise PlanError(f"{where}: 'bits' must be a {BITS_ENCODING} string")
     try:
-        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+        # Never inflate more than the layer can hold: a small edited payload cannot blow up memory.
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, expected + 1)
     except (binascii.Error, zlib.error, UnicodeEncodeError, ValueError) as exc:
         raise PlanError(f"{where}: 'bits' is not valid {BITS_ENCODING} ({exc}); the file was edited or damaged") from None
+    if len(raw) > expected:
+        raise PlanError(f"{where}: 'bits' holds more than {expected} channel widths")
     return np.frombuffer(raw, dtype=np.uint8).copy()
 
 
@@ -240,6 +249,8 @@ class BitPlan:
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                             "the file is truncated or not a bit plan") from None
+        except RecursionError:
+            raise PlanError(f"{source} nests too deeply to be a bit plan") from None
         return cls.from_document(doc, source)
 
     @classmethod
@@ -266,7 +277,9 @@ class BitPlan:
             where = f"{source}: layer {entry['name']!r}"
             if entry["name"] in layers:
                 raise PlanError(f"{where} appears twice")
-            bits = _decode_bits(entry["bits"], where)
+            if not 0 < entry["out_features"] <= MAX_CHANNELS or not 0 < entry["in_features"] <= MAX_CHANNELS:
+                raise PlanError(f"{where}: shape {entry['out_features']} x {entry['in_features']} is out of range")
+            bits = _decode_bits(entry["bits"], where, entry["out_features"])
             try:
                 layer = LayerPlan(entry["name"], entry["in_features"], entry["out_features"], bits, entry["act_bits"])
             except PlanError as exc:
@@ -277,17 +290,28 @@ class BitPlan:
                                 "the file was edited")
             layers[layer.name] = layer
         budget = doc["budget"].get("bits_per_param")
+        cost = doc["predicted"].get("action_cost")
+        for label, value in (("budget.bits_per_param", budget), ("predicted.action_cost", cost)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise PlanError(f"{source}: '{label}' must be a number or null, got {type(value).__name__}")
         try:
             plan = cls(layers=layers, model=doc["model"], budget_bits_per_param=budget,
                        row_tile=doc["row_tile"], candidate_bits=candidates,
-                       action_cost=doc["predicted"].get("action_cost"), provenance=doc["provenance"],
+                       action_cost=cost, provenance=doc["provenance"],
                        created=str(doc.get("created", "")))
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None
+        created = doc.get("created", "")
+        if not isinstance(created, str) or (created and not _CREATED.fullmatch(created)):
+            raise PlanError(f"{source}: 'created' is not a UTC time stamp like 2026-01-31T12:00:00Z")
         # Any other edit (a count, a figure, provenance) shows as a hash that no longer matches.
         stated_id = doc["plan_id"]
-        actual_id = _content_id({k: v for k, v in doc.items() if k not in ("plan_id", "created")})
-        if actual_id != stated_id or plan.plan_id != stated_id:
+        try:
+            actual_id = _content_id({k: v for k, v in doc.items() if k not in ("plan_id", "created")})
+            recomputed = plan.plan_id
+        except ValueError as exc:  # NaN or Infinity written into the file
+            raise PlanError(f"{source}: holds a value JSON cannot represent ({exc}); the file was edited") from None
+        if actual_id != stated_id or recomputed != stated_id:
             raise PlanError(f"{source}: content does not match its plan_id {stated_id!r} "
                             f"(hash of content is {actual_id!r}); the file was edited or damaged")
         return plan

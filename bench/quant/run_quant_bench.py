@@ -1,0 +1,281 @@
+"""QVLA on the shipped policy, offline: sensitivity estimators, action error vs budget, bytes.
+
+    .venv/bin/python bench/quant/run_quant_bench.py --data DEMO_DIR [--policy default] [--out bench/quant]
+
+1. Calibration frames (demonstrations, "train" split) and held-out frames ("val" split).
+2. Sensitivity: the jacobian estimator over every channel; the exact estimator on a seeded sample
+   of channels per layer (same frames); Spearman agreement per layer, per width and overall; the
+   hybrid table (jacobian rescaled per layer and width by the exact sample).
+3. For each budget (bits/param, scales/zeros/indices included): allocate with each table, quantize
+   the policy for real (packed MixedBitLinear), measure the action error on held-out frames:
+   E ||A_q - A_fp||^2 over the chunk (the quantity the allocation minimises) and the L1 of the
+   first action against the demonstration's.
+4. Uniform round-to-nearest (every channel at 2/3/4/8 bits, same quantizer) and QVLA at the same
+   measured bits/param.
+5. Bytes: packed weight bytes in memory and on disk vs the plan's prediction.
+Writes results.json, README.md (tables, the CPU) and plots into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from qvla_ros.policy import load_policy  # noqa: E402
+from qvla_ros.quant.allocate import allocate, assignment_cost, uniform_bits  # noqa: E402
+from qvla_ros.quant.api import disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized  # noqa: E402
+from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402
+from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
+from qvla_ros.quant.plots import plot_allocation  # noqa: E402
+from qvla_ros.quant.sensitivity import (SensitivityTable, compare_tables, exact_sensitivity,  # noqa: E402
+                                        jacobian_sensitivity, rescale_to_exact)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def predict(policy, frames, batch=32) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(frames), batch):
+            outs.append(policy(*frames.select(range(s, min(s + batch, len(frames)))).inputs()).float())
+    return torch.cat(outs)
+
+
+def action_errors(policy, frames, reference: torch.Tensor) -> dict:
+    pred = predict(policy, frames)
+    out = {"mse_chunk_vs_fp": float((pred - reference).pow(2).sum(dim=(1, 2)).mean()),
+           "rms_vs_fp": float((pred - reference).pow(2).mean().sqrt())}
+    if frames.actions is not None:
+        out["l1_first_vs_demo"] = float((pred[:, 0] - frames.actions).abs().mean())
+    return out
+
+
+def evaluate_plan(float_policy, plan, held_out, reference, workdir: Path) -> dict:
+    q = copy.deepcopy(float_policy)
+    quantize_(q, plan)
+    row = {"plan_id": plan.plan_id, "bits_per_param": plan.bits_per_param(),
+           "predicted_weight_bytes": plan.weight_nbytes(), "memory_weight_bytes": quantized_weight_nbytes(q)}
+    directory = save_quantized(q, plan, workdir / plan.plan_id)
+    row["disk_weight_bytes"] = disk_weight_nbytes(directory, plan)
+    row["bytes_rel_diff_memory"] = row["memory_weight_bytes"] / row["predicted_weight_bytes"] - 1
+    row["bytes_rel_diff_disk"] = row["disk_weight_bytes"] / row["predicted_weight_bytes"] - 1
+    row.update(action_errors(q, held_out, reference))
+    row["totals"] = {str(k): v for k, v in plan.totals().items()}
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--data", required=True, help="demonstration folder")
+    ap.add_argument("--out", default=str(REPO / "bench" / "quant"))
+    ap.add_argument("--calib-frames", type=int, default=32)
+    ap.add_argument("--exact-frames", type=int, default=8)
+    ap.add_argument("--exact-channels", type=int, default=8, help="sampled channels per layer for the exact estimator")
+    ap.add_argument("--held-out-frames", type=int, default=128)
+    ap.add_argument("--budgets", default="2.5,3,4,6,8")
+    ap.add_argument("--plans-dir", default=None, help="also write the plans at these budgets here (config/plans)")
+    ap.add_argument("--ship-budgets", default="2.5,3,4,6")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    policy = load_policy(None if args.policy == "default" else args.policy)
+    calib = frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed)
+    held_out = frames_from_demos(args.data, args.held_out_frames, split="val", seed=args.seed + 1)
+    reference = predict(policy, held_out)
+    results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "policy": args.policy, "data": args.data, "calib_frames": len(calib),
+                     "held_out_frames": len(held_out), "float_policy": {}}
+    if held_out.actions is not None:
+        results["float_policy"]["l1_first_vs_demo"] = float((reference[:, 0] - held_out.actions).abs().mean())
+
+    # ---- sensitivity ---------------------------------------------------------------------------
+    jac = jacobian_sensitivity(policy, calib, seed=args.seed)
+    jac.save(out / "sensitivity_jacobian.safetensors")
+    exact_frames = calib.select(range(min(args.exact_frames, len(calib))))
+    exact = exact_sensitivity(policy, exact_frames, max_channels=args.exact_channels, seed=args.seed)
+    exact.save(out / "sensitivity_exact_sample.safetensors")
+    jac_same = jacobian_sensitivity(policy, exact_frames, seed=args.seed, progress=False)
+    agreement = compare_tables(exact, jac_same)
+    hybrid = rescale_to_exact(jac, exact)
+    results["sensitivity"] = {
+        "jacobian_seconds": jac.meta["seconds"], "exact_seconds_sample": exact.meta["seconds"],
+        "exact_perturbations": int(sum(np.isfinite(c).all(axis=1).sum() for c in exact.costs.values()) * 5),
+        "exact_replay_max_abs_error": exact.meta["replay_max_abs_error"],
+        "channels": int(sum(c.shape[0] for c in jac.costs.values())),
+        "spearman_jacobian_vs_exact_same_frames": agreement,
+        "spearman_hybrid_vs_exact": compare_tables(exact, hybrid)["overall"],
+    }
+    _plot_spearman(exact, jac_same, agreement, out / "spearman_jacobian_vs_exact.png")
+
+    # ---- allocation at each budget -------------------------------------------------------------
+    tables = {"qvla-jacobian": jac, "qvla-hybrid": hybrid}
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="qvla_bench_"))
+    budgets = [float(b) for b in args.budgets.split(",")]
+    for budget in budgets:
+        for method, table in tables.items():
+            a = allocate(table, budget)
+            plan = a.to_plan(table)
+            row = {"method": method, "budget": budget, "predicted_cost": a.cost,
+                   "relative_duality_gap": a.relative_gap, "allocate_seconds": a.seconds}
+            row.update(evaluate_plan(policy, plan, held_out, reference, work))
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("method", "budget", "bits_per_param", "mse_chunk_vs_fp")}))
+            if method == "qvla-hybrid" and budget == 4.0:
+                plot_allocation(plan, out / "allocation_4.0.png")
+    # uniform RTN and QVLA at its measured bits/param
+    for bits in (2, 3, 4, 8):
+        ub = uniform_bits(jac, bits)
+        plan = plan_from_bits(policy, ub, provenance={"method": f"uniform RTN W{bits}"})
+        row = {"method": "uniform-rtn", "budget": None, "weight_bits": bits, "predicted_cost": assignment_cost(jac, ub)}
+        row.update(evaluate_plan(policy, plan, held_out, reference, work))
+        rows.append(row)
+        for method, table in tables.items():
+            a = allocate(table, plan.bits_per_param())
+            qplan = a.to_plan(table)
+            r2 = {"method": f"{method}@rtn", "budget": plan.bits_per_param(), "matches_weight_bits": bits,
+                  "predicted_cost": a.cost}
+            r2.update(evaluate_plan(policy, qplan, held_out, reference, work))
+            rows.append(r2)
+        print(json.dumps({"uniform": bits, "bpp": plan.bits_per_param(), "mse": row["mse_chunk_vs_fp"]}))
+    results["rows"] = rows
+    results["max_bytes_rel_diff"] = max(max(abs(r["bytes_rel_diff_memory"]), abs(r["bytes_rel_diff_disk"])) for r in rows)
+    results["wall_seconds"] = round(time.time() - started, 1)
+    _plot_error_vs_budget(rows, out / "action_error_vs_budget.png")
+
+    # ---- shipped plans -------------------------------------------------------------------------
+    if args.plans_dir:
+        plans_dir = Path(args.plans_dir)
+        shipped = {}
+        for budget in [float(b) for b in args.ship_budgets.split(",")]:
+            a = allocate(hybrid, budget)
+            plan = a.to_plan(hybrid, provenance={"made_by": "bench/quant/run_quant_bench.py"})
+            path = plan.save(plans_dir / f"tiny_qvla_{budget:.1f}.json")
+            shipped[path.name] = {"plan_id": plan.plan_id, "bits_per_param": plan.bits_per_param(),
+                                  "weight_bytes": plan.weight_nbytes()}
+        results["shipped_plans"] = shipped
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    _write_readme(results, out / "README.md")
+    print(f"done in {results['wall_seconds']} s -> {out}")
+    return 0
+
+
+def _plot_spearman(exact: SensitivityTable, jac: SensitivityTable, agreement: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    colours = {0: "#cb4335", 2: "#e67e22", 3: "#f4d03f", 4: "#48c9b0", 8: "#2e86c1"}
+    for b, colour in colours.items():
+        xs, ys = [], []
+        for name, table in exact.costs.items():
+            keep = exact.measured(name)
+            xs.append(table[keep, exact.column(b)])
+            ys.append(jac.costs[name][keep, jac.column(b)])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        ok = (x > 0) & (y > 0)
+        ax.loglog(x[ok], y[ok], ".", ms=3, color=colour, label=f"{'pruned' if b == 0 else f'{b} bit'} "
+                  f"(rho {agreement['per_bits'].get(b, float('nan')):.3f})")
+    lo, hi = ax.get_xlim()
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlabel("exact: E||A(q) - A*||^2")
+    ax.set_ylabel("jacobian (first order)")
+    ax.set_title(f"sensitivity, sampled channels: Spearman {agreement['overall']:.3f}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _plot_error_vs_budget(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = {"qvla-jacobian": ("o-", "#2e86c1"), "qvla-hybrid": ("s-", "#1b4f72"), "uniform-rtn": ("^--", "#cb4335")}
+    for method, (style, colour) in styles.items():
+        pts = sorted((r["bits_per_param"], r["mse_chunk_vs_fp"]) for r in rows
+                     if r["method"] == method or r["method"] == f"{method}@rtn")
+        if pts:
+            ax.semilogy(*zip(*pts), style, color=colour, label=method, ms=4)
+    ax.set_xlabel("bits per parameter (scales, zeros, row indices included)")
+    ax.set_ylabel("held-out E||A_q - A_fp||^2 (chunk)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _write_readme(results: dict, path: Path) -> None:
+    s = results["sensitivity"]
+    ag = s["spearman_jacobian_vs_exact_same_frames"]
+    lines = [
+        "# QVLA offline benchmark (shipped tiny policy)",
+        "",
+        f"Produced by `bench/quant/run_quant_bench.py` on **{results['cpu']}** "
+        f"({results['torch_threads']} torch threads, torch {results['torch']}), {results['wall_seconds']} s wall.",
+        f"Calibration: {results['calib_frames']} demonstration frames (train split); evaluation: "
+        f"{results['held_out_frames']} held-out frames (val split).",
+        "",
+        "## Sensitivity estimators",
+        "",
+        f"- jacobian (all {s['channels']} channels, every width): {s['jacobian_seconds']:.1f} s",
+        f"- exact (sampled channels, {s['exact_perturbations']} perturbations): {s['exact_seconds_sample']:.1f} s; "
+        f"replayed-prefix check max |dA| {s['exact_replay_max_abs_error']:.2e}",
+        f"- Spearman jacobian vs exact (same frames, {ag['entries']} entries): overall **{ag['overall']:.4f}**; "
+        "per width " + ", ".join(f"{b}: {v:.3f}" for b, v in ag["per_bits"].items()),
+        f"- within-layer channel order, median over layers: "
+        + ", ".join(f"{b}: {v:.3f}" for b, v in ag["within_layer_median_per_bits"].items()),
+        f"- per layer: min {min(ag['per_layer'].values()):.3f}, median {np.median(list(ag['per_layer'].values())):.3f}",
+        f"- hybrid (jacobian rescaled per layer and width by the exact sample) vs exact: {s['spearman_hybrid_vs_exact']:.4f}",
+        "",
+        "## Action error vs budget (held-out frames)",
+        "",
+        "| method | budget | bits/param | E‖A_q−A_fp‖² | L1 first action vs demo | predicted cost | weight bytes (pred / mem / disk) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        budget = "" if r.get("budget") is None else f"{r['budget']:.3f}"
+        name = r["method"] + (f" W{r['weight_bits']}" if "weight_bits" in r else "")
+        lines.append(f"| {name} | {budget} | {r['bits_per_param']:.3f} | {r['mse_chunk_vs_fp']:.3e} | "
+                     f"{r.get('l1_first_vs_demo', float('nan')):.4f} | {r['predicted_cost']:.3e} | "
+                     f"{r['predicted_weight_bytes']} / {r['memory_weight_bytes']} / {r['disk_weight_bytes']} |")
+    fp = results["float_policy"].get("l1_first_vs_demo")
+    if fp is not None:
+        lines += ["", f"Float policy L1 of the first action vs demonstrations: {fp:.4f}"]
+    lines += ["", f"Largest |measured/predicted - 1| over all plans (memory and disk): {results['max_bytes_rel_diff']:.2e}",
+              "", "![action error vs budget](action_error_vs_budget.png)",
+              "![spearman](spearman_jacobian_vs_exact.png)", "![allocation at 4 bits/param](allocation_4.0.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
