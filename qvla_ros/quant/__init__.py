@@ -24,7 +24,10 @@ _EXPORTS = {
     "load_quantized": "api", "quantized_weight_nbytes": "api",
     "SensitivityTable": "sensitivity", "exact_sensitivity": "sensitivity",
     "jacobian_sensitivity": "sensitivity",
-    "allocate": "allocate", "Allocation": "allocate",
+    "rescale_to_exact": "sensitivity", "compare_tables": "sensitivity",
+    "allocate": "allocate", "Allocation": "allocate", "BudgetError": "allocate",
+    "plan_from_bits": "plan", "CalibrationFrames": "calibration", "frames_from_demos": "calibration",
+    "set_dequant_cache": "api",
 }
 
 __all__ = sorted(_EXPORTS)
