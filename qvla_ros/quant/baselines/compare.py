@@ -13,8 +13,8 @@ Everything lands under OUT/runs/<method>-<config id>/ and is reused when present
 hashes the method, the float policy's weights, the calibration frames and the method's settings
 (for QVLA: the budget it was given), so changing any of them re-runs just what changed. Closed-loop
 episodes are appended to episodes.jsonl as they finish; an interrupted run resumes at the first
-task not yet complete. The table (compare.md, compare.json) and plot (compare.png) are rewritten
-from what exists after every method, so a partial run already shows its rows.
+task not yet complete. The table (compare.md, compare.json) is rewritten after every method, so a
+partial run already shows its rows; the plot (compare.png) is drawn at the end.
 """
 from __future__ import annotations
 
@@ -316,10 +316,10 @@ class Comparison:
             record["closed_loop"] = self.closed_loop(spec, budget)
             record["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(record)
-            self.write_report(rows)
+            self.write_report(rows, plot=False)
         return self.write_report(rows)
 
-    def write_report(self, rows: list[dict]) -> dict:
+    def write_report(self, rows: list[dict], plot: bool = True) -> dict:
         from .report import plot_comparison, write_markdown
 
         settings = asdict(self.settings)
@@ -329,7 +329,8 @@ class Comparison:
                "machine": machine(), "rows": rows}
         _write_json(self.out / "compare.json", doc)
         write_markdown(doc, self.out / "compare.md")
-        plot_comparison(doc, self.out / "compare.png")
+        if plot:
+            plot_comparison(doc, self.out / "compare.png")
         return doc
 
 

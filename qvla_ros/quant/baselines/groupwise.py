@@ -45,6 +45,10 @@ class GroupWiseLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.bias = None
+        # As MixedBitLinear: optionally keep the dequantized weights (fast CPU rollouts, at the
+        # price of the memory the packing saves); never counted as stored weight memory.
+        self.cache_dequantized = False
+        self._dequant_cache: torch.Tensor | None = None
 
     @property
     def padded_in_features(self) -> int:
@@ -87,7 +91,17 @@ class GroupWiseLinear(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         dtype = x.dtype if x.is_floating_point() else torch.float32
         bias = None if self.bias is None else self.bias.to(dtype)
-        return torch.nn.functional.linear(x.to(dtype), self.dequantize(dtype).to(x.device), bias)
+        if self.cache_dequantized:
+            if self._dequant_cache is None or self._dequant_cache.dtype != dtype:
+                self._dequant_cache = self.dequantize(dtype).to(x.device)
+            weight = self._dequant_cache
+        else:
+            weight = self.dequantize(dtype).to(x.device)
+        return torch.nn.functional.linear(x.to(dtype), weight, bias)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dequant_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
