@@ -192,3 +192,19 @@ def test_packed_weight_roundtrip_of_bits_and_order():
         idx = packed.row_index[g.start:g.start + g.rows]
         assert torch.equal(idx, idx.sort().values)
         assert torch.equal(bits[idx.long()], torch.full((g.rows,), g.bits))
+
+
+def test_kernel_dispatch_agrees_with_the_oracle():
+    """The path CUDA inputs take (qvla_ros.kernels on the same buffers), run with the kernels' CPU
+    model, equals the CPU oracle: the two read the packed layout the same way."""
+    kernels = pytest.importorskip("qvla_ros.kernels")
+    gen = torch.Generator().manual_seed(11)
+    linear = nn.Linear(44, 80)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(80, 44, generator=gen) * 0.2)
+    bits = _random_bits(80, [0, 2, 3, 4, 8, 16], 16, gen)
+    x = torch.randn(3, 7, 44, generator=gen)
+    for act_bits in (16, 8):
+        module = MixedBitLinear.from_linear(linear, bits, act_bits=act_bits)
+        assert sqnr_db(module(x), module._forward_kernel(x)) > 60
+    assert module._kernel_weights is not None and isinstance(module._kernel_weights, kernels.KernelWeights)

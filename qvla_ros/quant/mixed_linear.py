@@ -1,6 +1,7 @@
 """`MixedBitLinear`: an nn.Linear replacement holding really packed mixed-bit rows.
 
-The buffers follow the layout of `qvla_ros.quant.packing` (read its docstring first):
+On CUDA inputs the forward runs the grouped GEMM of `qvla_ros.kernels` (its layout is built from
+these buffers once). The buffers follow the layout of `qvla_ros.quant.packing` (read its docstring first):
 
     row_index            int32    [N_kept]
     g{b}_qweight         uint8    [R_b, Kp*b/8]   b in {8, 4, 2};  b = 3: [R_3, Kp/4] (low 2 bits)
@@ -73,6 +74,7 @@ class MixedBitLinear(nn.Module):
             self.bias = None
         self.cache_dequantized = False
         self._dequant_cache: torch.Tensor | None = None
+        self._kernel_weights = None  # qvla_ros.kernels.KernelWeights, built on first CUDA forward
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -143,6 +145,8 @@ class MixedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if x.is_cuda:
+            return self._forward_kernel(x)
         dtype = x.dtype if x.is_floating_point() else torch.float32
         x = fake_quantize_activations(x.to(dtype), self.act_bits)
         if self.cache_dequantized:
@@ -164,13 +168,25 @@ class MixedBitLinear(nn.Module):
             out.index_copy_(-1, index, y)
         return out
 
-    # Cached weights describe the buffers: drop them whenever the buffers are replaced or moved.
+    def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """GPU: the grouped mixed-bit GEMM of qvla_ros.kernels, on a kernel layout built once."""
+        from ..kernels import mixed_bit_linear, prepare_packed
+
+        weights = self._kernel_weights
+        if weights is None or weights.device != x.device:
+            weights = self._kernel_weights = prepare_packed(self.packed_weight(), device=x.device)
+        bias = None if self.bias is None else self.bias.to(x.device)
+        return mixed_bit_linear(x if x.is_floating_point() else x.float(), weights, bias, self.act_bits)
+
+    # Derived weights describe the buffers: drop them whenever the buffers are replaced or moved.
     def _load_from_state_dict(self, *args, **kwargs):
         self._dequant_cache = None
+        self._kernel_weights = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         self._dequant_cache = None
+        self._kernel_weights = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
