@@ -45,6 +45,8 @@ class GemmConfig:
             registers: small tiles); > 0 = decode kstep features of each row into one tile and make
             one product per step (large wgmma tiles). A power of two, 64..512.
         bk16: input features per step for the dense 16-bit rows.
+        split_k: programs sharing one output tile along K (> 1 shortens each program's chain of
+            dependent loads when there are few tiles; the last one to finish adds up the parts).
         num_warps, num_stages: Triton launch options.
         use_dot: tensor-core products (needs bm >= 16); False: FMA, bm must be 1.
         decode_f32: decode bfloat16 weights through float32 (one conversion per element) instead of
@@ -59,12 +61,17 @@ class GemmConfig:
     num_stages: int = 2
     use_dot: bool = True
     decode_f32: bool = False
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         if self.wb % 32 or self.wb <= 0:
             raise ValueError(f"wb must be a positive multiple of 32, got {self.wb}")
         if self.kstep and (self.kstep not in (64, 128, 256, 512) or not self.use_dot):
             raise ValueError(f"kstep must be 0 or one of 64..512 (a power of two) with use_dot, got {self.kstep}")
+        if self.split_k < 1 or self.split_k > 16:
+            raise ValueError(f"split_k must be in 1..16, got {self.split_k}")
+        if self.bk16 < 16 or self.bk16 & (self.bk16 - 1):
+            raise ValueError(f"bk16 must be a power of two >= 16, got {self.bk16}")
         if self.use_dot and self.bm < 16:
             raise ValueError(f"tensor-core tiles need bm >= 16, got {self.bm}")
         if not self.use_dot and self.bm != 1:
@@ -73,13 +80,13 @@ class GemmConfig:
 
 #: chosen per number of tokens M and activation width; `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
-    ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False),
-    ("m16", 16): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
-    ("m64", 16): GemmConfig(bm=64, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=4, bk16=256),
+    ("m16", 16): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
+    ("m64", 16): GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
     ("large", 16): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
-    ("m1", 8): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
-    ("m16", 8): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4),
-    ("m64", 8): GemmConfig(bm=64, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("m1", 8): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
+    ("m16", 8): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
+    ("m64", 8): GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
     ("large", 8): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
 }
 
@@ -128,6 +135,21 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return xq, xscale, xsum
 
 
+# Split-K scratch per device: float32 parts of the output tiles and one arrival counter per tile.
+# The counters are zeroed once and every launch leaves them at zero again; launches that share them
+# must run one after the other (one stream), which is how a model's layers run.
+_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_scratch(device: torch.device, parts: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws, counts = _SCRATCH.get(device, (None, None))
+    if ws is None or ws.numel() < parts or counts.numel() < tiles:
+        ws = torch.empty(max(parts, 1 << 20), dtype=torch.float32, device=device)
+        counts = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        _SCRATCH[device] = (ws, counts)
+    return ws, counts
+
+
 def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
                       act_bits: int, xscale: torch.Tensor | None = None, xsum: torch.Tensor | None = None,
                       config: GemmConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,17 +175,22 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
         y = out
     if m == 0:
         return y
-    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows)
-    grid = (tiles * -(-m // cfg.bm),)
+    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * -(-m // cfg.bm)
+    grid = (tiles * cfg.split_k,)
     dummy = kw.scale
+    if cfg.split_k > 1:
+        ws, counts = _split_scratch(x_in.device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
+    else:
+        ws, counts = dummy, kw.out_index
     mixed_gemm_kernel[grid](
         x_in, xscale if a8 else dummy, xsum if a8 else dummy, kw.qwords, kw.qwords.view(torch.int16), kw.w16,
-        kw.scale, kw.zero, kw.out_index, kw.meta, bias if bias is not None else dummy, y,
+        kw.scale, kw.zero, kw.out_index, kw.meta, bias if bias is not None else dummy, y, ws, counts,
         m, k, x_in.stride(0), y.stride(0), int(bias is not None),
         A8=a8, ZERO_FOLD=not kw.integer_zero,
         X_FP16=(not a8) and x_in.dtype == torch.float16, USE_DOT=cfg.use_dot,
         DECODE_F32=cfg.decode_f32 or _interpreting(),
-        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

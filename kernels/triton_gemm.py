@@ -69,18 +69,19 @@ def _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_pt
 
 
 @triton.jit
-def _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask,
+def _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, k_lo, k_hi, w16_ptr, offs_n, n_mask,
                 A8: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """x [BM, K] @ W16[offs_n, :K]^T in float32 (x: the 16-bit input, or int8 codes under A8)."""
+    """x [BM, k_lo:k_hi] @ W16[offs_n, k_lo:k_hi]^T in float32 (x: the 16-bit input, or int8 codes
+    under A8)."""
     ck = tl.arange(0, BK)
     if USE_DOT:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     else:
         acc2 = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         k = k0 + ck
-        kmask = k < K
+        kmask = k < k_hi
         w = tl.load(w16_ptr + offs_n[:, None] * K + k[None, :], mask=n_mask[:, None] & kmask[None, :], other=0.0)
         xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & kmask[None, :],
                      other=0)
@@ -98,14 +99,14 @@ def _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask,
 
 
 @triton.jit
-def _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, zc,
-                BITS: tl.constexpr, A8: tl.constexpr, USE_DOT: tl.constexpr, ZERO_FOLD: tl.constexpr,
+def _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, kb_lo, kb_hi, offs_n,
+                n_mask, zc, BITS: tl.constexpr, A8: tl.constexpr, USE_DOT: tl.constexpr, ZERO_FOLD: tl.constexpr,
                 X_FP16: tl.constexpr, DECODE_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 WB: tl.constexpr):
-    """Products of x with BN quantized rows of one width.
+    """Products of x with BN quantized rows of one width over K-blocks kb_lo..kb_hi.
 
-    Returns (acc [BM, BN], xs [BM]): acc is float32 (A16) or int32 (A8); xs is sum(x) over K when
-    the epilogue must fold the zero-point (A16 with ZERO_FOLD, and the one-token path), else 0.
+    Returns (acc [BM, BN], xs [BM]): acc is float32 (A16) or int32 (A8); xs is sum(x) over the
+    blocks when the epilogue must fold the zero-point (A16 with ZERO_FOLD, and the one-token path).
     """
     E: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     LOW: tl.constexpr = 2 if BITS == 3 else BITS
@@ -127,20 +128,25 @@ def _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
     else:
         acc2 = tl.zeros([BN, WB], dtype=tl.float32)
         xs2 = tl.zeros([BM, WB], dtype=tl.float32)
-    for kb0 in range(0, nkb, BLOCKS):
+    for kb0 in range(kb_lo, kb_hi, BLOCKS):
         kb = kb0 + kb_local
-        wmask = n_mask[:, None] & (kb < nkb)[None, :]
+        wmask = n_mask[:, None] & (kb < kb_hi)[None, :]
         w = tl.load(w_rows[:, None] + (kb0 * 32 + c)[None, :], mask=wmask, other=0)
         if BITS == 3:
             wh = tl.load(h_rows[:, None] + (kb0 * 32 + c)[None, :], mask=wmask, other=0).to(tl.int32)
         kbase = kb * KB + j
+        # every field's slice of x is loaded before the first product: one memory round trip per
+        # step instead of one per field (a product's shared-memory barrier stops later loads)
+        xt = ()
+        for i in tl.static_range(E):
+            k = kbase + i * 32
+            xmask = m_mask[:, None] & ((k < K) & (kb < kb_hi))[None, :]
+            xt = xt + (tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=xmask, other=0),)
         for i in tl.static_range(E):
             q = (w >> (i * LOW)) & LOW_MASK
             if BITS == 3:
                 q = q | (((wh >> i) & 1) << 2)
-            k = kbase + i * 32
-            xmask = m_mask[:, None] & (k < K)[None, :]
-            xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=xmask, other=0)
+            xi = xt[i]
             if USE_DOT:
                 if A8:
                     if BITS == 8:
@@ -162,7 +168,8 @@ def _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
 
 
 @triton.jit
-def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, zc,
+def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, g_lo, g_hi, offs_n,
+                       n_mask, zc,
                        BITS: tl.constexpr, A8: tl.constexpr, ZERO_FOLD: tl.constexpr, X_FP16: tl.constexpr,
                        DECODE_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KSTEP: tl.constexpr):
     """Like _quant_tile, but each loop step decodes KSTEP features of every row into ONE [BN, KSTEP]
@@ -190,8 +197,8 @@ def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     xs2 = tl.zeros([BM, KSTEP], dtype=tl.float32)
-    for g0 in range(0, row_words, WB):
-        wmask = n_mask[:, None] & (g0 + c < row_words)[None, :]
+    for g0 in range(g_lo, g_hi, WB):
+        wmask = n_mask[:, None] & (g0 + c < g_hi)[None, :]
         w = tl.load(w_rows[:, None] + (g0 + c)[None, :], mask=wmask, other=0)
         q3 = (w[:, None, :] >> (fields * LOW)[None, :, None]) & LOW_MASK
         if BITS == 3:
@@ -201,7 +208,7 @@ def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff,
         g = g0 + t_word
         k = (g // 32) * KB + t_field * 32 + g % 32
         k = tl.max_contiguous(tl.multiple_of(k, WB), WB)
-        xmask = m_mask[:, None] & (k < K)[None, :]
+        xmask = m_mask[:, None] & ((k < K) & (g < g_hi))[None, :]
         xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=xmask, other=0)
         if A8:
             if BITS == 8:
@@ -216,11 +223,22 @@ def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff,
 
 
 @triton.jit
+def _k_range(total, step, pid_k, SPLIT_K: tl.constexpr):
+    """[lo, hi) of `total` units (in multiples of `step`) handled by split pid_k of SPLIT_K."""
+    chunk = tl.cdiv(tl.cdiv(total, step), SPLIT_K) * step
+    lo = pid_k * chunk
+    hi = tl.minimum(total, lo + chunk)
+    return lo, hi
+
+
+@triton.jit
 def _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
-                 xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, stride_ym,
+                 xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, pid_k,
                  BITS: tl.constexpr, A8: tl.constexpr, USE_DOT: tl.constexpr, ZERO_FOLD: tl.constexpr,
-                 X_FP16: tl.constexpr, DECODE_F32: tl.constexpr, has_bias,
-                 BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr, KSTEP: tl.constexpr):
+                 X_FP16: tl.constexpr, DECODE_F32: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr, KSTEP: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    """This split's share of y[:, rows] (before the bias) for BN rows of one quantized width."""
     scale = tl.load(scale_ptr + prow, mask=n_mask, other=0.0)
     zero = tl.load(zero_ptr + prow, mask=n_mask, other=0.0)
     # zc: what the decoded codes carry besides q (offset of the float trick, zero-point when folded)
@@ -241,37 +259,63 @@ def _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff,
     else:
         zc = zero + 128.0
     if KSTEP > 0:
-        acc, xs = _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n,
-                                     n_mask, zc, BITS, A8, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, KSTEP)
+        E: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+        g_lo, g_hi = _k_range(nkb * 32, KSTEP // E, pid_k, SPLIT_K)
+        acc, xs = _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, g_lo, g_hi,
+                                     offs_n, n_mask, zc, BITS, A8, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, KSTEP)
     else:
-        acc, xs = _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask,
-                              zc, BITS, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB)
+        kb_lo, kb_hi = _k_range(nkb, WB // 32, pid_k, SPLIT_K)
+        acc, xs = _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, kb_lo, kb_hi,
+                              offs_n, n_mask, zc, BITS, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB)
     if A8:
         xsum = tl.load(xsum_ptr + offs_m, mask=m_mask, other=0).to(tl.float32)
         xscale = tl.load(xscale_ptr + offs_m, mask=m_mask, other=0.0)
+        xsum = tl.where(pid_k == 0, xsum, 0.0)  # the zero-point term belongs to one split only
         out = (acc.to(tl.float32) - zc[None, :] * xsum[:, None]) * xscale[:, None] * scale[None, :]
     elif USE_DOT and not ZERO_FOLD:
         out = acc * scale[None, :]
     else:
         out = (acc - zc[None, :] * xs[:, None]) * scale[None, :]
-    _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+    return out
+
+
+@triton.jit
+def _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+            ws_ptr, count_ptr, counter, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile; with split-K, park this split's part and let the last split of the tile add
+    them up and store (the counter returns to 0 for the next launch)."""
+    if SPLIT_K == 1:
+        _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+    else:
+        r = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        base = ws_ptr + counter * (SPLIT_K * BM * BN)
+        tl.store(base + pid_k * (BM * BN) + r, out)
+        tl.debug_barrier()  # every thread's part is written before one thread signals
+        arrived = tl.atomic_add(count_ptr + counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(base + s * (BM * BN) + r, cache_modifier=".cg")
+            _store_tile(total, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+            tl.store(count_ptr + counter, 0)
 
 
 @triton.jit(do_not_specialize=["M", "has_bias"])
 def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr,
-                      out_index_ptr, meta_ptr, bias_ptr, y_ptr, M, K, stride_xm, stride_ym, has_bias,
-                      A8: tl.constexpr, ZERO_FOLD: tl.constexpr, X_FP16: tl.constexpr,
-                      USE_DOT: tl.constexpr, DECODE_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr,
-                      KSTEP: tl.constexpr, BK16: tl.constexpr):
+                      out_index_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, K, stride_xm, stride_ym,
+                      has_bias, A8: tl.constexpr, ZERO_FOLD: tl.constexpr, X_FP16: tl.constexpr,
+                      USE_DOT: tl.constexpr, DECODE_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      WB: tl.constexpr, KSTEP: tl.constexpr, BK16: tl.constexpr, SPLIT_K: tl.constexpr):
     """y[:, out_index] = x @ W^T (+ bias) for every group of a mixed-bit layer; pruned channels get the bias.
 
-    Grid: (sum over slots of cdiv(rows, BN)) * cdiv(M, BM) programs, the token tile varying fastest
-    so the programs that read one weight tile run together.
+    Grid: (sum over slots of cdiv(rows, BN)) * cdiv(M, BM) * SPLIT_K programs; the K split varies
+    fastest, then the token tile, so the programs that read one weight tile run together.
     """
     pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
     num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    tile = pid // num_m
+    pid_m = (pid // SPLIT_K) % num_m
+    tile = pid // (SPLIT_K * num_m)
     slot = 0
     local = 0
     first = 0
@@ -292,31 +336,33 @@ def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale
     prow = start + offs_n
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
+    counter = tile * num_m + pid_m
     if slot == 0:
-        acc = _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask,
+        k_lo, k_hi = _k_range(K, BK16, pid_k, SPLIT_K)
+        out = _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, k_lo, k_hi, w16_ptr, offs_n, n_mask,
                           A8, USE_DOT, X_FP16, BM, BN, BK16)
         if A8:
-            acc = acc * tl.load(xscale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
-        _store_tile(acc, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+            out = out * tl.load(xscale_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
     elif slot == 1:
-        _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
-                     xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, stride_ym,
-                     8, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, has_bias, BM, BN, WB, KSTEP)
+        out = _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask,
+                           prow, xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, pid_k,
+                           8, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB, KSTEP, SPLIT_K)
     elif slot == 2:
-        _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
-                     xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, stride_ym,
-                     4, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, has_bias, BM, BN, WB, KSTEP)
+        out = _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask,
+                           prow, xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, pid_k,
+                           4, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB, KSTEP, SPLIT_K)
     elif slot == 3:
-        _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
-                     xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, stride_ym,
-                     3, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, has_bias, BM, BN, WB, KSTEP)
+        out = _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask,
+                           prow, xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, pid_k,
+                           3, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB, KSTEP, SPLIT_K)
     elif slot == 4:
-        _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
-                     xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, stride_ym,
-                     2, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, has_bias, BM, BN, WB, KSTEP)
+        out = _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask,
+                           prow, xscale_ptr, xsum_ptr, scale_ptr, zero_ptr, pid_k,
+                           2, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB, KSTEP, SPLIT_K)
     else:
-        _store_tile(tl.zeros([BM, BN], dtype=tl.float32), offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr,
-                    y_ptr, stride_ym, has_bias)
+        out = tl.zeros([BM, BN], dtype=tl.float32)
+    _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+            ws_ptr, count_ptr, counter, pid_k, BM, BN, SPLIT_K)
 
 
 @triton.jit

@@ -34,6 +34,14 @@ CASES = [
      True),
     ("ragged-tiny-layer", 7, 40, {8: 3, 2: 2, 0: 2}, 3, dict(bm=16, bn=16, wb=32), 16, "bfloat16", False, True),
     ("all-pruned", 32, 64, {0: 32}, 2, dict(bm=16, bn=16, wb=32), 16, "bfloat16", False, True),
+    ("split-k3-fma", 96, 600, EVERY, 1, dict(bm=1, bn=16, bk16=256, use_dot=False, split_k=3), 16, "bfloat16",
+     False, True),
+    ("split-k4-dot", 96, 600, EVERY, 5, dict(bm=16, bn=16, split_k=4), 16, "bfloat16", False, True),
+    ("split-k2-joined", 96, 600, EVERY, 20, dict(bm=16, bn=16, kstep=128, split_k=2), 16, "bfloat16", False,
+     False),
+    ("split-k3-a8", 96, 600, EVERY, 20, dict(bm=16, bn=16, split_k=3), 8, "bfloat16", False, True),
+    ("split-k2-fold", 80, 600, {8: 16, 4: 32, 3: 16, 2: 16}, 5, dict(bm=16, bn=16, split_k=2), 16, "float16", True,
+     True),
 ]
 
 
@@ -46,6 +54,8 @@ def run_cases() -> dict:
 
     results = {}
     for name, n, k, counts, m, cfg, act_bits, dtype, frac, with_bias in CASES:
+        if len(sys.argv) > 1 and name not in sys.argv[1:]:
+            continue
         packed, _ = random_packed(n, k, counts, seed=n * 7 + k, fractional_zero=frac)
         kw = prepare_packed(packed)
         gen = torch.Generator().manual_seed(m + n)

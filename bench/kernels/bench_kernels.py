@@ -44,29 +44,30 @@ HBM_BYTES_PER_S = 4.8e12
 #: "cuda" for real runs; --smoke runs the whole script on tiny shapes on the CPU (Triton interpreter)
 DEVICE = "cuda"
 
-#: configurations tried per token bucket (the fastest per layer shape is reported as "ours")
-CANDIDATES: dict[str, list[GemmConfig]] = {
-    "m1": [GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False),
-           GemmConfig(bm=1, bn=32, wb=32, num_warps=4, num_stages=3, use_dot=False),
-           GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3)],
-    "m16": [GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3),
-            GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=4)],
-    "m64": [GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
-            GemmConfig(bm=64, bn=32, wb=32, num_warps=4, num_stages=3),
-            GemmConfig(bm=64, bn=64, kstep=128, num_warps=8, num_stages=3)],
-    "large": [GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
-              GemmConfig(bm=128, bn=64, kstep=64, num_warps=8, num_stages=4)],
+#: configurations tried per token bucket and activation width (the fastest correct one per layer
+#: shape is reported as "ours"); run 1 on the H200 picked the split / joined tiles without split-K
+_FMA = dict(use_dot=False, bm=1, wb=32, num_warps=2, num_stages=3, bk16=256)
+_SPLIT16 = dict(bm=16, wb=32, num_warps=2, num_stages=3, bk16=128)
+CANDIDATES: dict[tuple[str, int], list[GemmConfig]] = {
+    ("m1", 16): [GemmConfig(bn=16, split_k=4, **_FMA), GemmConfig(bn=16, split_k=8, **dict(_FMA, bk16=128)),
+                 GemmConfig(bn=16, split_k=4, **_SPLIT16)],
+    ("m16", 16): [GemmConfig(bn=16, split_k=4, **_SPLIT16), GemmConfig(bn=16, split_k=8, **_SPLIT16),
+                  GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=3, split_k=4, bk16=128)],
+    ("m64", 16): [GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
+                  GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3, split_k=2, bk16=128),
+                  GemmConfig(bm=64, bn=64, wb=32, num_warps=4, num_stages=2)],
+    ("large", 16): [GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
+                    GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3, split_k=2),
+                    GemmConfig(bm=64, bn=64, wb=32, num_warps=4, num_stages=2)],
 }
+CANDIDATES[("m64", 8)] = list(CANDIDATES[("m64", 16)])
+CANDIDATES[("large", 8)] = CANDIDATES[("large", 16)] + [GemmConfig(bm=128, bn=64, wb=32, num_warps=8,
+                                                                   num_stages=2)]
 
 
 def variants() -> list[tuple[int, GemmConfig]]:
     """Every (act_bits, config) the benchmark launches (what --warm compiles)."""
-    out = []
-    for name, cfgs in CANDIDATES.items():
-        for cfg in cfgs:
-            out.append((16, cfg))
-            if name in ("m64", "large") and cfg.use_dot:
-                out.append((8, cfg))
+    out = [(act_bits, cfg) for (_, act_bits), cfgs in CANDIDATES.items() for cfg in cfgs]
     return list(dict.fromkeys(out))
 
 
@@ -209,9 +210,7 @@ def bench_ours(results, shape, n, k, mix, ceilings, best):
             else:
                 ref = x.float() @ w_ref.T
             timings = []
-            for cfg in CANDIDATES[bucket(m)]:
-                if act_bits == 8 and not cfg.use_dot:
-                    continue
+            for cfg in CANDIDATES[(bucket(m), act_bits)]:
                 if act_bits == 8:
                     def call(kw, cfg=cfg):
                         xq, xs, xsum = quantize_activations(x)
@@ -248,7 +247,8 @@ def bench_ours(results, shape, n, k, mix, ceilings, best):
 def _cfg_str(cfg: GemmConfig) -> str:
     return ("fma" if not cfg.use_dot else ("joined" if cfg.kstep else "split")) + \
         f" bm{cfg.bm} bn{cfg.bn}" + (f" k{cfg.kstep}" if cfg.kstep else f" wb{cfg.wb}") + \
-        f" w{cfg.num_warps} s{cfg.num_stages}"
+        f" w{cfg.num_warps} s{cfg.num_stages}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "") + \
+        (f" bk16={cfg.bk16}" if cfg.bk16 != 64 else "")
 
 
 # ---- whole decoder --------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def build_layers(kind, mix=None):
     return layers, weight_bytes
 
 
-def bench_decoder(kind, tokens, act_bits=16, mix="avg4"):
+def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
     cuda = DEVICE == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -348,7 +348,7 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4"):
         torch.cuda.empty_cache()
     return {"kind": kind, "tokens": tokens, "act_bits": act_bits if kind != "bf16" else 16,
             "mix": mix if kind != "bf16" else None, "time_ms": t * 1e3, "weight_bytes": weight_bytes,
-            "peak_bytes": peak, "finite": finite}
+            "peak_bytes": peak, "finite": finite, "tiles": tiles if kind != "bf16" else None}
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -363,8 +363,8 @@ def _shrink_for_smoke() -> None:
     HIDDEN, HEADS, INTER, LAYERS = 128, 2, 320, 2
     LINEAR_SHAPES = {"q": (128, 128), "k": (128, 128), "v": (128, 128), "o": (128, 128),
                      "gate": (320, 128), "up": (320, 128), "down": (128, 320)}
-    for name in CANDIDATES:
-        CANDIDATES[name] = CANDIDATES[name][:2]
+    for key in CANDIDATES:
+        CANDIDATES[key] = CANDIDATES[key][:2]
 
 
 def warm(shard: int, shards: int) -> None:
@@ -376,13 +376,16 @@ def warm(shard: int, shards: int) -> None:
     xq, xs, xsum = quantize_activations(x)
     for act_bits, cfg in todo:
         t = time.time()
-        for w in (kw, kw2):
-            if act_bits == 8:
-                launch_mixed_gemm(xq, w, None, torch.bfloat16, 8, xs, xsum, config=cfg)
-            else:
-                launch_mixed_gemm(x, w, None, torch.bfloat16, 16, config=cfg)
-        torch.cuda.synchronize()
-        print(f"warm {shard}: A{act_bits} {_cfg_str(cfg)} {time.time() - t:.1f}s", flush=True)
+        try:
+            for w in (kw, kw2):
+                if act_bits == 8:
+                    launch_mixed_gemm(xq, w, None, torch.bfloat16, 8, xs, xsum, config=cfg)
+                else:
+                    launch_mixed_gemm(x, w, None, torch.bfloat16, 16, config=cfg)
+            torch.cuda.synchronize()
+            print(f"warm {shard}: A{act_bits} {_cfg_str(cfg)} {time.time() - t:.1f}s", flush=True)
+        except Exception as e:  # the benchmark reports the failure for this configuration
+            print(f"warm {shard}: A{act_bits} {_cfg_str(cfg)} FAILED {e!r}"[:400], flush=True)
 
 
 def write_report(out_dir: Path, report: dict) -> None:
@@ -404,13 +407,14 @@ def write_report(out_dir: Path, report: dict) -> None:
                      f"{r['gbps']:.0f} | {r['pct_byte_floor']:.1f} | {r.get('speedup_vs_bf16', 1.0):.2f} | "
                      f"{r.get('config', '')} |")
     lines += ["", "## Whole decoder (32 Llama-2-7B blocks), CUDA graph", "",
-              "| weights | tokens | act bits | ms | x bf16 | weight GiB | weight % of bf16 | peak GiB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| weights | tiles | tokens | act bits | ms | x bf16 | weight GiB | weight % of bf16 | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for d in report["decoder"]:
         ref = next((e for e in report["decoder"] if e["kind"] == "bf16" and e["tokens"] == d["tokens"]), None)
         speed = ref["time_ms"] / d["time_ms"] if ref else float("nan")
         pct = 100 * d["weight_bytes"] / ref["weight_bytes"] if ref else float("nan")
-        lines.append(f"| {d['kind']}{' ' + d['mix'] if d['mix'] else ''} | {d['tokens']} | {d['act_bits']} | "
+        lines.append(f"| {d['kind']}{' ' + d['mix'] if d['mix'] else ''} | {d.get('tiles') or ''} | "
+                     f"{d['tokens']} | {d['act_bits']} | "
                      f"{d['time_ms']:.2f} | {speed:.2f} | {d['weight_bytes'] / 2**30:.2f} | {pct:.1f} | "
                      f"{d['peak_bytes'] / 2**30:.2f} |")
     (out_dir / f"results_{slug}.md").write_text("\n".join(lines) + "\n")
@@ -485,6 +489,15 @@ def main(argv=None) -> int:
         override_configs(chosen)
         report["chosen_configs"] = {f"{b} A{a}": _cfg_str(c) for (b, a), c in chosen.items()}
         print("chosen:", report["chosen_configs"], flush=True)
+        write_report(args.out, report)
+        if not args.skip_decoder:  # again with the tiles the sweep found fastest
+            for tokens, act_bits in ((max(TOKENS), 8), (max(TOKENS), 16), (16, 16)):
+                try:
+                    d = bench_decoder("ours", tokens, act_bits, tiles="tuned")
+                    report["decoder"].append(d)
+                    print("decoder", d, flush=True)
+                except Exception as e:
+                    print(f"decoder tuned {tokens} A{act_bits} failed: {e!r}"[:500], flush=True)
     write_report(args.out, report)
     print(f"total {time.time() - t0:.0f}s", flush=True)
     return 0

@@ -18,3 +18,11 @@ wait $warm
 echo "warm rc=$? after $((SECONDS - t0))s" | tee -a "$OUT/log"
 python3 bench/kernels/bench_kernels.py --out "$OUT" 2>&1 | tee -a "$OUT/log"
 echo "bench done after $((SECONDS - t0))s" | tee -a "$OUT/log"
+# Nsight Compute on one launch of each kind (gate/up, avg4: 1 token A16, 590 tokens A8)
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  timeout 150 "$NCU" --clock-control none -k regex:mixed_gemm --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis_Tables python3 bench/kernels/profile_kernels.py > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$? after $((SECONDS - t0))s" | tee -a "$OUT/log"
+fi
