@@ -10,7 +10,8 @@ from torch import nn
 from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
 from qvla_ros.quant.quantizer import fake_quantize_rows
 from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
-                                        exact_sensitivity, jacobian_sensitivity, rescale_to_exact)
+                                        exact_sensitivity, jacobian_sensitivity, layer_local_sensitivity,
+                                        rescale_to_exact)
 
 try:
     from qvla_ros.policy import make_policy
@@ -129,3 +130,22 @@ def test_rescale_to_exact_fixes_scale_between_widths_keeps_order():
     assert np.allclose(hybrid.costs["l"], truth)
     assert hybrid.meta["rescale_factors"]["l@0"] == pytest.approx(3.0)
     assert "exact-rescaled" in hybrid.meta["estimator"]
+
+
+def test_layer_local_proxy_is_the_channels_own_output_error():
+    torch.manual_seed(1)
+    model = TwiceTower().eval()
+    gen = torch.Generator().manual_seed(2)
+    frames = CalibrationFrames(torch.randint(0, 256, (5, 2, 2, 2, 3), generator=gen, dtype=torch.uint8),
+                               list("abcde"), torch.zeros(5, 4))
+    table = layer_local_sensitivity(model, frames, bits=(0, 3, 16), layers=["mix"], batch=2)
+    captured = []
+    handle = model.mix.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    with torch.no_grad():
+        model(*frames.inputs())
+    handle.remove()
+    x = captured[0].reshape(5, -1, 32)
+    for j, bits in enumerate((0, 3, 16)):
+        dw = fake_quantize_rows(model.mix.weight, bits) - model.mix.weight.detach() if bits != 16 else torch.zeros(32, 32)
+        expected = (x @ dw.T).pow(2).sum(dim=1).mean(dim=0).double().numpy()
+        assert np.allclose(table.costs["mix"][:, j], expected, rtol=1e-4, atol=1e-12)

@@ -40,7 +40,7 @@ from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402
 from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
 from qvla_ros.quant.plots import plot_allocation  # noqa: E402
 from qvla_ros.quant.sensitivity import (SensitivityTable, compare_tables, exact_sensitivity,  # noqa: E402
-                                        jacobian_sensitivity, rescale_to_exact)
+                                        jacobian_sensitivity, layer_local_sensitivity, rescale_to_exact)
 
 
 def cpu_name() -> str:
@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--plans-dir", default=None, help="also write the plans at these budgets here (config/plans)")
     ap.add_argument("--ship-budgets", default="2.5,3,4,6")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="load the sensitivity tables already in --out")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,12 +113,17 @@ def main() -> int:
         results["float_policy"]["l1_first_vs_demo"] = float((reference[:, 0] - held_out.actions).abs().mean())
 
     # ---- sensitivity ---------------------------------------------------------------------------
-    jac = jacobian_sensitivity(policy, calib, seed=args.seed)
-    jac.save(out / "sensitivity_jacobian.safetensors")
     exact_frames = calib.select(range(min(args.exact_frames, len(calib))))
-    exact = exact_sensitivity(policy, exact_frames, max_channels=args.exact_channels, seed=args.seed)
-    exact.save(out / "sensitivity_exact_sample.safetensors")
+    jac_path, exact_path = out / "sensitivity_jacobian.safetensors", out / "sensitivity_exact_sample.safetensors"
+    if args.reuse and jac_path.is_file() and exact_path.is_file():
+        jac, exact = SensitivityTable.load(jac_path), SensitivityTable.load(exact_path)
+    else:
+        jac = jacobian_sensitivity(policy, calib, seed=args.seed)
+        jac.save(jac_path)
+        exact = exact_sensitivity(policy, exact_frames, max_channels=args.exact_channels, seed=args.seed)
+        exact.save(exact_path)
     jac_same = jacobian_sensitivity(policy, exact_frames, seed=args.seed, progress=False)
+    local = layer_local_sensitivity(policy, calib)
     agreement = compare_tables(exact, jac_same)
     hybrid = rescale_to_exact(jac, exact)
     results["sensitivity"] = {
@@ -127,11 +133,13 @@ def main() -> int:
         "channels": int(sum(c.shape[0] for c in jac.costs.values())),
         "spearman_jacobian_vs_exact_same_frames": agreement,
         "spearman_hybrid_vs_exact": compare_tables(exact, hybrid)["overall"],
+        "spearman_layer_local_vs_exact": compare_tables(exact, local)["overall"],
+        "layer_local_within_layer_median_per_bits": compare_tables(exact, local)["within_layer_median_per_bits"],
     }
     _plot_spearman(exact, jac_same, agreement, out / "spearman_jacobian_vs_exact.png")
 
     # ---- allocation at each budget -------------------------------------------------------------
-    tables = {"qvla-jacobian": jac, "qvla-hybrid": hybrid}
+    tables = {"qvla-jacobian": jac, "qvla-hybrid": hybrid, "layer-local-proxy": local}
     rows = []
     work = Path(tempfile.mkdtemp(prefix="qvla_bench_"))
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -219,7 +227,8 @@ def _plot_error_vs_budget(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"qvla-jacobian": ("o-", "#2e86c1"), "qvla-hybrid": ("s-", "#1b4f72"), "uniform-rtn": ("^--", "#cb4335")}
+    styles = {"qvla-jacobian": ("o-", "#2e86c1"), "qvla-hybrid": ("s-", "#1b4f72"),
+              "layer-local-proxy": ("d:", "#7d3c98"), "uniform-rtn": ("^--", "#cb4335")}
     for method, (style, colour) in styles.items():
         pts = sorted((r["bits_per_param"], r["mse_chunk_vs_fp"]) for r in rows
                      if r["method"] == method or r["method"] == f"{method}@rtn")
@@ -256,6 +265,8 @@ def _write_readme(results: dict, path: Path) -> None:
         + ", ".join(f"{b}: {v:.3f}" for b, v in ag["within_layer_median_per_bits"].items()),
         f"- per layer: min {min(ag['per_layer'].values()):.3f}, median {np.median(list(ag['per_layer'].values())):.3f}",
         f"- hybrid (jacobian rescaled per layer and width by the exact sample) vs exact: {s['spearman_hybrid_vs_exact']:.4f}",
+        f"- layer-local proxy (||x dW_c||^2, what LLM quantizers rank by) vs exact: {s['spearman_layer_local_vs_exact']:.4f}; "
+        "within-layer median per width " + ", ".join(f"{b}: {v:.3f}" for b, v in s["layer_local_within_layer_median_per_bits"].items()),
         "",
         "## Action error vs budget (held-out frames)",
         "",

@@ -576,3 +576,39 @@ def rescale_to_exact(estimate: SensitivityTable, exact: SensitivityTable, min_ch
     meta.update({"estimator": f"{estimate.meta.get('estimator', '?')}+exact-rescaled",
                  "rescale_factors": factors, "exact_meta": {k: v for k, v in exact.meta.items() if k != "policy"}})
     return SensitivityTable(estimate.bits, costs, dict(estimate.in_features), meta)
+
+
+# ---- the layer-local proxy (for comparison only) ----------------------------------------------
+def layer_local_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Sequence[int] = ALL_BITS,
+                            layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
+                            batch: int = 16) -> SensitivityTable:
+    """E over frames of ||x dW_c^T||^2 summed over tokens: the channel's own output error, blind to
+    what the rest of the policy does with it (the kind of layer-local reconstruction proxy that
+    LLM quantizers and QVLA's released code rank channels by). A baseline for the benchmark, not
+    an estimator of the action cost."""
+    bits = tuple(check_bits(b) for b in bits)
+    chosen = _resolve_layers(policy, layers, targets)
+    grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in chosen.items()}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            grams[name] += x.T @ x
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in chosen.items()]
+    started = time.time()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(frames), batch):
+                policy(*frames.select(range(s, min(s + batch, len(frames)))).inputs())
+    finally:
+        for h in handles:
+            h.remove()
+    costs = {}
+    for name, module in chosen.items():
+        deltas = weight_deltas(module.weight, bits).double()
+        costs[name] = (torch.einsum("bnk,kj,bnj->nb", deltas, grams[name], deltas) / len(frames)).numpy()
+    meta = {"estimator": "layer-local", "frames": len(frames), "calibration": frames.source,
+            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy)}
+    return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
