@@ -131,20 +131,33 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4.8 * (len(runs) + 1), 3.8),
+                             squeeze=False)
     for ax, run in zip(axes[0], runs):
         raw = np.asarray(run["raw_lockstep"]) * 1e3
         for column, label in [(2, "policy forward (in node)"), (1, "image callback -> publish"),
                               (0, "round trip over DDS")]:
             values = np.sort(raw[:, column])
             ax.plot(values, np.linspace(0, 1, len(values)), label=label)
-        ax.axvline(np.median(run["reference_forward_s"]) * 1e3, color="k", ls=":",
-                   label="forward alone (p50)")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of frames")
-        ax.set_title(f"{run['label']} (lock-step)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"qvla_policy_node latency, {results['cpu']}", fontsize=9)
+        ax.set_title(f"{run['label']} (lock-step)", fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for run in runs:
+        raw = np.asarray(run["raw_lockstep"]) * 1e3
+        for values, style, what in [(raw[:, 1] - raw[:, 2], "-", "node overhead"),
+                                    (raw[:, 0] - raw[:, 2], "--", "DDS + conversion")]:
+            values = np.sort(values)
+            ax.plot(values, np.linspace(0, 1, len(values)), style,
+                    label=f"{run['label']}: {what}")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms beyond the policy forward")
+    ax.set_title("what ROS adds", fontsize=9)
+    ax.legend(fontsize=7)
+    load = ", ".join(f"{x:.1f}" for x in results["load_average_after"])
+    fig.suptitle(f"qvla_policy_node, {results['policy']}; {results['cpu']} x{results['cores']}, "
+                 f"load average {load}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -161,6 +174,7 @@ def main() -> int:
                         help="threads of the policy forward, in the node and alone (0: one per core)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     from qvla_ros.policy import default_checkpoint_dir, make_policy
 
@@ -201,7 +215,8 @@ def main() -> int:
     finally:
         rclpy.try_shutdown()
     results = {"policy": label, "checkpoint": args.checkpoint or label, "cpu": cpu_model(),
-               "cores": os.cpu_count(), "load_average_after": os.getloadavg(),
+               "cores": os.cpu_count(), "load_average_before": load_before,
+               "load_average_after": os.getloadavg(),
                "frames": args.frames, "torch_threads": args.torch_threads or os.cpu_count(), "image": f"{cfg.n_cams} x {cfg.image_size}x{cfg.image_size} rgb8",
                "date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
