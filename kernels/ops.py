@@ -78,16 +78,17 @@ class GemmConfig:
             raise ValueError(f"the FMA path computes one token per program (bm=1), got bm={self.bm}")
 
 
-#: chosen per number of tokens M and activation width; `override_configs` replaces entries
+#: chosen per number of tokens M and activation width: the fastest correct tiles of the benchmark's
+#: run 2 on an H200 (bench/kernels/results_nvidia_h200.md); `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
-    ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=4, bk16=256),
-    ("m16", 16): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
+    ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=8, bk16=128),
+    ("m16", 16): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=3, split_k=4, bk16=128),
     ("m64", 16): GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
-    ("large", 16): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("large", 16): GemmConfig(bm=64, bn=64, wb=32, num_warps=4, num_stages=2),
     ("m1", 8): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
     ("m16", 8): GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128),
     ("m64", 8): GemmConfig(bm=32, bn=32, wb=32, num_warps=4, num_stages=3),
-    ("large", 8): GemmConfig(bm=128, bn=64, kstep=128, num_warps=8, num_stages=3),
+    ("large", 8): GemmConfig(bm=64, bn=64, wb=32, num_warps=4, num_stages=2),
 }
 
 
