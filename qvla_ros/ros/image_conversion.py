@@ -156,6 +156,8 @@ def array_to_image(pixels: np.ndarray, encoding: str = "rgb8", msg=None):
         raise ImageConversionError(
             f"{encoding} needs an array of shape [H, W{', %d' % enc.channels if enc.channels > 1 else ''}],"
             f" got {list(pixels.shape)}", "shape")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ImageConversionError(f"empty image: {list(pixels.shape)}", "empty")
     if msg is None:
         from sensor_msgs.msg import Image
         msg = Image()
