@@ -80,3 +80,19 @@ def test_compare_rejects_bad_input(setup, capsys):
     assert "weight bits must be one of" in capsys.readouterr().err
     assert main(["compare", "--methods", "rtn-w4", "--out", str(setup / "bad")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_interrupted_closed_loop_log_is_read_back(tmp_path):
+    from qvla_ros.quant.baselines.compare import Comparison
+
+    log = tmp_path / "episodes.jsonl"
+    lines = [{"task": "a", "seed": 1, "success": False}, {"task": "a", "seed": 2, "success": True},
+             {"task": "a", "seed": 1, "success": True}, {"task": "b", "seed": 1, "success": True},
+             {"task": "zzz", "seed": 1, "success": True}, {"task": "a", "seed": 99, "success": True}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"task": "b", "se')
+    episodes = Comparison._logged_episodes(log, ["a", "b"], [1, 2])
+    got = sorted((e["task"], e["seed"], e["success"]) for e in episodes)
+    # One episode per (task, seed), the last one logged; other tasks, other seeds and the line the
+    # interruption cut short are dropped.
+    assert got == [("a", 1, True), ("a", 2, True), ("b", 1, True)]
+    assert Comparison._logged_episodes(tmp_path / "missing.jsonl", ["a"], [1]) == []

@@ -1,6 +1,6 @@
 """One entry point for every baseline: policy + calibration batches + method in, quantized policy out.
 
-    result = quantize_baseline(policy, "gptq-w4", batches)
+    result = quantize_baseline(policy, "gptq-w4", frames)   # CalibrationFrames or batch dicts
     result.policy            # the same object, quantized in place (like quantize_)
     result.memory            # measured weight memory of the quantizable Linears
     result.info              # what the method chose (SmoothQuant's alpha, AWQ's alphas, ...)
@@ -57,17 +57,19 @@ def pack_group_wise(policy: nn.Module, names: Sequence[str], wbits: int, group_s
                                                                 group_size))
 
 
-QvlaRunner = Callable[[nn.Module, Sequence[Mapping], MethodSpec, float], dict]
+#: (policy, calibration batches, method, budget bits/param) -> info with the applied plan under "plan"
+QvlaCall = Callable[[nn.Module, Sequence[Mapping], MethodSpec, float], dict]
 
 
 @torch.no_grad()
 def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequence[Mapping] = (),
                       *, names: Sequence[str] | None = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                      budget: float | None = None, qvla: QvlaRunner | None = None,
+                      budget: float | None = None, qvla: QvlaCall | None = None,
                       awq_grid: int = 20, progress: bool = True) -> QuantResult:
     """Quantize `policy` in place with `method` and measure its weight memory.
 
-    batches: calibration batches (dicts with images/instruction/proprio); not needed by fp, RTN.
+    batches: calibration batches (dicts with images/instruction/proprio) or the QVLA core's
+        CalibrationFrames; not needed by fp and RTN.
     names: the Linears to quantize (default: the QVLA core's quantizable Linears).
     alphas: SmoothQuant's alpha candidates (the one with the lowest calibration action error wins).
     awq_grid: points of AWQ's scale-exponent and clip-ratio searches (the paper: 20).

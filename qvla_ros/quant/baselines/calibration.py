@@ -125,8 +125,8 @@ class _Collector:
         s.absmean_sum += x.abs().sum(0)
         s.rows += x.shape[0]
         if s.hessian is not None:
-            xd = x.double()
-            s.hessian += xd.T @ xd
+            # float32 products, float64 running sum: exact enough, and twice as fast on CPU.
+            s.hessian += (x.T @ x).double()
         room = self.max_samples - s.sample_rows
         if room > 0:
             # A random subset of rows, so image patches, text and action slots all appear.
