@@ -41,8 +41,9 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/qvla_ros"]),
         ("share/qvla_ros", ["package.xml"]),
-        ("share/qvla_ros/launch", [str(p) for p in sorted((HERE / "launch").glob("*.py"))]),
-        ("share/qvla_ros/config", [str(p) for p in sorted((HERE / "config").glob("*.yaml"))]),
+        # data_files must be relative to setup.py.
+        ("share/qvla_ros/launch", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "launch").glob("*.py"))]),
+        ("share/qvla_ros/config", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "config").glob("*.yaml"))]),
     ],
     entry_points={
         "console_scripts": [
