@@ -10,6 +10,9 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 packages = find_packages(include=["qvla_ros", "qvla_ros.*"]) + ["qvla_ros.kernels"]
+# The shipped checkpoint is data inside the package (qvla_ros/assets/<name>/).
+assets = [f"qvla_ros.assets.{p.name}" for p in sorted((HERE / "qvla_ros" / "assets").glob("*")) if p.is_dir()]
+packages += ["qvla_ros.assets"] * bool(assets) + assets
 
 setup(
     name="qvla_ros",
@@ -22,7 +25,7 @@ setup(
     packages=packages,
     # Kernel sources live at the top level (the design card's layout) and import as qvla_ros.kernels.
     package_dir={"qvla_ros.kernels": "kernels"},
-    package_data={"qvla_ros.kernels": ["*.cu", "*.cpp", "*.h", "*.cuh"], "qvla_ros": ["assets/**/*"]},
+    package_data={"qvla_ros.kernels": ["*.cu", "*.cpp", "*.h", "*.cuh"], **{name: ["*"] for name in assets}},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -44,6 +47,9 @@ setup(
         # data_files must be relative to setup.py.
         ("share/qvla_ros/launch", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "launch").glob("*.py"))]),
         ("share/qvla_ros/config", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "config").glob("*.yaml"))]),
+        # The shipped bit plans, found by the nodes under share/qvla_ros/config/plans.
+        ("share/qvla_ros/config/plans", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "config" / "plans").glob("*"))
+                                         if p.is_file()]),
     ],
     entry_points={
         "console_scripts": [
