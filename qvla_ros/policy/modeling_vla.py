@@ -231,6 +231,51 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
+    """Raise CheckpointError unless the tensors stored at `path` (names, shapes, float or not, read
+    from the safetensors header) are those config.json implies. Runs before anything is
+    allocated: a config.json edited to describe a huge model is refused here instead of being
+    built (which can take all the memory there is), and integer or bool data is not silently cast
+    into float weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {}
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                stored[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    # Every layer stores at least one tensor; this bounds the skeleton built below, whose cost
+    # grows with the layer count even on the meta device.
+    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
+    if layers > len(stored):
+        raise CheckpointError(f"config.json in {path.parent} describes {layers} layers, but "
+                              f"{path.name} holds only {len(stored)} tensors")
+    try:
+        with torch.device("meta"):
+            skeleton = VLAPolicy(config, tokenizer=tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(f"{path.parent}: {exc}") from None
+    expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match config.json: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for key, (shape, dtype) in stored.items():
+        want_shape, want_float = expected[key]
+        if shape != want_shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {shape}, config.json implies "
+                                  f"{want_shape}")
+        is_float = dtype.startswith(("F", "BF"))
+        if is_float != want_float:
+            raise CheckpointError(f"{path}: tensor {key} is stored as {dtype}, it must be "
+                                  f"{'a float type' if want_float else 'an integer type'}")
+
+
 class _default_dtype:
     """Context: tensors created without a dtype get `dtype` (so big models are born in bf16)."""
 
@@ -300,6 +345,7 @@ def load_policy(path: str | os.PathLike | None = None, device: str | torch.devic
         tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
+    _check_stored_tensors(directory / WEIGHTS_FILE, config, tokenizer)
     try:
         state = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
