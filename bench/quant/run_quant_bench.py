@@ -125,7 +125,7 @@ def main() -> int:
     jac_same = jacobian_sensitivity(policy, exact_frames, seed=args.seed, progress=False)
     local = layer_local_sensitivity(policy, calib)
     agreement = compare_tables(exact, jac_same)
-    hybrid = rescale_to_exact(jac, exact)
+    hybrid = rescale_to_exact(jac, exact, jac_same)
     results["sensitivity"] = {
         "jacobian_seconds": jac.meta["seconds"], "exact_seconds_sample": exact.meta["seconds"],
         "exact_perturbations": int(sum(np.isfinite(c).all(axis=1).sum() for c in exact.costs.values()) * 5),

@@ -549,27 +549,31 @@ def compare_tables(reference: SensitivityTable, estimate: SensitivityTable) -> d
     }
 
 
-def rescale_to_exact(estimate: SensitivityTable, exact: SensitivityTable, min_channels: int = 3) -> SensitivityTable:
+def rescale_to_exact(estimate: SensitivityTable, exact: SensitivityTable,
+                     estimate_on_exact_frames: SensitivityTable | None = None,
+                     min_channels: int = 3) -> SensitivityTable:
     """The `estimate` table with each (layer, width) column scaled by the median ratio exact/estimate
     over the channels `exact` measured there ("hybrid" estimator).
 
-    Inside a layer and width the channel order of `estimate` is kept; what the exact subsample
-    corrects is the scale between layers and widths, which is what the global allocation trades
-    (first order underestimates large perturbations: pruning, 2 bits).
+    The ratio must compare like with like: when `exact` was measured on fewer frames than
+    `estimate`, pass the estimator's table on those same frames as `estimate_on_exact_frames`.
+    Inside a layer and width the channel order of `estimate` is kept; what the exact sample
+    corrects is the scale between layers and widths, which is what the global allocation trades.
     """
+    same = estimate_on_exact_frames if estimate_on_exact_frames is not None else estimate
     costs, factors = {}, {}
     for name, table in estimate.costs.items():
         out = table.copy()
-        if name in exact.costs:
+        if name in exact.costs and name in same.costs:
             for j, b in enumerate(estimate.bits):
-                if b == 16 or b not in exact.bits:
+                if b == 16 or b not in exact.bits or b not in same.bits:
                     continue
                 ref = exact.costs[name][:, exact.column(b)]
-                est = table[:, j]
+                est = same.costs[name][:, same.column(b)]
                 keep = np.isfinite(ref) & np.isfinite(est) & (est > 0) & (ref > 0)
                 if keep.sum() >= min_channels:
                     factor = float(np.median(ref[keep] / est[keep]))
-                    out[:, j] = est * factor
+                    out[:, j] = table[:, j] * factor
                     factors[f"{name}@{b}"] = factor
         costs[name] = out
     meta = dict(estimate.meta)
