@@ -258,6 +258,9 @@ def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionT
             skeleton = VLAPolicy(config, tokenizer=tokenizer)
     except ValueError as exc:
         raise CheckpointError(f"{path.parent}: {exc}") from None
+    except RuntimeError as exc:  # sizes whose element count overflows even without storage
+        raise CheckpointError(f"config.json in {path.parent} describes a model too large to "
+                              f"build: {exc}") from None
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
