@@ -259,7 +259,7 @@ class PolicyNode(Node):
 
     def _on_instruction(self, msg: String) -> None:
         # Passed on as sent (the policy's tokenizer sees what `qvla eval` would give it); only
-        # an instruction of nothing but whitespace is refused.
+        # a blank, over-long or undecodable instruction is refused.
         text = msg.data
         current = self.sync.instruction
         if not text.strip():
@@ -269,6 +269,13 @@ class PolicyNode(Node):
         if len(text) > MAX_INSTRUCTION_CHARS:
             self._reject("instruction_long", f"instruction of {len(text)} characters ignored "
                                              f"(at most {MAX_INSTRUCTION_CHARS})")
+            return
+        if "\ufffd" in text:
+            # rclpy decodes bytes that are not UTF-8 as U+FFFD: the message was damaged on the
+            # way, and a garbled sentence must not replace the task in force.
+            kept = f"still following {current!r}" if current else "no instruction yet"
+            self._reject("instruction_encoding", f"instruction with bytes that are not UTF-8 "
+                                                 f"(decoded as U+FFFD) ignored; {kept}")
             return
         self.sync.put_instruction(text)
         if text != current:
