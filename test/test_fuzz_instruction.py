@@ -5,7 +5,8 @@ strings that are not UTF-8 (rclpy delivers those decoded with U+FFFD replacement
 DDS in test_reliability_node.py).
 
 Each message is either taken as the instruction in force or refused and counted under its kind
-(instruction_empty, instruction_long), leaving the instruction in force as it was. A taken
+(instruction_empty, instruction_long, instruction_encoding: U+FFFD, what a wire's bad bytes
+decode to), leaving the instruction in force as it was. A taken
 instruction always gives a finite chunk of the right shape from the node's policy server.
 """
 import numpy as np
@@ -65,6 +66,7 @@ def test_any_instruction_is_taken_or_refused_and_counted(node):
     def check(text):
         before = node.sync.instruction
         empty, long = counts["instruction_empty"], counts["instruction_long"]
+        garbled = counts["instruction_encoding"]
         node._on_instruction(String(data=text))
         if not text.strip():
             assert node.sync.instruction == before
@@ -72,9 +74,13 @@ def test_any_instruction_is_taken_or_refused_and_counted(node):
         elif len(text) > MAX_INSTRUCTION_CHARS:
             assert node.sync.instruction == before
             assert counts["instruction_long"] == long + 1
+        elif "\ufffd" in text:
+            assert node.sync.instruction == before
+            assert counts["instruction_encoding"] == garbled + 1
         else:
             assert node.sync.instruction == text
-            assert (counts["instruction_empty"], counts["instruction_long"]) == (empty, long)
+            assert (counts["instruction_empty"], counts["instruction_long"],
+                    counts["instruction_encoding"]) == (empty, long, garbled)
             result = node.server.infer(images, text, proprio)
             assert result.actions.shape == (cfg.horizon, cfg.action_dim)
             assert np.isfinite(result.actions).all()
