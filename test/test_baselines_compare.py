@@ -80,6 +80,9 @@ def test_compare_rejects_bad_input(setup, capsys):
     assert "weight bits must be one of" in capsys.readouterr().err
     assert main(["compare", "--methods", "rtn-w4", "--out", str(setup / "bad")]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["compare", "--methods", "rtn-w4", "--policy", str(setup / "nowhere"),
+                 "--data", str(setup / "demos"), "--out", str(setup / "bad")]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_interrupted_closed_loop_log_is_read_back(tmp_path):

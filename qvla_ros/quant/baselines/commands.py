@@ -90,7 +90,13 @@ def compare_command(args) -> int:
     except ValueError as exc:
         print(f"qvla compare: {exc}", file=sys.stderr)
         return 2
-    doc = Comparison(settings, args.out, progress=not args.quiet).run()
+    comparison = Comparison(settings, args.out, progress=not args.quiet)
+    try:
+        comparison.prepare()
+    except (ValueError, OSError) as exc:  # missing/damaged checkpoint or demonstration folder
+        print(f"qvla compare: {exc}", file=sys.stderr)
+        return 2
+    doc = comparison.run()
     print((Path(args.out) / "compare.md").read_text())
     print(f"qvla compare: {len(doc['rows'])} methods -> {args.out}/compare.md, compare.json, compare.png")
     return 0

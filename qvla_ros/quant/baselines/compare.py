@@ -299,6 +299,10 @@ class Comparison:
         return list(found.values())
 
     # ---- the whole comparison -----------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load the float policy and the calibration frames (bad paths fail here, before any work)."""
+        _ = self.fingerprint, self.frames
+
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         rows: list[dict] = []
