@@ -124,7 +124,13 @@ class PolicyServer:
                 f"ask again when it has finished")
         try:
             self._reloading = plan_path
-            candidate = self._build(plan_path, reference=self._active)
+            try:
+                candidate = self._build(plan_path, reference=self._active)
+            except PlanRejected:
+                raise
+            except Exception as exc:  # e.g. MemoryError outside the loader: still a refusal
+                raise PlanRejected(f"plan {plan_path!r} could not be prepared: "
+                                   f"{type(exc).__name__}: {exc}") from exc
             self._active = candidate  # the swap: one reference assignment, atomic for readers
             return candidate
         finally:
