@@ -56,11 +56,15 @@ MALFORMED = {
     "instruction_long": "instruction_long",
     "instruction_not_utf8": "instruction_encoding",
 }
-# The node subscribes proprio best effort with depth 1 (only the newest state matters, see
-# qvla_ros/ros/topics.py): a malformed sample can be superseded by the next valid one before the
-# node takes it, so for these counters the node may count fewer than were sent (never more);
-# no chunk can use a superseded sample either way.
-SUPERSEDABLE = {"proprio_nan", "proprio_names"}
+# The node keeps only the newest proprio (best effort, depth 1) and the newest instruction
+# (reliable, transient local, depth 1; qvla_ros/ros/topics.py): when its input callbacks fall
+# behind, a malformed message there can be superseded in the DDS queue by the next one before
+# the node takes it. For these counters the node may count fewer than were sent, never more;
+# a superseded message reaches nothing, so no chunk can use it either.
+SUPERSEDABLE = {"proprio_nan", "proprio_names", "instruction_empty", "instruction_long",
+                "instruction_encoding"}
+# Frames the node drops, by the reason it counts (stale frames are counted apart, as dropped).
+FRAME_DROPS = {"no_proprio", "no_image2", "no_instruction", "camera_sizes", "forward"}
 BAD_PLANS = ("missing", "truncated", "other_weights", "not_utf8", "oversized")
 
 
@@ -236,7 +240,7 @@ def soak(duration: float, policy: str = "micro", rate: float = 30.0, reload_peri
         tmp = tempfile.TemporaryDirectory(prefix="qvla_soak_")
         work = Path(tmp.name)
     env = dict(os.environ if env is None else env)
-    warmup = min(30.0, duration * 0.3) if warmup is None else warmup
+    warmup = min(120.0, duration * 0.3) if warmup is None else warmup
     phases = {}
     mark = time.monotonic()
     files = prepare(policy, work)
@@ -382,9 +386,10 @@ def summarize(run: Run, files: Files, received, output: str, alive: bool, exit_c
     sent_by_counter = collections.Counter()
     for kind, n in run.malformed.items():
         sent_by_counter[MALFORMED[kind]] += n
-    unexpected_rejections = {k[len("rejected_"):]: int(v) for k, v in diag.items()
-                             if k.startswith("rejected_")
-                             and k[len("rejected_"):] not in counted}
+    rejected = {k[len("rejected_"):]: int(v) for k, v in diag.items() if k.startswith("rejected_")}
+    frame_drops = {k: v for k, v in rejected.items() if k in FRAME_DROPS}
+    unexpected_rejections = {k: v for k, v in rejected.items()
+                             if k not in counted and k not in FRAME_DROPS}
 
     # Frames the node never saw: a reliable KEEP_LAST queue (the feeder's writer keeps 10) can
     # still overwrite samples when the node's input callbacks fall behind on a loaded machine.
@@ -433,6 +438,7 @@ def summarize(run: Run, files: Files, received, output: str, alive: bool, exit_c
                    "lost_before_node": lost,
                    "node_chunks_total": int(diag.get("chunks_total", 0)),
                    "node_frames_dropped_stale": int(diag.get("frames_dropped_total", 0)),
+                   "node_frames_dropped_other": frame_drops,
                    "mixed_plan": len(mixed), "wrong_instruction": wrong_instruction,
                    "unknown_stamp": answered.count(-1),
                    "in_order": answered == sorted(answered),
@@ -508,7 +514,8 @@ def main() -> int:
     parser.add_argument("--bad-every", type=int, default=3, help="every n-th reload is a bad plan")
     parser.add_argument("--malformed-per-s", type=float, default=2.0)
     parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds before memory growth is counted (default 30%% up to 30 s)")
+                        help="seconds before memory growth is counted (default 30%% of the "
+                             "duration, at most 120 s: the allocator settles after a few reloads)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--label", default=None)
