@@ -84,8 +84,16 @@ def plot_comparison(doc: dict, path: str | Path) -> Path:
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 4.6))
     for label, rows in lines.items():
         rows = sorted(rows, key=lambda r: r["memory"]["bits_per_param"])
+        if label == "fp":
+            # The float policy is the reference: a level (with its CI band) to reach, not a curve;
+            # its deviation from itself is 0 and has no place on a log axis.
+            overall = (rows[0].get("closed_loop") or {}).get("overall")
+            if overall:
+                ax_s.axhline(100 * overall["rate"], color="black", linestyle="--", label="fp (bf16 = 16)")
+                ax_s.axhspan(100 * overall["ci95"][0], 100 * overall["ci95"][1], color="black", alpha=0.08)
+            continue
         x = [r["memory"]["bits_per_param"] for r in rows]
-        style = dict(marker="o", linestyle="--" if label == "fp" else "-", label=label)
+        style = dict(marker="o", linestyle="-", label=label)
         if label.startswith("QVLA"):
             style.update(linewidth=2.5, marker="s")
         succ = [(r.get("closed_loop") or {}).get("overall") for r in rows]
@@ -105,9 +113,9 @@ def plot_comparison(doc: dict, path: str | Path) -> Path:
     ax_e.set_ylabel("action MSE vs. float policy (held-out frames)")
     ax_e.set_yscale("log")
     ax_e.grid(alpha=0.3)
-    handles, labels = ax_e.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_s.get_legend_handles_labels()
+    handles, labels = ax_s.get_legend_handles_labels()
+    if len(handles) < len(lines):
+        handles, labels = ax_e.get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8)
     s = doc["settings"]
