@@ -43,3 +43,15 @@ def test_refinement_keeps_the_best_measured_round():
     with stored_weights(policy, result.allocation.bits):
         assert action_error(policy, frames, reference) == pytest.approx(result.measured_error, rel=1e-5)
     assert result.allocation.bits_per_param <= 2.6
+
+
+def test_select_allocation_measures_every_variant():
+    from qvla_ros.quant.refine import select_allocation
+
+    policy = make_policy("micro", seed=0)
+    frames = synthetic_frames(policy.config, 2, seed=3)
+    table = jacobian_sensitivity(policy, frames, layers=LAYERS[:2], progress=False)
+    name, allocation, measured = select_allocation(policy, frames, table, 3.0)
+    assert set(measured) == {"all widths", "no pruning"} and measured[name] == min(measured.values())
+    if name == "no pruning":
+        assert all((b != 0).all() for b in allocation.bits.values())

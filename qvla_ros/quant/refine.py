@@ -128,3 +128,24 @@ def refine_allocation(policy: nn.Module, frames: CalibrationFrames, table: Sensi
     best.factors = {f"{n}@{w}": f for (n, w), f in factors.items()}
     best.seconds = time.time() - started
     return best
+
+
+#: allocation variants compared by `select_allocation` (keyword arguments of `allocate`)
+DEFAULT_VARIANTS = {"all widths": {}, "no pruning": {"candidate_bits": (2, 3, 4, 8, 16)}}
+
+
+def select_allocation(policy: nn.Module, frames: CalibrationFrames, table: SensitivityTable, budget: float,
+                      variants: Mapping[str, Mapping[str, Any]] | None = None,
+                      reference: torch.Tensor | None = None) -> tuple[str, Allocation, dict[str, float]]:
+    """Allocate with each variant (e.g. with and without pruning) and keep the one whose quantized
+    policy really changes the actions least on `frames` (calibration frames, not held-out ones).
+    Returns (variant name, allocation, measured error of every variant)."""
+    variants = DEFAULT_VARIANTS if variants is None else variants
+    reference = predict_actions(policy, frames) if reference is None else reference
+    measured, allocations = {}, {}
+    for name, kwargs in variants.items():
+        allocations[name] = allocate(table, budget, **kwargs)
+        with stored_weights(policy, allocations[name].bits):
+            measured[name] = action_error(policy, frames, reference)
+    best = min(measured, key=measured.get)
+    return best, allocations[best], measured
