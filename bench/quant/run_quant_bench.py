@@ -35,7 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from qvla_ros.policy import load_policy  # noqa: E402
 from qvla_ros.quant.allocate import allocate, assignment_cost, uniform_bits  # noqa: E402
-from qvla_ros.quant.api import disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized  # noqa: E402
+from qvla_ros.quant.api import (disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized,  # noqa: E402
+                                set_dequant_cache)
+from qvla_ros.quant.refine import DEFAULT_VARIANTS, select_allocation  # noqa: E402
 from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402
 from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
 from qvla_ros.quant.plots import plot_allocation  # noqa: E402
@@ -63,7 +65,13 @@ def predict(policy, frames, batch=32) -> torch.Tensor:
 
 def action_errors(policy, frames, reference: torch.Tensor) -> dict:
     pred = predict(policy, frames)
-    out = {"mse_chunk_vs_fp": float((pred - reference).pow(2).sum(dim=(1, 2)).mean()),
+    per_frame = (pred - reference).pow(2).sum(dim=(1, 2)).double().numpy()
+    kept = np.sort(per_frame)[: int(np.ceil(0.99 * len(per_frame)))]
+    # The mean is dominated by a few frames where the policy sits on a decision boundary (a tiny
+    # change flips the chunk); the median, p90 and the 1%-trimmed mean show the typical frame.
+    out = {"mse_chunk_vs_fp": float(per_frame.mean()), "median_chunk_vs_fp": float(np.median(per_frame)),
+           "p90_chunk_vs_fp": float(np.quantile(per_frame, 0.9)), "trimmed_mean_chunk_vs_fp": float(kept.mean()),
+           "top5_share": float(np.sort(per_frame)[-5:].sum() / max(per_frame.sum(), 1e-30)),
            "rms_vs_fp": float((pred - reference).pow(2).mean().sqrt())}
     if frames.actions is not None:
         out["l1_first_vs_demo"] = float((pred[:, 0] - frames.actions).abs().mean())
@@ -73,6 +81,7 @@ def action_errors(policy, frames, reference: torch.Tensor) -> dict:
 def evaluate_plan(float_policy, plan, held_out, reference, workdir: Path) -> dict:
     q = copy.deepcopy(float_policy)
     quantize_(q, plan)
+    set_dequant_cache(q, True)  # speed only: the memory figures count the packed buffers
     row = {"plan_id": plan.plan_id, "bits_per_param": plan.bits_per_param(),
            "predicted_weight_bytes": plan.weight_nbytes(), "memory_weight_bytes": quantized_weight_nbytes(q)}
     directory = save_quantized(q, plan, workdir / plan.plan_id)
@@ -89,10 +98,13 @@ def main() -> int:
     ap.add_argument("--policy", default="default")
     ap.add_argument("--data", required=True, help="demonstration folder")
     ap.add_argument("--out", default=str(REPO / "bench" / "quant"))
-    ap.add_argument("--calib-frames", type=int, default=32)
-    ap.add_argument("--exact-frames", type=int, default=8)
+    ap.add_argument("--calib-frames", type=int, default=256)
+    ap.add_argument("--projections", type=int, default=8, help="jacobian: random projections per frame")
+    ap.add_argument("--select-frames", type=int, default=128,
+                    help="train-split frames (not the calibration ones) on which the allocation variants are compared")
+    ap.add_argument("--exact-frames", type=int, default=4)
     ap.add_argument("--exact-channels", type=int, default=8, help="sampled channels per layer for the exact estimator")
-    ap.add_argument("--held-out-frames", type=int, default=128)
+    ap.add_argument("--held-out-frames", type=int, default=100000, help="held-out frames (default: all)")
     ap.add_argument("--budgets", default="2.5,3,4,6,8")
     ap.add_argument("--plans-dir", default=None, help="also write the plans at these budgets here (config/plans)")
     ap.add_argument("--ship-budgets", default="2.5,3,4,6")
@@ -105,21 +117,26 @@ def main() -> int:
     policy = load_policy(None if args.policy == "default" else args.policy)
     calib = frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed)
     held_out = frames_from_demos(args.data, args.held_out_frames, split="val", seed=args.seed + 1)
+    select_frames = frames_from_demos(args.data, args.select_frames, split="train", seed=args.seed + 3)
     reference = predict(policy, held_out)
     results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "policy": args.policy, "data": args.data, "calib_frames": len(calib),
-                     "held_out_frames": len(held_out), "float_policy": {}}
+                     "held_out_frames": len(held_out), "select_frames": len(select_frames),
+                     "projections": args.projections, "float_policy": {}}
     if held_out.actions is not None:
         results["float_policy"]["l1_first_vs_demo"] = float((reference[:, 0] - held_out.actions).abs().mean())
 
     # ---- sensitivity ---------------------------------------------------------------------------
-    exact_frames = calib.select(range(min(args.exact_frames, len(calib))))
+    exact_frames = frames_from_demos(args.data, args.exact_frames, split="train", seed=args.seed + 2)
     jac_path, exact_path = out / "sensitivity_jacobian.safetensors", out / "sensitivity_exact_sample.safetensors"
-    if args.reuse and jac_path.is_file() and exact_path.is_file():
-        jac, exact = SensitivityTable.load(jac_path), SensitivityTable.load(exact_path)
+    if args.reuse and jac_path.is_file():
+        jac = SensitivityTable.load(jac_path)
     else:
-        jac = jacobian_sensitivity(policy, calib, seed=args.seed)
+        jac = jacobian_sensitivity(policy, calib, projections=args.projections, seed=args.seed)
         jac.save(jac_path)
+    if args.reuse and exact_path.is_file():
+        exact = SensitivityTable.load(exact_path)
+    else:
         exact = exact_sensitivity(policy, exact_frames, max_channels=args.exact_channels, seed=args.seed)
         exact.save(exact_path)
     jac_same = jacobian_sensitivity(policy, exact_frames, seed=args.seed, progress=False)
@@ -139,36 +156,47 @@ def main() -> int:
     _plot_spearman(exact, jac_same, agreement, out / "spearman_jacobian_vs_exact.png")
 
     # ---- allocation at each budget -------------------------------------------------------------
-    tables = {"qvla-jacobian": jac, "qvla-hybrid": hybrid, "layer-local-proxy": local}
     rows = []
     work = Path(tempfile.mkdtemp(prefix="qvla_bench_"))
+    select_reference = predict(policy, select_frames)
+    selected_plans = {}
+
+    def qvla_rows(budget, label, extra):
+        """QVLA at `budget`: both variants evaluated, the one chosen on train frames marked."""
+        name, chosen, measured = select_allocation(policy, select_frames, jac, budget, reference=select_reference)
+        out = []
+        for variant, kwargs in DEFAULT_VARIANTS.items():
+            a = chosen if variant == name else allocate(jac, budget, **kwargs)
+            plan = a.to_plan(jac, provenance={"selection": {"variant": variant, "selected": variant == name,
+                                                            "measured_on_select_frames": measured}})
+            row = {"method": f"qvla ({variant})", "selected": variant == name, "budget": budget,
+                   "predicted_cost": a.cost, "select_frames_error": measured[variant],
+                   "relative_duality_gap": a.relative_gap, "allocate_seconds": a.seconds, **extra}
+            row.update(evaluate_plan(policy, plan, held_out, reference, work))
+            out.append(row)
+            if variant == name:
+                selected_plans[(label, budget)] = plan
+        return out
+
     budgets = [float(b) for b in args.budgets.split(",")]
     for budget in budgets:
-        for method, table in tables.items():
-            a = allocate(table, budget)
-            plan = a.to_plan(table)
-            row = {"method": method, "budget": budget, "predicted_cost": a.cost,
-                   "relative_duality_gap": a.relative_gap, "allocate_seconds": a.seconds}
-            row.update(evaluate_plan(policy, plan, held_out, reference, work))
-            rows.append(row)
-            print(json.dumps({k: row[k] for k in ("method", "budget", "bits_per_param", "mse_chunk_vs_fp")}))
-            if method == "qvla-hybrid" and budget == 4.0:
-                plot_allocation(plan, out / "allocation_4.0.png")
+        rows += qvla_rows(budget, "budget", {})
+        a = allocate(local, budget)
+        row = {"method": "layer-local proxy", "budget": budget, "predicted_cost": assignment_cost(jac, a.bits)}
+        row.update(evaluate_plan(policy, a.to_plan(local), held_out, reference, work))
+        rows.append(row)
+        print(json.dumps({k: r.get(k) for r in rows[-3:] for k in ("method", "budget", "mse_chunk_vs_fp")}), flush=True)
+    if (("budget", 4.0)) in selected_plans:
+        plot_allocation(selected_plans[("budget", 4.0)], out / "allocation_4.0.png")
     # uniform RTN and QVLA at its measured bits/param
     for bits in (2, 3, 4, 8):
         ub = uniform_bits(jac, bits)
         plan = plan_from_bits(policy, ub, provenance={"method": f"uniform RTN W{bits}"})
-        row = {"method": "uniform-rtn", "budget": None, "weight_bits": bits, "predicted_cost": assignment_cost(jac, ub)}
+        row = {"method": "uniform RTN", "budget": None, "weight_bits": bits, "predicted_cost": assignment_cost(jac, ub)}
         row.update(evaluate_plan(policy, plan, held_out, reference, work))
         rows.append(row)
-        for method, table in tables.items():
-            a = allocate(table, plan.bits_per_param())
-            qplan = a.to_plan(table)
-            r2 = {"method": f"{method}@rtn", "budget": plan.bits_per_param(), "matches_weight_bits": bits,
-                  "predicted_cost": a.cost}
-            r2.update(evaluate_plan(policy, qplan, held_out, reference, work))
-            rows.append(r2)
-        print(json.dumps({"uniform": bits, "bpp": plan.bits_per_param(), "mse": row["mse_chunk_vs_fp"]}))
+        rows += qvla_rows(plan.bits_per_param(), "rtn", {"matches_weight_bits": bits})
+        print(json.dumps({"uniform": bits, "bpp": plan.bits_per_param(), "mse": row["mse_chunk_vs_fp"]}), flush=True)
     results["rows"] = rows
     results["max_bytes_rel_diff"] = max(max(abs(r["bytes_rel_diff_memory"]), abs(r["bytes_rel_diff_disk"])) for r in rows)
     results["wall_seconds"] = round(time.time() - started, 1)
@@ -179,11 +207,15 @@ def main() -> int:
         plans_dir = Path(args.plans_dir)
         shipped = {}
         for budget in [float(b) for b in args.ship_budgets.split(",")]:
-            a = allocate(hybrid, budget)
-            plan = a.to_plan(hybrid, provenance={"made_by": "bench/quant/run_quant_bench.py"})
+            plan = selected_plans.get(("budget", budget))
+            if plan is None:
+                name, a, measured = select_allocation(policy, select_frames, jac, budget, reference=select_reference)
+                plan = a.to_plan(jac, provenance={"selection": {"variant": name, "measured_on_select_frames": measured}})
+            plan.provenance["made_by"] = "bench/quant/run_quant_bench.py"
             path = plan.save(plans_dir / f"tiny_qvla_{budget:.1f}.json")
+            plot_allocation(plan, plans_dir / f"tiny_qvla_{budget:.1f}.png")
             shipped[path.name] = {"plan_id": plan.plan_id, "bits_per_param": plan.bits_per_param(),
-                                  "weight_bytes": plan.weight_nbytes()}
+                                  "weight_bytes": plan.weight_nbytes(), "variant": plan.provenance["selection"]["variant"]}
         results["shipped_plans"] = shipped
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
     _write_readme(results, out / "README.md")
@@ -226,18 +258,21 @@ def _plot_error_vs_budget(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    styles = {"qvla-jacobian": ("o-", "#2e86c1"), "qvla-hybrid": ("s-", "#1b4f72"),
-              "layer-local-proxy": ("d:", "#7d3c98"), "uniform-rtn": ("^--", "#cb4335")}
-    for method, (style, colour) in styles.items():
-        pts = sorted((r["bits_per_param"], r["mse_chunk_vs_fp"]) for r in rows
-                     if r["method"] == method or r["method"] == f"{method}@rtn")
-        if pts:
-            ax.semilogy(*zip(*pts), style, color=colour, label=method, ms=4)
-    ax.set_xlabel("bits per parameter (scales, zeros, row indices included)")
-    ax.set_ylabel("held-out E||A_q - A_fp||^2 (chunk)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    styles = {"qvla (all widths)": ("o-", "#2e86c1"), "qvla (no pruning)": ("s-", "#1b4f72"),
+              "layer-local proxy": ("d:", "#7d3c98"), "uniform RTN": ("^--", "#cb4335")}
+    for ax, key, label in ((axes[0], "mse_chunk_vs_fp", "mean"), (axes[1], "median_chunk_vs_fp", "median")):
+        for method, (style, colour) in styles.items():
+            pts = sorted((r["bits_per_param"], r[key]) for r in rows if r["method"] == method)
+            if pts:
+                ax.semilogy(*zip(*pts), style, color=colour, label=method, ms=4)
+        sel = sorted((r["bits_per_param"], r[key]) for r in rows if r.get("selected"))
+        if sel:
+            ax.semilogy(*zip(*sel), "o", mfc="none", mec="k", ms=9, label="qvla: variant chosen on train frames")
+        ax.set_xlabel("bits per parameter (scales, zeros, row indices included)")
+        ax.set_ylabel(f"held-out ||A_q - A_fp||^2 per frame ({label})")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -251,8 +286,10 @@ def _write_readme(results: dict, path: Path) -> None:
         "",
         f"Produced by `bench/quant/run_quant_bench.py` on **{results['cpu']}** "
         f"({results['torch_threads']} torch threads, torch {results['torch']}), {results['wall_seconds']} s wall.",
-        f"Calibration: {results['calib_frames']} demonstration frames (train split); evaluation: "
-        f"{results['held_out_frames']} held-out frames (val split).",
+        f"Calibration: {results['calib_frames']} demonstration frames (train split, jacobian with "
+        f"{results['projections']} random projections each); variant selection: {results['select_frames']} other "
+        f"train-split frames; evaluation: {results['held_out_frames']} held-out frames (val split, every frame "
+        "of the held-out episodes).",
         "",
         "## Sensitivity estimators",
         "",
@@ -270,13 +307,17 @@ def _write_readme(results: dict, path: Path) -> None:
         "",
         "## Action error vs budget (held-out frames)",
         "",
-        "| method | budget | bits/param | E‖A_q−A_fp‖² | L1 first action vs demo | predicted cost | weight bytes (pred / mem / disk) |",
-        "|---|---|---|---|---|---|---|",
+        "Per held-out frame e = ||A_q - A_fp||^2 summed over the 8x4 chunk; mean, 1%-trimmed mean, median, p90 over frames.",
+        "`*` marks the QVLA variant chosen automatically (lower measured error on separate train-split frames).",
+        "",
+        "| method | budget | bits/param | mean e | trimmed | median e | p90 e | L1 first action vs demo | predicted (table) | weight bytes pred / mem / disk |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         budget = "" if r.get("budget") is None else f"{r['budget']:.3f}"
-        name = r["method"] + (f" W{r['weight_bits']}" if "weight_bits" in r else "")
+        name = r["method"] + (f" W{r['weight_bits']}" if "weight_bits" in r else "") + (" *" if r.get("selected") else "")
         lines.append(f"| {name} | {budget} | {r['bits_per_param']:.3f} | {r['mse_chunk_vs_fp']:.3e} | "
+                     f"{r['trimmed_mean_chunk_vs_fp']:.3e} | {r['median_chunk_vs_fp']:.2e} | {r['p90_chunk_vs_fp']:.2e} | "
                      f"{r.get('l1_first_vs_demo', float('nan')):.4f} | {r['predicted_cost']:.3e} | "
                      f"{r['predicted_weight_bytes']} / {r['memory_weight_bytes']} / {r['disk_weight_bytes']} |")
     fp = results["float_policy"].get("l1_first_vs_demo")
