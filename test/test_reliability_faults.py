@@ -380,5 +380,5 @@ def test_killed_while_saving_leaves_whole_files(tmp_path):
     # Only the finished files carry the real names; a killed save leaves at most its temp file.
     names_left = {f.name for f in (tmp_path / "ckpt").iterdir()}
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= names_left
-    assert all(n.startswith(".") and n.endswith(".tmp") for n in names_left
-               - {"config.json", "tokenizer.json", "model.safetensors"})
+    extra = names_left - {"config.json", "tokenizer.json", "model.safetensors"}
+    assert all(n.startswith(".") and n.endswith(".tmp") for n in extra), sorted(extra)
