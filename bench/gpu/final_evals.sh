@@ -8,7 +8,7 @@
 #   OUT=/tmp/o WORK=/tmp/w EPS=1 DEMO_EPS=1 TASKS=drawer-open WORKERS=2 SETUP=0 PY=.venv/bin/python \
 #   METHODS=fp,rtn-w4 bash bench/gpu/final_evals.sh
 #
-# Setup (wheels, GL loaders) is the same as bench/gpu/train_tiny.sh's. Every stage runs under one
+# Setup (wheels, GL loaders) comes from device_setup.sh, as for train_tiny.sh. Every stage runs under one
 # deadline, and `qvla compare` caches each finished method, so the call always ends with what
 # finished packed into $OUT/compare.tgz.
 set -u
@@ -28,17 +28,7 @@ log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 task_args=(); [ -n "$TASKS" ] && task_args=(--tasks "$TASKS")
 
-if [ "${SETUP:-1}" = 1 ] && [ -d .whl_train ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl_train/*.whl >>"$LOG" 2>&1 || log "pip install failed"
-  export PYTHONPATH=/tmp/site
-fi
-if [ "${SETUP:-1}" = 1 ] && [ -d .gl ] && [ "$(id -u)" = 0 ]; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  egl_vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-  [ -f "$egl_vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$egl_vendor
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+. bench/gpu/device_setup.sh
 log "setup done; $(nvidia-smi -L 2>/dev/null | head -1); $(nproc) cores; $(lscpu 2>/dev/null | grep 'Model name' | head -1)"
 
 # Calibration ('train' split) and offline ('val' split) frames.

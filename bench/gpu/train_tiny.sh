@@ -49,18 +49,7 @@ init_args=(); [ -n "$INIT" ] && init_args=(--init "$INIT")
 step_args=(); [ -n "$MAX_STEPS" ] && step_args=(--max-steps "$MAX_STEPS")
 
 # -- setup: carried wheels and GL libraries -------------------------------------------------------
-# SETUP=0 skips this (a local dry run must not unpack libraries into /).
-if [ "${SETUP:-1}" = 1 ] && [ -d .whl_train ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl_train/*.whl >>"$LOG" 2>&1 || log "pip install failed"
-  export PYTHONPATH=/tmp/site
-fi
-if [ "${SETUP:-1}" = 1 ] && [ -d .gl ] && [ "$(id -u)" = 0 ]; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
-  egl_vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-  [ -f "$egl_vendor" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$egl_vendor
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+. bench/gpu/device_setup.sh
 log "setup done; $(nvidia-smi -L 2>/dev/null | head -1); $(nproc) cores"
 $PY -c "import torch, transformers, metaworld, mujoco; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'mujoco', mujoco.__version__)" >>"$LOG" 2>&1
 
