@@ -377,7 +377,7 @@ def test_killed_while_saving_leaves_whole_files(tmp_path):
     loaded = load_policy(tmp_path / "ckpt")
     weights = float(loaded.action_head[0].weight.detach().double().sum())
     assert any(abs(weights - float(v)) < 1e-9 for v in versions[2:]), (weights, versions)
-    # Only the finished files carry the real names; a killed save leaves at most its temp file.
+    # Only the finished files carry the real names; a killed save leaves at most its temp folder.
     names_left = {f.name for f in (tmp_path / "ckpt").iterdir()}
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= names_left
     extra = names_left - {"config.json", "tokenizer.json", "model.safetensors"}

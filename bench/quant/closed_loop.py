@@ -42,14 +42,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plans", default="config/plans/tiny_qvla_4.0.json,config/plans/tiny_qvla_3.0.json")
     ap.add_argument("--float", action="store_true", help="also evaluate the float policy")
+    ap.add_argument("--uniform", default="", help="also uniform round-to-nearest at these widths, e.g. 3,4")
     ap.add_argument("--episodes-per-task", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "quant" / "closed_loop.json"))
     args = ap.parse_args()
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else {}
-    configs = ([("float", None)] if args.float else []) + [
-        (BitPlan.load(p).plan_id, p) for p in args.plans.split(",") if p]
+    plans = [p for p in args.plans.split(",") if p]
+    if args.uniform:
+        from qvla_ros.policy import load_policy
+        from qvla_ros.quant.plan import plan_from_bits
+        from qvla_ros.quant.targets import quantizable_linears
+
+        policy = load_policy(None)
+        for bits in (int(b) for b in args.uniform.split(",")):
+            plan = plan_from_bits(policy, {n: bits for n in quantizable_linears(policy)},
+                                  provenance={"method": f"uniform RTN W{bits}"})
+            plans.append(str(plan.save(out.parent / f"uniform_rtn_w{bits}.json")))
+    configs = ([("float", None)] if args.float else []) + [(BitPlan.load(p).plan_id, p) for p in plans]
     for key, plan in configs:
         tag = f"{key}@{args.episodes_per_task}"
         if tag in done:
@@ -62,7 +73,8 @@ def main() -> int:
         done[tag] = {"plan": plan, "plan_id": key, "seconds": round(time.time() - started, 1), "results": summary}
         if plan is not None:
             p = BitPlan.load(plan)
-            done[tag].update(bits_per_param=p.bits_per_param(), weight_bytes=p.weight_nbytes())
+            done[tag].update(bits_per_param=p.bits_per_param(), weight_bytes=p.weight_nbytes(),
+                             method=p.provenance.get("method", "qvla"))
         out.write_text(json.dumps(done, indent=1, default=str) + "\n")
         print(f"{tag}: {done[tag]['seconds']} s")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -217,18 +218,22 @@ class VLAPolicy(nn.Module):
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """write(tmp) into a private temporary folder beside `path`, then rename the result into place.
+
+    A folder, not a temporary file: safetensors' writer makes its own temporary file beside the
+    name it is given, so a save killed mid-way must leave its debris under one dotted name that
+    nothing reads (".model.safetensors.XXXX.tmp/"), never a loose ".tmpXXXX" in the checkpoint."""
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp = tmp_dir / path.name
         write(tmp)
-        # mkstemp makes the file private; a checkpoint gets the permissions of any new file.
+        # mkstemp/mkdtemp make things private; a checkpoint gets the permissions of any new file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
