@@ -11,6 +11,7 @@ float16 scales/zeros, int32 row_index, bf16 rows), and the plan as plan.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -112,51 +113,170 @@ def save_quantized(model: nn.Module, plan: BitPlan, directory: str | os.PathLike
     return out
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+                       torch.int64: "I64", torch.bool: "BOOL"}
+
+
+def _read_config(directory: Path):
+    """(VLAConfig, InstructionTokenizer) from a checkpoint's config.json and tokenizer.json,
+    checked as load_policy checks them (a preset name in place of the config is refused: it
+    would build whatever that preset is, whatever the weights hold)."""
+    from ..policy import CheckpointError, InstructionTokenizer, VLAConfig
+    from ..policy.configuration_vla import CONFIG_FORMAT, CONFIG_VERSION
+
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config")
+    if meta.get("version") != CONFIG_VERSION:
+        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
+                              f"this library reads version {CONFIG_VERSION}")
+    try:
+        config = VLAConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    try:
+        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
+    return config, tokenizer
+
+
+def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, safetensors dtype)} from the file's header; no tensor data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..policy import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+
+
+def architecture_fingerprint(model: nn.Module) -> dict:
+    """plan.model_fingerprint without the weight hash: the architecture hash from names and shapes
+    only, so it works on a meta-device skeleton (which has no data to hash)."""
+    arch = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        arch.update(f"{name}:{tuple(tensor.shape)};".encode())
+    config = getattr(model, "config", None)
+    return {"class": type(model).__name__, "config": getattr(config, "name", None),
+            "architecture": arch.hexdigest(), "weights": None,
+            "params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def _quantized_skeleton(directory: Path, config, tokenizer, plan: BitPlan,
+                        stored: dict[str, tuple[tuple[int, ...], str]]) -> nn.Module:
+    """The quantized policy on the meta device (no storage): the architecture from config.json with
+    each planned Linear swapped for a MixedBitLinear shell shaped by the plan. Raises
+    CheckpointError (or PlanError) unless its tensors are exactly those stored, name for name,
+    shape for shape and dtype for dtype: after this, materializing it allocates what the file
+    holds and no more (the float Linears the plan replaces are never allocated)."""
+    from ..policy import CheckpointError
+    from ..policy.modeling_vla import VLAPolicy
+
+    path = directory / WEIGHTS_FILE
+    # Every layer stores at least one tensor: this bounds the skeleton, whose cost grows with
+    # the layer count even on the meta device.
+    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
+    if layers > len(stored):
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
+                              f"{WEIGHTS_FILE} holds only {len(stored)} tensors")
+    absent = [name for name in plan.layers if f"{name}.row_index" not in stored]
+    if absent:
+        raise CheckpointError(f"{path} does not match {PLAN_FILE}: no packed tensors for planned "
+                              f"layers {absent[:4]}{'...' if len(absent) > 4 else ''}")
+    try:
+        with torch.device("meta"):
+            skeleton = VLAPolicy(config, tokenizer=tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+    except RuntimeError as exc:  # sizes whose element count overflows even without storage
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to build: {exc}") from None
+    try:
+        plan.check_model(skeleton, check_weights=False, fingerprint=architecture_fingerprint(skeleton))
+        for name in plan.layers:
+            if not isinstance(skeleton.get_submodule(name), nn.Linear):
+                raise PlanError(f"layer {name!r} is a {type(skeleton.get_submodule(name)).__name__}, "
+                                "not an nn.Linear")
+    except PlanError as exc:
+        raise PlanError(f"{directory / PLAN_FILE} does not match {CONFIG_FILE}: {exc}") from None
+    with torch.device("meta"):
+        for name, layer in plan.layers.items():
+            linear = skeleton.get_submodule(name)
+            _set_module(skeleton, name, MixedBitLinear(
+                layer.in_features, layer.out_features, layer.counts,
+                bias=linear.bias is not None, act_bits=layer.act_bits, row_tile=plan.row_tile))
+    expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
+                for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match {CONFIG_FILE} and {PLAN_FILE}: "
+                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for key, (shape, dtype) in stored.items():
+        if (shape, dtype) != expected[key]:
+            raise CheckpointError(f"{path}: tensor {key} is {dtype} {shape}, {CONFIG_FILE} and "
+                                  f"{PLAN_FILE} imply {expected[key][1]} {expected[key][0]}")
+    return skeleton
+
+
+def _materialize(skeleton: nn.Module) -> nn.Module:
+    """Give the meta skeleton uninitialised CPU storage (load_state_dict fills it) and rebuild
+    the buffers no checkpoint stores (rotary frequencies, position ids) from their modules'
+    configs: those are functions of the configuration, and a fresh module computes them."""
+    policy = skeleton.to_empty(device="cpu")
+    for name, module in policy.named_modules():
+        transient = sorted(module._non_persistent_buffers_set)
+        if not transient:
+            continue
+        if getattr(module, "config", None) is None:
+            raise RuntimeError(f"cannot rebuild the unsaved buffers {transient} of {name!r} "
+                               f"({type(module).__name__} has no config to rebuild it from)")
+        with torch.device("cpu"):
+            fresh = type(module)(module.config)
+        for buffer in transient:
+            module._buffers[buffer] = getattr(fresh, buffer)
+    return policy
+
+
 def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a policy saved by save_quantized: the architecture from config.json, MixedBitLinear
-    shells shaped by plan.json, then the packed tensors from model.safetensors (strictly)."""
+    """Rebuild a policy saved by save_quantized: the architecture from config.json with
+    MixedBitLinear shells shaped by plan.json, then the packed tensors from model.safetensors.
+
+    Everything is checked before anything is allocated: the tensors named in the safetensors
+    header must be exactly those of the skeleton (built on the meta device), so a config.json or
+    plan.json edited to describe a huge model, or a file with a tensor missing or reshaped, is
+    refused with CheckpointError/PlanError naming the file and the tensor. The float Linears the
+    plan replaces are never built; memory is what the file holds."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..policy import CheckpointError, InstructionTokenizer, get_config, make_policy
+    from ..policy import CheckpointError
 
     directory = Path(directory)
     for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, PLAN_FILE):
         if not (directory / name).is_file():
             raise CheckpointError(f"quantized checkpoint {directory} has no {name}")
-    try:
-        config = get_config(json.loads((directory / CONFIG_FILE).read_text())["config"])
-        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory}: bad config.json or tokenizer.json ({exc})") from None
+    config, tokenizer = _read_config(directory)
     plan = BitPlan.load(directory / PLAN_FILE)
-    policy = make_policy(config, tokenizer=tokenizer)
-    # The random weights are not the plan's, but the architecture must be.
-    plan.check_model(policy, check_weights=False)
-    for name, layer in plan.layers.items():
-        linear = policy.get_submodule(name)
-        _set_module(policy, name, MixedBitLinear.empty(
-            layer.in_features, layer.out_features, torch.from_numpy(layer.bits.astype("int64")),
-            bias=linear.bias is not None, act_bits=layer.act_bits, row_tile=plan.row_tile))
+    skeleton = _quantized_skeleton(directory, config, tokenizer, plan, _stored_tensors(directory / WEIGHTS_FILE))
     try:
         state = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is corrupt: {exc}") from None
-    expected = policy.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{directory / WEIGHTS_FILE} does not match {PLAN_FILE}: missing {missing[:4]}, "
-                              f"unexpected {unexpected[:4]}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape or tensor.dtype != expected[key].dtype:
-            raise CheckpointError(f"{directory / WEIGHTS_FILE}: {key} is {tensor.dtype} {tuple(tensor.shape)}, "
-                                  f"the plan implies {expected[key].dtype} {tuple(expected[key].shape)}")
     for name in plan.layers:
         index = state[f"{name}.row_index"]
-        n = policy.get_submodule(name).out_features
+        n = plan.layers[name].out_features
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n or index.unique().numel() != index.numel()):
             raise CheckpointError(f"{directory / WEIGHTS_FILE}: {name}.row_index is not a set of distinct channels < {n}")
+    policy = _materialize(skeleton)
     policy.load_state_dict(state)
     policy.qvla_plan_id = plan.plan_id
     return policy.to(device).eval()
