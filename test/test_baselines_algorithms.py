@@ -41,6 +41,33 @@ def test_gptq_weights_repack_exactly(act_order):
         assert torch.equal(fake_quantize_rows(q, bits), q)
 
 
+def test_gptq_per_row_widths_match_uniform_gptq_row_for_row():
+    """A QVLA allocation (a width per row): GPTQ keeps rows independent, so each width's rows come
+    out exactly as uniform GPTQ at that width gives them; pruned rows are zero, 16-bit rows kept,
+    and every rounded row repacks exactly on its own grid."""
+    w, x = _layer(n=64, seed=2)
+    h = x.T @ x / x.shape[0]
+    widths = torch.tensor([0, 2, 3, 4, 8, 16, 4, 3] * 8)
+    q = gptq_quantize_weight(w, h, widths)
+    assert torch.equal(q[widths == 0], torch.zeros_like(q[widths == 0]))
+    assert torch.equal(q[widths == 16], w[widths == 16])
+    for b in (2, 3, 4, 8):
+        rows = widths == b
+        assert torch.equal(q[rows], gptq_quantize_weight(w[rows], h, b))
+        assert torch.equal(fake_quantize_rows(q[rows], b), q[rows])
+        # ... and GPTQ's point: a lower layer objective than rounding those rows to nearest.
+        assert layer_objective(w[rows], q[rows], h) < layer_objective(w[rows], fake_quantize_rows(w[rows], b), h)
+
+
+def test_gptq_per_row_widths_are_checked():
+    w, x = _layer(n=8, k=16, seed=3)
+    h = x.T @ x / x.shape[0]
+    with pytest.raises(ValueError, match="shape"):
+        gptq_quantize_weight(w, h, torch.full((7,), 4))
+    with pytest.raises(ValueError, match="unknown bit-widths"):
+        gptq_quantize_weight(w, h, torch.tensor([4, 5, 4, 4, 4, 4, 4, 4]))
+
+
 def test_gptq_rejects_bad_shapes():
     with pytest.raises(ValueError, match="Hessian"):
         gptq_quantize_weight(torch.randn(4, 8), torch.eye(7), 4)

@@ -74,6 +74,20 @@ def test_compare_writes_table_plot_and_resumes(setup, capsys):
     assert strip(again) == strip(doc["rows"])
 
 
+def test_qvla_with_gptq_rows_keeps_the_allocation_and_changes_only_the_codes(setup):
+    """qvla-gptq@M: the same widths (so the same measured bytes) as qvla@M, rows rounded by GPTQ."""
+    out = setup / "gptq_rows"
+    assert _run(setup, out, "rtn-w3,qvla@rtn-w3,qvla-gptq@rtn-w3", episodes=0) == 0
+    rows = {r["method"]["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    plain, gptq = rows["qvla@rtn-w3"], rows["qvla-gptq@rtn-w3"]
+    assert gptq["info"]["rounding"] == "gptq" and plain["info"]["rounding"] == "rtn"
+    assert gptq["info"]["bits_histogram"] == plain["info"]["bits_histogram"]
+    assert gptq["memory"]["nbytes"] == plain["memory"]["nbytes"]
+    assert gptq["plan_id"] != plain["plan_id"]  # the plan records how its rows were rounded
+    assert gptq["offline"]["action_mse_vs_fp"] != plain["offline"]["action_mse_vs_fp"]
+    assert 0 < gptq["info"]["mean_relative_layer_error"] < 1
+
+
 def test_compare_rejects_bad_input(setup, capsys):
     assert main(["compare", "--methods", "rtn-w5", "--data", str(setup / "demos"),
                  "--out", str(setup / "bad")]) == 2

@@ -145,9 +145,16 @@ def test_method_names():
     spec = parse_method("qvla-a8@sq-w8a8")
     assert (spec.family, spec.abits, spec.match) == ("qvla", 8, "sq-w8a8")
     assert parse_method("qvla-b4.25").budget == 4.25
+    assert parse_method("qvla-b4.25").rounding == "rtn"
+    spec = parse_method("qvla-gptq@gptq-w4")
+    assert (spec.name, spec.rounding, spec.match, spec.abits) == ("qvla-gptq@gptq-w4", "gptq", "gptq-w4", 16)
+    spec = parse_method("qvla-a8-gptq-b3.5")
+    assert (spec.rounding, spec.abits, spec.budget) == ("gptq", 8, 3.5)
+    assert spec.label == "QVLA + GPTQ rows W+A8"
     order = [s.name for s in resolve_order(["qvla@gptq-w3", "rtn-w4", "gptq-w3"])]
     assert order == ["gptq-w3", "qvla@gptq-w3", "rtn-w4"]
-    for bad in ("rtn-w5", "sq-w3a8", "rtn-g12-w4", "qvla@qvla-b3", "fp8", "qvla-b40"):
+    for bad in ("rtn-w5", "sq-w3a8", "rtn-g12-w4", "qvla@qvla-b3", "fp8", "qvla-b40",
+                "qvla-gptq-a8-b4", "qvla-gptq@qvla-b3"):
         with pytest.raises(MethodError):
             parse_method(bad)
 

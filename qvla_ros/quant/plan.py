@@ -196,6 +196,10 @@ class BitPlan:
                 out[b] += n
         return out
 
+    def row_bits(self) -> dict[str, torch.Tensor]:
+        """{layer name: int64 [out_features] width of each output row}, as quantizers take them."""
+        return {name: torch.from_numpy(layer.bits.astype(np.int64)) for name, layer in self.layers.items()}
+
     @property
     def plan_id(self) -> str:
         return _content_id(self._document(with_id=False))

@@ -9,6 +9,9 @@
     qvla@METHOD         QVLA weight-only at METHOD's measured bits/param
     qvla-a8@METHOD      QVLA with 8-bit activations at METHOD's measured bits/param
     qvla-b{X}, qvla-a8-b{X}   QVLA at a budget of X bits/param (e.g. qvla-b4.25)
+    qvla-gptq...        any QVLA form above with its rows rounded by GPTQ at the widths QVLA
+                        chose (e.g. qvla-gptq@gptq-w4, qvla-a8-gptq-b4.0); plain QVLA rounds
+                        each row to nearest
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ _GROUP = re.compile(r"rtn-g(\d+)-w(\d+)")
 _SQ = re.compile(r"sq-w(\d+)a8")
 _GPTQ = re.compile(r"gptq-w(\d+)")
 _AWQ = re.compile(r"awq-w(\d+)")
-_QVLA_MATCH = re.compile(r"qvla(-a8)?@(.+)")
-_QVLA_BUDGET = re.compile(r"qvla(-a8)?-b(\d+(?:\.\d+)?)")
+_QVLA_MATCH = re.compile(r"qvla(-a8)?(-gptq)?@(.+)")
+_QVLA_BUDGET = re.compile(r"qvla(-a8)?(-gptq)?-b(\d+(?:\.\d+)?)")
 
 
 class MethodError(ValueError):
@@ -50,6 +53,8 @@ class MethodSpec:
         group_size: inputs per (scale, zero) for rtn-group.
         match: for QVLA, the method whose measured bits/param is the budget.
         budget: for QVLA, an explicit budget in bits/param.
+        rounding: for QVLA, how a row is rounded at its allocated width: "rtn" (to nearest, what
+            a plan file alone reproduces) or "gptq" (GPTQ's error feedback, needs calibration).
     """
 
     name: str
@@ -59,6 +64,7 @@ class MethodSpec:
     group_size: int | None = None
     match: str | None = None
     budget: float | None = None
+    rounding: str = "rtn"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +75,8 @@ class MethodSpec:
         if self.family == "rtn-group":
             return f"RTN group {self.group_size}"
         if self.family == "qvla":
-            return "QVLA W+A8" if self.abits == 8 else "QVLA"
+            rows = " + GPTQ rows" if self.rounding == "gptq" else ""
+            return f"QVLA{rows} W+A8" if self.abits == 8 else f"QVLA{rows}"
         return {"fp": "fp", "rtn": "RTN per-channel", "smoothquant": "SmoothQuant (A8)",
                 "gptq": "GPTQ", "awq": "AWQ"}[self.family]
 
@@ -102,19 +109,22 @@ def parse_method(name: str) -> MethodSpec:
     if m := _AWQ.fullmatch(text):
         return MethodSpec(text, "awq", wbits=_wbits(text, m[1], (8, 4, 3, 2)))
     if m := _QVLA_BUDGET.fullmatch(text):
-        budget = float(m[2])
+        budget = float(m[3])
         if not 0 < budget <= 16:
             raise MethodError(f"{text}: a budget is in (0, 16] bits/param, got {budget}")
-        return MethodSpec(text, "qvla", abits=8 if m[1] else 16, budget=budget)
+        return MethodSpec(text, "qvla", abits=8 if m[1] else 16, budget=budget,
+                          rounding="gptq" if m[2] else "rtn")
     if m := _QVLA_MATCH.fullmatch(text):
-        target = parse_method(m[2])
+        target = parse_method(m[3])
         if target.family in ("qvla", "fp"):
             raise MethodError(f"{text}: QVLA matches the memory of a baseline, not of {target.name}")
-        return MethodSpec(f"qvla{m[1] or ''}@{target.name}", "qvla", abits=8 if m[1] else 16,
-                          match=target.name)
+        return MethodSpec(f"qvla{m[1] or ''}{m[2] or ''}@{target.name}", "qvla",
+                          abits=8 if m[1] else 16, match=target.name,
+                          rounding="gptq" if m[2] else "rtn")
     raise MethodError(f"unknown method {name!r}; known forms: fp, rtn-w{{8,4,3,2}}, "
                       f"rtn-g{{G}}-w{{4,3,2}}, sq-w{{8,4}}a8, gptq-w{{4,3}}, awq-w{{4,3}}, "
-                      f"qvla@METHOD, qvla-a8@METHOD, qvla-b{{X}}, qvla-a8-b{{X}}")
+                      f"qvla@METHOD, qvla-a8@METHOD, qvla-b{{X}}, qvla-a8-b{{X}}, and each QVLA "
+                      f"form with -gptq after qvla/qvla-a8")
 
 
 def resolve_order(names: list[str]) -> list[MethodSpec]:

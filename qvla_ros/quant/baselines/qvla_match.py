@@ -20,6 +20,7 @@ from ..api import quantize_
 from ..calibration import CalibrationFrames
 from ..plan import model_fingerprint
 from ..sensitivity import SensitivityTable, exact_sensitivity, jacobian_sensitivity
+from .gptq import apply_gptq
 from .methods import MethodSpec
 
 ESTIMATORS = ("jacobian", "exact")
@@ -74,8 +75,18 @@ class QvlaRunner:
                  budget: float) -> dict:
         table = self.sensitivity(policy)
         result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction)
-        plan = result.to_plan(table, act_bits=spec.abits, provenance={"method": spec.name})
-        quantize_(policy, plan)
+        plan = result.to_plan(table, act_bits=spec.abits,
+                              provenance={"method": spec.name, "rounding": spec.rounding})
+        info = {}
+        if spec.rounding == "gptq":
+            # Same widths, same grid per row; GPTQ only chooses the codes, so the packed bytes
+            # are the plan's. The weights then differ from the float ones the plan names.
+            modules = {n: policy.get_submodule(n) for n in plan.layers}
+            rel = apply_gptq(policy, modules, batches, plan.row_bits(), progress=self.progress)
+            info["mean_relative_layer_error"] = sum(rel.values()) / len(rel)
+            quantize_(policy, plan, check_weights=False)
+        else:
+            quantize_(policy, plan)
         return {"plan": plan, "plan_id": plan.plan_id, "budget_bits_per_param": budget,
-                "estimator": self.estimator, "allocation": result.report(),
-                "bits_histogram": {str(b): n for b, n in plan.totals().items()}}
+                "estimator": self.estimator, "rounding": spec.rounding, "allocation": result.report(),
+                "bits_histogram": {str(b): n for b, n in plan.totals().items()}, **info}
