@@ -4,16 +4,21 @@
     y = mixed_bit_linear(x, weights, bias, act_bits=16 | 8)  # every forward
 
 On CUDA tensors the layer is one Triton launch over all its bit groups (plus one for the int8
-activations when act_bits=8); on CPU tensors the same arithmetic runs in plain torch. Triton is
-imported only when a CUDA tensor arrives, so this package imports on machines without it.
+activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM or the
+small-M kernel (triton_gemv.py) runs it, as QVLA_SMALL_M_KERNEL=gemm|gemv or set_small_m_kernel()
+says (gemm until a GPU run shows the new one faster); on CPU tensors the same arithmetic runs in
+plain torch. Triton is imported only when a CUDA tensor arrives, so this package imports on machines
+without it.
 """
 from .layout import KernelWeights, prepare_groups, prepare_packed
-from .ops import (GemmConfig, launch_mixed_gemm, mixed_bit_linear, override_configs, pick_config,
-                  quantize_activations, triton_available)
+from .ops import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
+                  override_gemv_configs, pick_config, pick_gemv_config, quantize_activations, set_small_m_kernel,
+                  small_m_kernel, triton_available)
 from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
-    "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "launch_mixed_gemm", "mixed_bit_linear",
-    "override_configs", "pick_config", "quantize_activations", "triton_available",
+    "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "GemvConfig", "launch_gemv",
+    "launch_mixed_gemm", "mixed_bit_linear", "override_configs", "override_gemv_configs", "pick_config",
+    "pick_gemv_config", "quantize_activations", "set_small_m_kernel", "small_m_kernel", "triton_available",
     "dequantize_kernel_weights", "mixed_bit_linear_reference", "quantize_activations_reference",
 ]

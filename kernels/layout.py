@@ -195,6 +195,33 @@ class KernelWeights:
         return words_to_codes(words, high, bits, self.in_features)
 
 
+def slot_table(group_rows: Sequence[int], in_features: int) -> dict[str, int]:
+    """The group table of a layer as host integers, computed from its rows per slot and K alone.
+
+    prepare_groups (and testing.random_kernel_weights) lay the groups out in slot order, each
+    quantized group's words right after the previous one's and the 3-bit high plane right after its
+    low plane, so nothing needs to be read back from the device. Keys: r{b} rows of width b (r0:
+    pruned), o{b} word offset of the b-bit group in units of 16 words, h3 offset of the 3-bit high
+    plane in units of 32 half-words, n{b} K-blocks per row (the layout of `meta`, in the small-M
+    kernel's units).
+    """
+    if len(group_rows) != len(SLOT_BITS):
+        raise ValueError(f"group_rows must hold {len(SLOT_BITS)} counts (slots {SLOT_BITS}), got {len(group_rows)}")
+    table = {f"r{b}": int(r) for b, r in zip(SLOT_BITS, group_rows)}
+    used = 0
+    table["h3"] = 0
+    for bits in QUANT_WIDTHS[::-1]:  # 8, 4, 3, 2: the packed order
+        rows = table[f"r{bits}"]
+        nkb = num_k_blocks(bits, in_features)
+        words = rows * nkb * WORDS_PER_BLOCK
+        table[f"o{bits}"], table[f"n{bits}"] = used // 16, nkb
+        used += words
+        if bits == 3:
+            table["h3"] = 2 * used // 32
+            used += words // 2
+    return table
+
+
 def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
                    groups: Sequence, device=None) -> KernelWeights:
     """Build the kernel layout from contract-layout groups.

@@ -195,6 +195,153 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
     return y
 
 
+# ---- the small-M kernel (triton_gemv.py) ----------------------------------------------------------
+
+#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "gemm" (the grouped GEMM,
+#: the default until a GPU run shows the new one faster) or "gemv" (triton_gemv.py). The environment
+#: variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
+SMALL_M = 16
+SMALL_M_KERNELS = ("gemm", "gemv")
+_small_m_kernel = [None]
+
+
+def small_m_kernel() -> str:
+    choice = _small_m_kernel[0] or os.environ.get("QVLA_SMALL_M_KERNEL", "gemm")
+    if choice not in SMALL_M_KERNELS:
+        raise ValueError(f"QVLA_SMALL_M_KERNEL must be one of {SMALL_M_KERNELS}, got {choice!r}")
+    return choice
+
+
+def set_small_m_kernel(name: str | None) -> None:
+    """Pick the kernel for M <= 16 tokens ("gemm" or "gemv"); None goes back to the environment."""
+    if name is not None and name not in SMALL_M_KERNELS:
+        raise ValueError(f"small-M kernel must be one of {SMALL_M_KERNELS}, got {name!r}")
+    _small_m_kernel[0] = name
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile shape of the small-M kernel (triton_gemv.py).
+
+    Args:
+        bm: tokens per program: 1, 2, 4, 8 or 16 (16 with use_dot).
+        bn: packed rows per program (rows of one width), a power of two >= 16.
+        wb: 32-bit weight words per row per step (a power of two >= 16, and <= 128).
+        bk16: input features per step of the dense 16-bit rows.
+        split_k: programs sharing one row block along K (the last to arrive adds the parts).
+        use_dot: tensor-core products (bm must be 16); False: float32 FMA.
+        prefetch: load the next step's weight words before decoding the current ones.
+        num_warps, num_stages: Triton launch options.
+    """
+    bm: int = 1
+    bn: int = 64
+    wb: int = 32
+    bk16: int = 64
+    split_k: int = 1
+    use_dot: bool = False
+    prefetch: bool = True
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        def pow2(v):
+            return v > 0 and v & (v - 1) == 0
+        if self.bm not in (1, 2, 4, 8, 16):
+            raise ValueError(f"bm must be 1, 2, 4, 8 or 16, got {self.bm}")
+        if self.use_dot and self.bm != 16:
+            raise ValueError(f"tensor-core tiles need bm=16 (tokens are the product's narrow side), got {self.bm}")
+        if not pow2(self.bn) or self.bn < 16:
+            raise ValueError(f"bn must be a power of two >= 16, got {self.bn}")
+        if not pow2(self.wb) or not 16 <= self.wb <= 128:
+            raise ValueError(f"wb must be a power of two in 16..128, got {self.wb}")
+        if not pow2(self.bk16) or self.bk16 < 16:
+            raise ValueError(f"bk16 must be a power of two >= 16, got {self.bk16}")
+        if not 1 <= self.split_k <= 16:
+            raise ValueError(f"split_k must be in 1..16, got {self.split_k}")
+
+
+#: first guesses from the run-2 diagnosis (bench/kernels/NOTES.md, "Run 3"), not yet timed
+_GEMV_CONFIGS: dict[str, GemvConfig] = {
+    "m1": GemvConfig(bm=1, bn=64, wb=32, bk16=128, split_k=4, num_warps=4),
+    "m2": GemvConfig(bm=2, bn=64, wb=32, bk16=64, split_k=4, num_warps=4),
+    "m4": GemvConfig(bm=4, bn=32, wb=32, bk16=64, split_k=4, num_warps=4),
+    "m8": GemvConfig(bm=8, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
+    "m16": GemvConfig(bm=16, bn=64, wb=32, bk16=64, split_k=4, use_dot=True, num_warps=4),
+}
+
+
+def gemv_bucket(m: int) -> str:
+    if m > SMALL_M:
+        raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens, got {m}")
+    for cap in (1, 2, 4, 8):
+        if m <= cap:
+            return f"m{cap}"
+    return "m16"
+
+
+def pick_gemv_config(m: int) -> GemvConfig:
+    return _GEMV_CONFIGS[gemv_bucket(m)]
+
+
+def override_gemv_configs(configs: dict[str, GemvConfig]) -> None:
+    """Replace small-M tile choices (keys: "m1", "m2", "m4", "m8", "m16")."""
+    for key, cfg in configs.items():
+        if key not in _GEMV_CONFIGS:
+            raise ValueError(f"unknown small-M bucket {key!r}; known: {sorted(_GEMV_CONFIGS)}")
+        if not isinstance(cfg, GemvConfig):
+            raise TypeError(f"{key}: expected a GemvConfig, got {type(cfg).__name__}")
+        _GEMV_CONFIGS[key] = cfg
+
+
+def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of the small-M kernel over all groups of the layer: y [M, N] in out_dtype.
+
+    x: [M, K] bfloat16/float16, M <= 16 (16-bit activations only). out: optional contiguous [M, N]
+    tensor of out_dtype to write (every element is written)."""
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be a 2-D bfloat16/float16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    m, k = x.shape
+    if k != kw.in_features:
+        raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
+    if m > SMALL_M:
+        raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens, got {m}; use launch_mixed_gemm")
+    cfg = config or pick_gemv_config(max(m, 1))
+    if out is None:
+        y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x.device)
+    elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape ({m}, {kw.out_features})")
+    else:
+        y = out
+    if m == 0:
+        return y
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .layout import slot_table
+    from .triton_gemv import gemv_kernel
+    table = slot_table(kw.group_rows, k)
+    num_m = -(-m // cfg.bm)
+    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * num_m
+    dummy = kw.scale
+    if cfg.split_k > 1:
+        ws, counts = _split_scratch(x.device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
+    else:
+        ws, counts = dummy, kw.out_index
+    gemv_kernel[(tiles * cfg.split_k,)](
+        x, kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index,
+        bias if bias is not None else dummy, y, ws, counts, m, k, x.stride(0), y.stride(0), int(bias is not None),
+        table["r16"], table["r8"], table["r4"], table["r3"], table["r2"], table["r0"],
+        table["o8"], table["o4"], table["o3"], table["o2"], table["h3"],
+        table["n8"], table["n4"], table["n3"], table["n2"],
+        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+        X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return y
+
+
 def _weights_from(qwords, w16, scale, zero, out_index, meta, group_rows, out_features, in_features,
                   integer_zero) -> KernelWeights:
     return KernelWeights(int(out_features), int(in_features), qwords, w16, scale, zero, out_index, meta,
@@ -217,6 +364,8 @@ def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor
     if act_bits == 8:
         xq, xscale, xsum = quantize_activations(x2)
         y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
+    elif x2.shape[0] <= SMALL_M and small_m_kernel() == "gemv":
+        y = launch_gemv(x2, kw, bias, x.dtype)
     else:
         y = launch_mixed_gemm(x2, kw, bias, x.dtype, 16)
     return y.reshape(*x.shape[:-1], out_features)

@@ -118,7 +118,8 @@ def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[i
     meta[5, :2] = torch.tensor([pruned.numel(), start])
     return KernelWeights(
         n, k, torch.cat(chunks) if chunks else torch.zeros(1, dtype=torch.int32, device=device), w16,
-        torch.cat(scales).float(), torch.cat(zeros).float(),
+        torch.cat(scales).float() if scales else torch.ones(1, device=device),
+        torch.cat(zeros).float() if zeros else torch.zeros(1, device=device),
         torch.cat([kept, pruned]).to(torch.int32).to(device), meta.to(device),
         tuple(int(v) for v in meta[:, 0].tolist()), True)
 

@@ -155,3 +155,52 @@ def test_prepare_rejects_inconsistent_layers():
                                     packed.groups[::-1]))
     with pytest.raises(ValueError, match="outside"):
         prepare_packed(type(packed)(16, packed.in_features, packed.row_index, packed.groups))
+
+
+# ---- the small-M kernel's host side ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n,k,counts", [
+    (192, 200, mix_counts(192, MIXES["avg4"])), (99, 333, {16: 16, 8: 16, 4: 32, 3: 16, 2: 3, 0: 16}),
+    (37, 77, {3: 37}), (48, 1000, {3: 16, 2: 32}), (32, 64, {0: 32}), (7, 40, {8: 3, 2: 2, 0: 2})])
+def test_slot_table_from_host_counts_matches_the_prepared_meta(n, k, counts):
+    from qvla_ros.kernels.layout import SLOT_BITS, slot_table
+    from qvla_ros.kernels.testing import random_kernel_weights
+
+    for kw in (prepare_packed(random_packed(n, k, counts, seed=3)[0]), random_kernel_weights(n, k, counts, "cpu")):
+        table = slot_table(kw.group_rows, k)
+        for slot, bits in enumerate(SLOT_BITS):
+            rows, _, word_offset, high_offset, nkb = kw.meta[slot, :5].tolist()
+            assert table[f"r{bits}"] == rows
+            if bits in (8, 4, 3, 2) and rows:
+                assert table[f"o{bits}"] * 16 == word_offset and table[f"n{bits}"] == nkb
+        if kw.group_rows[3]:
+            assert table["h3"] * 32 == kw.slot(3)["high_offset"]
+
+
+def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
+    from qvla_ros.kernels import GemvConfig, launch_gemv, pick_gemv_config, set_small_m_kernel, small_m_kernel
+
+    monkeypatch.delenv("QVLA_SMALL_M_KERNEL", raising=False)
+    assert small_m_kernel() == "gemm"  # the grouped GEMM stays the default until timed on a GPU
+    monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
+    assert small_m_kernel() == "gemv"
+    set_small_m_kernel("gemm")
+    try:
+        assert small_m_kernel() == "gemm"
+    finally:
+        set_small_m_kernel(None)
+    monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "fast")
+    with pytest.raises(ValueError, match="QVLA_SMALL_M_KERNEL"):
+        small_m_kernel()
+    with pytest.raises(ValueError, match="small-M kernel"):
+        set_small_m_kernel("cublas")
+    for bad in (dict(bm=3), dict(bm=8, use_dot=True), dict(bn=24), dict(wb=256), dict(split_k=0), dict(bk16=8)):
+        with pytest.raises(ValueError):
+            GemvConfig(**bad)
+    for m in range(1, 17):
+        assert pick_gemv_config(m).bm >= m or pick_gemv_config(m).use_dot
+    kw = prepare_packed(random_packed(32, 64, {4: 32}, seed=0)[0])
+    with pytest.raises(ValueError, match="at most 16"):
+        launch_gemv(torch.zeros(17, 64, dtype=torch.bfloat16), kw, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        launch_gemv(torch.zeros(2, 64), kw, None, torch.float32)
