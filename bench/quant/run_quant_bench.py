@@ -325,7 +325,9 @@ def _write_readme(results: dict, path: Path) -> None:
         lines += ["", f"Float policy L1 of the first action vs demonstrations: {fp:.4f}"]
     lines += ["", f"Largest |measured/predicted - 1| over all plans (memory and disk): {results['max_bytes_rel_diff']:.2e}",
               "", "![action error vs budget](action_error_vs_budget.png)",
-              "![spearman](spearman_jacobian_vs_exact.png)", "![allocation at 4 bits/param](allocation_4.0.png)", ""]
+              "![spearman](spearman_jacobian_vs_exact.png)", "![allocation at 4 bits/param](allocation_4.0.png)", "",
+              "Closed-loop success of these plans (50 episodes per task): [closed_loop.md](closed_loop.md), "
+              "made by `bench/quant/closed_loop.py`.", ""]
     path.write_text("\n".join(lines))
 
 
