@@ -20,14 +20,10 @@ from qvla_ros.quant.plan import MAX_PLAN_BYTES, BitPlan, PlanError
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = ["qvla_ros", "kernels", "scripts"]
 
-# (file, function call) -> why it is allowed. Keep this list short and honest.
-ALLOWED = {
-    ("qvla_ros/quant/baselines/compare.py", "torch.load"):
-        "SavedPolicyFactory reloads the whole baseline module that the same `qvla compare` run "
-        "wrote into its own results folder moments before (rollout workers); it is not a path "
-        "for plans or checkpoints from elsewhere. Do not point `qvla compare` at a results "
-        "folder you did not create.",
-}
+# (file, function call) -> why it is allowed. Keep this list short and honest. It is empty: the
+# last entry (`qvla compare` unpickling its own cached policies) went when that cache became
+# safetensors + JSON (quant/baselines/saved_policy.py).
+ALLOWED: dict[tuple[str, str], str] = {}
 UNSAFE_MODULE_CALLS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
                        ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"),
                        ("dill", "load"), ("dill", "loads"), ("joblib", "load"),

@@ -170,6 +170,46 @@ def architecture_fingerprint(model: nn.Module) -> dict:
             "params": int(sum(p.numel() for p in model.parameters()))}
 
 
+def _float_skeleton(directory: Path, config, tokenizer, stored: dict[str, tuple[tuple[int, ...], str]]) -> nn.Module:
+    """The float policy config.json describes, on the meta device (no storage)."""
+    from ..policy import CheckpointError
+    from ..policy.modeling_vla import VLAPolicy
+
+    # Every layer stores at least one tensor: this bounds the skeleton, whose cost grows with
+    # the layer count even on the meta device.
+    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
+    if layers > len(stored):
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
+                              f"{WEIGHTS_FILE} holds only {len(stored)} tensors")
+    try:
+        with torch.device("meta"):
+            return VLAPolicy(config, tokenizer=tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+    except RuntimeError as exc:  # sizes whose element count overflows even without storage
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to build: {exc}") from None
+
+
+def _check_header(skeleton: nn.Module, stored: dict[str, tuple[tuple[int, ...], str]], path: Path,
+                  sources: str) -> None:
+    """Raise CheckpointError unless the stored tensors are exactly the skeleton's, name for name,
+    shape for shape and dtype for dtype (`sources`: the files that shaped the skeleton)."""
+    from ..policy import CheckpointError
+
+    expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
+                for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match {sources}: "
+                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for key, (shape, dtype) in stored.items():
+        if (shape, dtype) != expected[key]:
+            raise CheckpointError(f"{path}: tensor {key} is {dtype} {shape}, {sources} imply "
+                                  f"{expected[key][1]} {expected[key][0]}")
+
+
 def _quantized_skeleton(directory: Path, config, tokenizer, plan: BitPlan,
                         stored: dict[str, tuple[tuple[int, ...], str]]) -> nn.Module:
     """The quantized policy on the meta device (no storage): the architecture from config.json with
@@ -178,26 +218,13 @@ def _quantized_skeleton(directory: Path, config, tokenizer, plan: BitPlan,
     shape for shape and dtype for dtype: after this, materializing it allocates what the file
     holds and no more (the float Linears the plan replaces are never allocated)."""
     from ..policy import CheckpointError
-    from ..policy.modeling_vla import VLAPolicy
 
     path = directory / WEIGHTS_FILE
-    # Every layer stores at least one tensor: this bounds the skeleton, whose cost grows with
-    # the layer count even on the meta device.
-    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
-    if layers > len(stored):
-        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
-                              f"{WEIGHTS_FILE} holds only {len(stored)} tensors")
     absent = [name for name in plan.layers if f"{name}.row_index" not in stored]
     if absent:
         raise CheckpointError(f"{path} does not match {PLAN_FILE}: no packed tensors for planned "
                               f"layers {absent[:4]}{'...' if len(absent) > 4 else ''}")
-    try:
-        with torch.device("meta"):
-            skeleton = VLAPolicy(config, tokenizer=tokenizer)
-    except ValueError as exc:
-        raise CheckpointError(f"{directory}: {exc}") from None
-    except RuntimeError as exc:  # sizes whose element count overflows even without storage
-        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to build: {exc}") from None
+    skeleton = _float_skeleton(directory, config, tokenizer, stored)
     try:
         plan.check_model(skeleton, check_weights=False, fingerprint=architecture_fingerprint(skeleton))
         for name in plan.layers:
@@ -212,18 +239,7 @@ def _quantized_skeleton(directory: Path, config, tokenizer, plan: BitPlan,
             _set_module(skeleton, name, MixedBitLinear(
                 layer.in_features, layer.out_features, layer.counts,
                 bias=linear.bias is not None, act_bits=layer.act_bits, row_tile=plan.row_tile))
-    expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
-                for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match {CONFIG_FILE} and {PLAN_FILE}: "
-                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    for key, (shape, dtype) in stored.items():
-        if (shape, dtype) != expected[key]:
-            raise CheckpointError(f"{path}: tensor {key} is {dtype} {shape}, {CONFIG_FILE} and "
-                                  f"{PLAN_FILE} imply {expected[key][1]} {expected[key][0]}")
+    _check_header(skeleton, stored, path, f"{CONFIG_FILE} and {PLAN_FILE}")
     return skeleton
 
 

@@ -3,8 +3,8 @@
 For each method (QVLA after the baseline whose measured memory it matches):
 
 1. quantize a fresh copy of the float policy on the shared calibration frames; measure its weight
-   memory from the stored tensors; save the quantized policy (policy.pt, whole module) and, for
-   methods stored as MixedBitLinear, its BitPlan (plan.json);
+   memory from the stored tensors; save the quantized policy (policy/: safetensors + JSON, no
+   pickle; saved_policy.py) and, for methods stored as MixedBitLinear, its BitPlan (plan.json);
 2. offline: action error against held-out demonstrations (sim.metrics.offline_action_error) and
    the deviation from the float policy's actions on the same frames;
 3. closed loop: sim.evaluate on every task, episodes on held-out seeds, Wilson 95% intervals.
@@ -34,9 +34,12 @@ from .api import quantize_baseline
 from .calibration import batches_from_frames, run_policy
 from .methods import MethodSpec, resolve_order
 from .qvla_match import QvlaRunner
+from .saved_policy import is_saved_policy, save_policy
+from .saved_policy import load_policy as load_saved_policy
 from .smoothquant import DEFAULT_ALPHAS
 
 RUNS_DIR = "runs"
+POLICY_DIR = "policy"  # the quantized policy of one run (saved_policy.py)
 
 
 @dataclass
@@ -89,16 +92,17 @@ class CompareSettings:
 
 
 class SavedPolicyFactory:
-    """Picklable zero-argument factory for rollout workers: loads a whole quantized policy saved
-    with torch.save (baselines use storage formats beyond the packed checkpoint) and keeps each
-    layer's dequantized weights cached, which makes the CPU path fast enough for rollouts."""
+    """Picklable zero-argument factory for rollout workers: loads a quantized policy folder
+    written by saved_policy.save_policy (baselines use storage formats beyond the packed
+    checkpoint) and keeps each layer's dequantized weights cached, which makes the CPU path fast
+    enough for rollouts."""
 
     def __init__(self, path: str | Path, describe: dict | None = None):
         self.path = str(path)
         self._describe = dict(describe or {})
 
     def __call__(self):
-        policy = torch.load(self.path, map_location="cpu", weights_only=False)
+        policy = load_saved_policy(self.path)
         for module in policy.modules():
             if hasattr(module, "cache_dequantized"):
                 module.cache_dequantized = True
@@ -198,8 +202,9 @@ class Comparison:
     def quantize(self, spec: MethodSpec, budget: float | None) -> dict:
         run = self.run_dir(spec, budget)
         record = _read_json(run / "quant.json")
-        if record is not None and (run / "policy.pt").is_file():
+        if record is not None and is_saved_policy(run / POLICY_DIR):
             return record
+        # A cache from before the pickle-free format (policy.pt) is never read: re-quantized.
         policy = copy.deepcopy(self.policy)
         batches = batches_from_frames(self.frames, self.settings.calib_batch)
         result = quantize_baseline(policy, spec, batches, alphas=self.settings.alphas, budget=budget,
@@ -207,7 +212,8 @@ class Comparison:
         run.mkdir(parents=True, exist_ok=True)
         if result.plan is not None:
             result.plan.save(run / "plan.json")
-        torch.save(policy, run / "policy.pt")
+        save_policy(policy, self.policy, run / POLICY_DIR)
+        (run / "policy.pt").unlink(missing_ok=True)
         record = {"method": spec.to_dict(), "label": spec.label, "config_id": self.config_id(spec, budget),
                   "memory": result.memory.to_dict(), "info": result.info,
                   "plan_id": None if result.plan is None else result.plan.plan_id,
@@ -226,7 +232,7 @@ class Comparison:
         from ...sim.dataset import DemoDataset
         from ...sim.metrics import offline_action_error
 
-        policy = SavedPolicyFactory(run / "policy.pt")()
+        policy = SavedPolicyFactory(run / POLICY_DIR)()
         val = DemoDataset(self.settings.data, split="val")
         metrics = offline_action_error(policy, val, max_frames=self.settings.offline_frames)
         metrics["action_mse_vs_fp"] = self._deviation_from_fp(policy)
@@ -271,7 +277,7 @@ class Comparison:
         todo = [t for t in tasks if t not in complete]
         settings = {}
         if todo:
-            factory = SavedPolicyFactory(run / "policy.pt", {"method": spec.name})
+            factory = SavedPolicyFactory(run / POLICY_DIR, {"method": spec.name})
             result = evaluate(factory, todo, s.episodes_per_task, workers=s.workers,
                               max_steps=max_steps, progress=self.progress, episode_log=log)
             settings = result.settings
