@@ -243,11 +243,12 @@ def _quantized_skeleton(directory: Path, config, tokenizer, plan: BitPlan,
     return skeleton
 
 
-def _materialize(skeleton: nn.Module) -> nn.Module:
-    """Give the meta skeleton uninitialised CPU storage (load_state_dict fills it) and rebuild
-    the buffers no checkpoint stores (rotary frequencies, position ids) from their modules'
-    configs: those are functions of the configuration, and a fresh module computes them."""
-    policy = skeleton.to_empty(device="cpu")
+def _materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The meta skeleton with the loaded tensors as its own (assigned, not copied: the file's
+    bytes are held once), and the buffers no checkpoint stores (rotary frequencies, position ids)
+    rebuilt from their modules' configs, of which they are functions."""
+    policy = skeleton
+    policy.load_state_dict(state, assign=True)
     for name, module in policy.named_modules():
         transient = sorted(module._non_persistent_buffers_set)
         if not transient:
@@ -259,6 +260,9 @@ def _materialize(skeleton: nn.Module) -> nn.Module:
             fresh = type(module)(module.config)
         for buffer in transient:
             module._buffers[buffer] = getattr(fresh, buffer)
+    left = [n for n, t in [*policy.named_parameters(), *policy.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"tensors {left[:4]} were neither loaded nor rebuilt")
     return policy
 
 
@@ -292,8 +296,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
         n = plan.layers[name].out_features
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n or index.unique().numel() != index.numel()):
             raise CheckpointError(f"{directory / WEIGHTS_FILE}: {name}.row_index is not a set of distinct channels < {n}")
-    policy = _materialize(skeleton)
-    policy.load_state_dict(state)
+    policy = _materialize(skeleton, state)
     policy.qvla_plan_id = plan.plan_id
     return policy.to(device).eval()
 

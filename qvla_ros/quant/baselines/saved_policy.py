@@ -213,7 +213,6 @@ def load_policy(directory: str | os.PathLike) -> nn.Module:
                                   or index.unique().numel() != index.numel()):
                 raise CheckpointError(f"{directory / WEIGHTS_FILE}: {name}.row_index is not a set of "
                                       f"distinct channels < {n}")
-    policy = _materialize(skeleton)
-    policy.load_state_dict(state)
+    policy = _materialize(skeleton, state)
     policy.qvla_plan_id = plan_id
     return policy.eval()
