@@ -7,7 +7,10 @@
 
 A quantized checkpoint directory holds the policy's config.json and tokenizer.json, a
 model.safetensors whose planned layers are the packed buffers of MixedBitLinear (uint8 codes,
-float16 scales/zeros, int32 row_index, bf16 rows), and the plan as plan.json.
+float16 scales/zeros, int32 row_index, bf16 rows), and the plan as plan.json. Loading treats
+the three as untrusted: they are checked against each other (config.json against the plan's
+architecture hash, both against every tensor the safetensors header names) on a meta-device
+skeleton before anything is allocated, and the float Linears the plan replaces are never built.
 """
 from __future__ import annotations
 
