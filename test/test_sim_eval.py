@@ -129,3 +129,92 @@ def test_expert_needs_bound_environments():
     with pytest.raises(RuntimeError, match="bind_envs"):
         ScriptedExpert()(torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), ["x"], torch.zeros(1, 4))
     assert np.isfinite(ExpertFactory()().config.horizon)
+
+
+def _children(pid):
+    """Pids whose parent is `pid` (from /proc)."""
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid):
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="Linux parent-death signal")
+def test_workers_die_with_a_killed_evaluation(tmp_path):
+    """SIGKILL the process running an evaluation: its rollout workers go too (no orphans)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    # A policy that never moves and episodes that never end: each worker stays inside one batch.
+    script.write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+        import torch
+        from qvla_ros.sim.evaluate import evaluate
+
+        @dataclass
+        class Config:
+            n_cams: int = 1
+            image_size: int = 32
+            proprio_dim: int = 4
+            horizon: int = 4
+            action_dim: int = 4
+
+        class Still:
+            config = Config()
+            def __call__(self, images, instruction, proprio):
+                return torch.zeros(images.shape[0], 4, 4)
+
+        class StillFactory:
+            def __call__(self):
+                return Still()
+
+        if __name__ == "__main__":
+            print("start", flush=True)
+            evaluate(StillFactory(), tasks="handle-press", episodes_per_task=4, batch_size=1,
+                     max_steps=10**7, image_size=32, cameras=("corner",), workers=2, progress=False)
+    """))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(repo)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "start"
+        workers, deadline = [], time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            # the pool's own helper (resource tracker) is a child too; workers run spawn_main
+            workers = [p for p in _children(proc.pid)
+                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(workers) == 2, "the evaluation did not start its two workers"
+        time.sleep(3)  # let them build environments and start rolling out
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "rollout workers outlived the killed evaluation"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -446,12 +446,16 @@ class _JacobianTap:
 def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Sequence[int] = ALL_BITS,
                          layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
                          projections: int | None = None, max_rows: int = 64, seed: int = 0,
+                         deltas: Mapping[str, torch.Tensor] | None = None,
                          progress: bool = True) -> SensitivityTable:
     """First-order estimate of S from action-space Jacobians (see the module docstring).
 
     projections: random Gaussian projections of the action chunk per frame; None uses the unit
     vectors (exact first order) when the chunk has at most 64 numbers, else 16 random ones.
     max_rows: replicas x frames per forward/backward.
+    deltas: per layer, the weight change dW [len(bits), N, K] each width makes (default: the
+        project's round-to-nearest, `weight_deltas`); another rounding (GPTQ's) passes its own,
+        so S measures the rows that will actually be stored.
     """
     from tqdm.auto import tqdm
 
@@ -467,7 +471,15 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
     p = d if basis else (projections or 16)
     gen = torch.Generator().manual_seed(seed)
     accs = {name: torch.zeros(m.out_features, len(bits), dtype=torch.float64) for name, m in chosen.items()}
-    taps = [_JacobianTap(m, weight_deltas(m.weight, bits), accs[name]) for name, m in chosen.items()]
+    if deltas is not None:
+        missing = [n for n in chosen if n not in deltas]
+        wrong = [n for n, m in chosen.items() if n in deltas
+                 and tuple(deltas[n].shape) != (len(bits), m.out_features, m.in_features)]
+        if missing or wrong:
+            raise SensitivityError(f"deltas must hold [{len(bits)}, out, in] for every layer; missing "
+                                   f"{missing[:3]}, wrongly shaped {wrong[:3]}")
+    taps = [_JacobianTap(m, weight_deltas(m.weight, bits) if deltas is None else deltas[name].float(),
+                         accs[name]) for name, m in chosen.items()]
     grads = {prm: prm.requires_grad for prm in policy.parameters()}
     started = time.time()
     # replicas per pass: all p projections if they fit, else several passes over projection blocks

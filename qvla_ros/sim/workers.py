@@ -62,9 +62,31 @@ def failed_marker(root, task: str, seed: int) -> Path:
 _STATE: dict = {}
 
 
-def _init_worker(policy_factory: Callable, settings: RolloutSettings, threads: int) -> None:
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that started it dies: a run stopped with
+    SIGTERM/SIGKILL (a job scheduler, `kill`) must not leave workers rolling out episodes with
+    nobody to collect them. Elsewhere nothing happens (the pool's own shutdown still applies)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
+def _init_worker(policy_factory: Callable, settings: RolloutSettings, threads: int,
+                 parent_pid: int | None = None) -> None:
     # Only remember what to build: the policy is built by the first batch, so a factory that
     # fails raises a normal, readable exception from that batch instead of breaking the pool.
+    _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the request above took effect
     import torch
     torch.set_num_threads(threads)
     _STATE.clear()
@@ -159,7 +181,7 @@ def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[
         return
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(policy_factory, settings, threads)) as pool:
+                             initargs=(policy_factory, settings, threads, os.getpid())) as pool:
         futures = [pool.submit(_run_batch, task, list(seeds)) for task, seeds in batches]
         try:
             for fut in as_completed(futures):

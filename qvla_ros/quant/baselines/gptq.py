@@ -171,3 +171,30 @@ def apply_gptq(policy: nn.Module, modules: Mapping[str, nn.Linear], batches: Seq
             lin.weight.copy_(q.to(lin.weight.dtype))
     return rel_err
 
+
+
+@torch.no_grad()
+def gptq_weight_deltas(policy: nn.Module, modules: Mapping[str, nn.Linear], batches: Sequence[Mapping],
+                       bits: Sequence[int], *, damp: float = 0.01, act_order: bool = True,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per layer, dW [len(bits), N, K]: what GPTQ at each width does to the float weights.
+
+    The input for QVLA's sensitivity when rows are to be GPTQ-rounded: since GPTQ keeps rows
+    independent, row n of the width-b result is exactly what row n becomes when QVLA gives it b
+    bits. The Hessians come from the float policy's inputs (one pass for all layers), which is
+    what sensitivity measures against; the final quantization (apply_gptq) re-collects them
+    layer by layer on the already-quantized prefix. 0 bits -> -W, 16 bits -> 0.
+    """
+    batches = check_batches(batches)
+    stats = collect_input_stats(policy, modules, batches, hessian=True)
+    out: dict[str, torch.Tensor] = {}
+    for name, lin in tqdm(modules.items(), desc="GPTQ weight deltas", disable=not progress, leave=False):
+        w = lin.weight.detach().float()
+        d = torch.zeros(len(bits), *w.shape)
+        for i, b in enumerate(bits):
+            if b == 0:
+                d[i] = -w
+            elif b != 16:
+                d[i] = gptq_quantize_weight(w, stats[name].h, b, damp=damp, act_order=act_order) - w
+        out[name] = d
+    return out
