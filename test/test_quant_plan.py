@@ -204,3 +204,23 @@ def test_compressed_bits_cannot_inflate_past_the_layer(policy):
     layer["bits"] = base64.b64encode(zlib.compress(bytes(10 ** 7))).decode()
     with pytest.raises(PlanError, match="more than"):
         BitPlan.from_document(doc)
+
+
+def test_a_plan_cannot_declare_unbounded_channels_in_all(policy, monkeypatch):
+    """Every layer within its own cap, but together more than any model: refused before the later
+    layers are decoded (so a file of many huge layers cannot make decoding allocate without end)."""
+    import qvla_ros.quant.plan as plan_module
+
+    decoded = []
+    real_decode = plan_module._decode_bits
+    monkeypatch.setattr(plan_module, "_decode_bits", lambda *a: decoded.append(a[1]) or real_decode(*a))
+    doc = json.loads(_mixed_plan(policy).to_json())
+    template = doc["layers"][0]
+    size = plan_module.MAX_TOTAL_CHANNELS // 2
+    zeros = base64.b64encode(zlib.compress(bytes(size), 9)).decode()
+    doc["layers"] = [{**template, "name": f"huge.{i}", "out_features": size,
+                      "counts": {"0": size, "2": 0, "3": 0, "4": 0, "8": 0, "16": 0},
+                      "bits": zeros} for i in range(3)]
+    with pytest.raises(PlanError, match="output channels in all"):
+        BitPlan.from_document(doc)
+    assert len(decoded) == 2  # the third layer was refused before its bits were inflated

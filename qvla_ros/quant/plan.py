@@ -55,6 +55,9 @@ MAX_PLAN_BYTES = 256 * 2 ** 20
 _CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 # No Linear has more rows or columns than this.
 MAX_CHANNELS = 2 ** 26
+#: channels a whole plan may declare (a 7B VLA has ~1.4 M; this allows ~50x that): bounds what
+#: decoding an edited plan can allocate, whatever its layer count
+MAX_TOTAL_CHANNELS = 2 ** 26
 
 
 class PlanError(ValueError):
@@ -276,6 +279,7 @@ class BitPlan:
         if doc["row_tile"] < 1:
             raise PlanError(f"{source}: row_tile must be >= 1, got {doc['row_tile']}")
         layers: dict[str, LayerPlan] = {}
+        declared = 0
         for i, entry in enumerate(doc["layers"]):
             where = f"{source}: layer #{i}"
             if not isinstance(entry, dict):
@@ -287,6 +291,10 @@ class BitPlan:
                 raise PlanError(f"{where} appears twice")
             if not 0 < entry["out_features"] <= MAX_CHANNELS or not 0 < entry["in_features"] <= MAX_CHANNELS:
                 raise PlanError(f"{where}: shape {entry['out_features']} x {entry['in_features']} is out of range")
+            declared += entry["out_features"]
+            if declared > MAX_TOTAL_CHANNELS:
+                raise PlanError(f"{source}: its layers declare more than {MAX_TOTAL_CHANNELS} output "
+                                "channels in all; not a plan for a model this library can build")
             bits = _decode_bits(entry["bits"], where, entry["out_features"])
             try:
                 layer = LayerPlan(entry["name"], entry["in_features"], entry["out_features"], bits, entry["act_bits"])
