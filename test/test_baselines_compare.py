@@ -74,18 +74,50 @@ def test_compare_writes_table_plot_and_resumes(setup, capsys):
     assert strip(again) == strip(doc["rows"])
 
 
-def test_qvla_with_gptq_rows_keeps_the_allocation_and_changes_only_the_codes(setup):
-    """qvla-gptq@M: the same widths (so the same measured bytes) as qvla@M, rows rounded by GPTQ."""
+def test_qvla_with_gptq_rows(setup):
+    """qvla-gptq@M: QVLA's allocation measured for GPTQ-rounded rows, rows rounded by GPTQ, within
+    M's measured memory, recorded under its own plan id."""
     out = setup / "gptq_rows"
     assert _run(setup, out, "rtn-w3,qvla@rtn-w3,qvla-gptq@rtn-w3", episodes=0) == 0
     rows = {r["method"]["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     plain, gptq = rows["qvla@rtn-w3"], rows["qvla-gptq@rtn-w3"]
     assert gptq["info"]["rounding"] == "gptq" and plain["info"]["rounding"] == "rtn"
-    assert gptq["info"]["bits_histogram"] == plain["info"]["bits_histogram"]
-    assert gptq["memory"]["nbytes"] == plain["memory"]["nbytes"]
+    assert gptq["memory"]["nbytes"] <= rows["rtn-w3"]["memory"]["nbytes"]
     assert gptq["plan_id"] != plain["plan_id"]  # the plan records how its rows were rounded
     assert gptq["offline"]["action_mse_vs_fp"] != plain["offline"]["action_mse_vs_fp"]
     assert 0 < gptq["info"]["mean_relative_layer_error"] < 1
+
+
+def test_gptq_sensitivity_measures_gptq_rows():
+    """The table QVLA allocates GPTQ rows with is the jacobian estimate for GPTQ's weight changes:
+    identical to jacobian_sensitivity given gptq_weight_deltas, and different from the RTN table."""
+    from qvla_ros.quant.baselines.gptq import gptq_weight_deltas
+    from qvla_ros.quant.baselines.qvla_match import QvlaRunner
+    from qvla_ros.quant.calibration import synthetic_frames
+    from qvla_ros.quant.quantizer import ALL_BITS
+    from qvla_ros.quant.sensitivity import jacobian_sensitivity
+    from qvla_ros.quant.targets import quantizable_linears
+
+    policy = make_policy("micro", seed=0).eval()
+    frames = synthetic_frames(policy.config, 4, seed=0)
+    runner = QvlaRunner(frames, progress=False)
+    table = runner.sensitivity(policy, "gptq", frames)
+    assert table.meta["rounding"] == "gptq"
+    modules = quantizable_linears(policy)
+    deltas = gptq_weight_deltas(policy, modules, frames, ALL_BITS, progress=False)
+    direct = jacobian_sensitivity(policy, frames, bits=ALL_BITS, layers=list(modules), deltas=deltas,
+                                  progress=False)
+    rtn = runner.sensitivity(policy)
+    for name in modules:
+        np.testing.assert_allclose(table.costs[name], direct.costs[name], rtol=1e-6)
+    quantized = [i for i, b in enumerate(table.bits) if b in (2, 3, 4, 8)]
+    assert any(not np.allclose(table.costs[n][:, quantized], rtn.costs[n][:, quantized]) for n in modules)
+    # pruning and 16 bits are the same change whatever the rounding
+    same = [i for i, b in enumerate(table.bits) if b in (0, 16)]
+    for name in modules:
+        np.testing.assert_allclose(table.costs[name][:, same], rtn.costs[name][:, same], rtol=1e-6)
+    with pytest.raises(ValueError, match="jacobian"):
+        QvlaRunner(frames, estimator="exact", progress=False).sensitivity(policy, "gptq", frames)
 
 
 def test_compare_rejects_bad_input(setup, capsys):

@@ -69,8 +69,9 @@ def test_quantize_with_gptq_rows(tmp_path, capsys):
     policy.save_pretrained(tmp_path / "policy")
     demos = _demos(tmp_path / "demos", policy.config)
     sens = tmp_path / "S.safetensors"
-    assert main(["calibrate", "--policy", str(tmp_path / "policy"), "--synthetic", "--frames", "2",
-                 "--out", str(sens)]) == 0
+    assert main(["calibrate", "--policy", str(tmp_path / "policy"), "--data", str(demos), "--frames", "4",
+                 "--rounding", "gptq", "--out", str(sens)]) == 0
+    assert SensitivityTable.load(sens).meta["rounding"] == "gptq"
     assert main(["allocate", "--sensitivity", str(sens), "--budget", "3.5", "--out", str(tmp_path / "p.json")]) == 0
     plan = BitPlan.load(tmp_path / "p.json")
     capsys.readouterr()

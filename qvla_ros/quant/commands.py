@@ -68,6 +68,9 @@ def register(subparsers) -> None:
                    help="jacobian only: random projections per frame (default: exact unit vectors for small chunks)")
     p.add_argument("--exclude", action="append", default=None,
                    help="regex of module names kept 16-bit (repeatable; default: action head and projectors)")
+    p.add_argument("--rounding", choices=("rtn", "gptq"), default="rtn",
+                   help="measure rows rounded to nearest, or by GPTQ (jacobian estimator; then "
+                        "quantize with --rounding gptq)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="sensitivity table (.safetensors)")
     p.set_defaults(func=_reporting("calibrate", calibrate_command))
@@ -117,7 +120,19 @@ def calibrate_command(args) -> int:
     else:
         frames = frames_from_demos(args.data, args.frames, split=args.split, seed=args.seed)
     targets = QuantTargets(exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE)
-    if args.estimator == "exact":
+    if args.rounding == "gptq":
+        if args.estimator != "jacobian":
+            print("qvla calibrate: --rounding gptq needs --estimator jacobian", file=sys.stderr)
+            return 2
+        from .baselines.gptq import gptq_weight_deltas
+        from .targets import quantizable_linears
+
+        modules = quantizable_linears(policy, targets)
+        deltas = gptq_weight_deltas(policy, modules, frames, args.bits)
+        table = jacobian_sensitivity(policy, frames, bits=args.bits, layers=list(modules), deltas=deltas,
+                                     projections=args.projections, seed=args.seed)
+        table.meta["rounding"] = "gptq"
+    elif args.estimator == "exact":
         table = exact_sensitivity(policy, frames, bits=args.bits, targets=targets, max_channels=args.max_channels,
                                   seed=args.seed)
     else:

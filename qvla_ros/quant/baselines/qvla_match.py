@@ -19,8 +19,10 @@ from ..allocate import allocate
 from ..api import quantize_
 from ..calibration import CalibrationFrames
 from ..plan import model_fingerprint
+from ..quantizer import ALL_BITS
 from ..sensitivity import SensitivityTable, exact_sensitivity, jacobian_sensitivity
-from .gptq import apply_gptq
+from ..targets import quantizable_linears
+from .gptq import apply_gptq, gptq_weight_deltas
 from .methods import MethodSpec
 
 ESTIMATORS = ("jacobian", "exact")
@@ -49,22 +51,37 @@ class QvlaRunner:
         self.progress = progress
         self._tables: dict[str, SensitivityTable] = {}
 
-    def table_key(self, policy: nn.Module) -> str:
+    def table_key(self, policy: nn.Module, rounding: str = "rtn") -> str:
         doc = {"weights": model_fingerprint(policy)["weights"], "frames": self.frames.source,
                "n_frames": len(self.frames), "estimator": self.estimator, "seed": self.seed}
+        if rounding != "rtn":
+            doc["rounding"] = rounding
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def sensitivity(self, policy: nn.Module) -> SensitivityTable:
-        """The action-space sensitivity table of the float `policy` (cached)."""
-        key = self.table_key(policy)
+    def sensitivity(self, policy: nn.Module, rounding: str = "rtn",
+                    batches: Sequence[Mapping] = ()) -> SensitivityTable:
+        """The action-space sensitivity table of the float `policy` (cached), for rows rounded the
+        way they will be stored: to nearest, or by GPTQ (then S measures GPTQ's rows at each
+        width, from `batches`' input Hessians; jacobian estimator only)."""
+        key = self.table_key(policy, rounding)
         if key in self._tables:
             return self._tables[key]
         path = None if self.cache_dir is None else self.cache_dir / f"sensitivity-{key}.safetensors"
         if path is not None and path.is_file():
             table = SensitivityTable.load(path)
         else:
-            measure = jacobian_sensitivity if self.estimator == "jacobian" else exact_sensitivity
-            table = measure(policy, self.frames, seed=self.seed, progress=self.progress)
+            if rounding == "gptq":
+                if self.estimator != "jacobian":
+                    raise ValueError("QVLA with GPTQ rows measures sensitivity with the jacobian "
+                                     f"estimator; this runner uses {self.estimator!r}")
+                modules = quantizable_linears(policy)
+                deltas = gptq_weight_deltas(policy, modules, batches, ALL_BITS, progress=self.progress)
+                table = jacobian_sensitivity(policy, self.frames, bits=ALL_BITS, layers=list(modules),
+                                             deltas=deltas, seed=self.seed, progress=self.progress)
+                table.meta["rounding"] = "gptq"
+            else:
+                measure = jacobian_sensitivity if self.estimator == "jacobian" else exact_sensitivity
+                table = measure(policy, self.frames, seed=self.seed, progress=self.progress)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 table.save(path)
@@ -73,14 +90,15 @@ class QvlaRunner:
 
     def __call__(self, policy: nn.Module, batches: Sequence[Mapping], spec: MethodSpec,
                  budget: float) -> dict:
-        table = self.sensitivity(policy)
+        table = self.sensitivity(policy, spec.rounding, batches)
         result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction)
         plan = result.to_plan(table, act_bits=spec.abits,
                               provenance={"method": spec.name, "rounding": spec.rounding})
         info = {}
         if spec.rounding == "gptq":
-            # Same widths, same grid per row; GPTQ only chooses the codes, so the packed bytes
-            # are the plan's. The weights then differ from the float ones the plan names.
+            # The widths were chosen for GPTQ's rows; GPTQ now rounds them on the already-quantized
+            # prefix (as it does alone). Same grid per row, so the packed bytes are the plan's; the
+            # weights then differ from the float ones the plan names.
             modules = {n: policy.get_submodule(n) for n in plan.layers}
             rel = apply_gptq(policy, modules, batches, plan.row_bits(), progress=self.progress)
             info["mean_relative_layer_error"] = sum(rel.values()) / len(rel)
