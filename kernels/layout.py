@@ -61,8 +61,9 @@ def num_k_blocks(bits: int, in_features: int) -> int:
 # ---- the contract layout, read independently of the quant module (the kernels' own check) --------
 
 def unpack_contract_codes(qweight: torch.Tensor, qweight_hi: torch.Tensor | None, bits: int,
-                          in_features: int) -> torch.Tensor:
-    """Codes uint8 [R, in_features] from a group stored in the contract layout."""
+                          in_features: int, keep_padding: bool = False) -> torch.Tensor:
+    """Codes uint8 [R, in_features] from a group stored in the contract layout (keep_padding: all
+    Kp codes of a row, the padding to a multiple of 8 included)."""
     if bits not in QUANT_WIDTHS:
         raise ValueError(f"unknown quantized width {bits}; expected one of {QUANT_WIDTHS}")
     if qweight is None or qweight.dtype != torch.uint8 or qweight.dim() != 2:
@@ -83,7 +84,7 @@ def unpack_contract_codes(qweight: torch.Tensor, qweight_hi: torch.Tensor | None
     if codes.shape[1] < in_features:
         raise ValueError(f"{bits}-bit group holds {codes.shape[1]} features per row, fewer than "
                          f"in_features={in_features}")
-    return codes[:, :in_features].to(torch.uint8)
+    return (codes if keep_padding else codes[:, :in_features]).to(torch.uint8)
 
 
 # ---- contract codes <-> kernel words -------------------------------------------------------------
@@ -279,8 +280,10 @@ def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
                 t = getattr(g, part)
                 if t is None or t.numel() != rows:
                     raise ValueError(f"{bits}-bit group: {part} must hold one value per row ({rows})")
+            # the contract's padding codes ride along (the kernels never read features >= K), so
+            # contract_tensors() can give back the exact buffers
             codes = unpack_contract_codes(g.qweight.to(device), None if g.qweight_hi is None
-                                          else g.qweight_hi.to(device), bits, k)
+                                          else g.qweight_hi.to(device), bits, k, keep_padding=True)
             if codes.shape[0] != rows:
                 raise ValueError(f"{bits}-bit group: qweight has {codes.shape[0]} rows, expected {rows}")
             low, high = codes_to_words(codes, bits)
@@ -314,6 +317,47 @@ def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
     group_rows = tuple(int(v) for v in meta[:, 0].tolist())
     return KernelWeights(n, k, qwords.contiguous(), w16, scale.contiguous(), zero.contiguous(),
                          out_index.contiguous(), meta.to(device), group_rows, integer_zero)
+
+
+def _contract_bytes(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Codes [R, Kp] -> contract bytes [R, Kp*width/8]: element k at byte k // (8//width), bit
+    (k % (8//width)) * width (on the codes' device)."""
+    per = 8 // width
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * width
+    fields = codes.to(torch.int32).reshape(codes.shape[0], -1, per) << shifts
+    return fields.sum(dim=-1).to(torch.uint8)
+
+
+def contract_tensors(kw: KernelWeights) -> dict[str, torch.Tensor]:
+    """The contract-layout buffers of a layer, rebuilt from its kernel layout on the same device.
+
+    Keys as MixedBitLinear names its buffers: row_index, g{b}_qweight, g3_qweight_hi, g{b}_scale,
+    g{b}_zero (float16), g16_weight (bfloat16). Exact for layouts built by prepare_groups: codes,
+    padding codes, scales and zero-points (float16 -> float32 -> float16) all come back bit for bit.
+    """
+    kp = -(-kw.in_features // 8) * 8  # the contract pads K to a multiple of 8
+    out = {"row_index": kw.out_index[:kw.kept_rows].to(torch.int32).clone()}
+    for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
+        if rows == 0:
+            continue
+        s = kw.slot(bits)
+        lo, hi = s["start"], s["start"] + rows
+        if bits == 16:
+            out["g16_weight"] = kw.w16.clone()
+            continue
+        per_row = s["nkb"] * WORDS_PER_BLOCK
+        words = kw.qwords[s["word_offset"]:s["word_offset"] + rows * per_row].view(rows, per_row)
+        high = None
+        if bits == 3:
+            high = kw.qwords.view(torch.int16)[s["high_offset"]:s["high_offset"] + rows * per_row].view(rows, per_row)
+        codes = words_to_codes(words, high, bits, kp)
+        if bits == 3:
+            out["g3_qweight"], out["g3_qweight_hi"] = _contract_bytes(codes & 3, 2), _contract_bytes(codes >> 2, 1)
+        else:
+            out[f"g{bits}_qweight"] = _contract_bytes(codes, bits)
+        out[f"g{bits}_scale"] = kw.scale[lo:hi].to(torch.float16)
+        out[f"g{bits}_zero"] = kw.zero[lo:hi].to(torch.float16)
+    return out
 
 
 def prepare_packed(packed, device=None) -> KernelWeights:

@@ -260,13 +260,14 @@ class GemvConfig:
             raise ValueError(f"split_k must be in 1..16, got {self.split_k}")
 
 
-#: first guesses from the run-2 diagnosis (bench/kernels/NOTES.md, "Run 3"), not yet timed
+#: first guesses, not yet timed: register counts from an offline sm_90 compile (bench/kernels/NOTES.md,
+#: "Run 3"); 2 tokens run the 4-token tiles (bm=2 tiles compiled to 130-243 registers, bm=4 to 72)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
-    "m1": GemvConfig(bm=1, bn=64, wb=32, bk16=128, split_k=4, num_warps=4),
-    "m2": GemvConfig(bm=2, bn=64, wb=32, bk16=64, split_k=4, num_warps=4),
-    "m4": GemvConfig(bm=4, bn=32, wb=32, bk16=64, split_k=4, num_warps=4),
-    "m8": GemvConfig(bm=8, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
-    "m16": GemvConfig(bm=16, bn=64, wb=32, bk16=64, split_k=4, use_dot=True, num_warps=4),
+    "m1": GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, num_warps=4),
+    "m2": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
+    "m4": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
+    "m8": GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=4, num_warps=4),
+    "m16": GemvConfig(bm=16, bn=16, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=4),
 }
 
 

@@ -7,8 +7,9 @@ is filled with NaN first so an element the kernel never writes fails the test.
 import pytest
 import torch
 
-from qvla_ros.kernels import (GemmConfig, launch_mixed_gemm, mixed_bit_linear, pick_config, prepare_packed,
-                              quantize_activations, quantize_activations_reference)
+from qvla_ros.kernels import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear,
+                              pick_config, pick_gemv_config, prepare_packed, quantize_activations,
+                              quantize_activations_reference, set_small_m_kernel)
 from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed
 
 pytestmark = [
@@ -159,3 +160,152 @@ def test_default_configs_cover_every_bucket():
     for m in (1, 2, 16, 17, 64, 65, 590, 4096):
         for act_bits in (16, 8):
             assert isinstance(pick_config(m, act_bits), GemmConfig)
+
+
+# ---- the small-M kernel (triton_gemv.py) -----------------------------------------------------------
+
+def run_gemv(kw, x, bias, config=None, out_dtype=None):
+    out = torch.full((x.shape[0], kw.out_features), float("nan"), dtype=out_dtype or x.dtype, device=x.device)
+    launch_gemv(x, kw, bias, out.dtype, config=config, out=out)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_gemv_every_mix_at_few_tokens(mix, m):
+    n, k = 1152, 4096
+    packed, kw = layer(n, k, mix_counts(n, MIXES[mix]))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    check(run_gemv(kw, x, bias), packed, x, bias, 16)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_float32_output_shows_the_kernels_own_error(m):
+    # exact decoding and float32 sums: only summation order separates it from the float64 oracle
+    n, k = 1152, 4096
+    packed, kw = layer(n, k, mix_counts(n, MIXES["avg4"]))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    out = run_gemv(kw, x, bias, out_dtype=torch.float32)
+    ref = oracle(x.cpu(), packed, bias.cpu(), 16)
+    assert float((out.cpu().to(torch.float64) - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("m", [1, 3, 7, 16])
+def test_gemv_odd_shapes_and_ragged_groups(m):
+    counts = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
+    packed, kw = layer(1000, 1000, counts)
+    x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+    check(run_gemv(kw, x, None), packed, x, None, 16)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2, 0])
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_layers_of_one_width(bits, m):
+    packed, kw = layer(512, 2048, {bits: 512})
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(512, device="cuda")
+    out = run_gemv(kw, x, bias)
+    if bits == 0:
+        assert torch.equal(out, bias.to(out.dtype).expand_as(out))
+    else:
+        check(out, packed, x, bias, 16)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_float16_and_fractional_zero_points(m):
+    packed, kw = layer(640, 1536, mix_counts(640, MIXES["avg4"]))
+    x = torch.randn(m, 1536, device="cuda", dtype=torch.float16)
+    check(run_gemv(kw, x, None), packed, x, None, 16)
+    packed, kw = layer(384, 1024, {8: 64, 4: 128, 3: 128, 2: 64}, frac=True)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    check(run_gemv(kw, x, None), packed, x, None, 16)
+
+
+GEMV_CONFIGS = [
+    GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4),
+    GemvConfig(bm=1, bn=16, wb=32, bk16=32, split_k=8, prefetch=False),
+    GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=2, num_warps=2),
+    GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4),
+    GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=3),
+    GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4),
+    GemvConfig(bm=16, bn=16, wb=32, bk16=32, split_k=4, use_dot=True),
+    GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=2, use_dot=True),
+    GemvConfig(bm=16, bn=128, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=8),
+]
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS,
+                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-bm{c.bm}-bn{c.bn}-wb{c.wb}-split{c.split_k}")
+def test_gemv_split_k_tiles_add_up_and_leave_no_trace(config):
+    counts = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
+    packed, kw = layer(1000, 1000, counts)
+    for m in (1, 16, config.bm):  # again and again: the arrival counters must be back at zero
+        x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(1000, device="cuda")
+        first = run_gemv(kw, x, bias, config)
+        check(first, packed, x, bias, 16)
+        # the last program to arrive adds the parts in split order: the same bits every time
+        assert torch.equal(run_gemv(kw, x, bias, config), first)
+
+
+def test_default_gemv_configs_cover_every_small_token_count():
+    for m in range(1, 17):
+        cfg = pick_gemv_config(m)
+        assert isinstance(cfg, GemvConfig) and (cfg.bm >= m or cfg.use_dot)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
+    packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg4"]))
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(1152, device="cuda")
+    set_small_m_kernel("gemv")
+    try:
+        eager = mixed_bit_linear(x, kw, bias)
+        assert torch.equal(eager, run_gemv(kw, x, bias))  # the op ran the small-M kernel
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mixed_bit_linear(x, kw, bias)
+            with torch.cuda.graph(graph):
+                captured = mixed_bit_linear(x, kw, bias)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+    finally:
+        set_small_m_kernel(None)
+    check(eager, packed, x, bias, 16)
+
+
+def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():
+    from torch import nn
+
+    from qvla_ros.quant.mixed_linear import MixedBitLinear
+
+    gen = torch.Generator().manual_seed(0)
+    linear = nn.Linear(4096, 2048)
+    bits = torch.tensor([16, 8, 4, 3, 2, 0]).repeat_interleave(2048 // 8)
+    bits = torch.cat([bits, torch.full((2048 - bits.numel(),), 4)])[torch.randperm(2048, generator=gen)]
+    module = MixedBitLinear.from_linear(linear, bits)
+    x = torch.randn(3, 4096)
+    y_cpu = module(x)
+    state = {name: t.clone() for name, t in module.state_dict().items()}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    module.cuda()
+    held = torch.cuda.memory_allocated() - base
+    assert module.kernel_resident
+    assert all(buf.is_meta for name, buf in module.named_buffers() if name != "bias")
+    # the kernel layout (float32 scales, out_index) plus the bias: about the packed size, not twice it
+    assert held < 1.05 * module.packed_nbytes() + 4 * 2048 + 2 ** 20, (held, module.packed_nbytes())
+    y = module(x.cuda().to(torch.bfloat16))
+    check(y, module.packed_weight(), x.to(torch.bfloat16), module.bias, 16)
+    for name, t in module.state_dict().items():
+        assert torch.equal(t.cpu(), state[name]), name
+    module.cpu()
+    assert torch.equal(module(x), y_cpu)

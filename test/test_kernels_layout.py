@@ -204,3 +204,63 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
         launch_gemv(torch.zeros(17, 64, dtype=torch.bfloat16), kw, None, torch.bfloat16)
     with pytest.raises(ValueError, match="bfloat16/float16"):
         launch_gemv(torch.zeros(2, 64), kw, None, torch.float32)
+
+
+# ---- MixedBitLinear keeps one copy of its weights -------------------------------------------------
+
+def _mixed_layer(n=96, k=512, bias=True, act_bits=16):
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(n + k)
+    linear = nn.Linear(k, n, bias=bias)
+    bits = torch.tensor([16, 8, 4, 3, 2, 0]).repeat_interleave(n // 6)
+    return MixedBitLinear.from_linear(linear, bits[torch.randperm(n, generator=gen)], act_bits=act_bits)
+
+
+def test_contract_tensors_give_back_the_packed_buffers_bit_for_bit():
+    from qvla_ros.kernels.layout import contract_tensors
+
+    for k in (512, 300, 77):  # 300 and 77: the contract pads K to 304 and 80 with zero-point codes
+        module = _mixed_layer(k=k)
+        back = contract_tensors(prepare_packed(module.packed_weight()))
+        own = {name: buf for name, buf in module.named_buffers() if name != "bias"}
+        assert sorted(back) == sorted(own)
+        for name, buf in own.items():
+            assert back[name].dtype == buf.dtype and torch.equal(back[name], buf), name
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_kernel_layout_becomes_the_only_copy_and_round_trips(act_bits):
+    module = _mixed_layer(act_bits=act_bits)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    y_oracle = module(x)
+    w_oracle = module.dequantize()
+    nbytes = module.packed_nbytes()
+
+    module.to_kernel_layout()
+    assert module.kernel_resident
+    packed = [buf for name, buf in module.named_buffers() if name != "bias"]
+    assert packed and all(buf.is_meta for buf in packed)  # no second copy of any packed buffer
+    assert module.packed_nbytes() == nbytes                # the layout's size is still reported
+    kw = module._kernel_weights
+    assert kw.nbytes() <= 1.03 * nbytes  # float32 scale/zero and out_index: ~1% over the contract
+    torch.testing.assert_close(module(x), y_oracle, rtol=2e-5, atol=2e-5)
+
+    after = module.state_dict()  # rebuilt from the kernel layout, exact
+    assert sorted(after) == sorted(before)
+    for name, t in before.items():
+        assert not after[name].is_meta and torch.equal(after[name], t), name
+    assert torch.equal(module.dequantize(), w_oracle)
+
+    # loading into a resident module replaces the one copy; moving it gives the buffers back
+    fresh = _mixed_layer(act_bits=act_bits)
+    fresh.to_kernel_layout()
+    fresh.load_state_dict(before)
+    assert fresh.kernel_resident
+    torch.testing.assert_close(fresh(x), y_oracle, rtol=2e-5, atol=2e-5)
+    module.to("cpu")
+    assert not module.kernel_resident and module._kernel_weights is None
+    for name, t in before.items():
+        assert torch.equal(module.state_dict()[name], t), name
+    assert torch.equal(module(x), y_oracle)  # the CPU oracle path again, bit for bit

@@ -13,6 +13,13 @@ these buffers once). The buffers follow the layout of `qvla_ros.quant.packing` (
 Only the widths present in the layer have buffers. The forward below is the CPU path and the
 correctness oracle for the GPU kernels: dequantize the groups, one matmul over the kept rows,
 scatter the results to their original channels; pruned channels output the bias (or 0).
+
+One copy of the weights: once the kernels' layout of a layer lives on a CUDA device (the module was
+moved there, or a CUDA input arrived), it is the only copy. The packed buffers above become
+meta-device placeholders (same names, shapes and dtypes, so state_dict keys, packed_nbytes and
+repr do not change) and are rebuilt bit for bit from the kernel layout whenever something needs
+them: state_dict, load_state_dict, groups()/dequantize(), or moving the module elsewhere.
+`to_kernel_layout()` does the same on any device (CPU included).
 """
 from __future__ import annotations
 
@@ -113,16 +120,67 @@ class MixedBitLinear(nn.Module):
 
     # ---- views of the packed data -------------------------------------------------------------
     def groups(self) -> list[PackedGroup]:
-        """The stored groups as PackedGroup views of this module's buffers (no copies)."""
+        """The stored groups as PackedGroup views of this module's buffers (no copies; rebuilt from
+        the kernel layout while that is the only copy)."""
+        return self._groups_from(self._contract_buffers())
+
+    def _groups_from(self, buffers: Mapping[str, torch.Tensor]) -> list[PackedGroup]:
         out, start = [], 0
         for b, rows in self.group_layout:
-            parts = {p: getattr(self, f"g{b}_{p}") for p in _PARTS if hasattr(self, f"g{b}_{p}")}
+            parts = {p: buffers[f"g{b}_{p}"] for p in _PARTS if f"g{b}_{p}" in buffers}
             out.append(PackedGroup(bits=b, start=start, rows=rows, in_features=self.in_features, **parts))
             start += rows
         return out
 
     def packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.out_features, self.in_features, self.row_index, self.groups())
+        buffers = self._contract_buffers()
+        return PackedWeight(self.out_features, self.in_features, buffers["row_index"], self._groups_from(buffers))
+
+    # ---- one copy of the weights --------------------------------------------------------------
+    def _packed_buffer_names(self) -> list[str]:
+        return [name for name in self._buffers if name != "bias"]
+
+    @property
+    def kernel_resident(self) -> bool:
+        """True while the kernel layout is the only copy of the weights (the packed buffers are
+        meta-device placeholders)."""
+        return self._kernel_weights is not None and self.row_index.is_meta
+
+    def _contract_buffers(self) -> dict[str, torch.Tensor]:
+        """The packed buffers by name: the module's own, or rebuilt from the kernel layout."""
+        if self.kernel_resident:
+            from ..kernels.layout import contract_tensors
+            return contract_tensors(self._kernel_weights)
+        return {name: self._buffers[name] for name in self._packed_buffer_names()}
+
+    def to_kernel_layout(self, device=None) -> "MixedBitLinear":
+        """Keep the weights only in the kernels' layout on `device` (default: where the buffers are).
+
+        Happens by itself when the module moves to a CUDA device or meets a CUDA input; call it to
+        get the same single copy elsewhere (e.g. on the CPU). Returns self."""
+        from ..kernels import prepare_packed
+
+        if self.kernel_resident and (device is None or self._kernel_weights.device == torch.device(device)):
+            return self
+        buffers = self._contract_buffers()
+        device = torch.device(device) if device is not None else buffers["row_index"].device
+        weights = prepare_packed(self._packed_weight_of(buffers), device=device)
+        self._dequant_cache = None
+        self._kernel_weights = weights
+        for name, buf in buffers.items():
+            self._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+        return self
+
+    def _packed_weight_of(self, buffers: Mapping[str, torch.Tensor]) -> PackedWeight:
+        return PackedWeight(self.out_features, self.in_features, buffers["row_index"], self._groups_from(buffers))
+
+    def _restore_buffers(self) -> None:
+        """Put the packed buffers back (on the kernel layout's device) and drop the kernel layout."""
+        if self.kernel_resident:
+            for name, tensor in self._contract_buffers().items():
+                self._buffers[name] = tensor
+        self._kernel_weights = None
+        self._dequant_cache = None
 
     def dequantize_groups(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Weights [N_kept, K] in packed order (row r is original channel row_index[r])."""
@@ -145,7 +203,7 @@ class MixedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        if x.is_cuda:
+        if x.is_cuda or self.kernel_resident:
             return self._forward_kernel(x)
         dtype = x.dtype if x.is_floating_point() else torch.float32
         x = fake_quantize_activations(x.to(dtype), self.act_bits)
@@ -169,25 +227,40 @@ class MixedBitLinear(nn.Module):
         return out
 
     def _forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """GPU: the grouped mixed-bit GEMM of qvla_ros.kernels, on a kernel layout built once."""
-        from ..kernels import mixed_bit_linear, prepare_packed
+        """qvla_ros.kernels on the kernel layout (the grouped GEMM on CUDA, its torch model on the
+        CPU), built once; on a CUDA device it becomes the weights' only copy."""
+        from ..kernels import mixed_bit_linear
 
         weights = self._kernel_weights
-        if weights is None or weights.device != x.device:
-            weights = self._kernel_weights = prepare_packed(self.packed_weight(), device=x.device)
+        if weights is None or (weights.device != x.device and x.is_cuda):
+            weights = self.to_kernel_layout(x.device)._kernel_weights
+        elif weights.device != x.device:
+            weights = weights.to(x.device)  # a CPU input to a layer living on the GPU: a transient copy
         bias = None if self.bias is None else self.bias.to(x.device)
         return mixed_bit_linear(x if x.is_floating_point() else x.float(), weights, bias, self.act_bits)
 
-    # Derived weights describe the buffers: drop them whenever the buffers are replaced or moved.
+    # Derived weights describe the buffers: drop them whenever the buffers are replaced or moved (a
+    # kernel layout that was the only copy first gives the buffers back).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_resident:
+            for name, tensor in self._contract_buffers().items():
+                destination[prefix + name] = tensor
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._dequant_cache = None
-        self._kernel_weights = None
-        return super()._load_from_state_dict(*args, **kwargs)
+        resident = self.kernel_resident
+        self._restore_buffers()
+        result = super()._load_from_state_dict(*args, **kwargs)
+        if resident or self.row_index.is_cuda:
+            self.to_kernel_layout()
+        return result
 
     def _apply(self, fn, *args, **kwargs):
-        self._dequant_cache = None
-        self._kernel_weights = None
-        return super()._apply(fn, *args, **kwargs)
+        self._restore_buffers()
+        result = super()._apply(fn, *args, **kwargs)
+        if self.row_index.is_cuda:
+            self.to_kernel_layout()
+        return result
 
     def extra_repr(self) -> str:
         groups = ", ".join(f"{b}b:{n}" for b, n in self.group_layout)
