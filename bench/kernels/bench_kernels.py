@@ -4,6 +4,9 @@ scaled-mm. One run on one card; results as JSON + markdown named after the card.
 
     PYTHONPATH=. python bench/kernels/bench_kernels.py --out DIR            # everything
     PYTHONPATH=. python bench/kernels/bench_kernels.py --warm --workers 8   # compile the kernels first
+    PYTHONPATH=. python bench/kernels/bench_kernels.py --small-m --out DIR  # 1 and 16 tokens only:
+        bf16, int4, fp8, the grouped GEMM ("ours") and the small-M kernel ("ours-gemv", triton_gemv.py)
+        side by side per layer, and the decoder at 1 and 16 tokens with each
 
 Method (see the device notes): every variant is timed as CUDA-graph replays of back-to-back calls
 over enough distinct weight copies that the weights do not fit in L2 (so each call streams its
@@ -31,9 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qvla_ros.kernels import (GemmConfig, dequantize_kernel_weights, launch_mixed_gemm,  # noqa: E402
-                              override_configs, quantize_activations)
-from qvla_ros.kernels.ops import bucket  # noqa: E402
+from qvla_ros.kernels import (GemmConfig, GemvConfig, dequantize_kernel_weights, launch_gemv,  # noqa: E402
+                              launch_mixed_gemm, override_configs, override_gemv_configs, quantize_activations)
+from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket, pick_gemv_config  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
 
 #: OpenVLA-OFT-7B decoder Linear shapes (out_features N, in_features K)
@@ -65,9 +68,28 @@ CANDIDATES[("large", 8)] = CANDIDATES[("large", 16)] + [GemmConfig(bm=128, bn=64
                                                                    num_stages=2)]
 
 
-def variants() -> list[tuple[int, GemmConfig]]:
+#: the small-M kernel's candidates per bucket (bench/kernels/NOTES.md, "Run 3": register counts from
+#: an offline sm_90 compile; bn x wb sets the weight bytes each program has in flight per step)
+GEMV_CANDIDATES: dict[str, list[GemvConfig]] = {
+    "m1": [GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4), GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=2),
+           GemvConfig(bm=1, bn=16, wb=32, bk16=32, split_k=4), GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4),
+           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=8),
+           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, prefetch=False),
+           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, num_warps=2)],
+    "m16": [GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=4, use_dot=True),
+            GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=2, use_dot=True),
+            GemvConfig(bm=16, bn=32, wb=32, bk16=32, split_k=4, use_dot=True),
+            GemvConfig(bm=16, bn=64, wb=16, bk16=32, split_k=4, use_dot=True),
+            GemvConfig(bm=16, bn=128, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=8),
+            GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4)],
+}
+
+
+def variants(small_m: bool = False) -> list[tuple[int, GemmConfig | GemvConfig]]:
     """Every (act_bits, config) the benchmark launches (what --warm compiles)."""
-    out = [(act_bits, cfg) for (_, act_bits), cfgs in CANDIDATES.items() for cfg in cfgs]
+    out = [(act_bits, cfg) for (name, act_bits), cfgs in CANDIDATES.items() for cfg in cfgs
+           if not small_m or name in ("m1", "m16")]
+    out += [(16, cfg) for cfgs in GEMV_CANDIDATES.values() for cfg in cfgs]
     return list(dict.fromkeys(out))
 
 
@@ -239,12 +261,48 @@ def bench_ours(results, shape, n, k, mix, ceilings, best):
                 avg_bits=average_bits(counts), counts={str(b): c for b, c in counts.items()},
                 candidates=[{"config": _cfg_str(c), "time_us": tt * 1e6} for tt, c, _ in timings])
             best.setdefault((bucket(m), act_bits), {})[(shape, mix, m)] = {c: tt for tt, c, _ in timings}
+            if act_bits == 16 and m <= SMALL_M and gemv_bucket(m) in GEMV_CANDIDATES:
+                bench_gemv(results, shape, n, k, m, mix, x, ref, kws, w_bytes, counts, ceilings, best)
     del kws, w_ref
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 
 
-def _cfg_str(cfg: GemmConfig) -> str:
+def bench_gemv(results, shape, n, k, m, mix, x, ref, kws, w_bytes, counts, ceilings, best):
+    """The small-M kernel's candidates on the same weights and input as the grouped GEMM's row."""
+    timings = []
+    for cfg in GEMV_CANDIDATES[gemv_bucket(m)]:
+        def call(kw, cfg=cfg):
+            return launch_gemv(x, kw, None, torch.bfloat16, config=cfg)
+        try:
+            y = call(kws[0])
+            err = float((y.float() - ref).norm() / ref.norm())
+            if not (err < 1e-2 and torch.isfinite(y).all()):
+                print(f"  !! gemv {shape} {mix} M={m} {cfg}: rel err {err:.3g}", flush=True)
+                timings.append((float("inf"), cfg, err))
+                continue
+            timings.append((graph_time([(lambda kw=kw: call(kw)) for kw in kws]), cfg, err))
+        except Exception as e:
+            print(f"  !! gemv {shape} {mix} M={m} {cfg} failed: {e!r}"[:400], flush=True)
+    ok = [tm for tm in timings if math.isfinite(tm[0])]
+    if not ok:
+        return
+    t, cfg, err = min(ok, key=lambda tm: tm[0])
+    old = next((r["time_us"] for r in results if r["shape"] == shape and r["M"] == m
+                and r["method"] == f"ours {mix} A16"), float("nan"))
+    row(results, shape, n, k, m, f"ours-gemv {mix} A16", t, w_bytes, m * k * 2 + m * n * 2, ceilings,
+        speedup_vs_bf16=bf16_time(results, shape, m) / (t * 1e6), speedup_vs_gemm=old / (t * 1e6),
+        config=_cfg_str(cfg), rel_err=err, avg_bits=average_bits(counts),
+        counts={str(b): c for b, c in counts.items()},
+        candidates=[{"config": _cfg_str(c), "time_us": tt * 1e6} for tt, c, _ in timings])
+    best.setdefault(("gemv", gemv_bucket(m)), {})[(shape, mix, m)] = {c: tt for tt, c, _ in timings}
+
+
+def _cfg_str(cfg) -> str:
+    if isinstance(cfg, GemvConfig):
+        return (f"gemv {'dot' if cfg.use_dot else 'fma'} bm{cfg.bm} bn{cfg.bn} wb{cfg.wb} bk16={cfg.bk16} "
+                f"w{cfg.num_warps}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "")
+                + ("" if cfg.prefetch else " no-prefetch"))
     return ("fma" if not cfg.use_dot else ("joined" if cfg.kstep else "split")) + \
         f" bm{cfg.bm} bn{cfg.bn}" + (f" k{cfg.kstep}" if cfg.kstep else f" wb{cfg.wb}") + \
         f" w{cfg.num_warps} s{cfg.num_stages}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "") + \
@@ -306,6 +364,12 @@ LINEAR_SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (
                  "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
 
 
+def gemv_linear(x, names, lw):
+    if x.shape[0] > SMALL_M:
+        raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens")
+    return [launch_gemv(x, lw[n], None, x.dtype) for n in names]
+
+
 def build_layers(kind, mix=None):
     layers, weight_bytes = [], 0
     for i in range(LAYERS):
@@ -329,7 +393,7 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     layers, weight_bytes = build_layers(kind, mix)
-    linear = bf16_linear if kind == "bf16" else ours_linear(act_bits)
+    linear = {"bf16": bf16_linear, "ours-gemv": gemv_linear}.get(kind) or ours_linear(act_bits)
     cos, sin = rope_tables(tokens, HIDDEN // HEADS, DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
 
@@ -365,11 +429,13 @@ def _shrink_for_smoke() -> None:
                      "gate": (320, 128), "up": (320, 128), "down": (128, 320)}
     for key in CANDIDATES:
         CANDIDATES[key] = CANDIDATES[key][:2]
+    for key in GEMV_CANDIDATES:
+        GEMV_CANDIDATES[key] = GEMV_CANDIDATES[key][:2]
 
 
-def warm(shard: int, shards: int) -> None:
+def warm(shard: int, shards: int, small_m: bool = False) -> None:
     """Compile this shard's kernel variants (tiny launches with the real specializations)."""
-    todo = variants()[shard::shards]
+    todo = variants(small_m)[shard::shards]
     kw = random_kernel_weights(64, 4096, {16: 16, 8: 16, 4: 16, 3: 16, 2: 0, 0: 0}, "cuda")
     kw2 = random_kernel_weights(64, 4096, {2: 48, 0: 16}, "cuda")
     x = torch.randn(3, 4096, device=DEVICE, dtype=torch.bfloat16)
@@ -378,7 +444,9 @@ def warm(shard: int, shards: int) -> None:
         t = time.time()
         try:
             for w in (kw, kw2):
-                if act_bits == 8:
+                if isinstance(cfg, GemvConfig):
+                    launch_gemv(x[:1] if cfg.bm == 1 else x, w, None, torch.bfloat16, config=cfg)
+                elif act_bits == 8:
                     launch_mixed_gemm(xq, w, None, torch.bfloat16, 8, xs, xsum, config=cfg)
                 else:
                     launch_mixed_gemm(x, w, None, torch.bfloat16, 16, config=cfg)
@@ -391,6 +459,8 @@ def warm(shard: int, shards: int) -> None:
 def write_report(out_dir: Path, report: dict) -> None:
     card = report["device"]["name"]
     slug = "".join(ch if ch.isalnum() else "_" for ch in card).strip("_").lower()
+    if report.get("small_m"):
+        slug += "_small_m"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"results_{slug}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Mixed-bit GEMM kernels on {card}", "",
@@ -400,12 +470,12 @@ def write_report(out_dir: Path, report: dict) -> None:
              f"{report['ceilings']['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s; byte floor at "
              f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s. CUDA-graph replays over weight copies larger than L2, median.",
              "", "## Per-layer GEMMs (OFT-7B decoder shapes)", "",
-             "| shape | M | method | us | TFLOP/s | GB/s | % byte floor | x bf16 | config |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | M | method | us | TFLOP/s | GB/s | % byte floor | x bf16 | x ours (gemm) | config |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["layers"]:
         lines.append(f"| {r['shape']} | {r['M']} | {r['method']} | {r['time_us']:.2f} | {r['tflops']:.1f} | "
                      f"{r['gbps']:.0f} | {r['pct_byte_floor']:.1f} | {r.get('speedup_vs_bf16', 1.0):.2f} | "
-                     f"{r.get('config', '')} |")
+                     f"{'%.2f' % r['speedup_vs_gemm'] if 'speedup_vs_gemm' in r else ''} | {r.get('config', '')} |")
     lines += ["", "## Whole decoder (32 Llama-2-7B blocks), CUDA graph", "",
               "| weights | tiles | tokens | act bits | ms | x bf16 | weight GiB | weight % of bf16 | peak GiB |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -428,20 +498,25 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", type=int, default=None)
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-decoder", action="store_true")
+    ap.add_argument("--small-m", action="store_true",
+                    help="1 and 16 tokens only: the grouped GEMM next to the small-M kernel, bf16 and the others")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
     args = ap.parse_args(argv)
+    global TOKENS, A8_TOKENS
     if args.smoke:
         _shrink_for_smoke()
+    if args.small_m:
+        TOKENS, A8_TOKENS = tuple(t for t in TOKENS if t <= SMALL_M), ()
     elif not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.shard is not None:
-        warm(args.shard, args.workers)
+        warm(args.shard, args.workers, args.small_m)
         return 0
     if args.warm:
-        procs = [subprocess.Popen([sys.executable, __file__, "--shard", str(i), "--workers", str(args.workers)])
-                 for i in range(args.workers)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--shard", str(i), "--workers", str(args.workers)]
+                                  + (["--small-m"] if args.small_m else [])) for i in range(args.workers)]
         return max(p.wait() for p in procs)
 
     import triton
@@ -452,15 +527,19 @@ def main(argv=None) -> int:
     else:
         device = {"name": "cpu smoke run", "sms": 0, "l2_bytes": 0}
     device.update(torch=torch.__version__, triton=triton.__version__)
-    report = {"device": device, "layers": [], "decoder": []}
+    report = {"device": device, "layers": [], "decoder": [], "small_m": bool(args.small_m)}
     report["ceilings"] = measure_ceilings()
     print(report["device"], report["ceilings"], flush=True)
     best = {}
     t0 = time.time()
-    if not args.skip_decoder:  # first, with the default tile choices: the figure the issue asks for
+    if args.small_m:  # few tokens: bf16, the grouped GEMM and the small-M kernel at each count
+        decoders = [(kind, tokens, 16) for tokens in TOKENS for kind in ("bf16", "ours", "ours-gemv")]
+    else:
         long = max(TOKENS)
-        for kind, tokens, act_bits in (("bf16", long, 16), ("ours", long, 8), ("ours", long, 16),
-                                       ("bf16", 16, 16), ("ours", 16, 16)):
+        decoders = [("bf16", long, 16), ("ours", long, 8), ("ours", long, 16), ("bf16", 16, 16), ("ours", 16, 16),
+                    ("ours-gemv", 16, 16)]
+    if not args.skip_decoder:  # first, with the default tile choices: the figure the issue asks for
+        for kind, tokens, act_bits in decoders:
             try:
                 d = bench_decoder(kind, tokens, act_bits)
                 report["decoder"].append(d)
@@ -486,18 +565,24 @@ def main(argv=None) -> int:
                       and all(c in times for times in cases.values())}
             if finite:
                 chosen[key] = min(finite, key=finite.get)
-        override_configs(chosen)
-        report["chosen_configs"] = {f"{b} A{a}": _cfg_str(c) for (b, a), c in chosen.items()}
+        override_configs({key: c for key, c in chosen.items() if key[0] != "gemv"})
+        override_gemv_configs({key[1]: c for key, c in chosen.items() if key[0] == "gemv"})
+        report["chosen_configs"] = {(f"{a}" if b == "gemv" else f"{b} A{a}"): _cfg_str(c)
+                                    for (b, a), c in chosen.items()}
         print("chosen:", report["chosen_configs"], flush=True)
         write_report(args.out, report)
         if not args.skip_decoder:  # again with the tiles the sweep found fastest
-            for tokens, act_bits in ((max(TOKENS), 8), (max(TOKENS), 16), (16, 16)):
+            if args.small_m:
+                tuned = [(kind, tokens, 16) for tokens in TOKENS for kind in ("ours", "ours-gemv")]
+            else:
+                tuned = [("ours", max(TOKENS), 8), ("ours", max(TOKENS), 16), ("ours", 16, 16), ("ours-gemv", 16, 16)]
+            for kind, tokens, act_bits in tuned:
                 try:
-                    d = bench_decoder("ours", tokens, act_bits, tiles="tuned")
+                    d = bench_decoder(kind, tokens, act_bits, tiles="tuned")
                     report["decoder"].append(d)
                     print("decoder", d, flush=True)
                 except Exception as e:
-                    print(f"decoder tuned {tokens} A{act_bits} failed: {e!r}"[:500], flush=True)
+                    print(f"decoder tuned {kind} {tokens} A{act_bits} failed: {e!r}"[:500], flush=True)
     write_report(args.out, report)
     print(f"total {time.time() - t0:.0f}s", flush=True)
     return 0
