@@ -52,20 +52,23 @@ def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X
     # mantissa bits and the bits of 1.0: float16 (10, 0x3C00), bfloat16 (7, 0x3F80), float32 (23)
     MANT: tl.constexpr = (10 if X_FP16 else 7) if USE_DOT else 23
     ONE: tl.constexpr = (0x3C00 if X_FP16 else 0x3F80) if USE_DOT else 0x3F800000
+    POS: tl.constexpr = MANT - BITS
     if USE_DOT and (not X_FP16) and BITS == 8:
         # 1 + q/256 needs 8 mantissa bits, bfloat16 has 7: decode the integer q (exact in bfloat16)
         q = _move(w, i * 8, 0, 8)
-        return ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(tl.bfloat16)
-    POS: tl.constexpr = MANT - BITS
-    bits = _move(w, i * LOW, POS, LOW)
-    if BITS == 3:
-        bits = bits | _move(wh, i, POS + 2, 1)
-    bits = bits | ONE
-    if not USE_DOT:
-        return bits.to(tl.float32, bitcast=True)
-    if X_FP16:
-        return bits.to(tl.int16).to(tl.float16, bitcast=True)
-    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(tl.bfloat16)
+    else:
+        bits = _move(w, i * LOW, POS, LOW)
+        if BITS == 3:
+            bits = bits | _move(wh, i, POS + 2, 1)
+        bits = bits | ONE
+        if not USE_DOT:
+            v = bits.to(tl.float32, bitcast=True)
+        elif X_FP16:
+            v = bits.to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            v = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return v
 
 
 @triton.jit
