@@ -36,8 +36,8 @@ def setup(tmp_path_factory):
     return root
 
 
-def _run(root, out, methods, episodes=1):
-    return main(["compare", "--methods", methods, "--policy", str(root / "policy"),
+def _run(root, out, methods, episodes=1, extra=()):
+    return main(["compare", "--methods", methods, "--policy", str(root / "policy"), *extra,
                  "--data", str(root / "demos"), "--frames", "8", "--offline-frames", "16",
                  "--episodes-per-task", str(episodes), "--tasks", TASKS[0].name, "--max-steps", "3",
                  "--workers", "0", "--alphas", "0.5", "--out", str(out), "--quiet"])
@@ -78,7 +78,7 @@ def test_qvla_with_gptq_rows(setup):
     """qvla-gptq@M: QVLA's allocation measured for GPTQ-rounded rows, rows rounded by GPTQ, within
     M's measured memory, recorded under its own plan id."""
     out = setup / "gptq_rows"
-    assert _run(setup, out, "rtn-w3,qvla@rtn-w3,qvla-gptq@rtn-w3", episodes=0) == 0
+    assert _run(setup, out, "rtn-w3,qvla@rtn-w3,qvla-gptq@rtn-w3", episodes=0, extra=("--projections", "4")) == 0
     rows = {r["method"]["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     plain, gptq = rows["qvla@rtn-w3"], rows["qvla-gptq@rtn-w3"]
     assert gptq["info"]["rounding"] == "gptq" and plain["info"]["rounding"] == "rtn"
@@ -86,6 +86,10 @@ def test_qvla_with_gptq_rows(setup):
     assert gptq["plan_id"] != plain["plan_id"]  # the plan records how its rows were rounded
     assert gptq["offline"]["action_mse_vs_fp"] != plain["offline"]["action_mse_vs_fp"]
     assert 0 < gptq["info"]["mean_relative_layer_error"] < 1
+    tables = sorted((out / "sensitivity").glob("sensitivity-*.safetensors"))
+    assert len(tables) == 2  # one per rounding, each measured with 4 random projections
+    from qvla_ros.quant.sensitivity import SensitivityTable
+    assert {SensitivityTable.load(t).meta["projections"] for t in tables} == {"4 gaussian"}
 
 
 def test_gptq_sensitivity_measures_gptq_rows():

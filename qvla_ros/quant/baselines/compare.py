@@ -54,6 +54,8 @@ class CompareSettings:
         frames: calibration frames, shared by every method.
         calib_batch: frames per calibration forward.
         estimator: QVLA's sensitivity estimator ("jacobian" or "exact").
+        projections: the jacobian estimator's random action projections per frame (None: its
+            default, one per action number for chunks of at most 64 numbers).
         episodes_per_task: closed-loop episodes per task (0: skip the closed loop).
         workers: rollout worker processes.
         tasks: None (the suite) or comma-separated task names.
@@ -70,6 +72,7 @@ class CompareSettings:
     frames: int = 64
     calib_batch: int = 16
     estimator: str = "jacobian"
+    projections: int | None = None
     episodes_per_task: int = 50
     workers: int = 2
     tasks: str | None = None
@@ -87,6 +90,8 @@ class CompareSettings:
         for name in ("frames", "calib_batch", "offline_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.projections is not None and self.projections < 1:
+            raise ValueError(f"projections must be >= 1, got {self.projections}")
         if self.episodes_per_task < 0 or self.workers < 0:
             raise ValueError("episodes_per_task and workers must be >= 0")
 
@@ -183,7 +188,7 @@ class Comparison:
         if self._qvla is None:
             self._qvla = QvlaRunner(self.frames, estimator=self.settings.estimator,
                                     cache_dir=self.out / "sensitivity", seed=self.settings.seed,
-                                    progress=self.progress)
+                                    projections=self.settings.projections, progress=self.progress)
         return self._qvla
 
     def config_id(self, spec: MethodSpec, budget: float | None) -> str:
@@ -193,6 +198,8 @@ class Comparison:
                "alphas": list(s.alphas) if spec.family == "smoothquant" else None,
                "estimator": s.estimator if spec.family == "qvla" else None,
                "budget": None if budget is None else round(budget, 6)}
+        if spec.family == "qvla" and s.projections is not None:
+            doc["projections"] = s.projections
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     # ---- one method ---------------------------------------------------------------------------

@@ -34,19 +34,22 @@ class QvlaRunner:
     Args:
         frames: the calibration frames (the baselines get the same frames as batches).
         estimator: "jacobian" (first order, one backward per projection) or "exact".
+        projections: the jacobian estimator's random projections of the action chunk per frame
+            (None: its default, every action number when the chunk has at most 64).
         cache_dir: where sensitivity tables are kept between runs (None: memory only).
         max_prune_fraction: the allocator's cap on pruned rows per layer.
     """
 
     def __init__(self, frames: CalibrationFrames, *, estimator: str = "jacobian",
                  cache_dir: str | Path | None = None, max_prune_fraction: float = 0.5,
-                 seed: int = 0, progress: bool = True):
+                 projections: int | None = None, seed: int = 0, progress: bool = True):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.frames = frames
         self.estimator = estimator
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.max_prune_fraction = max_prune_fraction
+        self.projections = projections
         self.seed = seed
         self.progress = progress
         self._tables: dict[str, SensitivityTable] = {}
@@ -56,6 +59,8 @@ class QvlaRunner:
                "n_frames": len(self.frames), "estimator": self.estimator, "seed": self.seed}
         if rounding != "rtn":
             doc["rounding"] = rounding
+        if self.projections is not None:
+            doc["projections"] = self.projections
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def sensitivity(self, policy: nn.Module, rounding: str = "rtn",
@@ -77,11 +82,15 @@ class QvlaRunner:
                 modules = quantizable_linears(policy)
                 deltas = gptq_weight_deltas(policy, modules, batches, ALL_BITS, progress=self.progress)
                 table = jacobian_sensitivity(policy, self.frames, bits=ALL_BITS, layers=list(modules),
-                                             deltas=deltas, seed=self.seed, progress=self.progress)
+                                             deltas=deltas, projections=self.projections, seed=self.seed,
+                                             progress=self.progress)
                 table.meta["rounding"] = "gptq"
             else:
-                measure = jacobian_sensitivity if self.estimator == "jacobian" else exact_sensitivity
-                table = measure(policy, self.frames, seed=self.seed, progress=self.progress)
+                if self.estimator == "jacobian":
+                    table = jacobian_sensitivity(policy, self.frames, projections=self.projections,
+                                                 seed=self.seed, progress=self.progress)
+                else:
+                    table = exact_sensitivity(policy, self.frames, seed=self.seed, progress=self.progress)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 table.save(path)
