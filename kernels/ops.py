@@ -231,6 +231,8 @@ class GemvConfig:
         split_k: programs sharing one row block along K (the last to arrive adds the parts).
         use_dot: tensor-core products (bm must be 16); False: float32 FMA.
         prefetch: load the next step's weight words before decoding the current ones.
+        asm: decode with one LOP3 per field instead of two (inline PTX; FMA path; the Triton
+            interpreter always runs the plain expression).
         num_warps, num_stages: Triton launch options.
     """
     bm: int = 1
@@ -242,6 +244,7 @@ class GemvConfig:
     prefetch: bool = True
     num_warps: int = 4
     num_stages: int = 1
+    asm: bool = True
 
     def __post_init__(self) -> None:
         def pow2(v):
@@ -260,10 +263,11 @@ class GemvConfig:
             raise ValueError(f"split_k must be in 1..16, got {self.split_k}")
 
 
-#: first guesses, not yet timed: register counts from an offline sm_90 compile (bench/kernels/NOTES.md,
-#: "Run 3"); 2 tokens run the 4-token tiles (bm=2 tiles compiled to 130-243 registers, bm=4 to 72)
+#: first guesses, not yet timed on a GPU: chosen by an offline sm_90 compile (registers per thread and
+#: instructions per weight in the loops, bench/kernels/NOTES.md "Run 3"); 2 tokens run the 4-token
+#: tiles (bm=2 tiles compiled to 80-243 registers)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
-    "m1": GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, num_warps=4),
+    "m1": GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4, num_warps=4),
     "m2": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m4": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m8": GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=4, num_warps=4),
@@ -338,8 +342,8 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
         table["o8"], table["o4"], table["o3"], table["o2"], table["h3"],
         table["n8"], table["n4"], table["n3"], table["n2"],
         BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
-        X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -45,7 +45,50 @@ def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
-def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr):
+def _lop3(a, c, MASK: tl.constexpr):
+    """(a & MASK) | c as one LOP3 with MASK as an immediate: the compiler's own code for the
+    expression is two instructions (it keeps both constants as immediates), a sixth of the decode
+    loop (offline sm_90 compile, bench/kernels/NOTES.md "Run 3"). The float32 decode's masks only."""
+    if MASK == 0x7F8000:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x7F8000, $2, 0xEA;", "=r,r,r", [a, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif MASK == 0x780000:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x780000, $2, 0xEA;", "=r,r,r", [a, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif MASK == 0x600000:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x600000, $2, 0xEA;", "=r,r,r", [a, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif MASK == 0x400000:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x400000, $2, 0xEA;", "=r,r,r", [a, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif MASK == 0x300000:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x300000, $2, 0xEA;", "=r,r,r", [a, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return (a & MASK) | c
+
+
+@triton.jit
+def _and_or(a, MASK: tl.constexpr, c, ASM: tl.constexpr):
+    """(a & MASK) | c; ASM: through _lop3 (compiled code only: the interpreter runs no assembly)."""
+    if ASM:
+        return _lop3(a, c, MASK)
+    else:
+        return (a & MASK) | c
+
+
+@triton.jit
+def _shift(w, SRC: tl.constexpr, DST: tl.constexpr):
+    if DST >= SRC:
+        v = w << (DST - SRC)
+    else:
+        v = w >> (SRC - DST)
+    return v
+
+
+@triton.jit
+def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
+            ASM: tl.constexpr):
     """Field i of the words (and of the 3-bit high plane wh) as v = 1 + q / 2^BITS, or as the integer
     q for 8-bit codes under bfloat16 tensor cores; float32 (FMA) or x's 16-bit type (tensor cores)."""
     LOW: tl.constexpr = 2 if BITS == 3 else BITS
@@ -58,10 +101,14 @@ def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X
         q = _move(w, i * 8, 0, 8)
         v = ((q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(tl.bfloat16)
     else:
-        bits = _move(w, i * LOW, POS, LOW)
+        one = tl.full(w.shape, ONE, tl.int32)
         if BITS == 3:
-            bits = bits | _move(wh, i, POS + 2, 1)
-        bits = bits | ONE
+            # plain expressions: through _lop3 the 3-bit loop took 168 registers (80 without) for
+            # no fewer instructions (offline sm_90 compile)
+            one = (_shift(wh, i, POS + 2) & (1 << (POS + 2))) | one
+            bits = (_shift(w, i * LOW, POS) & (((1 << LOW) - 1) << POS)) | one
+        else:
+            bits = _and_or(_shift(w, i * LOW, POS), ((1 << LOW) - 1) << POS, one, ASM)
         if not USE_DOT:
             v = bits.to(tl.float32, bitcast=True)
         elif X_FP16:
@@ -81,30 +128,45 @@ def _split_range(total, step, pid_k, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _x_sum(x_rows, m_mask, k_lo, k_hi, BM: tl.constexpr):
+    """sum(x[m, k_lo:k_hi]) for each token, float32 [BM]."""
+    XB: tl.constexpr = 256
+    ck = tl.arange(0, XB)
+    part = tl.zeros([BM, XB], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, XB):
+        k = k0 + ck
+        part += tl.load(x_rows[:, None] + k[None, :], mask=m_mask[:, None] & (k < k_hi)[None, :],
+                        other=0.0).to(tl.float32)
+    return tl.sum(part, axis=1)
+
+
+@triton.jit
 def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
                 scale_ptr, zero_ptr, pid_k, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 WB: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, ASM: tl.constexpr):
     """This split's part of y[:, rows] (no bias), float32 [BM, BN], for BN rows of one quantized width.
 
     Row r's words are contiguous (nkb * 32 of them); word g holds, in field i, the code of input
     feature (g // 32) * KB + i * 32 + g % 32 (KB = 32 * fields per word; see layout.py)."""
     E: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     KB: tl.constexpr = 32 * E
+    # splits take whole K-blocks (32 words), so each covers one contiguous range of features
+    SU: tl.constexpr = WB if WB > 32 else 32
     row_words = nkb * 32
-    g_lo, g_hi = _split_range(row_words, WB, pid_k, SPLIT_K)
-    c = tl.arange(0, WB)
+    g_lo, g_hi = _split_range(row_words, SU, pid_k, SPLIT_K)
+    g_lo = tl.multiple_of(g_lo, SU)
+    g_hi = tl.multiple_of(g_hi, 32)
+    c = tl.max_contiguous(tl.arange(0, WB), 4)
     w_rows = w_ptr + woff + offs_n * row_words
     h_rows = wh_ptr + hoff + offs_n * row_words
+    x_rows = x_ptr + offs_m * stride_xm
     if USE_DOT:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
-        xs2 = tl.zeros([WB, BM], dtype=tl.float32)
     elif BM == 1:
         acc = tl.zeros([BN, WB], dtype=tl.float32)
-        xs2 = tl.zeros([1, WB], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN, WB], dtype=tl.float32)
-        xs2 = tl.zeros([BM, WB], dtype=tl.float32)
     if PREFETCH:  # the first step's words; each step then loads the next step's before decoding
         wmask0 = n_mask[:, None] & (g_lo + c < g_hi)[None, :]
         w_next = tl.load(w_rows[:, None] + (g_lo + c)[None, :], mask=wmask0, other=0)
@@ -113,7 +175,7 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
         else:
             wh_next = w_next
     for g0 in range(g_lo, g_hi, WB):
-        g = g0 + c
+        g = tl.multiple_of(g0, WB) + c
         if PREFETCH:
             w = w_next
             wh = wh_next
@@ -128,36 +190,39 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
                 wh = tl.load(h_rows[:, None] + g[None, :], mask=wmask, other=0).to(tl.int32)
             else:
                 wh = w
-        kbase = (g // 32) * KB + g % 32
-        gmask = g < g_hi
+        # runs of 4 features start at multiples of 4: 8-byte vector loads of x
+        kbase = tl.max_contiguous(tl.multiple_of((g // 32) * KB + g % 32, 4), 4)
+        if WB > 32:
+            kvalid = (g < g_hi) & (kbase < K)  # a step of 64 or 128 words may run past the split
+        else:
+            kvalid = kbase < K
+        if USE_DOT:
+            x_step = x_rows[None, :] + kbase[:, None]          # [WB, BM] pointers, field 0
+        elif BM == 1:
+            x_step = x_rows[:, None] + kbase[None, :]          # [1, WB]
+        else:
+            x_step = x_rows[:, None, None] + kbase[None, None, :]  # [BM, 1, WB]: the product's layout
         for i in tl.static_range(E):
-            k = kbase + i * 32
-            kmask = (k < K) & gmask
-            v = _decode(w, wh, i, BITS, USE_DOT, X_FP16)
+            kmask = kvalid & (kbase + i * 32 < K)
+            v = _decode(w, wh, i, BITS, USE_DOT, X_FP16, ASM and not USE_DOT)
             if USE_DOT:
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
-                             mask=kmask[:, None] & m_mask[None, :], other=0.0)
+                xt = tl.load(x_step + i * 32, mask=kmask[:, None] & m_mask[None, :], other=0.0)
                 acc = tl.dot(v, xt, acc)
-                xs2 += xt.to(tl.float32)
             elif BM == 1:
-                xf = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                             mask=m_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                xf = tl.load(x_step + i * 32, mask=m_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
                 acc += v * xf
-                xs2 += xf
             else:
-                xf = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                             mask=m_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                acc += v[None, :, :] * xf[:, None, :]
-                xs2 += xf
+                xf = tl.load(x_step + i * 32, mask=m_mask[:, None, None] & kmask[None, None, :],
+                             other=0.0).to(tl.float32)
+                acc += v[None, :, :] * xf
     if USE_DOT:
         dot = tl.trans(acc)                      # [BM, BN]
-        xs = tl.sum(xs2, axis=0)                 # [BM]
     elif BM == 1:
         dot = tl.sum(acc, axis=1)[None, :]
-        xs = tl.sum(xs2, axis=1)
     else:
         dot = tl.sum(acc, axis=2)
-        xs = tl.sum(xs2, axis=1)
+    # sum(x) over this split's features, once, outside the weight loop
+    xs = _x_sum(x_rows, m_mask, (g_lo // 32) * KB, tl.minimum((g_hi // 32) * KB, K), BM)
     # v = (q + OFF) / MUL, so sum(q x) = MUL * sum(v x) - OFF * sum(x)
     MUL: tl.constexpr = 1.0 if (USE_DOT and (not X_FP16) and BITS == 8) else float(1 << BITS)
     OFF: tl.constexpr = 0.0 if (USE_DOT and (not X_FP16) and BITS == 8) else float(1 << BITS)
@@ -221,7 +286,8 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                 count_ptr, M, K, stride_xm, stride_ym, has_bias,
                 r16, r8, r4, r3, r2, r0, o8, o4, o3, o2, h3, n8, n4, n3, n2,
                 BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr, BK16: tl.constexpr,
-                SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr, PREFETCH: tl.constexpr):
+                SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr, PREFETCH: tl.constexpr,
+                ASM: tl.constexpr):
     """y[:, out_index] = x @ W^T (+ bias) for every group of a mixed-bit layer, few tokens.
 
     The group table (scalars): r{b} rows of width b (r0: pruned channels), o{b} word offset of the
@@ -262,16 +328,16 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                           BM, BN, BK16, SPLIT_K, USE_DOT, X_FP16)
     elif slot == 1:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o8 * 16, 0, n8, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 8, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH)
+                          scale_ptr, zero_ptr, pid_k, 8, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
     elif slot == 2:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o4 * 16, 0, n4, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 4, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH)
+                          scale_ptr, zero_ptr, pid_k, 4, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
     elif slot == 3:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o3 * 16, h3 * 32, n3, offs_n, n_mask,
-                          prow, scale_ptr, zero_ptr, pid_k, 3, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH)
+                          prow, scale_ptr, zero_ptr, pid_k, 3, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
     else:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o2 * 16, 0, n2, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 2, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH)
+                          scale_ptr, zero_ptr, pid_k, 2, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
     if slot == 5:
         if pid_k == 0:
             _store(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)

@@ -225,20 +225,22 @@ def test_gemv_float16_and_fractional_zero_points(m):
 
 
 GEMV_CONFIGS = [
-    GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4),
-    GemvConfig(bm=1, bn=16, wb=32, bk16=32, split_k=8, prefetch=False),
-    GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=2, num_warps=2),
+    GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4),
+    GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4, asm=False),
+    GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=8, prefetch=False),
+    GemvConfig(bm=1, bn=64, wb=64, bk16=32, split_k=2, num_warps=2),
     GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4),
     GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=3),
     GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4),
     GemvConfig(bm=16, bn=16, wb=32, bk16=32, split_k=4, use_dot=True),
-    GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=2, use_dot=True),
-    GemvConfig(bm=16, bn=128, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=8),
+    GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=2, use_dot=True, prefetch=False),
+    GemvConfig(bm=16, bn=128, wb=128, bk16=32, split_k=4, use_dot=True, num_warps=8),
 ]
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS,
-                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-bm{c.bm}-bn{c.bn}-wb{c.wb}-split{c.split_k}")
+                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-bm{c.bm}-bn{c.bn}-wb{c.wb}-split{c.split_k}"
+                         f"{'' if c.prefetch else '-noprefetch'}{'' if c.asm else '-noasm'}")
 def test_gemv_split_k_tiles_add_up_and_leave_no_trace(config):
     counts = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
     packed, kw = layer(1000, 1000, counts)

@@ -54,6 +54,10 @@ RAGGED = {16: 16, 8: 16, 4: 32, 3: 16, 2: 3, 0: 16}  # N = 99, the 2-bit group r
 GEMV_CASES = [
     ("gemv-m1-fma", 96, 300, EVERY, 1, dict(bm=1, bn=16, wb=32), "bfloat16", False, True, "float32"),
     ("gemv-m1-fma-bf16-out", 96, 300, EVERY, 1, dict(bm=1, bn=32, wb=16), "bfloat16", False, True, "same"),
+    ("gemv-m1-wb64-split2", 96, 600, EVERY, 1, dict(bm=1, bn=16, wb=64, split_k=2), "bfloat16", False, True,
+     "float32"),
+    ("gemv-m5-dot-wb128", 96, 1100, EVERY, 5, dict(bm=16, bn=16, wb=128, split_k=2, use_dot=True), "bfloat16",
+     False, False, "float32"),
     ("gemv-m1-split3-no-prefetch", 96, 600, EVERY, 1, dict(bm=1, bn=16, wb=16, bk16=128, split_k=3,
                                                           prefetch=False), "bfloat16", False, False, "float32"),
     ("gemv-m5-fma-bm8-split2", 96, 300, EVERY, 5, dict(bm=8, bn=16, wb=16, bk16=32, split_k=2), "bfloat16", False,

@@ -68,19 +68,19 @@ CANDIDATES[("large", 8)] = CANDIDATES[("large", 16)] + [GemmConfig(bm=128, bn=64
                                                                    num_stages=2)]
 
 
-#: the small-M kernel's candidates per bucket (bench/kernels/NOTES.md, "Run 3": register counts from
-#: an offline sm_90 compile; bn x wb sets the weight bytes each program has in flight per step)
+#: the small-M kernel's candidates per bucket (bench/kernels/NOTES.md, "Run 3": registers and
+#: instructions per weight from an offline sm_90 compile; bn x wb sets the weight bytes each program
+#: has in flight per step). The first of each list is the default.
+_M1 = dict(bm=1, bn=64, wb=16, bk16=32, split_k=4)
+_M16 = dict(bm=16, bn=16, wb=32, bk16=32, split_k=4, use_dot=True)
 GEMV_CANDIDATES: dict[str, list[GemvConfig]] = {
-    "m1": [GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4), GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=2),
-           GemvConfig(bm=1, bn=16, wb=32, bk16=32, split_k=4), GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4),
-           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=8),
-           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, prefetch=False),
-           GemvConfig(bm=1, bn=32, wb=32, bk16=32, split_k=4, num_warps=2)],
-    "m16": [GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=4, use_dot=True),
-            GemvConfig(bm=16, bn=64, wb=32, bk16=32, split_k=2, use_dot=True),
-            GemvConfig(bm=16, bn=32, wb=32, bk16=32, split_k=4, use_dot=True),
-            GemvConfig(bm=16, bn=64, wb=16, bk16=32, split_k=4, use_dot=True),
-            GemvConfig(bm=16, bn=128, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=8),
+    "m1": [GemvConfig(**_M1), GemvConfig(**dict(_M1, split_k=2)), GemvConfig(**dict(_M1, split_k=8)),
+           GemvConfig(**dict(_M1, bn=32)), GemvConfig(**dict(_M1, bn=128)), GemvConfig(**dict(_M1, wb=32)),
+           GemvConfig(**dict(_M1, asm=False)), GemvConfig(**dict(_M1, prefetch=False)),
+           GemvConfig(**dict(_M1, num_warps=2))],
+    "m16": [GemvConfig(**_M16), GemvConfig(**dict(_M16, split_k=2)), GemvConfig(**dict(_M16, split_k=8)),
+            GemvConfig(**dict(_M16, bn=64, prefetch=False)), GemvConfig(**dict(_M16, bn=64, wb=16, prefetch=False)),
+            GemvConfig(**dict(_M16, bn=64)), GemvConfig(**dict(_M16, bn=128, prefetch=False, num_warps=8)),
             GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4)],
 }
 
@@ -302,7 +302,7 @@ def _cfg_str(cfg) -> str:
     if isinstance(cfg, GemvConfig):
         return (f"gemv {'dot' if cfg.use_dot else 'fma'} bm{cfg.bm} bn{cfg.bn} wb{cfg.wb} bk16={cfg.bk16} "
                 f"w{cfg.num_warps}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "")
-                + ("" if cfg.prefetch else " no-prefetch"))
+                + ("" if cfg.prefetch else " no-prefetch") + ("" if cfg.asm or cfg.use_dot else " no-asm"))
     return ("fma" if not cfg.use_dot else ("joined" if cfg.kstep else "split")) + \
         f" bm{cfg.bm} bn{cfg.bn}" + (f" k{cfg.kstep}" if cfg.kstep else f" wb{cfg.wb}") + \
         f" w{cfg.num_warps} s{cfg.num_stages}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "") + \

@@ -1,0 +1,104 @@
+"""Compile the small-M kernel for a GPU architecture on a machine without a GPU, and read back what
+the assembler made of it: registers per thread, spills, shared memory, instruction count.
+
+Triton's CPU interpreter checks the kernels' arithmetic but not that they compile: the compiler
+refuses things the interpreter runs (e.g. early returns of differing types), and register counts
+decide occupancy, the figure run 2 missed on (bench/kernels/NOTES.md). Triton ships ptxas and
+cuobjdump, so both checks run here.
+
+    from qvla_ros.kernels.offline_compile import compile_gemv
+    compile_gemv(GemvConfig(bm=1, bn=32))  # {'registers': 77, 'spill_bytes': 0, ...}
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .ops import GemvConfig
+
+_POINTERS = ("x_ptr", "w_ptr", "wh_ptr", "w16_ptr", "scale_ptr", "zero_ptr", "out_index_ptr", "bias_ptr", "y_ptr",
+             "ws_ptr", "count_ptr")
+_POINTER_TYPES = ("*{x}", "*i32", "*i16", "*bf16", "*fp32", "*fp32", "*i32", "*fp32", "*{x}", "*fp32", "*i32")
+_INTS = ("M", "K", "stride_xm", "stride_ym", "has_bias", "r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3",
+         "o2", "h3", "n8", "n4", "n3", "n2")
+#: the integers the launcher passes that Triton sees as multiples of 16 for the OFT-7B shapes
+_DIVISIBLE = ("K", "stride_xm", "stride_ym")
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.is_file():
+        raise FileNotFoundError(f"Triton's cuobjdump is missing ({tool})")
+    return str(tool)
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Every loop of a SASS listing (a backward branch and the code it jumps over): instructions,
+    float32 FMAs, tensor-core ops, global loads, shared-memory loads/stores and barriers."""
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []
+    for addr, op, args in code:
+        if op != "BRA":
+            continue
+        target = int(args.split()[0].rstrip(","), 16)
+        if target >= addr:
+            continue
+        body = [o for a, o, _ in code if target <= a <= addr]
+        loops.append({"instructions": len(body), "ffma": sum(o == "FFMA" for o in body),
+                      "mma": sum(o.startswith(("HMMA", "HGMMA")) for o in body),
+                      "ldg": sum(o.startswith("LDG") for o in body),
+                      "lds": sum(o.startswith(("LDS", "LDSM")) for o in body),
+                      "sts": sum(o.startswith("STS") for o in body),
+                      "bar": sum(o.startswith("BAR") for o in body)})
+    return loops
+
+
+def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90) -> dict:
+    """Compile gemv_kernel with `config` for sm_{arch}; resource usage from the cubin.
+
+    Returns registers (per thread), spill_bytes (local memory), shared_bytes, sass_instructions,
+    blocks_per_sm (by registers alone, 64K registers per SM), loops (sass_loops) and ttgir (the
+    layouts Triton chose)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_gemv import gemv_kernel
+
+    if x_dtype not in ("bf16", "fp16"):
+        raise ValueError(f"x_dtype must be bf16 or fp16, got {x_dtype!r}")
+    names = gemv_kernel.arg_names
+    signature = {name: kind.format(x=x_dtype) for name, kind in zip(_POINTERS, _POINTER_TYPES)}
+    signature.update({name: "i32" for name in _INTS})
+    constants = dict(BM=config.bm, BN=config.bn, WB=config.wb, BK16=config.bk16, SPLIT_K=config.split_k,
+                     USE_DOT=config.use_dot, X_FP16=x_dtype == "fp16", PREFETCH=config.prefetch, ASM=config.asm)
+    signature.update({name: "constexpr" for name in constants})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in _POINTERS + _DIVISIBLE}
+    kernel = triton.compile(ASTSource(gemv_kernel, signature, constants, attrs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "gemv.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", usage)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:500]}")
+    registers, shared, local = (int(v) for v in found.groups())
+    threads = 32 * config.num_warps
+    per_block = -(-registers // 8) * 8 * threads  # registers are allocated 8 per thread at a time
+    return {"registers": registers, "spill_bytes": local, "shared_bytes": shared,
+            "sass_instructions": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)),
+            "blocks_per_sm": min(32, 65536 // per_block), "loops": sass_loops(sass), "ttgir": kernel.asm["ttgir"]}
