@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from qvla_ros.kernels import (GemmConfig, GemvConfig, dequantize_kernel_weights, launch_gemv,  # noqa: E402
                               launch_mixed_gemm, override_configs, override_gemv_configs, quantize_activations)
-from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket, pick_gemv_config  # noqa: E402
+from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
 
 #: OpenVLA-OFT-7B decoder Linear shapes (out_features N, in_features K)
