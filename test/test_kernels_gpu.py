@@ -294,6 +294,7 @@ def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():
     bits = torch.tensor([16, 8, 4, 3, 2, 0]).repeat_interleave(2048 // 8)
     bits = torch.cat([bits, torch.full((2048 - bits.numel(),), 4)])[torch.randperm(2048, generator=gen)]
     module = MixedBitLinear.from_linear(linear, bits)
+    packed = module.packed_weight()  # CPU views: the oracle's input
     x = torch.randn(3, 4096)
     y_cpu = module(x)
     state = {name: t.clone() for name, t in module.state_dict().items()}
@@ -306,7 +307,8 @@ def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():
     # the kernel layout (float32 scales, out_index) plus the bias: about the packed size, not twice it
     assert held < 1.05 * module.packed_nbytes() + 4 * 2048 + 2 ** 20, (held, module.packed_nbytes())
     y = module(x.cuda().to(torch.bfloat16))
-    check(y, module.packed_weight(), x.to(torch.bfloat16), module.bias, 16)
+    check(y, packed, x.to(torch.bfloat16), module.bias, 16)
+    assert torch.equal(module.packed_weight().groups[1].qweight.cpu(), packed.groups[1].qweight)
     for name, t in module.state_dict().items():
         assert torch.equal(t.cpu(), state[name]), name
     module.cpu()
