@@ -62,8 +62,9 @@ def sass_loops(sass: str) -> list[dict]:
     return loops
 
 
-def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90) -> dict:
-    """Compile gemv_kernel with `config` for sm_{arch}; resource usage from the cubin.
+def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90, in_features: int = 4096) -> dict:
+    """Compile gemv_kernel with `config` for sm_{arch} and layers of `in_features` inputs (which
+    widths see whole K-blocks: 4096 all, 11008 the 8- and 4-bit ones); resource usage from the cubin.
 
     Returns registers (per thread), spill_bytes (local memory), shared_bytes, sass_instructions,
     blocks_per_sm (by registers alone, 64K registers per SM), loops (sass_loops) and ttgir (the
@@ -72,6 +73,7 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90) -> d
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from .layout import k_block
     from .triton_gemv import gemv_kernel
 
     if x_dtype not in ("bf16", "fp16"):
@@ -80,7 +82,9 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90) -> d
     signature = {name: kind.format(x=x_dtype) for name, kind in zip(_POINTERS, _POINTER_TYPES)}
     signature.update({name: "i32" for name in _INTS})
     constants = dict(BM=config.bm, BN=config.bn, WB=config.wb, BK16=config.bk16, SPLIT_K=config.split_k,
-                     USE_DOT=config.use_dot, X_FP16=x_dtype == "fp16", PREFETCH=config.prefetch, ASM=config.asm)
+                     USE_DOT=config.use_dot, X_FP16=x_dtype == "fp16", PREFETCH=config.prefetch, ASM=config.asm,
+                     EVEN=sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2))
+                              if in_features % k_block(bits) == 0))
     signature.update({name: "constexpr" for name in constants})
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in _POINTERS + _DIVISIBLE}
     kernel = triton.compile(ASTSource(gemv_kernel, signature, constants, attrs),

@@ -325,9 +325,10 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
     if _interpreting():
         from ._interpreter_compat import patch_interpreter
         patch_interpreter()
-    from .layout import slot_table
+    from .layout import k_block, slot_table
     from .triton_gemv import gemv_kernel
     table = slot_table(kw.group_rows, k)
+    even = sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2)) if k % k_block(bits) == 0)
     num_m = -(-m // cfg.bm)
     tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * num_m
     dummy = kw.scale
@@ -343,7 +344,7 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
         table["n8"], table["n4"], table["n3"], table["n2"],
         BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -149,7 +149,7 @@ def _x_sum(x_rows, m_mask, k_lo, k_hi, BM: tl.constexpr):
 def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
                 scale_ptr, zero_ptr, pid_k, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 WB: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
-                PREFETCH: tl.constexpr, ASM: tl.constexpr):
+                PREFETCH: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr):
     """This split's part of y[:, rows] (no bias), float32 [BM, BN], for BN rows of one quantized width.
 
     Row r's words are contiguous (nkb * 32 of them); word g holds, in field i, the code of input
@@ -213,6 +213,11 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
             if USE_DOT:
                 xt = tl.load(x_step + i * 32, mask=kmask[:, None] & m_mask[None, :], other=0.0)
                 acc = tl.dot(v, xt, acc)
+            elif BM == 1 and EVEN_K and WB <= 32:
+                # K is whole K-blocks and steps stay inside the split: every feature exists, and a
+                # one-token program's token does too; no mask (no predicate, no zeroing)
+                xf = tl.load(x_step + i * 32).to(tl.float32)
+                acc += v * xf
             elif BM == 1:
                 xf = tl.load(x_step + i * 32, mask=m_mask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
                 acc += v * xf
@@ -292,13 +297,14 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                 r16, r8, r4, r3, r2, r0, o8, o4, o3, o2, h3, n8, n4, n3, n2,
                 BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr, BK16: tl.constexpr,
                 SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr, PREFETCH: tl.constexpr,
-                ASM: tl.constexpr):
+                ASM: tl.constexpr, EVEN: tl.constexpr):
     """y[:, out_index] = x @ W^T (+ bias) for every group of a mixed-bit layer, few tokens.
 
     The group table (scalars): r{b} rows of width b (r0: pruned channels), o{b} word offset of the
     b-bit group in units of 16 words, h3 offset of the 3-bit high plane in units of 32 half-words
     (the units carry the 64-byte alignment into the compiler's address analysis),
-    n{b} K-blocks per row. Grid: (sum over widths of cdiv(r{b}, BN)) * cdiv(M, BM) * SPLIT_K; the
+    n{b} K-blocks per row; EVEN: bit s set when K is a whole number of K-blocks of slot s's width.
+    Grid: (sum over widths of cdiv(r{b}, BN)) * cdiv(M, BM) * SPLIT_K; the
     K split varies fastest, then the token tile.
     """
     pid = tl.program_id(0)
@@ -333,16 +339,20 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                           BM, BN, BK16, SPLIT_K, USE_DOT, X_FP16)
     elif slot == 1:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o8 * 16, 0, n8, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 8, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
+                          scale_ptr, zero_ptr, pid_k, 8, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
+                          (EVEN >> 1) & 1 == 1)
     elif slot == 2:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o4 * 16, 0, n4, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 4, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
+                          scale_ptr, zero_ptr, pid_k, 4, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
+                          (EVEN >> 2) & 1 == 1)
     elif slot == 3:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o3 * 16, h3 * 32, n3, offs_n, n_mask,
-                          prow, scale_ptr, zero_ptr, pid_k, 3, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
+                          prow, scale_ptr, zero_ptr, pid_k, 3, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
+                          (EVEN >> 3) & 1 == 1)
     else:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o2 * 16, 0, n2, offs_n, n_mask, prow,
-                          scale_ptr, zero_ptr, pid_k, 2, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM)
+                          scale_ptr, zero_ptr, pid_k, 2, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
+                          (EVEN >> 4) & 1 == 1)
     if slot == 5:
         if pid_k == 0:
             _store(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)

@@ -54,6 +54,12 @@ RAGGED = {16: 16, 8: 16, 4: 32, 3: 16, 2: 3, 0: 16}  # N = 99, the 2-bit group r
 GEMV_CASES = [
     ("gemv-m1-fma", 96, 300, EVERY, 1, dict(bm=1, bn=16, wb=32), "bfloat16", False, True, "float32"),
     ("gemv-m1-fma-bf16-out", 96, 300, EVERY, 1, dict(bm=1, bn=32, wb=16), "bfloat16", False, True, "same"),
+    # K a whole number of K-blocks of every width (512) / of the 8- and 4-bit ones only (768): the
+    # one-token loops of those widths load x unmasked
+    ("gemv-m1-even-k512", 96, 512, EVERY, 1, dict(bm=1, bn=16, wb=16, split_k=2), "bfloat16", False, True,
+     "float32"),
+    ("gemv-m1-k768-partly-even", 96, 768, EVERY, 1, dict(bm=1, bn=32, wb=32, split_k=3), "bfloat16", False, True,
+     "float32"),
     ("gemv-m1-wb64-split2", 96, 600, EVERY, 1, dict(bm=1, bn=16, wb=64, split_k=2), "bfloat16", False, True,
      "float32"),
     ("gemv-m5-dot-wb128", 96, 1100, EVERY, 5, dict(bm=16, bn=16, wb=128, split_k=2, use_dot=True), "bfloat16",
