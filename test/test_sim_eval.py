@@ -131,21 +131,6 @@ def test_expert_needs_bound_environments():
     assert np.isfinite(ExpertFactory()().config.horizon)
 
 
-def _children(pid):
-    """Pids whose parent is `pid` (from /proc)."""
-    from pathlib import Path
-
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def _alive(pid):
     from pathlib import Path
 
@@ -167,9 +152,13 @@ def test_workers_die_with_a_killed_evaluation(tmp_path):
     from pathlib import Path
 
     script = tmp_path / "run.py"
-    # A policy that never moves and episodes that never end: each worker stays inside one batch.
+    # A policy that never moves and takes a second per chunk: an episode (500 steps, 4-step
+    # chunks) lasts minutes, so each worker stays inside its first batch.
     script.write_text(textwrap.dedent("""
+        import os
+        import time
         from dataclasses import dataclass
+        from pathlib import Path
         import torch
         from qvla_ros.sim.evaluate import evaluate
 
@@ -184,6 +173,9 @@ def test_workers_die_with_a_killed_evaluation(tmp_path):
         class Still:
             config = Config()
             def __call__(self, images, instruction, proprio):
+                # the worker is rolling out: say so once, by its pid
+                (Path(os.environ["ROLLING_DIR"]) / str(os.getpid())).touch()
+                time.sleep(1.0)
                 return torch.zeros(images.shape[0], 4, 4)
 
         class StillFactory:
@@ -193,21 +185,23 @@ def test_workers_die_with_a_killed_evaluation(tmp_path):
         if __name__ == "__main__":
             print("start", flush=True)
             evaluate(StillFactory(), tasks="handle-press", episodes_per_task=4, batch_size=1,
-                     max_steps=10**7, image_size=32, cameras=("corner",), workers=2, progress=False)
+                     max_steps=500, image_size=32, cameras=("corner",), workers=2, progress=False)
     """))
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(repo)),
+    rolling = tmp_path / "rolling"
+    rolling.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)],
+                            env=dict(os.environ, PYTHONPATH=str(repo), ROLLING_DIR=str(rolling)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout.readline().strip() == "start"
-        workers, deadline = [], time.monotonic() + 120
-        while len(workers) < 2 and time.monotonic() < deadline:
+        # Wait until both workers are inside a rollout (a loaded machine takes a while to spawn
+        # them and import torch), so the kill lands mid-episode, not during start-up.
+        deadline = time.monotonic() + 300
+        while len(list(rolling.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            # the pool's own helper (resource tracker) is a child too; workers run spawn_main
-            workers = [p for p in _children(proc.pid)
-                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-        assert len(workers) == 2, "the evaluation did not start its two workers"
-        time.sleep(3)  # let them build environments and start rolling out
+        workers = [int(p.name) for p in rolling.iterdir()]
+        assert len(workers) == 2, "the evaluation's two workers did not start rolling out"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 20
