@@ -184,8 +184,9 @@ class KernelWeights:
         row = self.meta[SLOT_BITS.index(bits)].tolist()
         return {"rows": row[0], "start": row[1], "word_offset": row[2], "high_offset": row[3], "nkb": row[4]}
 
-    def group_codes(self, bits: int) -> torch.Tensor:
-        """Codes uint8 [R, K] of the `bits`-wide group, read back from the kernel words."""
+    def group_codes(self, bits: int, columns: int | None = None) -> torch.Tensor:
+        """Codes uint8 [R, columns] of the `bits`-wide group, read back from the kernel words
+        (columns: default K; more reads the padding codes after K too)."""
         s = self.slot(bits)
         per_row = s["nkb"] * WORDS_PER_BLOCK
         words = self.qwords[s["word_offset"]:s["word_offset"] + s["rows"] * per_row].view(s["rows"], per_row)
@@ -193,7 +194,7 @@ class KernelWeights:
         if bits == 3:
             h16 = self.qwords.view(torch.int16)
             high = h16[s["high_offset"]:s["high_offset"] + s["rows"] * per_row].view(s["rows"], per_row)
-        return words_to_codes(words, high, bits, self.in_features)
+        return words_to_codes(words, high, bits, self.in_features if columns is None else columns)
 
 
 def slot_table(group_rows: Sequence[int], in_features: int) -> dict[str, int]:
@@ -340,17 +341,12 @@ def contract_tensors(kw: KernelWeights) -> dict[str, torch.Tensor]:
     for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
         if rows == 0:
             continue
-        s = kw.slot(bits)
-        lo, hi = s["start"], s["start"] + rows
         if bits == 16:
             out["g16_weight"] = kw.w16.clone()
             continue
-        per_row = s["nkb"] * WORDS_PER_BLOCK
-        words = kw.qwords[s["word_offset"]:s["word_offset"] + rows * per_row].view(rows, per_row)
-        high = None
-        if bits == 3:
-            high = kw.qwords.view(torch.int16)[s["high_offset"]:s["high_offset"] + rows * per_row].view(rows, per_row)
-        codes = words_to_codes(words, high, bits, kp)
+        lo = kw.slot(bits)["start"]
+        hi = lo + rows
+        codes = kw.group_codes(bits, kp)
         if bits == 3:
             out["g3_qweight"], out["g3_qweight_hi"] = _contract_bytes(codes & 3, 2), _contract_bytes(codes >> 2, 1)
         else:

@@ -39,6 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_gemm import _k_range  # the split-K range rule both kernels follow
+
 @triton.jit
 def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
     """Bits [SRC, SRC+WIDTH) of the int32 words w at bits [DST, DST+WIDTH), everything else zero."""
@@ -124,15 +126,6 @@ def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X
 
 
 @triton.jit
-def _split_range(total, step, pid_k, SPLIT_K: tl.constexpr):
-    """[lo, hi) of `total` units, in whole steps, for split pid_k of SPLIT_K."""
-    chunk = tl.cdiv(tl.cdiv(total, step), SPLIT_K) * step
-    lo = pid_k * chunk
-    hi = tl.minimum(total, lo + chunk)
-    return lo, hi
-
-
-@triton.jit
 def _x_sum(x_rows, m_mask, k_lo, k_hi, BM: tl.constexpr):
     """sum(x[m, k_lo:k_hi]) for each token, float32 [BM]."""
     XB: tl.constexpr = 256
@@ -159,7 +152,7 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
     # splits take whole K-blocks (32 words), so each covers one contiguous range of features
     SU: tl.constexpr = WB if WB > 32 else 32
     row_words = nkb * 32
-    g_lo, g_hi = _split_range(row_words, SU, pid_k, SPLIT_K)
+    g_lo, g_hi = _k_range(row_words, SU, pid_k, SPLIT_K)
     g_lo = tl.multiple_of(g_lo, SU)
     g_hi = tl.multiple_of(g_hi, 32)
     c = tl.max_contiguous(tl.arange(0, WB), 4)
@@ -246,7 +239,7 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
                 BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                 X_FP16: tl.constexpr):
     """This split's part of x @ W16[rows]^T, float32 [BM, BN], for BN dense bfloat16 rows."""
-    k_lo, k_hi = _split_range(K, BK, pid_k, SPLIT_K)
+    k_lo, k_hi = _k_range(K, BK, pid_k, SPLIT_K)
     ck = tl.arange(0, BK)
     if USE_DOT:
         acc = tl.zeros([BN, BM], dtype=tl.float32)

@@ -236,12 +236,34 @@ def _atomic_write(path: Path, write) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
-    """Raise CheckpointError unless the tensors stored at `path` (names, shapes, float or not, read
-    from the safetensors header) are those config.json implies. Runs before anything is
-    allocated: a config.json edited to describe a huge model is refused here instead of being
-    built (which can take all the memory there is), and integer or bool data is not silently cast
-    into float weights."""
+def read_checkpoint_config(directory: Path) -> tuple[VLAConfig, InstructionTokenizer]:
+    """(config, tokenizer) from a checkpoint's config.json and tokenizer.json, checked: format and
+    version, a config dict (a preset name in its place is refused: it would build whatever that
+    preset is, whatever the weights hold). CheckpointError names the file and the problem."""
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config "
+                              f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != CONFIG_VERSION:
+        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
+                              f"this library reads version {CONFIG_VERSION}")
+    try:
+        config = VLAConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    try:
+        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
+    return config, tokenizer
+
+
+def stored_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, safetensors dtype)} from a safetensors file's header; no tensor data is
+    read. CheckpointError if the file is not a readable safetensors file."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -252,20 +274,37 @@ def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionT
                 stored[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is corrupt: {exc}") from None
-    # Every layer stores at least one tensor; this bounds the skeleton built below, whose cost
-    # grows with the layer count even on the meta device.
+    return stored
+
+
+def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionTokenizer,
+                  stored_tensors: int) -> "VLAPolicy":
+    """The policy config.json describes, on the meta device (no storage), for checking a
+    checkpoint's tensors before anything is allocated. `stored_tensors` (how many the weights
+    file holds) bounds the build: every layer stores at least one tensor, and the skeleton's cost
+    grows with the layer count even on the meta device."""
     layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
-    if layers > len(stored):
-        raise CheckpointError(f"config.json in {path.parent} describes {layers} layers, but "
-                              f"{path.name} holds only {len(stored)} tensors")
+    if layers > stored_tensors:
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
+                              f"{WEIGHTS_FILE} holds only {stored_tensors} tensors")
     try:
         with torch.device("meta"):
-            skeleton = VLAPolicy(config, tokenizer=tokenizer)
+            return VLAPolicy(config, tokenizer=tokenizer)
     except ValueError as exc:
-        raise CheckpointError(f"{path.parent}: {exc}") from None
+        raise CheckpointError(f"{directory}: {exc}") from None
     except RuntimeError as exc:  # sizes whose element count overflows even without storage
-        raise CheckpointError(f"config.json in {path.parent} describes a model too large to "
+        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to "
                               f"build: {exc}") from None
+
+
+def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
+    """Raise CheckpointError unless the tensors stored at `path` (names, shapes, float or not, read
+    from the safetensors header) are those config.json implies. Runs before anything is
+    allocated: a config.json edited to describe a huge model is refused here instead of being
+    built (which can take all the memory there is), and integer or bool data is not silently cast
+    into float weights."""
+    stored = stored_tensor_specs(path)
+    skeleton = meta_skeleton(path.parent, config, tokenizer, len(stored))
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
@@ -335,24 +374,7 @@ def load_policy(path: str | os.PathLike | None = None, device: str | torch.devic
     for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise CheckpointError(f"policy checkpoint {directory} has no {name}")
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config "
-                              f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != CONFIG_VERSION:
-        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
-                              f"this library reads version {CONFIG_VERSION}")
-    try:
-        config = VLAConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
-    try:
-        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
+    config, tokenizer = read_checkpoint_config(directory)
     _check_stored_tensors(directory / WEIGHTS_FILE, config, tokenizer)
     try:
         state = load_file(directory / WEIGHTS_FILE)

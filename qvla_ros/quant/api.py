@@ -123,42 +123,17 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def _read_config(directory: Path):
     """(VLAConfig, InstructionTokenizer) from a checkpoint's config.json and tokenizer.json,
-    checked as load_policy checks them (a preset name in place of the config is refused: it
-    would build whatever that preset is, whatever the weights hold)."""
-    from ..policy import CheckpointError, InstructionTokenizer, VLAConfig
-    from ..policy.configuration_vla import CONFIG_FORMAT, CONFIG_VERSION
+    checked as load_policy checks them."""
+    from ..policy.modeling_vla import read_checkpoint_config
 
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
-        raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config")
-    if meta.get("version") != CONFIG_VERSION:
-        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
-                              f"this library reads version {CONFIG_VERSION}")
-    try:
-        config = VLAConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
-    try:
-        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
-    return config, tokenizer
+    return read_checkpoint_config(directory)
 
 
 def _stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, safetensors dtype)} from the file's header; no tensor data is read."""
-    from safetensors import SafetensorError, safe_open
+    from ..policy.modeling_vla import stored_tensor_specs
 
-    from ..policy import CheckpointError
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    return stored_tensor_specs(path)
 
 
 def architecture_fingerprint(model: nn.Module) -> dict:
@@ -175,22 +150,9 @@ def architecture_fingerprint(model: nn.Module) -> dict:
 
 def _float_skeleton(directory: Path, config, tokenizer, stored: dict[str, tuple[tuple[int, ...], str]]) -> nn.Module:
     """The float policy config.json describes, on the meta device (no storage)."""
-    from ..policy import CheckpointError
-    from ..policy.modeling_vla import VLAPolicy
+    from ..policy.modeling_vla import meta_skeleton
 
-    # Every layer stores at least one tensor: this bounds the skeleton, whose cost grows with
-    # the layer count even on the meta device.
-    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
-    if layers > len(stored):
-        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
-                              f"{WEIGHTS_FILE} holds only {len(stored)} tensors")
-    try:
-        with torch.device("meta"):
-            return VLAPolicy(config, tokenizer=tokenizer)
-    except ValueError as exc:
-        raise CheckpointError(f"{directory}: {exc}") from None
-    except RuntimeError as exc:  # sizes whose element count overflows even without storage
-        raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to build: {exc}") from None
+    return meta_skeleton(directory, config, tokenizer, len(stored))
 
 
 def _check_header(skeleton: nn.Module, stored: dict[str, tuple[tuple[int, ...], str]], path: Path,

@@ -110,14 +110,18 @@ class SensitivityTable:
             raise SensitivityError(f"{path} is not a readable sensitivity table ({type(exc).__name__}: {exc})") from None
 
 
-def weight_deltas(weight: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+def weight_deltas(weight: torch.Tensor, bits: Sequence[int],
+                  round_rows: Callable[[torch.Tensor, int], torch.Tensor] = fake_quantize_rows) -> torch.Tensor:
     """dW [len(bits), N, K] float32: stored weights at each width minus the float weights
-    (16 bits -> 0 by definition; 0 bits -> -W)."""
+    (16 bits -> 0 by definition; 0 bits -> -W). round_rows(W, b) gives the stored rows at a width
+    in {2, 3, 4, 8}: round-to-nearest by default, GPTQ's for QVLA with GPTQ rows."""
     w = weight.detach().to(torch.float32)
     out = torch.zeros(len(bits), *w.shape)
     for i, b in enumerate(bits):
-        if b != 16:
-            out[i] = fake_quantize_rows(w, b) - w
+        if b == 0:
+            out[i] = -w
+        elif b != 16:
+            out[i] = round_rows(w, b) - w
     return out
 
 

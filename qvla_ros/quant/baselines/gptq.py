@@ -185,16 +185,13 @@ def gptq_weight_deltas(policy: nn.Module, modules: Mapping[str, nn.Linear], batc
     what sensitivity measures against; the final quantization (apply_gptq) re-collects them
     layer by layer on the already-quantized prefix. 0 bits -> -W, 16 bits -> 0.
     """
+    from ..sensitivity import weight_deltas
+
     batches = check_batches(batches)
     stats = collect_input_stats(policy, modules, batches, hessian=True)
     out: dict[str, torch.Tensor] = {}
     for name, lin in tqdm(modules.items(), desc="GPTQ weight deltas", disable=not progress, leave=False):
-        w = lin.weight.detach().float()
-        d = torch.zeros(len(bits), *w.shape)
-        for i, b in enumerate(bits):
-            if b == 0:
-                d[i] = -w
-            elif b != 16:
-                d[i] = gptq_quantize_weight(w, stats[name].h, b, damp=damp, act_order=act_order) - w
-        out[name] = d
+        h = stats[name].h
+        out[name] = weight_deltas(lin.weight, bits, lambda w, b, h=h: gptq_quantize_weight(
+            w, h, b, damp=damp, act_order=act_order))
     return out
