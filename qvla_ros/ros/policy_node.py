@@ -469,6 +469,10 @@ def _seconds(stamp) -> float:
 
 
 def main(args: list[str] | None = None) -> int:
+    # A plan reload builds the new policy (Python-heavy) beside the inference thread, whose forward
+    # gives the GIL up at every torch op; at the default 5 ms switch interval it waits that long to
+    # get it back each time, and a forward of a few hundred ops stalls for a second or more.
+    sys.setswitchinterval(0.0005)
     rclpy.init(args=args if args is not None else sys.argv)
     node = executor = None
     code = 0
