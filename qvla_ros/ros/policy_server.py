@@ -5,7 +5,8 @@ One `ServedPolicy` (weights + the id of the plan that made them) is active at a 
 reads the active one ONCE and uses it to the end, so a chunk always comes from one plan and
 names it. A reload builds the new ServedPolicy beside the serving one (load, quantize, check its
 shapes against the serving one, one probe forward) and only then replaces the reference; a
-forward already running finishes on the old weights. One reload at a time; a second one asked for
+forward already running finishes on the old weights. The build steps aside while a forward runs
+(forward_priority), so serving keeps its pace during a reload. One reload at a time; a second one asked for
 meanwhile is refused, not queued.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .forward_priority import ForwardPriority
 
 __all__ = ["FULL_PRECISION_ID", "Inference", "PlanRejected", "PolicyServer", "ServedPolicy"]
 
@@ -83,6 +86,7 @@ class PolicyServer:
         self.device = device
         self._reload_lock = threading.Lock()
         self._reloading = ""
+        self._priority = ForwardPriority()
         self._active = self._build(plan_path, reference=None)
 
     @property
@@ -98,7 +102,8 @@ class PolicyServer:
         """Chunk for one observation: images uint8 [n_cams, H, W, 3], proprio float32 [P]."""
         served = self._active  # one read: this forward uses one plan from start to end
         start = time.perf_counter()
-        actions = self._forward(served.policy, images, instruction, proprio)
+        with self._priority.forward():
+            actions = self._forward(served.policy, images, instruction, proprio)
         return Inference(actions=actions, plan_id=served.plan_id,
                          seconds=time.perf_counter() - start)
 
@@ -125,7 +130,8 @@ class PolicyServer:
         try:
             self._reloading = plan_path
             try:
-                candidate = self._build(plan_path, reference=self._active)
+                with self._priority.background():
+                    candidate = self._build(plan_path, reference=self._active)
             except PlanRejected:
                 raise
             except Exception as exc:  # e.g. MemoryError outside the loader: still a refusal
