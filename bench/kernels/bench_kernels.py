@@ -364,6 +364,16 @@ LINEAR_SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (
                  "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
 
 
+def fp8_linear(x, names, lw):
+    """The 8-bit-activation ceiling: W8A8 fp8 (e4m3) with row-wise weight scales and per-token
+    activation scales, weights converted ahead of time (no decoding at all), cuBLAS's fp8 GEMM."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale_x = amax / 448.0
+    xq = (x.float() / scale_x).to(torch.float8_e4m3fn)
+    return [torch._scaled_mm(xq, lw[n][0].t(), scale_a=scale_x, scale_b=lw[n][1], out_dtype=x.dtype,
+                             use_fast_accum=True) for n in names]
+
+
 def gemv_linear(x, names, lw):
     if x.shape[0] > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens")
@@ -379,6 +389,12 @@ def build_layers(kind, mix=None):
             if kind == "bf16":
                 lw[name] = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
                 weight_bytes += n * k * 2
+            elif kind == "fp8-w8a8":
+                w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                scale_w = (w.abs().amax(dim=-1).float() / 448.0)[None, :]
+                lw[name] = ((w.float() / scale_w.t()).to(torch.float8_e4m3fn), scale_w)
+                weight_bytes += n * k + 4 * n
+                del w
             else:
                 lw[name] = random_kernel_weights(n, k, mix_counts(n, MIXES[mix]), DEVICE, seed=100 * i + j)
                 weight_bytes += lw[name].nbytes()
@@ -393,7 +409,8 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     layers, weight_bytes = build_layers(kind, mix)
-    linear = {"bf16": bf16_linear, "ours-gemv": gemv_linear}.get(kind) or ours_linear(act_bits)
+    linear = ({"bf16": bf16_linear, "ours-gemv": gemv_linear, "fp8-w8a8": fp8_linear}.get(kind)
+              or ours_linear(act_bits))
     cos, sin = rope_tables(tokens, HIDDEN // HEADS, DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
 
@@ -410,9 +427,10 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
     del layers
     if cuda:
         torch.cuda.empty_cache()
-    return {"kind": kind, "tokens": tokens, "act_bits": act_bits if kind != "bf16" else 16,
-            "mix": mix if kind != "bf16" else None, "time_ms": t * 1e3, "weight_bytes": weight_bytes,
-            "peak_bytes": peak, "finite": finite, "tiles": tiles if kind != "bf16" else None}
+    plain = kind in ("bf16", "fp8-w8a8")
+    return {"kind": kind, "tokens": tokens, "act_bits": {"bf16": 16, "fp8-w8a8": 8}.get(kind, act_bits),
+            "mix": mix if not plain else None, "time_ms": t * 1e3, "weight_bytes": weight_bytes,
+            "peak_bytes": peak, "finite": finite, "tiles": tiles if not plain else None}
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -461,6 +479,8 @@ def write_report(out_dir: Path, report: dict) -> None:
     slug = "".join(ch if ch.isalnum() else "_" for ch in card).strip("_").lower()
     if report.get("small_m"):
         slug += "_small_m"
+    if report.get("ceiling"):
+        slug += "_ceiling"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"results_{slug}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Mixed-bit GEMM kernels on {card}", "",
@@ -500,6 +520,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-decoder", action="store_true")
     ap.add_argument("--small-m", action="store_true",
                     help="1 and 16 tokens only: the grouped GEMM next to the small-M kernel, bf16 and the others")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="decoder at 590 tokens only: bf16, the fp8 W8A8 ceiling (weights converted ahead, no "
+                         "decoding) and ours with 8-bit activations")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU through the Triton interpreter (checks the script, times nothing)")
     args = ap.parse_args(argv)
@@ -508,7 +531,7 @@ def main(argv=None) -> int:
         _shrink_for_smoke()
     if args.small_m:
         TOKENS, A8_TOKENS = tuple(t for t in TOKENS if t <= SMALL_M), ()
-    elif not torch.cuda.is_available():
+    elif not args.smoke and not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.shard is not None:
@@ -527,12 +550,17 @@ def main(argv=None) -> int:
     else:
         device = {"name": "cpu smoke run", "sms": 0, "l2_bytes": 0}
     device.update(torch=torch.__version__, triton=triton.__version__)
-    report = {"device": device, "layers": [], "decoder": [], "small_m": bool(args.small_m)}
+    report = {"device": device, "layers": [], "decoder": [], "small_m": bool(args.small_m),
+              "ceiling": bool(args.ceiling)}
     report["ceilings"] = measure_ceilings()
     print(report["device"], report["ceilings"], flush=True)
     best = {}
     t0 = time.time()
-    if args.small_m:  # few tokens: bf16, the grouped GEMM and the small-M kernel at each count
+    if args.ceiling:  # what any 8-bit-activation path can reach at 590 tokens on this card
+        args.skip_layers = True
+        decoders = [("bf16", max(TOKENS), 16), ("fp8-w8a8", max(TOKENS), 8), ("ours", max(TOKENS), 8),
+                    ("bf16", max(TOKENS), 16), ("fp8-w8a8", max(TOKENS), 8)]
+    elif args.small_m:  # few tokens: bf16, the grouped GEMM and the small-M kernel at each count
         decoders = [(kind, tokens, 16) for tokens in TOKENS for kind in ("bf16", "ours", "ours-gemv")]
     else:
         long = max(TOKENS)
