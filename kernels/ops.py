@@ -145,6 +145,12 @@ _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 def _split_scratch(device: torch.device, parts: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     ws, counts = _SCRATCH.get(device, (None, None))
     if ws is None or ws.numel() < parts or counts.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Inside a capture torch.zeros is recorded, not run: the new arrival counters would
+            # hold garbage for every launch outside the graph, and tiles whose counter never
+            # reaches SPLIT_K - 1 would never be written.
+            raise RuntimeError("the split-K scratch has to grow, which cannot happen during CUDA graph "
+                               "capture; run the layer once at this token count before capturing")
         ws = torch.empty(max(parts, 1 << 20), dtype=torch.float32, device=device)
         counts = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
         _SCRATCH[device] = (ws, counts)

@@ -313,3 +313,23 @@ def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():
         assert torch.equal(t.cpu(), state[name]), name
     module.cpu()
     assert torch.equal(module(x), y_cpu)
+
+
+def test_scratch_does_not_grow_inside_a_graph_capture():
+    from qvla_ros.kernels import ops
+
+    packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg4"]))
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    split = GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128)
+    saved = ops._SCRATCH.pop(x.device, None)  # a fresh process: the first split-K launch makes it
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="before capturing"):
+            with torch.cuda.graph(graph):
+                launch_mixed_gemm(x, kw, None, x.dtype, 16, config=split)
+        # outside a capture the scratch is made (zeroed) and the launch is right
+        out = run(kw, x, None, 16, split)
+        check(out, packed, x, None, 16)
+    finally:
+        if saved is not None:
+            ops._SCRATCH[x.device] = saved
