@@ -267,7 +267,13 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
     set_small_m_kernel("gemv")
     try:
         eager = mixed_bit_linear(x, kw, bias)
-        assert torch.equal(eager, run_gemv(kw, x, bias))  # the op ran the small-M kernel
+        direct = run_gemv(kw, x, bias)
+        # the op ran the small-M kernel; on a mismatch, say whether elements went unwritten (NaN)
+        differ = eager != direct
+        assert torch.equal(eager, direct), (
+            f"{int(differ.sum())} elements in {int(differ.any(0).sum())} channels differ; NaN (never written) "
+            f"in the direct launch: {int(direct.isnan().sum())}, in the op's output: {int(eager.isnan().sum())}; "
+            f"largest difference {float((eager.float() - direct.float()).abs().nan_to_num(float('inf')).max())}")
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
