@@ -6,8 +6,8 @@ reads the active one ONCE and uses it to the end, so a chunk always comes from o
 names it. A reload builds the new ServedPolicy beside the serving one (load, quantize, check its
 shapes against the serving one, one probe forward) and only then replaces the reference; a
 forward already running finishes on the old weights. The build steps aside while a forward runs
-(forward_priority), so serving keeps its pace during a reload. One reload at a time; a second one asked for
-meanwhile is refused, not queued.
+(forward_priority), so serving keeps its pace during a reload. One reload at a time; a second one
+asked for meanwhile is refused, not queued.
 """
 from __future__ import annotations
 
