@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemm import _k_range  # the split-K range rule both kernels follow
+from .triton_gemm import _finish, _k_range, _store_tile  # split-K range, reduction and store: one protocol
 
 @triton.jit
 def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
@@ -273,16 +273,6 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
         return tl.sum(acc, axis=2)
 
 
-@triton.jit
-def _store(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias):
-    """out + bias written to the rows' output channels, every token of each channel."""
-    cols = tl.load(out_index_ptr + prow, mask=n_mask, other=0)
-    bias = tl.load(bias_ptr + cols, mask=n_mask & (has_bias != 0), other=0.0)
-    out = out + bias[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
 @triton.jit(do_not_specialize=["M", "has_bias", "r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2",
                                "h3", "n8", "n4", "n3", "n2"])
 def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, ws_ptr,
@@ -348,19 +338,7 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                           (EVEN >> 4) & 1 == 1)
     if slot == 5:
         if pid_k == 0:
-            _store(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
-    elif SPLIT_K == 1:
-        _store(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+            _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
     else:
-        counter = tile * num_m + pid_m
-        r = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-        base = ws_ptr + counter * (SPLIT_K * BM * BN)
-        tl.store(base + pid_k * (BM * BN) + r, out)
-        tl.debug_barrier()  # every thread's part is written before one thread signals
-        arrived = tl.atomic_add(count_ptr + counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BM, BN], dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # split order, whatever the order of arrival
-                total += tl.load(base + s * (BM * BN) + r, cache_modifier=".cg")
-            _store(total, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
-            tl.store(count_ptr + counter, 0)
+        _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+                ws_ptr, count_ptr, tile * num_m + pid_m, pid_k, BM, BN, SPLIT_K)
