@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -297,6 +297,17 @@ def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionToke
                               f"build: {exc}") from None
 
 
+def check_tensor_names(path: Path, expected: Iterable[str], stored: Iterable[str], sources: str) -> None:
+    """Raise CheckpointError unless the file at `path` stores exactly the tensors named `expected`
+    (those the files named by `sources` imply), listing the first few missing and unexpected."""
+    expected, stored = set(expected), set(stored)
+    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match {sources}: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
 def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
     """Raise CheckpointError unless the tensors stored at `path` (names, shapes, float or not, read
     from the safetensors header) are those config.json implies. Runs before anything is
@@ -306,12 +317,7 @@ def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionT
     stored = stored_tensor_specs(path)
     skeleton = meta_skeleton(path.parent, config, tokenizer, len(stored))
     expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match config.json: "
-                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    check_tensor_names(path, expected, stored, "config.json")
     for key, (shape, dtype) in stored.items():
         want_shape, want_float = expected[key]
         if shape != want_shape:

@@ -160,15 +160,11 @@ def _check_header(skeleton: nn.Module, stored: dict[str, tuple[tuple[int, ...], 
     """Raise CheckpointError unless the stored tensors are exactly the skeleton's, name for name,
     shape for shape and dtype for dtype (`sources`: the files that shaped the skeleton)."""
     from ..policy import CheckpointError
+    from ..policy.modeling_vla import check_tensor_names
 
     expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
                 for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match {sources}: "
-                              f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                              f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    check_tensor_names(path, expected, stored, sources)
     for key, (shape, dtype) in stored.items():
         if (shape, dtype) != expected[key]:
             raise CheckpointError(f"{path}: tensor {key} is {dtype} {shape}, {sources} imply "
