@@ -39,7 +39,8 @@ def _cuobjdump() -> str:
 
 def sass_loops(sass: str) -> list[dict]:
     """Every loop of a SASS listing (a backward branch and the code it jumps over): instructions,
-    float32 FMAs, tensor-core ops, global loads, shared-memory loads/stores and barriers."""
+    float32 FMAs, tensor-core ops, global loads into registers, asynchronous global-to-shared copies
+    (the software pipeline's), shared-memory loads/stores and barriers."""
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
@@ -55,7 +56,8 @@ def sass_loops(sass: str) -> list[dict]:
         body = [o for a, o, _ in code if target <= a <= addr]
         loops.append({"instructions": len(body), "ffma": sum(o == "FFMA" for o in body),
                       "mma": sum(o.startswith(("HMMA", "HGMMA")) for o in body),
-                      "ldg": sum(o.startswith("LDG") for o in body),
+                      "ldg": sum(o.startswith("LDG") and not o.startswith("LDGSTS") for o in body),
+                      "ldgsts": sum(o.startswith("LDGSTS") for o in body),
                       "lds": sum(o.startswith(("LDS", "LDSM")) for o in body),
                       "sts": sum(o.startswith("STS") for o in body),
                       "bar": sum(o.startswith("BAR") for o in body)})
@@ -83,7 +85,7 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90, in_f
     signature.update({name: "i32" for name in _INTS})
     constants = dict(BM=config.bm, BN=config.bn, WB=config.wb, BK16=config.bk16, SPLIT_K=config.split_k,
                      USE_DOT=config.use_dot, X_FP16=x_dtype == "fp16", PREFETCH=config.prefetch, ASM=config.asm,
-                     EVEN=sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2))
+                     STAGES=config.stages, EVEN=sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2))
                               if in_features % k_block(bits) == 0))
     signature.update({name: "constexpr" for name in constants})
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in _POINTERS + _DIVISIBLE}

@@ -203,23 +203,31 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 
 # ---- the small-M kernel (triton_gemv.py) ----------------------------------------------------------
 
-#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "gemm" (the grouped GEMM,
-#: the default until a GPU run shows the new one faster) or "gemv" (triton_gemv.py). The environment
-#: variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
+#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "gemv" (triton_gemv.py),
+#: "gemm" (the grouped GEMM) or "auto", the default: the small-M kernel for one token, the grouped
+#: GEMM for 2-16 (H200, bench/kernels/NOTES.md run 5: 32-block decoder at one token 5.04 ms against
+#: 5.62 ms; run 3: at 16 tokens the grouped GEMM was faster). The environment variable
+#: QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
 SMALL_M = 16
-SMALL_M_KERNELS = ("gemm", "gemv")
+SMALL_M_KERNELS = ("auto", "gemm", "gemv")
 _small_m_kernel = [None]
 
 
 def small_m_kernel() -> str:
-    choice = _small_m_kernel[0] or os.environ.get("QVLA_SMALL_M_KERNEL", "gemm")
+    choice = _small_m_kernel[0] or os.environ.get("QVLA_SMALL_M_KERNEL", "auto")
     if choice not in SMALL_M_KERNELS:
         raise ValueError(f"QVLA_SMALL_M_KERNEL must be one of {SMALL_M_KERNELS}, got {choice!r}")
     return choice
 
 
+def runs_small_m_kernel(m: int) -> bool:
+    """Whether a 16-bit-activation layer call with m tokens goes to the small-M kernel."""
+    choice = small_m_kernel()
+    return m <= SMALL_M and (choice == "gemv" or (choice == "auto" and m == 1))
+
+
 def set_small_m_kernel(name: str | None) -> None:
-    """Pick the kernel for M <= 16 tokens ("gemm" or "gemv"); None goes back to the environment."""
+    """Pick the kernel for M <= 16 tokens ("auto", "gemm" or "gemv"); None goes back to the environment."""
     if name is not None and name not in SMALL_M_KERNELS:
         raise ValueError(f"small-M kernel must be one of {SMALL_M_KERNELS}, got {name!r}")
     _small_m_kernel[0] = name
@@ -240,6 +248,9 @@ class GemvConfig:
         asm: decode with one LOP3 per field instead of two (inline PTX; FMA path; the Triton
             interpreter always runs the plain expression).
         num_warps, num_stages: Triton launch options.
+        stages: > 1 software-pipelines the weight loops (Triton's tl.range num_stages): stages - 1
+            steps of weight words in flight as asynchronous copies to shared memory. Replaces
+            prefetch (register double buffering), which must then be off.
     """
     bm: int = 1
     bn: int = 64
@@ -251,6 +262,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     asm: bool = True
+    stages: int = 1
 
     def __post_init__(self) -> None:
         def pow2(v):
@@ -267,17 +279,33 @@ class GemvConfig:
             raise ValueError(f"bk16 must be a power of two >= 16, got {self.bk16}")
         if not 1 <= self.split_k <= 16:
             raise ValueError(f"split_k must be in 1..16, got {self.split_k}")
+        if not 1 <= self.stages <= 6:
+            raise ValueError(f"stages must be in 1..6, got {self.stages}")
+        if self.stages > 1 and self.prefetch:
+            raise ValueError("stages > 1 pipelines the weight loads itself; set prefetch=False")
 
 
-#: first guesses, not yet timed on a GPU: chosen by an offline sm_90 compile (registers per thread and
-#: instructions per weight in the loops, bench/kernels/NOTES.md "Run 3"); 2 tokens run the 4-token
-#: tiles (bm=2 tiles compiled to 80-243 registers)
+#: one token: the software-pipelined tile that run 5 (H200) timed fastest on q/k/v/o and down, summed
+#: over the avg8/avg4/avg3 mixes; of run 5's two best tiles it is the one with more programs per
+#: layer (16 rows, 4 splits), which suits layers smaller than OFT-7B's. 2-16 tokens: first guesses
+#: from an offline sm_90 compile (bench/kernels/NOTES.md "Run 3"), and "auto" sends those token counts
+#: to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles compiled to 80-243 registers)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
-    "m1": GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4, num_warps=4),
+    "m1": GemvConfig(bm=1, bn=16, wb=32, bk16=128, split_k=4, prefetch=False, stages=3, num_warps=2),
     "m2": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m4": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m8": GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=4, num_warps=4),
     "m16": GemvConfig(bm=16, bn=16, wb=32, bk16=32, split_k=4, use_dot=True, num_warps=4),
+}
+
+
+#: tiles timed fastest for one layer shape: (bucket, out_features, in_features) -> config; a shape
+#: not listed runs its bucket's tile from _GEMV_CONFIGS. The OFT-7B (Llama-2-7B) decoder's gate/up
+#: layer, from run 5 (H200, least time summed over the avg8/avg4/avg3 mixes; q/k/v/o and down chose
+#: the bucket's tile)
+_GEMV_SHAPE_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
+    ("m1", 11008, 4096): GemvConfig(bm=1, bn=32, wb=32, bk16=128, split_k=2, prefetch=False, stages=4,
+                                    num_warps=4),
 }
 
 
@@ -290,18 +318,28 @@ def gemv_bucket(m: int) -> str:
     return "m16"
 
 
-def pick_gemv_config(m: int) -> GemvConfig:
-    return _GEMV_CONFIGS[gemv_bucket(m)]
+def pick_gemv_config(m: int, out_features: int | None = None, in_features: int | None = None) -> GemvConfig:
+    """The small-M tile for m tokens: the one tuned for this layer shape if there is one, else the
+    bucket's."""
+    bucket = gemv_bucket(m)
+    return _GEMV_SHAPE_CONFIGS.get((bucket, out_features, in_features)) or _GEMV_CONFIGS[bucket]
 
 
-def override_gemv_configs(configs: dict[str, GemvConfig]) -> None:
-    """Replace small-M tile choices (keys: "m1", "m2", "m4", "m8", "m16")."""
+def override_gemv_configs(configs: dict[str | tuple[str, int, int], GemvConfig]) -> None:
+    """Replace small-M tile choices. Keys: a bucket ("m1", "m2", "m4", "m8", "m16") for every layer,
+    or (bucket, out_features, in_features) for layers of one shape."""
     for key, cfg in configs.items():
-        if key not in _GEMV_CONFIGS:
-            raise ValueError(f"unknown small-M bucket {key!r}; known: {sorted(_GEMV_CONFIGS)}")
+        bucket = key[0] if isinstance(key, tuple) else key
+        if bucket not in _GEMV_CONFIGS or (isinstance(key, tuple) and len(key) != 3):
+            raise ValueError(f"unknown small-M key {key!r}: a bucket of {sorted(_GEMV_CONFIGS)}, or "
+                             "(bucket, out_features, in_features)")
         if not isinstance(cfg, GemvConfig):
             raise TypeError(f"{key}: expected a GemvConfig, got {type(cfg).__name__}")
-        _GEMV_CONFIGS[key] = cfg
+    for key, cfg in configs.items():
+        if isinstance(key, tuple):
+            _GEMV_SHAPE_CONFIGS[key] = cfg
+        else:
+            _GEMV_CONFIGS[key] = cfg
 
 
 def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -317,7 +355,7 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
         raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
     if m > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens, got {m}; use launch_mixed_gemm")
-    cfg = config or pick_gemv_config(max(m, 1))
+    cfg = config or pick_gemv_config(max(m, 1), kw.out_features, k)
     if out is None:
         y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x.device)
     elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
@@ -350,7 +388,7 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
         table["n8"], table["n4"], table["n3"], table["n2"],
         BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
         X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
-        EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN=even, STAGES=cfg.stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -376,7 +414,7 @@ def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor
     if act_bits == 8:
         xq, xscale, xsum = quantize_activations(x2)
         y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
-    elif x2.shape[0] <= SMALL_M and small_m_kernel() == "gemv":
+    elif runs_small_m_kernel(x2.shape[0]):
         y = launch_gemv(x2, kw, bias, x.dtype)
     else:
         y = launch_mixed_gemm(x2, kw, bias, x.dtype, 16)

@@ -15,8 +15,11 @@ shared memory on their way to the tensor cores. What this kernel does instead:
 * Weight words go from global memory straight into registers (a [BN, WB] int32 tile: 16-byte
   vectors along a row, 4 words per vector so a thread holds several rows and reuses each x value
   for them) and the next step's tile is loaded before the current one is used (register double
-  buffering, PREFETCH). For one token the weight loops have no shared-memory access and no barrier
-  (checked on the sm_90 assembly by test/test_kernels_compile.py).
+  buffering, PREFETCH). For one token the weight loops then have no shared-memory access and no
+  barrier (checked on the sm_90 assembly by test/test_kernels_compile.py). STAGES > 1 instead lets
+  Triton's software pipeliner keep STAGES - 1 steps of weight words in flight as asynchronous copies
+  into shared memory: deeper than one step, and the bytes in flight hold no registers (run 3's ncu:
+  the register-prefetch kernel was latency-bound, bench/kernels/NOTES.md).
 * Decoding is two integer operations per weight: the field is shifted to the top of a float's
   mantissa and masked and OR-ed with the exponent of 1.0 in one LOP3 (inline PTX; the compiler's
   own code takes two), which gives v = 1 + q / 2^b exactly. No integer-to-float conversion and no
@@ -142,7 +145,7 @@ def _x_sum(x_rows, m_mask, k_lo, k_hi, BM: tl.constexpr):
 def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow,
                 scale_ptr, zero_ptr, pid_k, BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 WB: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
-                PREFETCH: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr):
+                PREFETCH: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
     """This split's part of y[:, rows] (no bias), float32 [BM, BN], for BN rows of one quantized width.
 
     Row r's words are contiguous (nkb * 32 of them); word g holds, in field i, the code of input
@@ -159,6 +162,9 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
     w_rows = w_ptr + woff + offs_n * row_words
     h_rows = wh_ptr + hoff + offs_n * row_words
     x_rows = x_ptr + offs_m * stride_xm
+    # the row constants first: their round trip overlaps the weight stream instead of following it
+    scale = tl.load(scale_ptr + prow, mask=n_mask, other=0.0)
+    zero = tl.load(zero_ptr + prow, mask=n_mask, other=0.0)
     if USE_DOT:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     elif BM == 1:
@@ -172,7 +178,7 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
             wh_next = tl.load(h_rows[:, None] + (g_lo + c)[None, :], mask=wmask0, other=0).to(tl.int32)
         else:
             wh_next = w_next
-    for g0 in range(g_lo, g_hi, WB):
+    for g0 in tl.range(g_lo, g_hi, WB, num_stages=STAGES):
         g = tl.multiple_of(g0, WB) + c
         if PREFETCH:
             w = w_next
@@ -229,15 +235,13 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
     # v = (q + OFF) / MUL, so sum(q x) = MUL * sum(v x) - OFF * sum(x)
     MUL: tl.constexpr = 1.0 if (USE_DOT and (not X_FP16) and BITS == 8) else float(1 << BITS)
     OFF: tl.constexpr = 0.0 if (USE_DOT and (not X_FP16) and BITS == 8) else float(1 << BITS)
-    scale = tl.load(scale_ptr + prow, mask=n_mask, other=0.0)
-    zero = tl.load(zero_ptr + prow, mask=n_mask, other=0.0)
     return (dot * MUL - (zero + OFF)[None, :] * xs[:, None]) * scale[None, :]
 
 
 @triton.jit
 def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pid_k, BM: tl.constexpr,
                 BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                X_FP16: tl.constexpr):
+                X_FP16: tl.constexpr, STAGES: tl.constexpr):
     """This split's part of x @ W16[rows]^T, float32 [BM, BN], for BN dense bfloat16 rows."""
     k_lo, k_hi = _k_range(K, BK, pid_k, SPLIT_K)
     ck = tl.arange(0, BK)
@@ -247,7 +251,7 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
         acc = tl.zeros([BN, BK], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
+    for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         k = k0 + ck
         kmask = k < k_hi
         w = tl.load(w16_ptr + offs_n[:, None] * K + k[None, :], mask=n_mask[:, None] & kmask[None, :], other=0.0)
@@ -280,7 +284,7 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                 r16, r8, r4, r3, r2, r0, o8, o4, o3, o2, h3, n8, n4, n3, n2,
                 BM: tl.constexpr, BN: tl.constexpr, WB: tl.constexpr, BK16: tl.constexpr,
                 SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr, PREFETCH: tl.constexpr,
-                ASM: tl.constexpr, EVEN: tl.constexpr):
+                ASM: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr):
     """y[:, out_index] = x @ W^T (+ bias) for every group of a mixed-bit layer, few tokens.
 
     The group table (scalars): r{b} rows of width b (r0: pruned channels), o{b} word offset of the
@@ -319,23 +323,23 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
         out = tl.zeros([BM, BN], dtype=tl.float32)
     elif slot == 0:
         out = _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pid_k,
-                          BM, BN, BK16, SPLIT_K, USE_DOT, X_FP16)
+                          BM, BN, BK16, SPLIT_K, USE_DOT, X_FP16, STAGES)
     elif slot == 1:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o8 * 16, 0, n8, offs_n, n_mask, prow,
                           scale_ptr, zero_ptr, pid_k, 8, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
-                          (EVEN >> 1) & 1 == 1)
+                          (EVEN >> 1) & 1 == 1, STAGES)
     elif slot == 2:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o4 * 16, 0, n4, offs_n, n_mask, prow,
                           scale_ptr, zero_ptr, pid_k, 4, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
-                          (EVEN >> 2) & 1 == 1)
+                          (EVEN >> 2) & 1 == 1, STAGES)
     elif slot == 3:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o3 * 16, h3 * 32, n3, offs_n, n_mask,
                           prow, scale_ptr, zero_ptr, pid_k, 3, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
-                          (EVEN >> 3) & 1 == 1)
+                          (EVEN >> 3) & 1 == 1, STAGES)
     else:
         out = _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, o2 * 16, 0, n2, offs_n, n_mask, prow,
                           scale_ptr, zero_ptr, pid_k, 2, BM, BN, WB, SPLIT_K, USE_DOT, X_FP16, PREFETCH, ASM,
-                          (EVEN >> 4) & 1 == 1)
+                          (EVEN >> 4) & 1 == 1, STAGES)
     if slot == 5:
         if pid_k == 0:
             _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)

@@ -1,12 +1,17 @@
 """The small-M kernel compiled for the H100/H200 (sm_90) on a machine without a GPU (Triton ships
 ptxas and cuobjdump): it must compile (the interpreter runs things the compiler refuses), without
-register spills, with registers for at least 4 blocks of 128 threads per SM, and, for one token,
-with no shared-memory traffic or barrier in the weight loops (the design of triton_gemv.py)."""
+register spills, with registers for at least 4 blocks of 128 threads per SM. Its two ways of keeping
+weight bytes in flight must show in the assembly: register double buffering (PREFETCH) leaves the
+one-token weight loops without shared-memory traffic or barriers, and software pipelining (STAGES,
+the one-token default) streams the weights through asynchronous global-to-shared copies."""
 import pytest
 
 pytest.importorskip("triton")
 
-from qvla_ros.kernels import pick_gemv_config  # noqa: E402
+from qvla_ros.kernels import GemvConfig, pick_gemv_config  # noqa: E402
+
+#: run 4's one-token tile: register double buffering, no pipelining
+REGISTER_PREFETCH = GemvConfig(bm=1, bn=64, wb=16, bk16=32, split_k=4)
 
 
 @pytest.fixture(scope="module")
@@ -14,24 +19,37 @@ def compiled():
     from qvla_ros.kernels.offline_compile import compile_gemv
 
     try:
-        return {m: compile_gemv(pick_gemv_config(m)) for m in (1, 16)}
+        out = {m: compile_gemv(pick_gemv_config(m)) for m in (1, 16)}
+        out["gate/up"] = compile_gemv(pick_gemv_config(1, 11008, 4096))
+        out["prefetch"] = compile_gemv(REGISTER_PREFETCH)
+        return out
     except FileNotFoundError as e:  # a Triton build without the NVIDIA tools
         pytest.skip(str(e))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m", [1, 16])
-def test_default_small_m_tiles_compile_for_sm90_without_spills(compiled, m):
-    result = compiled[m]
-    assert result["spill_bytes"] == 0, result
-    assert result["registers"] <= 128 and result["blocks_per_sm"] >= 4, result
+@pytest.mark.parametrize("tile", [1, 16, "gate/up", "prefetch"])
+def test_default_small_m_tiles_compile_for_sm90_without_spills(compiled, tile):
+    result = compiled[tile]
+    assert result["spill_bytes"] == 0, {k: v for k, v in result.items() if k != "ttgir"}
+    assert result["registers"] <= 128 and result["blocks_per_sm"] >= 4, result["registers"]
     assert any(loop["ffma"] or loop["mma"] for loop in result["loops"])
 
 
 @pytest.mark.slow
-def test_one_token_weight_loops_stay_in_registers(compiled):
-    loops = [loop for loop in compiled[1]["loops"] if loop["ffma"]]
+def test_register_prefetch_weight_loops_stay_in_registers(compiled):
+    loops = [loop for loop in compiled["prefetch"]["loops"] if loop["ffma"]]
     assert len(loops) >= 5  # the dense rows and the four quantized widths
     for loop in loops:
-        assert loop["lds"] == loop["sts"] == loop["bar"] == 0, loop
+        assert loop["lds"] == loop["sts"] == loop["bar"] == loop["ldgsts"] == 0, loop
         assert loop["ldg"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [1, "gate/up"])
+def test_pipelined_one_token_loops_stream_weights_by_asynchronous_copies(compiled, tile):
+    assert pick_gemv_config(1).stages > 1
+    loops = [loop for loop in compiled[tile]["loops"] if loop["ffma"]]
+    assert len(loops) >= 5
+    for loop in loops:
+        assert loop["ldgsts"] > 0, loop  # the next stages' words are copied while this one is decoded

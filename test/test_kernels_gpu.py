@@ -266,14 +266,25 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
     bias = torch.randn(1152, device="cuda")
     set_small_m_kernel("gemv")
     try:
+        compiled = [_gemv_binaries()]
         eager = mixed_bit_linear(x, kw, bias)
+        compiled.append(_gemv_binaries())
         direct = run_gemv(kw, x, bias)
-        # the op ran the small-M kernel; on a mismatch, say whether elements went unwritten (NaN)
-        differ = eager != direct
-        assert torch.equal(eager, direct), (
-            f"{int(differ.sum())} elements in {int(differ.any(0).sum())} channels differ; NaN (never written) "
-            f"in the direct launch: {int(direct.isnan().sum())}, in the op's output: {int(eager.isnan().sum())}; "
-            f"largest difference {float((eager.float() - direct.float()).abs().nan_to_num(float('inf')).max())}")
+        compiled.append(_gemv_binaries())
+        # the op ran the small-M kernel; on a mismatch, say whether elements went unwritten (NaN),
+        # which launch repeats itself, and which kernel the op's output equals
+        if not torch.equal(eager, direct):
+            differ = eager != direct
+            again = mixed_bit_linear(x, kw, bias)
+            grouped = run(kw, x, bias, 16)
+            pytest.fail(
+                f"{int(differ.sum())} elements in {int(differ.any(0).sum())} channels differ; NaN (never written) "
+                f"in the direct launch: {int(direct.isnan().sum())}, in the op's output: {int(eager.isnan().sum())}; "
+                f"largest difference {float((eager.float() - direct.float()).abs().nan_to_num(float('inf')).max())}; "
+                f"op again == op: {torch.equal(again, eager)}, direct again == direct: "
+                f"{torch.equal(run_gemv(kw, x, bias), direct)}; op == grouped GEMM: {torch.equal(eager, grouped)}, "
+                f"direct == grouped GEMM: {torch.equal(direct, grouped)}; small-M binaries before, after the op, "
+                f"after the direct launch: {compiled}; config {pick_gemv_config(m, 1152, 4096)}")
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -288,6 +299,39 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
     finally:
         set_small_m_kernel(None)
     check(eager, packed, x, bias, 16)
+
+
+def test_auto_sends_one_token_to_the_small_m_kernel_and_more_to_the_grouped_gemm():
+    packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg4"]))
+    bias = torch.randn(1152, device="cuda")
+    set_small_m_kernel("auto")
+    try:
+        for m, direct in ((1, run_gemv), (2, lambda kw, x, bias: run(kw, x, bias, 16))):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            out = mixed_bit_linear(x, kw, bias)
+            assert torch.equal(out, direct(kw, x, bias)), m
+            check(out, packed, x, bias, 16)
+    finally:
+        set_small_m_kernel(None)
+
+
+def test_the_gate_up_shapes_tuned_tile_is_correct():
+    # (11008, 4096) has its own one-token tile, unlike the 1152-row layers of the other tests
+    packed, kw = layer(11008, 4096, mix_counts(11008, MIXES["avg3"]))
+    cfg = pick_gemv_config(1, 11008, 4096)
+    assert cfg != pick_gemv_config(1)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(11008, device="cuda")
+    out = run_gemv(kw, x, bias)  # the launcher picks the shape's tile
+    assert torch.equal(out, run_gemv(kw, x, bias, cfg))
+    check(out, packed, x, bias, 16)
+
+
+def _gemv_binaries() -> int:
+    """How many specialisations of the small-M kernel this process has compiled (all devices)."""
+    from qvla_ros.kernels.triton_gemv import gemv_kernel
+
+    return sum(len(cache[0]) for cache in gemv_kernel.device_caches.values())
 
 
 def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():

@@ -178,23 +178,36 @@ def test_slot_table_from_host_counts_matches_the_prepared_meta(n, k, counts):
 
 
 def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
-    from qvla_ros.kernels import GemvConfig, launch_gemv, pick_gemv_config, set_small_m_kernel, small_m_kernel
+    from qvla_ros.kernels import (GemvConfig, launch_gemv, override_gemv_configs, pick_gemv_config,
+                                  runs_small_m_kernel, set_small_m_kernel, small_m_kernel)
 
     monkeypatch.delenv("QVLA_SMALL_M_KERNEL", raising=False)
-    assert small_m_kernel() == "gemm"  # the grouped GEMM stays the default until timed on a GPU
+    # the default: the small-M kernel for one token only (where run 5 timed it fastest)
+    assert small_m_kernel() == "auto"
+    assert [runs_small_m_kernel(m) for m in (1, 2, 16, 17)] == [True, False, False, False]
     monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
     assert small_m_kernel() == "gemv"
+    assert [runs_small_m_kernel(m) for m in (1, 2, 16, 17)] == [True, True, True, False]
     set_small_m_kernel("gemm")
     try:
-        assert small_m_kernel() == "gemm"
+        assert small_m_kernel() == "gemm" and not runs_small_m_kernel(1)
     finally:
         set_small_m_kernel(None)
+    # a tile tuned for one layer shape serves that shape only
+    assert pick_gemv_config(1, 11008, 4096) != pick_gemv_config(1, 4096, 4096) == pick_gemv_config(1)
+    with pytest.raises(ValueError, match="small-M key"):
+        override_gemv_configs({("m3", 64, 64): GemvConfig()})
+    with pytest.raises(ValueError, match="small-M key"):
+        override_gemv_configs({("m1", 64): GemvConfig()})
+    with pytest.raises(TypeError, match="GemvConfig"):
+        override_gemv_configs({("m1", 64, 64): "fast"})
     monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "fast")
     with pytest.raises(ValueError, match="QVLA_SMALL_M_KERNEL"):
         small_m_kernel()
     with pytest.raises(ValueError, match="small-M kernel"):
         set_small_m_kernel("cublas")
-    for bad in (dict(bm=3), dict(bm=8, use_dot=True), dict(bn=24), dict(wb=256), dict(split_k=0), dict(bk16=8)):
+    for bad in (dict(bm=3), dict(bm=8, use_dot=True), dict(bn=24), dict(wb=256), dict(split_k=0), dict(bk16=8),
+                dict(stages=0), dict(stages=7), dict(stages=3, prefetch=True)):
         with pytest.raises(ValueError):
             GemvConfig(**bad)
     for m in range(1, 17):

@@ -85,11 +85,23 @@ GEMV_CANDIDATES: dict[str, list[GemvConfig]] = {
            GemvConfig(**dict(_M1, bn=128, split_k=8, num_warps=8)),
            GemvConfig(**dict(_M1, bn=128, wb=32, split_k=8, num_warps=8)),
            GemvConfig(**dict(_M1, bn=32, split_k=16, num_warps=2)),
-           GemvConfig(**dict(_M1, bn=32, wb=32, split_k=16, num_warps=2))],
+           GemvConfig(**dict(_M1, bn=32, wb=32, split_k=16, num_warps=2))]
+    # run 5: the weight loops software-pipelined (stages - 1 steps in flight as asynchronous copies,
+    # which hold no registers), few or no splits so each program streams a long run of one row block
+    # and the split-K epilogue's round trips disappear
+    + [GemvConfig(bm=1, bk16=128, prefetch=False, **kw) for kw in (
+        dict(bn=16, wb=32, stages=3), dict(bn=16, wb=32, stages=4), dict(bn=16, wb=32, stages=4, num_warps=2),
+        dict(bn=16, wb=32, split_k=2, stages=4), dict(bn=16, wb=32, split_k=4, stages=3, num_warps=2),
+        dict(bn=16, wb=64, stages=3), dict(bn=16, wb=16, stages=6, num_warps=2), dict(bn=32, wb=32, stages=4),
+        dict(bn=32, wb=32, split_k=2, stages=4), dict(bn=32, wb=64, stages=3, num_warps=8),
+        dict(bn=64, wb=32, split_k=2, stages=3))],
     "m16": [GemvConfig(**_M16), GemvConfig(**dict(_M16, split_k=2)), GemvConfig(**dict(_M16, split_k=8)),
             GemvConfig(**dict(_M16, bn=64, prefetch=False)), GemvConfig(**dict(_M16, bn=64, wb=16, prefetch=False)),
             GemvConfig(**dict(_M16, bn=64)), GemvConfig(**dict(_M16, bn=128, prefetch=False, num_warps=8)),
-            GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4)],
+            GemvConfig(bm=16, bn=16, wb=16, bk16=16, split_k=4)]
+    + [GemvConfig(bm=16, bk16=128, use_dot=True, prefetch=False, **kw) for kw in (
+        dict(bn=16, wb=32, split_k=2, stages=3), dict(bn=16, wb=32, split_k=2, stages=4),
+        dict(bn=32, wb=32, stages=4), dict(bn=16, wb=32, split_k=4, stages=3), dict(bn=16, wb=64, stages=3))],
 }
 
 
@@ -306,11 +318,28 @@ def bench_gemv(results, shape, n, k, m, mix, x, ref, kws, w_bytes, counts, ceili
     best.setdefault(("gemv", gemv_bucket(m)), {})[(shape, mix, m)] = {c: tt for tt, c, _ in timings}
 
 
+def gemv_choices_per_shape(best) -> dict[tuple[str, int, int], GemvConfig]:
+    """(bucket, out_features, in_features) -> the small-M tile with the least time summed over the
+    mixes timed at that shape (only tiles that ran correctly for every mix)."""
+    chosen = {}
+    for (kind, bucket), cases in best.items():
+        if kind != "gemv":
+            continue
+        for shape in {case[0] for case in cases}:
+            runs = [times for case, times in cases.items() if case[0] == shape]
+            totals = {c: sum(times.get(c, float("inf")) for times in runs) for c in runs[0]}
+            finite = {c: t for c, t in totals.items() if math.isfinite(t)}
+            if finite:
+                chosen[(bucket, *SHAPES[shape])] = min(finite, key=finite.get)
+    return chosen
+
+
 def _cfg_str(cfg) -> str:
     if isinstance(cfg, GemvConfig):
         return (f"gemv {'dot' if cfg.use_dot else 'fma'} bm{cfg.bm} bn{cfg.bn} wb{cfg.wb} bk16={cfg.bk16} "
                 f"w{cfg.num_warps}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "")
-                + ("" if cfg.prefetch else " no-prefetch") + ("" if cfg.asm or cfg.use_dot else " no-asm"))
+                + (f" stages{cfg.stages}" if cfg.stages > 1 else "" if cfg.prefetch else " no-prefetch")
+                + ("" if cfg.asm or cfg.use_dot else " no-asm"))
     return ("fma" if not cfg.use_dot else ("joined" if cfg.kstep else "split")) + \
         f" bm{cfg.bm} bn{cfg.bn}" + (f" k{cfg.kstep}" if cfg.kstep else f" wb{cfg.wb}") + \
         f" w{cfg.num_warps} s{cfg.num_stages}" + (f" splitk{cfg.split_k}" if cfg.split_k > 1 else "") + \
@@ -455,8 +484,8 @@ def _shrink_for_smoke() -> None:
                      "gate": (320, 128), "up": (320, 128), "down": (128, 320)}
     for key in CANDIDATES:
         CANDIDATES[key] = CANDIDATES[key][:2]
-    for key in GEMV_CANDIDATES:
-        GEMV_CANDIDATES[key] = GEMV_CANDIDATES[key][:2]
+    for key in GEMV_CANDIDATES:  # the first two and the first software-pipelined one
+        GEMV_CANDIDATES[key] = GEMV_CANDIDATES[key][:2] + [c for c in GEMV_CANDIDATES[key] if c.stages > 1][:1]
 
 
 def warm(shard: int, shards: int, small_m: bool = False) -> None:
@@ -610,7 +639,11 @@ def main(argv=None) -> int:
         override_gemv_configs({key[1]: c for key, c in chosen.items() if key[0] == "gemv"})
         report["chosen_configs"] = {(f"{a}" if b == "gemv" else f"{b} A{a}"): _cfg_str(c)
                                     for (b, a), c in chosen.items()}
-        print("chosen:", report["chosen_configs"], flush=True)
+        # the small-M kernel also per layer shape (its run-4 bests differed by shape): summed over mixes
+        per_shape = gemv_choices_per_shape(best)
+        override_gemv_configs(per_shape)
+        report["chosen_gemv_per_shape"] = {f"{b} {n}x{k}": _cfg_str(c) for (b, n, k), c in per_shape.items()}
+        print("chosen:", report["chosen_configs"], report["chosen_gemv_per_shape"], flush=True)
         write_report(args.out, report)
         if not args.skip_decoder:  # again with the tiles the sweep found fastest
             if args.small_m:
