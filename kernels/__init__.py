@@ -10,11 +10,25 @@ set_small_m_kernel() says (auto: the small-M kernel for one token, where it time
 H200); on CPU tensors the same arithmetic runs in plain torch. Triton is imported only when a
 CUDA tensor arrives, so this package imports on machines without it.
 """
-from .layout import KernelWeights, prepare_groups, prepare_packed
-from .ops import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
-                  override_gemv_configs, pick_config, pick_gemv_config, quantize_activations, set_small_m_kernel,
-                  runs_small_m_kernel, small_m_kernel, triton_available)
-from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
+if __name__ == "kernels":
+    # With a source checkout's root on sys.path (`python -m` run there, PYTHONPATH=.) this folder is
+    # also importable as a top-level `kernels`, and libraries probe that name: transformers imports
+    # it to read the version of Hugging Face's `kernels` package. A second copy of these modules
+    # would register the qvla::mixed_bit_linear operator again, bound to its own settings, so
+    # set_small_m_kernel() and tile overrides made through qvla_ros.kernels would stop reaching the
+    # operator (seen on the H200 as the small-M switch test failing after a checkpoint test). The
+    # name therefore resolves to the one package.
+    import sys as _sys
+
+    import qvla_ros.kernels as _package
+
+    _sys.modules[__name__] = _package
+else:
+    from .layout import KernelWeights, prepare_groups, prepare_packed
+    from .ops import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
+                      override_gemv_configs, pick_config, pick_gemv_config, quantize_activations,
+                      runs_small_m_kernel, set_small_m_kernel, small_m_kernel, triton_available)
+    from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
     "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "GemvConfig", "launch_gemv",

@@ -101,9 +101,12 @@ def test_int8_activations_match_the_reference_codes():
     ref_codes, ref_scale, ref_total = quantize_activations_reference(x)
     # torch divides a CUDA tensor by a scalar as a multiplication by its reciprocal: 1 ulp apart
     torch.testing.assert_close(scale, ref_scale, rtol=2.5e-7, atol=0)
-    # a code on a rounding tie may land one step apart; nothing else may differ
+    # with scales 1 ulp apart a code on a rounding tie may land one step away; nothing else may
+    # differ (a share of such codes would depend on the random draw: run 8 saw 25 of 151,552)
     assert int((codes.int() - ref_codes.int()).abs().max()) <= 1
-    assert float((codes != ref_codes).float().mean()) < 1e-4
+    ratio = x.float() / ref_scale[:, None]
+    off_tie = (ratio - ratio.floor() - 0.5).abs()
+    assert bool((off_tie[codes != ref_codes] < 1e-4).all()), off_tie[codes != ref_codes].max()
     assert torch.equal(total, codes.int().sum(-1))
 
 
@@ -267,6 +270,7 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
     set_small_m_kernel("gemv")
     try:
         compiled = [_gemv_binaries()]
+        routing = _routing_state(m)
         eager = mixed_bit_linear(x, kw, bias)
         compiled.append(_gemv_binaries())
         direct = run_gemv(kw, x, bias)
@@ -284,7 +288,8 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
                 f"op again == op: {torch.equal(again, eager)}, direct again == direct: "
                 f"{torch.equal(run_gemv(kw, x, bias), direct)}; op == grouped GEMM: {torch.equal(eager, grouped)}, "
                 f"direct == grouped GEMM: {torch.equal(direct, grouped)}; small-M binaries before, after the op, "
-                f"after the direct launch: {compiled}; config {pick_gemv_config(m, 1152, 4096)}")
+                f"after the direct launch: {compiled}; config {pick_gemv_config(m, 1152, 4096)}; routing before "
+                f"the op: {routing}")
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -325,6 +330,24 @@ def test_the_gate_up_shapes_tuned_tile_is_correct():
     out = run_gemv(kw, x, bias)  # the launcher picks the shape's tile
     assert torch.equal(out, run_gemv(kw, x, bias, cfg))
     check(out, packed, x, bias, 16)
+
+
+def _routing_state(m) -> dict:
+    """What decides the op's kernel choice, as seen from the test and from the registered op."""
+    import os
+    import sys
+
+    import torch._library.custom_ops as custom_ops
+
+    from qvla_ros.kernels import ops, runs_small_m_kernel
+
+    registered = custom_ops.OPDEFS.get("qvla::mixed_bit_linear")
+    op_globals = registered._init_fn.__globals__ if registered is not None else {}
+    copies = {name: mod.__dict__.get("_small_m_kernel") for name, mod in list(sys.modules.items())
+              if str(getattr(mod, "__file__", "") or "").endswith(os.path.join("kernels", "ops.py"))}
+    return {"test sees": runs_small_m_kernel(m), "op module": op_globals.get("__name__"),
+            "op module is ours": op_globals is vars(ops), "op sees": op_globals.get("_small_m_kernel"),
+            "copies of ops.py": copies, "env": os.environ.get("QVLA_SMALL_M_KERNEL")}
 
 
 def _gemv_binaries() -> int:

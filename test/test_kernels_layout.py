@@ -277,3 +277,30 @@ def test_kernel_layout_becomes_the_only_copy_and_round_trips(act_bits):
     for name, t in before.items():
         assert torch.equal(module.state_dict()[name], t), name
     assert torch.equal(module(x), y_oracle)  # the CPU oracle path again, bit for bit
+
+
+# ---- one copy of the kernels package -------------------------------------------------------------
+
+def test_a_top_level_kernels_import_is_the_same_package_and_operator():
+    # From a checkout's root the folder kernels/ is importable by that bare name too, and
+    # transformers imports it while probing for Hugging Face's `kernels` package. That used to
+    # register the operator a second time, bound to a copy whose small-M switch the first copy's
+    # set_small_m_kernel() never reached (the H200 test failure of runs 3-8).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import qvla_ros.kernels as ours
+from transformers.utils.import_utils import is_kernels_available
+print(is_kernels_available())          # imports `kernels` from the checkout's root
+import kernels
+import torch._library.custom_ops as custom_ops
+op_globals = custom_ops.OPDEFS["qvla::mixed_bit_linear"]._init_fn.__globals__
+ours.set_small_m_kernel("gemv")
+print(kernels is ours, op_globals is vars(ours.ops), op_globals["small_m_kernel"]())
+"""
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True", "True", "gemv"], proc.stdout

@@ -94,7 +94,17 @@ GEMV_CANDIDATES: dict[str, list[GemvConfig]] = {
         dict(bn=16, wb=32, split_k=2, stages=4), dict(bn=16, wb=32, split_k=4, stages=3, num_warps=2),
         dict(bn=16, wb=64, stages=3), dict(bn=16, wb=16, stages=6, num_warps=2), dict(bn=32, wb=32, stages=4),
         dict(bn=32, wb=32, split_k=2, stages=4), dict(bn=32, wb=64, stages=3, num_warps=8),
-        dict(bn=64, wb=32, split_k=2, stages=3))],
+        dict(bn=64, wb=32, split_k=2, stages=3))]
+    # run 7: more rows per thread (each x value serves more weights: 3.4-4.1 instructions per 4-bit
+    # weight at 2 warps x 32-64 rows against 5.0 at run 6's gate/up tile, offline sm_90 compile),
+    # traded against registers and so against blocks per SM
+    + [GemvConfig(bm=1, bk16=128, prefetch=False, **kw) for kw in (
+        dict(bn=32, wb=32, split_k=4, stages=3, num_warps=2), dict(bn=32, wb=32, split_k=2, stages=3, num_warps=2),
+        dict(bn=32, wb=32, split_k=4, stages=4), dict(bn=64, wb=32, split_k=4, stages=3),
+        dict(bn=64, wb=16, split_k=4, stages=4, num_warps=2), dict(bn=32, wb=16, split_k=4, stages=4, num_warps=2),
+        dict(bn=16, wb=32, split_k=4, stages=3, num_warps=1), dict(bn=16, wb=32, split_k=8, stages=3, num_warps=2),
+        dict(bn=16, wb=32, split_k=4, stages=2, num_warps=2), dict(bn=16, wb=64, split_k=4, stages=3, num_warps=2),
+        dict(bn=32, wb=64, split_k=4, stages=3), dict(bn=64, wb=32, split_k=2, stages=3, num_warps=2))],
     "m16": [GemvConfig(**_M16), GemvConfig(**dict(_M16, split_k=2)), GemvConfig(**dict(_M16, split_k=8)),
             GemvConfig(**dict(_M16, bn=64, prefetch=False)), GemvConfig(**dict(_M16, bn=64, wb=16, prefetch=False)),
             GemvConfig(**dict(_M16, bn=64)), GemvConfig(**dict(_M16, bn=128, prefetch=False, num_warps=8)),
