@@ -285,13 +285,13 @@ class GemvConfig:
             raise ValueError("stages > 1 pipelines the weight loads itself; set prefetch=False")
 
 
-#: one token: the software-pipelined tile that run 5 (H200) timed fastest on q/k/v/o and down, summed
-#: over the avg8/avg4/avg3 mixes; of run 5's two best tiles it is the one with more programs per
-#: layer (16 rows, 4 splits), which suits layers smaller than OFT-7B's. 2-16 tokens: first guesses
-#: from an offline sm_90 compile (bench/kernels/NOTES.md "Run 3"), and "auto" sends those token counts
-#: to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles compiled to 80-243 registers)
+#: one token: the software-pipelined tile with the least time summed over the OFT-7B shapes and the
+#: avg8/avg4/avg3 mixes in run 7 (H200, bench/kernels/NOTES.md), also the best on q/k/v/o and down
+#: there. 2-16 tokens: first guesses from an offline sm_90 compile ("Run 3"), and "auto" sends those
+#: token counts to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles compiled to 80-243
+#: registers)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
-    "m1": GemvConfig(bm=1, bn=16, wb=32, bk16=128, split_k=4, prefetch=False, stages=3, num_warps=2),
+    "m1": GemvConfig(bm=1, bn=32, wb=32, bk16=128, split_k=4, prefetch=False, stages=4, num_warps=4),
     "m2": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m4": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
     "m8": GemvConfig(bm=8, bn=16, wb=16, bk16=16, split_k=4, num_warps=4),
@@ -301,8 +301,7 @@ _GEMV_CONFIGS: dict[str, GemvConfig] = {
 
 #: tiles timed fastest for one layer shape: (bucket, out_features, in_features) -> config; a shape
 #: not listed runs its bucket's tile from _GEMV_CONFIGS. The OFT-7B (Llama-2-7B) decoder's gate/up
-#: layer, from run 5 (H200, least time summed over the avg8/avg4/avg3 mixes; q/k/v/o and down chose
-#: the bucket's tile)
+#: layer: 2 splits instead of 4 (least time summed over the avg8/avg4/avg3 mixes in runs 5 and 7)
 _GEMV_SHAPE_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("m1", 11008, 4096): GemvConfig(bm=1, bn=32, wb=32, bk16=128, split_k=2, prefetch=False, stages=4,
                                     num_warps=4),
