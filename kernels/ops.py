@@ -205,9 +205,9 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 
 #: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "gemv" (triton_gemv.py),
 #: "gemm" (the grouped GEMM) or "auto", the default: the small-M kernel for one token, the grouped
-#: GEMM for 2-16 (H200, bench/kernels/NOTES.md run 5: 32-block decoder at one token 5.04 ms against
-#: 5.62 ms; run 3: at 16 tokens the grouped GEMM was faster). The environment variable
-#: QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
+#: GEMM for 2-16 (H200, bench/kernels/NOTES.md run 9: 32-block decoder at one token 4.90 ms against
+#: 5.62 ms, bf16 6.26 ms; runs 3 and 6: at 16 tokens the grouped GEMM was faster). The environment
+#: variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
 SMALL_M = 16
 SMALL_M_KERNELS = ("auto", "gemm", "gemv")
 _small_m_kernel = [None]
@@ -247,7 +247,8 @@ class GemvConfig:
         prefetch: load the next step's weight words before decoding the current ones.
         asm: decode with one LOP3 per field instead of two (inline PTX; FMA path; the Triton
             interpreter always runs the plain expression).
-        num_warps, num_stages: Triton launch options.
+        num_warps, num_stages: Triton launch options (num_stages reaches only loops that do not
+            name their own depth; the weight loops follow `stages`).
         stages: > 1 software-pipelines the weight loops (Triton's tl.range num_stages): stages - 1
             steps of weight words in flight as asynchronous copies to shared memory. Replaces
             prefetch (register double buffering), which must then be off.
