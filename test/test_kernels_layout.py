@@ -304,3 +304,18 @@ print(kernels is ours, op_globals is vars(ours.ops), op_globals["small_m_kernel"
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True", "True", "gemv"], proc.stdout
+
+
+def test_the_tensor_core_spike_packs_4_bit_rows_in_the_kernel_layout():
+    # bench/kernels/spike/ times a one-token tensor-core kernel on words it packs itself; its
+    # figures speak for the product only if those words are the product's layout
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "kernels" / "spike" / "run_spike.py"
+    spec = importlib.util.spec_from_file_location("qvla_spike", path)
+    spike = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spike)
+    codes = torch.randint(0, 16, (48, 1024), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    words, high = codes_to_words(codes, 4)
+    assert high is None and torch.equal(spike.pack_words(codes), words.view(torch.int32).reshape(48, -1))
