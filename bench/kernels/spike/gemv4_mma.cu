@@ -127,6 +127,125 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_mma(const uint4* __restrict_
   }
 }
 
+// Variant "xp": x is paired once per launch by a small kernel into global memory (8 KB for K = 4096,
+// it stays in L1/L2) together with sum(x), so a block starts its products without staging x; each
+// thread reads its x pairs with 16-byte loads issued beside its weight loads.
+__global__ void pair_x(const __nv_bfloat16* __restrict__ x, uint4* __restrict__ xp, float* __restrict__ xsum,
+                       int words) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  float part = 0.f;
+  if (c < words) {
+    const int base = (c >> 5) * 256 + (c & 31);
+    uint32_t p[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __nv_bfloat16 lo = x[base + j * 32], hi = x[base + (j + 4) * 32];
+      p[j] = pack_bf16(lo, hi);
+      part += __bfloat162float(lo) + __bfloat162float(hi);
+    }
+    xp[c] = make_uint4(p[0], p[1], p[2], p[3]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+  if ((threadIdx.x & 31) == 0) atomicAdd(xsum, part);
+}
+
+template <int WARPS, int UNROLL>
+__global__ void __launch_bounds__(WARPS * 32) gemv4_mma_xp(const uint4* __restrict__ qw,
+                                                          const uint4* __restrict__ xp,
+                                                          const float* __restrict__ xsum_in,
+                                                          const float* __restrict__ scale,
+                                                          const float* __restrict__ zero,
+                                                          __nv_bfloat16* __restrict__ y, int K) {
+  __shared__ float red[WARPS][16];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int words = K / 8, vecs = words / 4;
+  const int row0 = blockIdx.x * 16;
+  const uint4* ra = qw + (size_t)(row0 + g) * vecs;
+  const uint4* rb = qw + (size_t)(row0 + g + 8) * vecs;
+  const int steps = words / (16 * WARPS);
+  const int v0 = warp * steps * 4;
+  uint4 a[UNROLL], b[UNROLL], xq[UNROLL][4];
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int v = v0 + u * 4 + t;
+    a[u] = load_stream(ra + v);
+    b[u] = load_stream(rb + v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) xq[u][q] = xp[v * 4 + q];
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < steps; s += UNROLL) {
+    uint4 ca[UNROLL], cb[UNROLL], cx[UNROLL][4];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      ca[u] = a[u];
+      cb[u] = b[u];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) cx[u][q] = xq[u][q];
+    }
+    if (s + UNROLL < steps) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int v = v0 + (s + UNROLL + u) * 4 + t;
+        a[u] = load_stream(ra + v);
+        b[u] = load_stream(rb + v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xq[u][q] = xp[v * 4 + q];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const uint32_t wa[4] = {ca[u].x, ca[u].y, ca[u].z, ca[u].w};
+      const uint32_t wb[4] = {cb[u].x, cb[u].y, cb[u].z, cb[u].w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        mma_bf16(acc, decode_pair(wa[q], 0), decode_pair(wb[q], 0), decode_pair(wa[q], 1),
+                 decode_pair(wb[q], 1), cx[u][q].x, cx[u][q].y);
+        mma_bf16(acc, decode_pair(wa[q], 2), decode_pair(wb[q], 2), decode_pair(wa[q], 3),
+                 decode_pair(wb[q], 3), cx[u][q].z, cx[u][q].w);
+      }
+    }
+  }
+  if (t == 0) {
+    red[warp][g] = acc[0];
+    red[warp][g + 8] = acc[2];
+  }
+  __syncthreads();
+  if (tid < 16) {
+    float dot = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) dot += red[w][tid];
+    const int r = row0 + tid;
+    y[r] = __float2bfloat16(scale[r] * (16.f * dot - (16.f + zero[r]) * xsum_in[0]));
+  }
+}
+
+extern "C" int gemv4_mma_xp_launch(const void* qw, const void* x, void* xp, void* xsum, const void* scale,
+                                   const void* zero, void* y, int n, int k, int warps, int unroll, void* stream) {
+  // xp: K / 8 * 16 bytes of scratch; xsum: one float of scratch (zeroed here, in the stream)
+  if (n % 16 || k % (128 * warps * unroll)) return 1;
+  cudaStream_t st = (cudaStream_t)stream;
+  const int words = k / 8;
+  cudaMemsetAsync(xsum, 0, sizeof(float), st);
+  pair_x<<<(words + 255) / 256, 256, 0, st>>>((const __nv_bfloat16*)x, (uint4*)xp, (float*)xsum, words);
+  const dim3 grid(n / 16);
+#define QVLA_LAUNCH_XP(W, U)                                                                               \
+  if (warps == W && unroll == U) {                                                                         \
+    gemv4_mma_xp<W, U><<<grid, W * 32, 0, st>>>((const uint4*)qw, (const uint4*)xp, (const float*)xsum,    \
+                                               (const float*)scale, (const float*)zero, (__nv_bfloat16*)y, \
+                                               k);                                                         \
+    return (int)cudaGetLastError();                                                                        \
+  }
+  QVLA_LAUNCH_XP(4, 2)
+  QVLA_LAUNCH_XP(8, 2)
+  QVLA_LAUNCH_XP(4, 4)
+  QVLA_LAUNCH_XP(16, 1)
+#undef QVLA_LAUNCH_XP
+  return 2;
+}
+
 extern "C" int gemv4_mma_launch(const void* qw, const void* x, const void* scale, const void* zero, void* y,
                                 int n, int k, int warps, int unroll, void* stream) {
   // n: a multiple of 16; k: a multiple of 128 * warps * unroll

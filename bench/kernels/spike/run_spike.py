@@ -19,6 +19,7 @@ from qvla_ros.kernels.testing import random_kernel_weights
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096)}
 CONFIGS = [(4, 2), (4, 4), (2, 4), (8, 2), (2, 8), (8, 4), (16, 2), (16, 1)]  # (warps, unroll)
+XP_CONFIGS = [(4, 2), (8, 2), (4, 4), (16, 1)]  # the variant with x paired once per launch
 L2_BEATING_BYTES = 256 * 2 ** 20
 
 
@@ -60,6 +61,8 @@ def main(lib_path: str, out_path: str) -> None:
     lib = ctypes.CDLL(lib_path)
     lib.gemv4_mma_launch.restype = ctypes.c_int
     lib.gemv4_mma_launch.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
+    lib.gemv4_mma_xp_launch.restype = ctypes.c_int
+    lib.gemv4_mma_xp_launch.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
     torch.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}
     for shape, (n, k) in SHAPES.items():
@@ -90,6 +93,29 @@ def main(lib_path: str, out_path: str) -> None:
             err = float((y.float() - ref).norm() / ref.norm())
             t = graph_time([lambda wc=wc, a=warps, b=unroll: spike(wc, a, b) for wc in word_copies])
             row = {"shape": shape, "method": f"spike mma bf16-pairs w{warps} u{unroll}", "time_us": t,
+                   "rel_err": err, "all_written": bool(torch.isfinite(y).all())}
+            results["rows"].append(row)
+            print(row, flush=True)
+        xp = torch.empty(k // 8 * 4, dtype=torch.int32, device="cuda")
+        xsum = torch.empty(1, dtype=torch.float32, device="cuda")
+
+        def spike_xp(wc, warps, unroll):
+            stream = torch.cuda.current_stream().cuda_stream
+            rc = lib.gemv4_mma_xp_launch(wc.data_ptr(), x.data_ptr(), xp.data_ptr(), xsum.data_ptr(),
+                                         scale.data_ptr(), zero.data_ptr(), y.data_ptr(), n, k, warps, unroll,
+                                         stream)
+            if rc:
+                raise RuntimeError(f"launch failed: {rc}")
+
+        for warps, unroll in XP_CONFIGS:
+            if k % (128 * warps * unroll):
+                continue
+            y.fill_(float("nan"))
+            spike_xp(words, warps, unroll)
+            torch.cuda.synchronize()
+            err = float((y.float() - ref).norm() / ref.norm())
+            t = graph_time([lambda wc=wc, a=warps, b=unroll: spike_xp(wc, a, b) for wc in word_copies])
+            row = {"shape": shape, "method": f"spike-xp (x paired once) w{warps} u{unroll}", "time_us": t,
                    "rel_err": err, "all_written": bool(torch.isfinite(y).all())}
             results["rows"].append(row)
             print(row, flush=True)
