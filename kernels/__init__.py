@@ -7,7 +7,9 @@ On CUDA tensors the layer is one Triton launch over all its bit groups (plus one
 activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM or the
 small-M kernel (triton_gemv.py) runs it, as QVLA_SMALL_M_KERNEL=auto|gemm|gemv or
 set_small_m_kernel() says (auto: the small-M kernel for one token, where it timed fastest on the
-H200); on CPU tensors the same arithmetic runs in plain torch. Triton is imported only when a
+H200). From DEQUANT_MIN_TOKENS tokens on, 16-bit activations take the decode-then-cuBLAS path
+(triton_dequant.py; QVLA_LARGE_M_KERNEL=auto|gemm|dequant). On CPU tensors the same arithmetic runs
+in plain torch. Triton is imported only when a
 CUDA tensor arrives, so this package imports on machines without it.
 """
 if __name__ == "kernels":
@@ -25,15 +27,17 @@ if __name__ == "kernels":
     _sys.modules[__name__] = _package
 else:
     from .layout import KernelWeights, prepare_groups, prepare_packed
-    from .ops import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
-                      override_gemv_configs, pick_config, pick_gemv_config, quantize_activations,
-                      runs_small_m_kernel, set_small_m_kernel, small_m_kernel, triton_available)
+    from .ops import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, large_m_kernel, launch_dequant,
+                      launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs, override_gemv_configs,
+                      pick_config, pick_gemv_config, quantize_activations, runs_dequant_path, runs_small_m_kernel,
+                      set_large_m_kernel, set_small_m_kernel, small_m_kernel, triton_available)
     from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
-    "KernelWeights", "prepare_groups", "prepare_packed", "GemmConfig", "GemvConfig", "launch_gemv",
+    "KernelWeights", "prepare_groups", "prepare_packed", "DEQUANT_MIN_TOKENS", "GemmConfig", "GemvConfig",
+    "dequant_linear", "large_m_kernel", "launch_dequant", "launch_gemv",
     "launch_mixed_gemm", "mixed_bit_linear", "override_configs", "override_gemv_configs", "pick_config",
-    "pick_gemv_config", "quantize_activations", "runs_small_m_kernel", "set_small_m_kernel", "small_m_kernel",
-    "triton_available",
+    "pick_gemv_config", "quantize_activations", "runs_dequant_path", "runs_small_m_kernel", "set_large_m_kernel",
+    "set_small_m_kernel", "small_m_kernel", "triton_available",
     "dequantize_kernel_weights", "mixed_bit_linear_reference", "quantize_activations_reference",
 ]

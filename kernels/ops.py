@@ -392,6 +392,69 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
     return y
 
 
+# ---- many tokens: decode once, then cuBLAS (triton_dequant.py) -------------------------------------
+
+#: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "dequant"
+#: (decode the layer to a transient dense matrix, then cuBLAS) or "gemm" (the grouped GEMM). "auto",
+#: the default, is "dequant" from DEQUANT_MIN_TOKENS tokens on. QVLA_LARGE_M_KERNEL sets it per
+#: process; set_large_m_kernel() at run time.
+DEQUANT_MIN_TOKENS = 64
+LARGE_M_KERNELS = ("auto", "gemm", "dequant")
+_large_m_kernel = [None]
+
+
+def large_m_kernel() -> str:
+    choice = _large_m_kernel[0] or os.environ.get("QVLA_LARGE_M_KERNEL", "auto")
+    if choice not in LARGE_M_KERNELS:
+        raise ValueError(f"QVLA_LARGE_M_KERNEL must be one of {LARGE_M_KERNELS}, got {choice!r}")
+    return choice
+
+
+def set_large_m_kernel(name: str | None) -> None:
+    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("auto", "gemm" or
+    "dequant"); None goes back to the environment."""
+    if name is not None and name not in LARGE_M_KERNELS:
+        raise ValueError(f"large-M kernel must be one of {LARGE_M_KERNELS}, got {name!r}")
+    _large_m_kernel[0] = name
+
+
+def runs_dequant_path(m: int) -> bool:
+    """Whether a 16-bit-activation layer call with m tokens decodes the layer for cuBLAS."""
+    return m >= DEQUANT_MIN_TOKENS and large_m_kernel() in ("auto", "dequant")
+
+
+def launch_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
+                   block_features: int = 512) -> torch.Tensor:
+    """The layer's weight as a dense [N, K] matrix of `dtype` (bfloat16/float16) in output-channel
+    order, pruned channels zero: one launch over every group."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+    if block_features % 512 or block_rows < 16 or block_rows & (block_rows - 1):
+        raise ValueError("block_features must be a multiple of 512 and block_rows a power of two >= 16")
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .layout import slot_table
+    from .triton_dequant import dequant_kernel
+    n, k = kw.out_features, kw.in_features
+    w = torch.empty(n, k, dtype=dtype, device=kw.qwords.device)
+    table = slot_table(kw.group_rows, k)
+    tiles = sum(-(-rows // block_rows) for rows in kw.group_rows)
+    dequant_kernel[(tiles, -(-k // block_features))](
+        kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index, w, k, w.stride(0),
+        table["r16"], table["r8"], table["r4"], table["r3"], table["r2"], table["r0"],
+        table["o8"], table["o4"], table["o3"], table["o2"], table["h3"],
+        table["n8"], table["n4"], table["n3"], table["n2"],
+        BN=block_rows, KC=block_features, num_warps=4)
+    return w
+
+
+def dequant_linear(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + bias with W decoded for this call only (x: [M, K] bfloat16/float16)."""
+    w = launch_dequant(kw, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def _weights_from(qwords, w16, scale, zero, out_index, meta, group_rows, out_features, in_features,
                   integer_zero) -> KernelWeights:
     return KernelWeights(int(out_features), int(in_features), qwords, w16, scale, zero, out_index, meta,
@@ -416,6 +479,8 @@ def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor
         y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
     elif runs_small_m_kernel(x2.shape[0]):
         y = launch_gemv(x2, kw, bias, x.dtype)
+    elif runs_dequant_path(x2.shape[0]):
+        y = dequant_linear(x2, kw, bias)
     else:
         y = launch_mixed_gemm(x2, kw, bias, x.dtype, 16)
     return y.reshape(*x.shape[:-1], out_features)
@@ -432,8 +497,10 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
     """y = x W^T + bias for a mixed-bit layer (weights from prepare_packed, on x's device).
 
     CUDA: one Triton launch (two with act_bits=8: the activation quantization, then the GEMM) for
-    bfloat16/float16 inputs; float32 inputs run in bfloat16 and come back as float32. CPU: the
-    plain-torch model of the same arithmetic (kernels/reference.py).
+    bfloat16/float16 inputs; from DEQUANT_MIN_TOKENS tokens on with 16-bit activations, one Triton
+    launch decodes the layer and cuBLAS multiplies (see large_m_kernel). float32 inputs run in
+    bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
+    (kernels/reference.py).
     """
     act_bits = check_act_bits(act_bits)
     if not isinstance(weights, KernelWeights):

@@ -7,9 +7,10 @@ is filled with NaN first so an element the kernel never writes fails the test.
 import pytest
 import torch
 
-from qvla_ros.kernels import (GemmConfig, GemvConfig, launch_gemv, launch_mixed_gemm, mixed_bit_linear,
-                              pick_config, pick_gemv_config, prepare_packed, quantize_activations,
-                              quantize_activations_reference, set_small_m_kernel)
+from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,
+                              launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, pick_config,
+                              pick_gemv_config, prepare_packed, quantize_activations, quantize_activations_reference,
+                              set_large_m_kernel, set_small_m_kernel)
 from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed
 
 pytestmark = [
@@ -320,6 +321,48 @@ def test_the_gate_up_shapes_tuned_tile_is_correct():
     out = run_gemv(kw, x, bias)  # the launcher picks the shape's tile
     assert torch.equal(out, run_gemv(kw, x, bias, cfg))
     check(out, packed, x, bias, 16)
+
+
+RAGGED = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,counts,frac", [(1152, 4096, "avg4", False), (1000, 1000, "ragged", False),
+                                             (4096, 11008, "avg3", False), (384, 1024, "frac", True)])
+def test_decode_for_cublas_writes_the_reference_weights(dtype, n, k, counts, frac):
+    mix = {"ragged": RAGGED, "frac": {8: 64, 4: 128, 3: 128, 2: 64}}.get(counts) or mix_counts(n, MIXES[counts])
+    packed, kw = layer(n, k, mix, frac)
+    w = launch_dequant(kw, dtype)
+    # the same float32 arithmetic rounded once; pruned channels are zero rows
+    assert torch.equal(w, dequantize_kernel_weights(kw, torch.float32).to(dtype))
+
+
+def test_auto_sends_many_tokens_to_decode_then_cublas_also_in_a_cuda_graph():
+    packed, kw = layer(1000, 1000, RAGGED)
+    bias = torch.randn(1000, device="cuda")
+    set_large_m_kernel(None)
+    for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590):
+        x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+        out = mixed_bit_linear(x, kw, bias)
+        direct = dequant_linear(x, kw, bias) if m >= DEQUANT_MIN_TOKENS else run(kw, x, bias, 16)
+        assert torch.equal(out, direct), m
+        check(out, packed, x, bias, 16)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mixed_bit_linear(x, kw, bias)
+        with torch.cuda.graph(graph):
+            captured = mixed_bit_linear(x, kw, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)
+    set_large_m_kernel("gemm")
+    try:
+        assert torch.equal(mixed_bit_linear(x, kw, bias), run(kw, x, bias, 16))
+    finally:
+        set_large_m_kernel(None)
 
 
 def _routing_state(m) -> dict:

@@ -127,6 +127,38 @@ def run_gemv_cases() -> dict:
     return results
 
 
+# (case, out_features, in_features, counts, output dtype, fractional zero, block_rows, block_features)
+DEQUANT_CASES = [
+    ("dequant-every-width-odd-k", 99, 1100, {16: 16, 8: 16, 4: 16, 3: 19, 2: 16, 0: 16}, "bfloat16", False, 16, 512),
+    ("dequant-fp16-fractional-zero", 80, 600, {8: 16, 4: 32, 3: 16, 2: 16}, "float16", True, 32, 512),
+    ("dequant-wide-chunks", 96, 2048, EVERY, "bfloat16", False, 16, 1024),
+    ("dequant-all-pruned", 32, 64, {0: 32}, "bfloat16", False, 16, 512),
+    ("dequant-one-width-3bit", 37, 77, {3: 37}, "bfloat16", False, 16, 512),
+]
+
+
+def run_dequant_cases() -> dict:
+    """The decode-for-cuBLAS kernel against dequantize_kernel_weights, in this process."""
+    import torch
+
+    from qvla_ros.kernels import dequantize_kernel_weights, launch_dequant, prepare_packed
+    from qvla_ros.kernels.testing import random_packed
+
+    results = {}
+    for name, n, k, counts, dtype, frac, rows, features in DEQUANT_CASES:
+        packed, _ = random_packed(n, k, counts, seed=n * 3 + k, fractional_zero=frac)
+        kw = prepare_packed(packed)
+        out = launch_dequant(kw, getattr(torch, dtype), block_rows=rows, block_features=features)
+        ref32 = dequantize_kernel_weights(kw, torch.float32)
+        nearest = ref32.to(out.dtype)
+        # Triton's interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest)
+        truncated = (ref32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(out.dtype)
+        results[name] = {"equal": bool(torch.equal(out, nearest)),
+                         "nearest_or_truncated": bool(((out == nearest) | (out == truncated)).all()),
+                         "shape": list(out.shape), "expected_shape": [n, k]}
+    return results
+
+
 def run_cases() -> dict:
     """Run every case in this process (the interpreter must already be on); errors and coverage."""
     import torch
@@ -176,6 +208,22 @@ def interpreted_gemv():
     return _run_interpreted("--gemv")
 
 
+@pytest.fixture(scope="module")
+def interpreted_dequant():
+    return _run_interpreted("--dequant")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in DEQUANT_CASES])
+def test_interpreted_dequant_kernel_writes_the_reference_weights(interpreted_dequant, case):
+    # the same float32 arithmetic rounded once: bit-identical (bfloat16 up to the interpreter's
+    # truncation; the GPU test asks for exact equality), pruned channels zero, every element
+    dtype = next(c[4] for c in DEQUANT_CASES if c[0] == case)
+    result = interpreted_dequant[case]
+    assert result["shape"] == result["expected_shape"], result
+    assert result["equal"] if dtype == "float16" else result["nearest_or_truncated"], result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c[0] for c in GEMV_CASES])
 def test_interpreted_small_m_kernel_matches_the_oracle(interpreted_gemv, case):
@@ -203,4 +251,5 @@ def test_interpreted_kernel_matches_the_oracle(interpreted, case):
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_gemv_cases() if sys.argv[1:2] == ["--gemv"] else run_cases()))
+    modes = {"--gemv": run_gemv_cases, "--dequant": run_dequant_cases}
+    print(json.dumps(modes.get(sys.argv[1] if len(sys.argv) > 1 else "", run_cases)()))

@@ -193,6 +193,23 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
         assert small_m_kernel() == "gemm" and not runs_small_m_kernel(1)
     finally:
         set_small_m_kernel(None)
+    # many tokens: decode-then-cuBLAS from DEQUANT_MIN_TOKENS on unless the grouped GEMM is asked for
+    from qvla_ros.kernels import DEQUANT_MIN_TOKENS, large_m_kernel, runs_dequant_path, set_large_m_kernel
+
+    monkeypatch.delenv("QVLA_LARGE_M_KERNEL", raising=False)
+    assert large_m_kernel() == "auto"
+    assert [runs_dequant_path(m) for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590)] == [False, True, True]
+    set_large_m_kernel("gemm")
+    try:
+        assert not runs_dequant_path(590)
+    finally:
+        set_large_m_kernel(None)
+    monkeypatch.setenv("QVLA_LARGE_M_KERNEL", "cutlass")
+    with pytest.raises(ValueError, match="QVLA_LARGE_M_KERNEL"):
+        large_m_kernel()
+    with pytest.raises(ValueError, match="large-M kernel"):
+        set_large_m_kernel("cutlass")
+    monkeypatch.delenv("QVLA_LARGE_M_KERNEL")
     # a tile tuned for one layer shape serves that shape only
     assert pick_gemv_config(1, 11008, 4096) != pick_gemv_config(1, 4096, 4096) == pick_gemv_config(1)
     with pytest.raises(ValueError, match="small-M key"):

@@ -7,6 +7,8 @@ scaled-mm. One run on one card; results as JSON + markdown named after the card.
     PYTHONPATH=. python bench/kernels/bench_kernels.py --small-m --out DIR  # 1 and 16 tokens only:
         bf16, int4, fp8, the grouped GEMM ("ours") and the small-M kernel ("ours-gemv", triton_gemv.py)
         side by side per layer, and the decoder at 1 and 16 tokens with each
+    PYTHONPATH=. python bench/kernels/bench_kernels.py --dequant --out DIR  # 16/64/590 tokens, A16:
+        decode-then-cuBLAS (triton_dequant.py) next to the grouped GEMM and bf16; decoder at 64 and 590
 
 Method (see the device notes): every variant is timed as CUDA-graph replays of back-to-back calls
 over enough distinct weight copies that the weights do not fit in L2 (so each call streams its
@@ -34,8 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qvla_ros.kernels import (GemmConfig, GemvConfig, dequantize_kernel_weights, launch_gemv,  # noqa: E402
-                              launch_mixed_gemm, override_configs, override_gemv_configs, quantize_activations)
+from qvla_ros.kernels import (GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,  # noqa: E402
+                              launch_dequant, launch_gemv, launch_mixed_gemm, override_configs,
+                              override_gemv_configs, quantize_activations)
 from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
 
@@ -298,6 +301,35 @@ def bench_ours(results, shape, n, k, mix, ceilings, best):
         torch.cuda.empty_cache()
 
 
+def bench_dequant(results, shape, n, k, ceilings, tokens=(16, 64, 590), mix="avg4"):
+    """Decode-then-cuBLAS (triton_dequant.py) beside bf16 cuBLAS and the grouped GEMM (default tiles),
+    same weights, 16-bit activations; the decode alone too."""
+    counts = mix_counts(n, MIXES[mix])
+    kws = [random_kernel_weights(n, k, counts, DEVICE, seed=0)]
+    w_bytes = kws[0].nbytes()
+    kws += [random_kernel_weights(n, k, counts, DEVICE, seed=s) for s in range(1, copies_for(w_bytes))]
+    ws = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(n * k * 2))]
+    w_ref = dequantize_kernel_weights(kws[0])
+    t = graph_time([(lambda kw=kw: launch_dequant(kw)) for kw in kws])
+    row(results, shape, n, k, 0, f"decode only {mix}", t, w_bytes, n * k * 2, ceilings)
+    for m in tokens:
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        io = m * k * 2 + m * n * 2
+        bf16 = row(results, shape, n, k, m, "bf16 cuBLAS", graph_time([(lambda w=w: F.linear(x, w)) for w in ws]),
+                   n * k * 2, io, ceilings)["time_us"]
+        ref = x.float() @ w_ref.t()
+        for method, fn in ((f"ours {mix} A16 grouped GEMM", lambda kw: launch_mixed_gemm(x, kw, None, x.dtype, 16)),
+                           (f"ours {mix} A16 decode+cuBLAS", lambda kw: dequant_linear(x, kw, None))):
+            y = fn(kws[0])
+            err = float((y.float() - ref).norm() / ref.norm())
+            t = graph_time([(lambda kw=kw, fn=fn: fn(kw)) for kw in kws])
+            row(results, shape, n, k, m, method, t, w_bytes, io, ceilings, speedup_vs_bf16=bf16 / (t * 1e6),
+                rel_err=err)
+    del kws, ws
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_gemv(results, shape, n, k, m, mix, x, ref, kws, w_bytes, counts, ceilings, best):
     """The small-M kernel's candidates on the same weights and input as the grouped GEMM's row."""
     timings = []
@@ -421,6 +453,10 @@ def fp8_linear(x, names, lw):
                              use_fast_accum=True) for n in names]
 
 
+def dequant_linear_all(x, names, lw):
+    return [dequant_linear(x, lw[n], None) for n in names]
+
+
 def gemv_linear(x, names, lw):
     if x.shape[0] > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens")
@@ -456,7 +492,8 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     layers, weight_bytes = build_layers(kind, mix)
-    linear = ({"bf16": bf16_linear, "ours-gemv": gemv_linear, "fp8-w8a8": fp8_linear}.get(kind)
+    linear = ({"bf16": bf16_linear, "ours-gemv": gemv_linear, "fp8-w8a8": fp8_linear,
+               "ours-dequant": dequant_linear_all}.get(kind)
               or ours_linear(act_bits))
     cos, sin = rope_tables(tokens, HIDDEN // HEADS, DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
@@ -564,6 +601,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--shard", type=int, default=None)
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--dequant", action="store_true",
+                    help="16, 64 and 590 tokens, 16-bit activations: decode-then-cuBLAS next to the grouped GEMM "
+                         "and bf16, per layer and as a decoder")
     ap.add_argument("--skip-decoder", action="store_true")
     ap.add_argument("--small-m", action="store_true",
                     help="1 and 16 tokens only: the grouped GEMM next to the small-M kernel, bf16 and the others")
@@ -608,6 +648,20 @@ def main(argv=None) -> int:
     print(report["device"], report["ceilings"], flush=True)
     best = {}
     t0 = time.time()
+    if args.dequant:  # many tokens, 16-bit activations: decode-then-cuBLAS against bf16 (and the grouped GEMM)
+        for kind, tokens in (("bf16", 590), ("ours-dequant", 590), ("bf16", 64), ("ours-dequant", 64)):
+            try:
+                d = bench_decoder(kind, tokens, 16)
+                report["decoder"].append(d)
+                print("decoder", d, flush=True)
+            except Exception as e:
+                print(f"decoder {kind} {tokens} failed: {e!r}"[:500], flush=True)
+            write_report(args.out, report)
+        for shape, (n, k) in SHAPES.items():
+            bench_dequant(report["layers"], shape, n, k, report["ceilings"], tokens=(64, 590))
+            write_report(args.out, report)
+        print(f"total {time.time() - t0:.0f}s", flush=True)
+        return 0
     if args.ceiling:  # what any 8-bit-activation path can reach at 590 tokens on this card
         args.skip_layers = True
         decoders = [("bf16", max(TOKENS), 16), ("fp8-w8a8", max(TOKENS), 8), ("ours", max(TOKENS), 8),
