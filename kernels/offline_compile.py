@@ -1,5 +1,6 @@
-"""Compile the small-M kernel for a GPU architecture on a machine without a GPU, and read back what
-the assembler made of it: registers per thread, spills, shared memory, instruction count.
+"""Compile the small-M kernel (and the decode-for-cuBLAS kernel) for a GPU architecture on a machine
+without a GPU, and read back what the assembler made of it: registers per thread, spills, shared
+memory, instruction count, store widths.
 
 Triton's CPU interpreter checks the kernels' arithmetic but not that they compile: the compiler
 refuses things the interpreter runs (e.g. early returns of differing types), and register counts
@@ -108,3 +109,43 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90, in_f
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared,
             "sass_instructions": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)),
             "blocks_per_sm": min(32, 65536 // per_block), "loops": sass_loops(sass), "ttgir": kernel.asm["ttgir"]}
+
+
+def compile_dequant(block_rows: int = 32, block_features: int = 512, w_dtype: str = "bf16", arch: int = 90,
+                    num_warps: int = 4) -> dict:
+    """Compile triton_dequant.dequant_kernel for sm_{arch} (K and the row stride multiples of 16, as
+    for the OFT-7B shapes): registers, spills and the widths of its global stores (SASS opcode ->
+    count, e.g. {"STG.E.128": 24})."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_dequant import dequant_kernel
+
+    if w_dtype not in ("bf16", "fp16"):
+        raise ValueError(f"w_dtype must be bf16 or fp16, got {w_dtype!r}")
+    pointers = dict(w_ptr="*i32", wh_ptr="*i16", w16_ptr="*bf16", scale_ptr="*fp32", zero_ptr="*fp32",
+                    out_index_ptr="*i32", W_ptr="*" + w_dtype)
+    signature = dict(pointers)
+    signature.update({name: "i32" for name in ("K", "stride_w", "r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4",
+                                               "o3", "o2", "h3", "n8", "n4", "n3", "n2")})
+    constants = dict(BN=block_rows, KC=block_features)
+    signature.update({name: "constexpr" for name in constants})
+    names = dequant_kernel.arg_names
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in list(pointers) + ["K", "stride_w"]}
+    kernel = triton.compile(ASTSource(dequant_kernel, signature, constants, attrs),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "dequant.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:500]}")
+    stores: dict[str, int] = {}
+    for op in re.findall(r"\s(STG\.[A-Z0-9.]+)", sass):
+        stores[op] = stores.get(op, 0) + 1
+    return {"registers": int(found.group(1)), "spill_bytes": int(found.group(2)), "stores": stores}

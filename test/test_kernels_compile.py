@@ -53,3 +53,18 @@ def test_pipelined_one_token_loops_stream_weights_by_asynchronous_copies(compile
     assert len(loops) >= 5
     for loop in loops:
         assert loop["ldgsts"] > 0, loop  # the next stages' words are copied while this one is decoded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("w_dtype", ["bf16", "fp16"])
+def test_decode_for_cublas_writes_whole_vectors(w_dtype):
+    # one 2-byte store per weight made the first H200 run's decode 20x slower than its bytes
+    from qvla_ros.kernels.offline_compile import compile_dequant
+
+    try:
+        result = compile_dequant(w_dtype=w_dtype)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert result["spill_bytes"] == 0, result
+    assert not any(op.endswith((".U16", ".16", ".U8")) for op in result["stores"]), result["stores"]
+    assert result["stores"].get("STG.E.128", 0) > 0, result["stores"]
