@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _decode
+from .triton_gemv import _decode, _tile_group  # the same decode and group table as the small-M kernel
 
 
 @triton.jit
@@ -63,20 +63,8 @@ def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
-    t16 = tl.cdiv(r16, BN)
-    t8 = t16 + tl.cdiv(r8, BN)
-    t4 = t8 + tl.cdiv(r4, BN)
-    t3 = t4 + tl.cdiv(r3, BN)
-    t2 = t3 + tl.cdiv(r2, BN)
-    slot = tl.where(tile < t16, 0, tl.where(tile < t8, 1, tl.where(tile < t4, 2, tl.where(
-        tile < t3, 3, tl.where(tile < t2, 4, 5)))))
-    first = tl.where(slot == 0, 0, tl.where(slot == 1, t16, tl.where(slot == 2, t8, tl.where(
-        slot == 3, t4, tl.where(slot == 4, t3, t2)))))
-    rows = tl.where(slot == 0, r16, tl.where(slot == 1, r8, tl.where(slot == 2, r4, tl.where(
-        slot == 3, r3, tl.where(slot == 4, r2, r0)))))
-    start = ((slot > 0).to(tl.int32) * r16 + (slot > 1).to(tl.int32) * r8 + (slot > 2).to(tl.int32) * r4
-             + (slot > 3).to(tl.int32) * r3 + (slot > 4).to(tl.int32) * r2)
-    offs_n = (tile - first) * BN + tl.arange(0, BN)
+    slot, local, rows, start = _tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
+    offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
     out_row = tl.load(out_index_ptr + prow, mask=n_mask, other=0)

@@ -277,6 +277,27 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
         return tl.sum(acc, axis=2)
 
 
+@triton.jit
+def _tile_group(tile, BN: tl.constexpr, r16, r8, r4, r3, r2, r0):
+    """Which slot row block `tile` belongs to, from the group table alone (blocks of BN rows, slots in
+    packed order, the pruned channels last): (slot, block index within the slot, rows of the slot,
+    its first packed row)."""
+    t16 = tl.cdiv(r16, BN)
+    t8 = t16 + tl.cdiv(r8, BN)
+    t4 = t8 + tl.cdiv(r4, BN)
+    t3 = t4 + tl.cdiv(r3, BN)
+    t2 = t3 + tl.cdiv(r2, BN)
+    slot = tl.where(tile < t16, 0, tl.where(tile < t8, 1, tl.where(tile < t4, 2, tl.where(
+        tile < t3, 3, tl.where(tile < t2, 4, 5)))))
+    first = tl.where(slot == 0, 0, tl.where(slot == 1, t16, tl.where(slot == 2, t8, tl.where(
+        slot == 3, t4, tl.where(slot == 4, t3, t2)))))
+    rows = tl.where(slot == 0, r16, tl.where(slot == 1, r8, tl.where(slot == 2, r4, tl.where(
+        slot == 3, r3, tl.where(slot == 4, r2, r0)))))
+    start = ((slot > 0).to(tl.int32) * r16 + (slot > 1).to(tl.int32) * r8 + (slot > 2).to(tl.int32) * r4
+             + (slot > 3).to(tl.int32) * r3 + (slot > 4).to(tl.int32) * r2)
+    return slot, tile - first, rows, start
+
+
 @triton.jit(do_not_specialize=["M", "has_bias", "r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2",
                                "h3", "n8", "n4", "n3", "n2"])
 def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, bias_ptr, y_ptr, ws_ptr,
@@ -300,22 +321,9 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
     pid_m = (pid // SPLIT_K) % num_m
     tile = pid // (SPLIT_K * num_m)
     # which width this row block belongs to: scalar arithmetic on the launch arguments
-    t16 = tl.cdiv(r16, BN)
-    t8 = t16 + tl.cdiv(r8, BN)
-    t4 = t8 + tl.cdiv(r4, BN)
-    t3 = t4 + tl.cdiv(r3, BN)
-    t2 = t3 + tl.cdiv(r2, BN)
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
-    slot = tl.where(tile < t16, 0, tl.where(tile < t8, 1, tl.where(tile < t4, 2, tl.where(
-        tile < t3, 3, tl.where(tile < t2, 4, 5)))))
-    first = tl.where(slot == 0, 0, tl.where(slot == 1, t16, tl.where(slot == 2, t8, tl.where(
-        slot == 3, t4, tl.where(slot == 4, t3, t2)))))
-    rows = tl.where(slot == 0, r16, tl.where(slot == 1, r8, tl.where(slot == 2, r4, tl.where(
-        slot == 3, r3, tl.where(slot == 4, r2, r0)))))
-    start = ((slot > 0).to(tl.int32) * r16 + (slot > 1).to(tl.int32) * r8 + (slot > 2).to(tl.int32) * r4
-             + (slot > 3).to(tl.int32) * r3 + (slot > 4).to(tl.int32) * r2)
-    local = tile - first
+    slot, local, rows, start = _tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
