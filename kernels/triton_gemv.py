@@ -29,8 +29,9 @@ shared memory on their way to the tensor cores. What this kernel does instead:
   be fractional). About 5 instructions per weight in the one-token loops (4-bit 4.9, 2-bit 4.7,
   8-bit 5.5, 3-bit 7.7), against 8-9 for the first version of this kernel.
 * FMA path (USE_DOT=False): float32 products into a [BM, BN, WB] accumulator reduced once at the
-  end, for 1-8 tokens (x is loaded straight into the product's layout). Tensor-core path (USE_DOT=True, BM=16): out^T[BN, BM] += V[BN, WB] @ X^T[WB,
-  BM] with the decoded weights as the left operand (the operand wgmma can read from registers);
+  end, for 1-8 tokens (x is loaded straight into the product's layout). Tensor-core path
+  (USE_DOT=True, BM=16): out^T[BN, BM] += V[BN, WB] @ X^T[WB, BM] with the decoded weights as the
+  left operand (the operand wgmma can read from registers);
   bfloat16 v = 1 + q/2^b is exact for b <= 4 (8-bit codes decode to the integer q, exact too),
   float16 for every width.
 * Split-K partial tiles meet in a float32 workspace; the last program of a tile to arrive adds
