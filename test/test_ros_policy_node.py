@@ -6,6 +6,7 @@ The policy is the `micro` configuration with random weights and plans made for i
 8 and 4 bits through the real quantizer): small enough that the node starts and reloads in
 seconds, and the same code path as the shipped policy.
 """
+import gc
 import os
 import threading
 import time
@@ -216,6 +217,13 @@ def test_reload_under_a_30hz_stream(ros_env, feeder, micro):
     # One torch thread: on a machine whose cores other processes keep busy, two OpenMP threads
     # make single forwards stall for hundreds of ms, which would hide what a reload does.
     node = start_policy_node(ros_env, checkpoint=micro["checkpoint"], plan=w8, torch_threads=1)
+    # This process is the camera and the judge. Late in a full test run its heap is large, and a
+    # full garbage collection here stopped the frame stream for ~0.5 s, after which the streamer
+    # caught up in a burst that the node rightly answers with its newest frame: a "gap" the node
+    # did not make (reproduced with a 3-million-object heap in this process). The node freezes its
+    # own heap (policy_node.main); the harness does the same for the stream's duration.
+    gc.collect()
+    gc.freeze()
     try:
         feeder.wait_for_policy_node()
         feeder.send_instruction(micro["instruction"])
@@ -292,6 +300,7 @@ def test_reload_under_a_30hz_stream(ros_env, feeder, micro):
         load_average = os.getloadavg()[0]
         time.sleep(0.3)
     finally:
+        gc.unfreeze()
         assert node.stop() == 0, node.output
 
     chunks = list(feeder.received)
