@@ -38,6 +38,23 @@ def _cuobjdump() -> str:
     return str(tool)
 
 
+def _resources_and_sass(kernel) -> tuple[int, int, int, str]:
+    """(registers per thread, static shared bytes, local (spill) bytes, SASS listing) of a compiled
+    Triton kernel, read from its cubin with cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", usage)
+    if not found:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:500]}")
+    registers, shared, local = (int(v) for v in found.groups())
+    return registers, shared, local, sass
+
+
 def sass_loops(sass: str) -> list[dict]:
     """Every loop of a SASS listing (a backward branch and the code it jumps over): instructions,
     float32 FMAs, tensor-core ops, global loads into registers, asynchronous global-to-shared copies
@@ -93,17 +110,7 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90, in_f
     kernel = triton.compile(ASTSource(gemv_kernel, signature, constants, attrs),
                             target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "gemv.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", usage)
-    if not found:
-        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:500]}")
-    registers, shared, local = (int(v) for v in found.groups())
+    registers, shared, local, sass = _resources_and_sass(kernel)
     threads = 32 * config.num_warps
     per_block = -(-registers // 8) * 8 * threads  # registers are allocated 8 per thread at a time
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared,
@@ -135,17 +142,8 @@ def compile_dequant(block_rows: int = 32, block_features: int = 512, w_dtype: st
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in list(pointers) + ["K", "stride_w"]}
     kernel = triton.compile(ASTSource(dequant_kernel, signature, constants, attrs),
                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "dequant.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
-    if not found:
-        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[:500]}")
+    registers, _, local, sass = _resources_and_sass(kernel)
     stores: dict[str, int] = {}
     for op in re.findall(r"\s(STG\.[A-Z0-9.]+)", sass):
         stores[op] = stores.get(op, 0) + 1
-    return {"registers": int(found.group(1)), "spill_bytes": int(found.group(2)), "stores": stores}
+    return {"registers": registers, "spill_bytes": local, "stores": stores}
