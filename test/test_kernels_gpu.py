@@ -41,6 +41,21 @@ def run(kw, x, bias, act_bits, config=None):
     return out
 
 
+def replayed_in_a_cuda_graph(call):
+    """call()'s output from a CUDA graph: one warm-up call outside the capture, the capture, a replay."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            captured = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    return captured
+
+
 def check(out, packed, x, bias, act_bits):
     assert torch.isfinite(out).all(), "some output elements were never written"
     ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), act_bits)
@@ -117,16 +132,7 @@ def test_custom_op_in_a_cuda_graph(act_bits):
     x = torch.randn(2, 8, 4096, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(1152, device="cuda")
     eager = mixed_bit_linear(x, kw, bias, act_bits)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        mixed_bit_linear(x, kw, bias, act_bits)  # warm-up outside the capture
-        with torch.cuda.graph(graph):
-            captured = mixed_bit_linear(x, kw, bias, act_bits)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
+    captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias, act_bits))
     assert captured.shape == (2, 8, 1152)
     assert torch.equal(captured, eager)
 
@@ -281,16 +287,7 @@ def test_switch_sends_few_tokens_to_the_small_m_kernel_in_a_cuda_graph(m):
                 f"{int(differ.sum())} elements in {int(differ.any(0).sum())} channels differ; NaN (never written) "
                 f"in the direct launch: {int(direct.isnan().sum())}, in the op's output: {int(eager.isnan().sum())}; "
                 f"op == grouped GEMM: {torch.equal(eager, run(kw, x, bias, 16))}; routing before the op: {routing}")
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            mixed_bit_linear(x, kw, bias)
-            with torch.cuda.graph(graph):
-                captured = mixed_bit_linear(x, kw, bias)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        torch.cuda.synchronize()
+        captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
         assert torch.equal(captured, eager)
     finally:
         set_small_m_kernel(None)
@@ -348,16 +345,7 @@ def test_the_dequant_switch_sends_many_tokens_to_decode_then_cublas_also_in_a_cu
             direct = dequant_linear(x, kw, bias) if m >= DEQUANT_MIN_TOKENS else run(kw, x, bias, 16)
             assert torch.equal(out, direct), m
             check(out, packed, x, bias, 16)
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            mixed_bit_linear(x, kw, bias)
-            with torch.cuda.graph(graph):
-                captured = mixed_bit_linear(x, kw, bias)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        torch.cuda.synchronize()
+        captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
         assert torch.equal(captured, out)
     finally:
         set_large_m_kernel(None)
