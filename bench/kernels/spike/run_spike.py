@@ -6,16 +6,21 @@ and the shipped small-M Triton kernel on a 4-bit-only layer of the same shape, i
     PYTHONPATH=. python3 bench/kernels/spike/run_spike.py /tmp/spike.so OUT.json
 
 Not a product path: the spike covers 4-bit rows only, with K a multiple of 128 * warps * unroll.
+Timing is bench_kernels.graph_time (15 replays). The recorded runs (results/spike/) used an earlier
+copy of it in this file: the same graphs and events, 20 replays, the upper median.
 """
 import ctypes
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from qvla_ros.kernels import launch_gemv
-from qvla_ros.kernels.testing import random_kernel_weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/kernels: the shared timing
+from bench_kernels import graph_time  # noqa: E402
+from qvla_ros.kernels import launch_gemv  # noqa: E402
+from qvla_ros.kernels.testing import random_kernel_weights  # noqa: E402
 
 SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096)}
 CONFIGS = [(4, 2), (4, 4), (2, 4), (8, 2), (2, 8), (8, 4), (16, 2), (16, 1)]  # (warps, unroll)
@@ -33,28 +38,14 @@ def pack_words(q: torch.Tensor) -> torch.Tensor:
     return (words & 0xFFFFFFFF).to(torch.uint32).view(torch.int32).reshape(n, k // 8).contiguous()
 
 
-def graph_time(calls, replays=20):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]  # microseconds per call, median
+def graph_time_us(calls) -> float:
+    """Microseconds per call: bench_kernels' CUDA-graph timing (median over replays)."""
+    return graph_time(calls) * 1e6
+
+
+def launched(rc: int) -> None:
+    if rc:
+        raise RuntimeError(f"launch failed: {rc} (1: shape not supported, 2: no such tile, else a CUDA error)")
 
 
 def main(lib_path: str, out_path: str) -> None:
@@ -77,57 +68,43 @@ def main(lib_path: str, out_path: str) -> None:
         word_copies = [words.clone() for _ in range(copies)]
         y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
 
-        def spike(wc, warps, unroll):
-            stream = torch.cuda.current_stream().cuda_stream
-            rc = lib.gemv4_mma_launch(wc.data_ptr(), x.data_ptr(), scale.data_ptr(), zero.data_ptr(), y.data_ptr(),
-                                      n, k, warps, unroll, stream)
-            if rc:
-                raise RuntimeError(f"launch failed: {rc}")
-
-        for warps, unroll in CONFIGS:
-            if k % (128 * warps * unroll):
-                continue
-            y.fill_(float("nan"))
-            spike(words, warps, unroll)
-            torch.cuda.synchronize()
-            err = float((y.float() - ref).norm() / ref.norm())
-            t = graph_time([lambda wc=wc, a=warps, b=unroll: spike(wc, a, b) for wc in word_copies])
-            row = {"shape": shape, "method": f"spike mma bf16-pairs w{warps} u{unroll}", "time_us": t,
-                   "rel_err": err, "all_written": bool(torch.isfinite(y).all())}
-            results["rows"].append(row)
-            print(row, flush=True)
         xp = torch.empty(k // 8 * 4, dtype=torch.int32, device="cuda")
         xsum = torch.empty(1, dtype=torch.float32, device="cuda")
 
+        def spike(wc, warps, unroll):
+            stream = torch.cuda.current_stream().cuda_stream
+            launched(lib.gemv4_mma_launch(wc.data_ptr(), x.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                          y.data_ptr(), n, k, warps, unroll, stream))
+
         def spike_xp(wc, warps, unroll):
             stream = torch.cuda.current_stream().cuda_stream
-            rc = lib.gemv4_mma_xp_launch(wc.data_ptr(), x.data_ptr(), xp.data_ptr(), xsum.data_ptr(),
-                                         scale.data_ptr(), zero.data_ptr(), y.data_ptr(), n, k, warps, unroll,
-                                         stream)
-            if rc:
-                raise RuntimeError(f"launch failed: {rc}")
+            launched(lib.gemv4_mma_xp_launch(wc.data_ptr(), x.data_ptr(), xp.data_ptr(), xsum.data_ptr(),
+                                             scale.data_ptr(), zero.data_ptr(), y.data_ptr(), n, k, warps, unroll,
+                                             stream))
 
-        for warps, unroll in XP_CONFIGS:
-            if k % (128 * warps * unroll):
-                continue
-            y.fill_(float("nan"))
-            spike_xp(words, warps, unroll)
-            torch.cuda.synchronize()
-            err = float((y.float() - ref).norm() / ref.norm())
-            t = graph_time([lambda wc=wc, a=warps, b=unroll: spike_xp(wc, a, b) for wc in word_copies])
-            row = {"shape": shape, "method": f"spike-xp (x paired once) w{warps} u{unroll}", "time_us": t,
-                   "rel_err": err, "all_written": bool(torch.isfinite(y).all())}
-            results["rows"].append(row)
-            print(row, flush=True)
+        for name, launch, configs in (("spike mma bf16-pairs", spike, CONFIGS),
+                                      ("spike-xp (x paired once)", spike_xp, XP_CONFIGS)):
+            for warps, unroll in configs:
+                if k % (128 * warps * unroll):
+                    continue
+                y.fill_(float("nan"))
+                launch(words, warps, unroll)
+                torch.cuda.synchronize()
+                err = float((y.float() - ref).norm() / ref.norm())
+                t = graph_time_us([lambda wc=wc, a=warps, b=unroll: launch(wc, a, b) for wc in word_copies])
+                row = {"shape": shape, "method": f"{name} w{warps} u{unroll}", "time_us": t,
+                       "rel_err": err, "all_written": bool(torch.isfinite(y).all())}
+                results["rows"].append(row)
+                print(row, flush=True)
         del word_copies
         wb = (w.to(torch.bfloat16))
         bf16_copies = [wb.clone() for _ in range(max(2, L2_BEATING_BYTES // wb.nbytes + 1))]
-        t = graph_time([lambda wc=wc: F.linear(x, wc) for wc in bf16_copies])
+        t = graph_time_us([lambda wc=wc: F.linear(x, wc) for wc in bf16_copies])
         results["rows"].append({"shape": shape, "method": "bf16 cuBLAS", "time_us": t})
         print(results["rows"][-1], flush=True)
         del bf16_copies
         kws = [random_kernel_weights(n, k, {4: n}, "cuda", seed=i) for i in range(copies)]
-        t = graph_time([lambda kw=kw: launch_gemv(x, kw, None, torch.bfloat16) for kw in kws])
+        t = graph_time_us([lambda kw=kw: launch_gemv(x, kw, None, torch.bfloat16) for kw in kws])
         results["rows"].append({"shape": shape, "method": "shipped small-M Triton kernel, 4-bit rows", "time_us": t})
         print(results["rows"][-1], flush=True)
         del kws
