@@ -33,6 +33,22 @@ __device__ __forceinline__ void mma_bf16(float* c, uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The products of one 16-byte vector of row g's words (a) and of row g + 8's (b): per word, fields
+// (0, 4) and (1, 5) make one mma's A operand and fields (2, 6) and (3, 7) the next one's, against
+// that word's four x pairs (xp[q], from shared memory or registers).
+__device__ __forceinline__ void products(float* acc, const uint4& a, const uint4& b, const uint4* xp) {
+  const uint32_t wa[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t wb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 x = xp[q];
+    mma_bf16(acc, decode_pair(wa[q], 0), decode_pair(wb[q], 0), decode_pair(wa[q], 1), decode_pair(wb[q], 1),
+             x.x, x.y);
+    mma_bf16(acc, decode_pair(wa[q], 2), decode_pair(wb[q], 2), decode_pair(wa[q], 3), decode_pair(wb[q], 3),
+             x.z, x.w);
+  }
+}
+
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
@@ -101,16 +117,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_mma(const uint4* __restrict_
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int wc = (v0 + (s + u) * 4 + t) * 4;  // this thread's first word column
-      const uint32_t wa[4] = {ca[u].x, ca[u].y, ca[u].z, ca[u].w};
-      const uint32_t wb[4] = {cb[u].x, cb[u].y, cb[u].z, cb[u].w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint4 xp = xs[wc + q];
-        mma_bf16(acc, decode_pair(wa[q], 0), decode_pair(wb[q], 0), decode_pair(wa[q], 1),
-                 decode_pair(wb[q], 1), xp.x, xp.y);
-        mma_bf16(acc, decode_pair(wa[q], 2), decode_pair(wb[q], 2), decode_pair(wa[q], 3),
-                 decode_pair(wb[q], 3), xp.z, xp.w);
-      }
+      products(acc, ca[u], cb[u], xs + wc);
     }
   }
   if (t == 0) {  // column 0 of C: row g in acc[0], row g + 8 in acc[2]
@@ -196,17 +203,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_mma_xp(const uint4* __restri
       }
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const uint32_t wa[4] = {ca[u].x, ca[u].y, ca[u].z, ca[u].w};
-      const uint32_t wb[4] = {cb[u].x, cb[u].y, cb[u].z, cb[u].w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        mma_bf16(acc, decode_pair(wa[q], 0), decode_pair(wb[q], 0), decode_pair(wa[q], 1),
-                 decode_pair(wb[q], 1), cx[u][q].x, cx[u][q].y);
-        mma_bf16(acc, decode_pair(wa[q], 2), decode_pair(wb[q], 2), decode_pair(wa[q], 3),
-                 decode_pair(wb[q], 3), cx[u][q].z, cx[u][q].w);
-      }
-    }
+    for (int u = 0; u < UNROLL; ++u) products(acc, ca[u], cb[u], cx[u]);
   }
   if (t == 0) {
     red[warp][g] = acc[0];
