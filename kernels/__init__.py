@@ -7,7 +7,7 @@ On CUDA tensors the layer is one Triton launch over all its bit groups (plus one
 activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM or the
 small-M kernel (triton_gemv.py) runs it, as QVLA_SMALL_M_KERNEL=auto|gemm|gemv or
 set_small_m_kernel() says (auto: the small-M kernel for one token, where it timed fastest on the
-H200). QVLA_LARGE_M_KERNEL=dequant|auto sends 16-bit activations of DEQUANT_MIN_TOKENS tokens or
+H200). QVLA_LARGE_M_KERNEL=dequant sends 16-bit activations of DEQUANT_MIN_TOKENS tokens or
 more to a decode-then-cuBLAS path (triton_dequant.py; opt-in: slower than the grouped GEMM so far).
 On CPU tensors the same arithmetic runs in plain torch. Triton is imported only when a
 CUDA tensor arrives, so this package imports on machines without it.

@@ -396,12 +396,12 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 
 #: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "gemm"
 #: (the grouped GEMM), the default, or "dequant" (decode the layer to a transient dense matrix, then
-#: cuBLAS). "auto" is "dequant" from DEQUANT_MIN_TOKENS tokens on. The decode kernel is correct but
-#: slow so far (H200: 685 us for gate/up, 3.4% of its byte floor; the decoder at 590 tokens 117 ms
-#: against 92 ms for the grouped GEMM, bench/kernels/NOTES.md), so it stays opt-in.
+#: cuBLAS). The decode kernel is correct but slow so far (H200: 685 us for gate/up, 3.4% of its byte
+#: floor; the decoder at 590 tokens 117 ms against 92 ms for the grouped GEMM, bench/kernels/NOTES.md),
+#: so it stays opt-in.
 #: QVLA_LARGE_M_KERNEL sets it per process; set_large_m_kernel() at run time.
 DEQUANT_MIN_TOKENS = 64
-LARGE_M_KERNELS = ("auto", "gemm", "dequant")
+LARGE_M_KERNELS = ("gemm", "dequant")
 _large_m_kernel = [None]
 
 
@@ -413,7 +413,7 @@ def large_m_kernel() -> str:
 
 
 def set_large_m_kernel(name: str | None) -> None:
-    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("auto", "gemm" or
+    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("gemm" or
     "dequant"); None goes back to the environment."""
     if name is not None and name not in LARGE_M_KERNELS:
         raise ValueError(f"large-M kernel must be one of {LARGE_M_KERNELS}, got {name!r}")
@@ -422,7 +422,7 @@ def set_large_m_kernel(name: str | None) -> None:
 
 def runs_dequant_path(m: int) -> bool:
     """Whether a 16-bit-activation layer call with m tokens decodes the layer for cuBLAS."""
-    return m >= DEQUANT_MIN_TOKENS and large_m_kernel() in ("auto", "dequant")
+    return m >= DEQUANT_MIN_TOKENS and large_m_kernel() == "dequant"
 
 
 def launch_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
