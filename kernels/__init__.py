@@ -26,11 +26,12 @@ if __name__ == "kernels":
 
     _sys.modules[__name__] = _package
 else:
+    from .cuda_gemv import MmaConfig, launch_mma_gemv, mma_available, override_mma_configs, pick_mma_config
     from .layout import KernelWeights, prepare_groups, prepare_packed
     from .ops import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, large_m_kernel, launch_dequant,
                       launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs, override_gemv_configs,
                       pick_config, pick_gemv_config, quantize_activations, runs_dequant_path, runs_small_m_kernel,
-                      set_large_m_kernel, set_small_m_kernel, small_m_kernel, triton_available)
+                      set_large_m_kernel, set_small_m_kernel, small_m_kernel, small_m_route, triton_available)
     from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "dequant_linear", "large_m_kernel", "launch_dequant", "launch_gemv",
     "launch_mixed_gemm", "mixed_bit_linear", "override_configs", "override_gemv_configs", "pick_config",
     "pick_gemv_config", "quantize_activations", "runs_dequant_path", "runs_small_m_kernel", "set_large_m_kernel",
-    "set_small_m_kernel", "small_m_kernel", "triton_available",
+    "set_small_m_kernel", "small_m_kernel", "small_m_route", "triton_available",
+    "MmaConfig", "launch_mma_gemv", "mma_available", "override_mma_configs", "pick_mma_config",
     "dequantize_kernel_weights", "mixed_bit_linear_reference", "quantize_activations_reference",
 ]

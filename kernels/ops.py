@@ -203,13 +203,15 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 
 # ---- the small-M kernel (triton_gemv.py) ----------------------------------------------------------
 
-#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "gemv" (triton_gemv.py),
-#: "gemm" (the grouped GEMM) or "auto", the default: the small-M kernel for one token, the grouped
-#: GEMM for 2-16 (H200, bench/kernels/NOTES.md run 9: 32-block decoder at one token 4.90 ms against
-#: 5.62 ms, bf16 6.26 ms; runs 3 and 6: at 16 tokens the grouped GEMM was faster). The environment
-#: variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
+#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "mma" (the tensor-core
+#: CUDA kernel, cuda_gemv.py, where it builds and runs; else the Triton small-M kernel), "gemv"
+#: (triton_gemv.py), "gemm" (the grouped GEMM) or "auto", the default: the small-M kernel for one
+#: token, the grouped GEMM for 2-16 (H200, bench/kernels/NOTES.md run 9: 32-block decoder at one
+#: token 4.90 ms against 5.62 ms, bf16 6.26 ms; runs 3 and 6: at 16 tokens the grouped GEMM was
+#: faster). The environment variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel()
+#: at run time.
 SMALL_M = 16
-SMALL_M_KERNELS = ("auto", "gemm", "gemv")
+SMALL_M_KERNELS = ("auto", "gemm", "gemv", "mma")
 _small_m_kernel = [None]
 
 
@@ -221,13 +223,27 @@ def small_m_kernel() -> str:
 
 
 def runs_small_m_kernel(m: int) -> bool:
-    """Whether a 16-bit-activation layer call with m tokens goes to the small-M kernel."""
+    """Whether a 16-bit-activation layer call with m tokens goes to a small-M kernel (Triton's or
+    the tensor-core one)."""
     choice = small_m_kernel()
-    return m <= SMALL_M and (choice == "gemv" or (choice == "auto" and m == 1))
+    return m <= SMALL_M and (choice in ("gemv", "mma") or (choice == "auto" and m == 1))
+
+
+def small_m_route(m: int, device: torch.device) -> str | None:
+    """The kernel for a 16-bit-activation layer call with m tokens on `device`: "mma", "gemv", or
+    None for the grouped GEMM."""
+    if not runs_small_m_kernel(m):
+        return None
+    if small_m_kernel() == "mma":
+        from .cuda_gemv import mma_available
+        if mma_available(device.index if device.index is not None else torch.cuda.current_device()):
+            return "mma"
+    return "gemv"
 
 
 def set_small_m_kernel(name: str | None) -> None:
-    """Pick the kernel for M <= 16 tokens ("auto", "gemm" or "gemv"); None goes back to the environment."""
+    """Pick the kernel for M <= 16 tokens ("auto", "gemm", "gemv" or "mma"); None goes back to the
+    environment."""
     if name is not None and name not in SMALL_M_KERNELS:
         raise ValueError(f"small-M kernel must be one of {SMALL_M_KERNELS}, got {name!r}")
     _small_m_kernel[0] = name
@@ -479,7 +495,10 @@ def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor
     if act_bits == 8:
         xq, xscale, xsum = quantize_activations(x2)
         y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
-    elif runs_small_m_kernel(x2.shape[0]):
+    elif (route := small_m_route(x2.shape[0], x2.device)) == "mma":
+        from .cuda_gemv import launch_mma_gemv
+        y = launch_mma_gemv(x2, kw, bias, x.dtype)
+    elif route == "gemv":
         y = launch_gemv(x2, kw, bias, x.dtype)
     elif runs_dequant_path(x2.shape[0]):
         y = dequant_linear(x2, kw, bias)
