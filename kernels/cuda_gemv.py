@@ -168,9 +168,14 @@ class _Params(ctypes.Structure):
 @functools.lru_cache(maxsize=None)
 def _library(device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
-    lib = ctypes.CDLL(str(build_library(f"{major}{minor}")))
+    return load_library(build_library(f"{major}{minor}"))
+
+
+def load_library(path: Path):
+    """The built library with its entry points typed (loads on machines without a GPU too)."""
+    lib = ctypes.CDLL(str(path))
     lib.qvla_mma_gemv.restype = ctypes.c_int
-    lib.qvla_mma_gemv.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    lib.qvla_mma_gemv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.qvla_mma_tiles.restype = ctypes.c_int
     lib.qvla_mma_tiles.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
@@ -185,7 +190,7 @@ def mma_available(device_index: int = 0) -> bool:
         return False
     try:
         _library(device_index)
-    except (RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, AttributeError) as err:  # AttributeError: an entry point missing
         warnings.warn(f"tensor-core small-M kernel unavailable, the Triton kernels run instead: {err}")
         return False
     return True
@@ -277,7 +282,7 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     p.out_fp32 = int(out_dtype == torch.float32)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    rc = _library(device).qvla_mma_gemv(ctypes.byref(p), int(x.dtype == torch.float16), cfg.row_tiles,
+    rc = _library(device).qvla_mma_gemv(ctypes.addressof(p), int(x.dtype == torch.float16), cfg.row_tiles,
                                         cfg.k_warps, cfg.unroll, first_tile[6], smem, stream)
     if rc:
         raise RuntimeError(f"tensor-core small-M launch failed: {'tile not compiled in' if rc == -1 else f'CUDA error {rc}'}"

@@ -549,10 +549,12 @@ extern "C" int qvla_mma_tiles(int* out, int capacity) {
   return n / 3;
 }
 
-// Returns 0, -1 for a tile that is not compiled in, or a cudaError_t.
-extern "C" int qvla_mma_gemv(const Params* p, int x_fp16, int rt, int wk, int unroll, int tiles, int smem,
+// Returns 0, -1 for a tile that is not compiled in, or a cudaError_t. `params` points to a Params
+// (typed void: a parameter of the unnamed namespace's type would keep the symbol from being exported).
+extern "C" int qvla_mma_gemv(const void* params, int x_fp16, int rt, int wk, int unroll, int tiles, int smem,
                              void* stream) {
+  const Params& p = *static_cast<const Params*>(params);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  return x_fp16 ? launch_tile<__half>(*p, rt, wk, unroll, tiles, smem, st)
-                : launch_tile<__nv_bfloat16>(*p, rt, wk, unroll, tiles, smem, st);
+  return x_fp16 ? launch_tile<__half>(p, rt, wk, unroll, tiles, smem, st)
+                : launch_tile<__nv_bfloat16>(p, rt, wk, unroll, tiles, smem, st);
 }
