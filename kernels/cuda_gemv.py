@@ -46,11 +46,14 @@ class MmaConfig:
         unroll: steps (16 words of each row per warp) loaded ahead of the ones being multiplied.
         smem_budget: bytes of shared memory for staged x; more tokens or features than fit are
             staged in chunks along K (one barrier pair per chunk).
+        block_steps: about how many steps (64 bytes of each row) one block streams: rows with more
+            are split along K over several blocks, whose parts the last to finish adds up.
     """
     row_tiles: int = 1
     k_warps: int = 8
     unroll: int = 2
     smem_budget: int = 64 * 1024
+    block_steps: int = 32
 
     def __post_init__(self) -> None:
         if (self.row_tiles, self.k_warps, self.unroll) not in compiled_tiles():
@@ -58,6 +61,8 @@ class MmaConfig:
                              f"compiled: {sorted(compiled_tiles())}")
         if not 4096 <= self.smem_budget <= 200 * 1024:
             raise ValueError(f"smem_budget must be 4 KiB..200 KiB, got {self.smem_budget}")
+        if self.block_steps < 1:
+            raise ValueError(f"block_steps must be positive, got {self.block_steps}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +164,9 @@ class _Params(ctypes.Structure):
         ("x", ctypes.c_void_p), ("y", ctypes.c_void_p),
         ("word_offset", ctypes.c_longlong * 5), ("high_offset", ctypes.c_longlong),
         ("rows", ctypes.c_int * 6), ("start", ctypes.c_int * 6), ("first_tile", ctypes.c_int * 7),
-        ("nkb", ctypes.c_int * 5), ("chunk_steps", ctypes.c_int * 5),
+        ("first_block", ctypes.c_int * 7), ("nkb", ctypes.c_int * 5), ("chunk_steps", ctypes.c_int * 5),
+        ("split_steps", ctypes.c_int * 5), ("splits", ctypes.c_int * 5), ("ws", ctypes.c_void_p),
+        ("counters", ctypes.c_void_p),
         ("M", ctypes.c_int), ("K", ctypes.c_int), ("stride_x", ctypes.c_int), ("stride_y", ctypes.c_int),
         ("out_fp32", ctypes.c_int),
     ]
@@ -205,31 +212,46 @@ def _token_stride(bits: int, steps: int) -> int:
     return raw + ((want - raw) % 128)
 
 
-def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[int], int]:
-    """Steps staged per chunk for each of slots 16, 8, 4, 3, 2 (0 where empty), and the dynamic
-    shared memory the launch needs: chunks are even multiples of k_warps * unroll steps (every warp's
-    batch inside one chunk, and whole 32-column runs of one token per warp when staging), as few as
-    fit m tokens into smem_budget. Raises ValueError when even one such unit of m tokens exceeds
-    what a block may hold."""
+def _row_steps(bits: int, in_features: int) -> int:
+    """Steps (16 word columns: 64 bytes of each row) of one row of a `bits`-wide group."""
+    if bits == 16:
+        return -(-in_features // 32)
+    return num_k_blocks(bits, in_features) * 2
+
+
+def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[int, int, int]], int]:
+    """How each of slots 16, 8, 4, 3, 2 is cut: (splits along K, steps per split, steps staged per
+    chunk), (0, 0, 0) where empty; and the dynamic shared memory the launch needs.
+
+    Every step is 64 bytes of each of a row tile's rows whatever the width, so rows are split along K
+    into runs of about cfg.block_steps steps: a dense or 8-bit row tile then takes as long as a 4-bit
+    one instead of 2-4 times longer (the launch lasts as long as its slowest block). Chunks are even
+    multiples of k_warps * unroll steps (every warp's batch inside one chunk), as few per split as fit
+    m tokens into smem_budget, and splits are whole chunks (so staging never crosses into the next
+    split's features). Raises ValueError when one chunk of m tokens exceeds what a block may hold."""
     unit = cfg.k_warps * cfg.unroll * (1 + (cfg.k_warps * cfg.unroll) % 2)
-    chunks, smem = [], 0
+    plan, smem = [], 0
     for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
         if rows == 0:
-            chunks.append(0)
+            plan.append((0, 0, 0))
             continue
-        steps = (-(-kw.in_features // 32) * 16 if bits == 16 else num_k_blocks(bits, kw.in_features) * 32) // 16
+        steps = _row_steps(bits, kw.in_features)
+        splits = -(-steps // max(cfg.block_steps, unit))
+        split_steps = -(-steps // (splits * unit)) * unit
         pieces = 1
         while True:
-            chunk = -(-steps // (pieces * unit)) * unit
+            chunk = -(-split_steps // (pieces * unit)) * unit
             if m * _token_stride(bits, chunk) <= cfg.smem_budget or chunk == unit:
                 break
             pieces += 1
-        chunks.append(chunk)
+        split_steps = -(-split_steps // chunk) * chunk
+        splits = -(-steps // split_steps)
+        plan.append((splits, split_steps, chunk))
         smem = max(smem, m * _token_stride(bits, chunk))
     if smem > MAX_SMEM:
         raise ValueError(f"tile {cfg} stages {smem} bytes of x for {m} tokens, more than a block's {MAX_SMEM}: "
                          "use fewer warps along K or a smaller unroll for this many tokens")
-    return chunks, smem
+    return plan, smem
 
 
 def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -264,8 +286,12 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     table = slot_table(kw.group_rows, k)
     rows_per_tile = 16 * cfg.row_tiles
     tiles = [-(-rows // rows_per_tile) for rows in kw.group_rows]
+    plan, smem = chunk_plan(kw, m, cfg)
+    blocks = [t * (plan[i][0] if i < 5 else 1) for i, t in enumerate(tiles)]
     first_tile = [sum(tiles[:i]) for i in range(7)]
-    chunks, smem = chunk_plan(kw, m, cfg)
+    first_block = [sum(blocks[:i]) for i in range(7)]
+    from .ops import _split_scratch  # shared with the Triton kernels' split-K (one stream, in turn)
+    ws, counters = _split_scratch(x.device, first_block[6] * rows_per_tile * 16, first_tile[6])
     p = _Params()
     p.qwords, p.w16, p.scale, p.zero = (kw.qwords.data_ptr(), kw.w16.data_ptr(), kw.scale.data_ptr(),
                                         kw.zero.data_ptr())
@@ -276,14 +302,18 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     p.rows[:] = list(kw.group_rows)
     p.start[:] = [sum(kw.group_rows[:i]) for i in range(6)]
     p.first_tile[:] = first_tile
+    p.first_block[:] = first_block
     p.nkb[:] = [0] + [table[f"n{b}"] for b in QUANT_WIDTHS[::-1]]
-    p.chunk_steps[:] = chunks
+    p.splits[:] = [max(splits, 1) for splits, _, _ in plan]
+    p.split_steps[:] = [split_steps for _, split_steps, _ in plan]
+    p.chunk_steps[:] = [chunk for _, _, chunk in plan]
+    p.ws, p.counters = ws.data_ptr(), counters.data_ptr()
     p.M, p.K, p.stride_x, p.stride_y = m, k, x.stride(0), y.stride(0)
     p.out_fp32 = int(out_dtype == torch.float32)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = _library(device).qvla_mma_gemv(ctypes.addressof(p), int(x.dtype == torch.float16), cfg.row_tiles,
-                                        cfg.k_warps, cfg.unroll, first_tile[6], smem, stream)
+                                        cfg.k_warps, cfg.unroll, first_block[6], smem, stream)
     if rc:
         raise RuntimeError(f"tensor-core small-M launch failed: {'tile not compiled in' if rc == -1 else f'CUDA error {rc}'}"
                            f" (tile {cfg}, {m} tokens, layer {kw.out_features}x{k}, {smem} bytes of shared memory)")

@@ -37,14 +37,13 @@
 
 #include <cstdint>
 
-// The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps in flight)
+// The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps in flight).
+// Blocks of 4 warps (1, 4, 2 and 2, 2, 2) and of 16 warps spilled registers at 9-16 tokens (sm_90).
 #define QVLA_MMA_TILES \
   QVLA_TILE(1, 8, 2)   \
-  QVLA_TILE(1, 4, 2)   \
   QVLA_TILE(2, 4, 2)   \
   QVLA_TILE(4, 2, 2)   \
-  QVLA_TILE(1, 8, 1)   \
-  QVLA_TILE(2, 2, 2)
+  QVLA_TILE(1, 8, 1)
 
 namespace {
 
@@ -63,8 +62,13 @@ struct Params {
   int rows[6];                 // rows per slot: 16, 8, 4, 3, 2 bits, pruned
   int start[6];                // first packed row of each slot
   int first_tile[7];           // prefix sums of the row tiles per slot (RT * 16 rows each)
+  int first_block[7];          // prefix sums of the blocks per slot (row tiles x splits)
   int nkb[5];                  // K-blocks per row (slots 1-4)
   int chunk_steps[5];          // steps staged per chunk, per slot (an even multiple of WK * UNROLL)
+  int split_steps[5];          // steps per split along K, per slot (a multiple of chunk_steps)
+  int splits[5];               // splits along K per row tile, per slot
+  float* ws;                   // split parts: [block][RT * 16 rows][16 tokens] float32
+  int32_t* counters;           // one per row tile; zero between launches
   int M, K, stride_x, stride_y, out_fp32;
 };
 
@@ -181,43 +185,66 @@ __device__ __forceinline__ int token_stride(int steps) {
 }
 
 // Stage x's pairs of word columns [c0, c0 + steps * 16) for every token, in this width's order, and
-// add the staged values to xsum[m] (features >= K are staged as zeros).
+// add the staged values to this warp's slot of xpart[warp][m] (features >= K are staged as zeros;
+// each warp sums its own slot, so the order of additions and the result never vary).
+//
+// An item is 8 neighbouring columns' pair q: with K a multiple of 8 its two runs of 8 features are
+// two 16-byte loads (dense rows: one run holds 4 columns' pairs), else single features.
 template <typename T, int BITS>
-__device__ __forceinline__ void stage_x(const Params& p, char* xs, float* xsum, int c0, int steps) {
+__device__ __forceinline__ void stage_x(const Params& p, char* xs, float (*xpart)[16], int c0, int steps) {
+  constexpr int P = Width<BITS>::kPairs;
+  constexpr int RUN = BITS == 16 ? 4 : 8;  // columns per item
   const T* x = static_cast<const T*>(p.x);
   const int cols = steps * 16, ts = token_stride<BITS>(steps);
-  const int lane = threadIdx.x & 31;
-  // cols is even x 16 (chunk_steps is even): a warp's 32 consecutive items share one token
-  for (int item = threadIdx.x; item < p.M * cols; item += blockDim.x) {
-    const int m = item / cols, c = item - m * cols;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int items = (cols / RUN) * P;  // per token; a multiple of 4, not of 32: the token loop is outside
+  const bool vec = ((p.K | p.stride_x) & 7) == 0 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
+  for (int m = 0; m < p.M; ++m) {
     const T* xm = x + (size_t)m * p.stride_x;
-    uint32_t pairs[Width<BITS>::kPairs];
-    float part = 0.f;
-#pragma unroll
-    for (int q = 0; q < Width<BITS>::kPairs; ++q) {
-      int f0, f1;
-      pair_features<BITS>(c0 + c, q, f0, f1);
-      const T zero = T(0.f);
-      const T lo = f0 < p.K ? xm[f0] : zero, hi = f1 < p.K ? xm[f1] : zero;
-      pairs[q] = (uint32_t)bits16(lo) | ((uint32_t)bits16(hi) << 16);
-      part += to_float(lo) + to_float(hi);
-    }
     char* dst = xs + m * ts;
+    float part = 0.f;
+    for (int item = threadIdx.x; item < items; item += blockDim.x) {
+      const int q = item % P, c = (item / P) * RUN;  // chunk-local first column of the run
+      int f0, f1;
+      pair_features<BITS>(c0 + c, q, f0, f1);  // features of the run's first pair
+      uint32_t lo[RUN];                        // the run's pairs (x[f0 + j], x[f1 + j]), dense: (x[f0 + 2j], ..)
+      if (vec) {
+        const uint4 a = f0 < p.K ? *reinterpret_cast<const uint4*>(xm + f0) : make_uint4(0u, 0u, 0u, 0u);
+        const uint32_t av[4] = {a.x, a.y, a.z, a.w};
+        if constexpr (BITS == 16) {
 #pragma unroll
-    for (int v = 0; v < Width<BITS>::kVecs; ++v) {
-      const uint32_t* src = pairs + v * Width<BITS>::kVec;
-      char* at = dst + x_offset<BITS>(c, v);
-      if constexpr (Width<BITS>::kVec == 4) {
-        *reinterpret_cast<uint4*>(at) = make_uint4(src[0], src[1], src[2], src[3]);
-      } else if constexpr (Width<BITS>::kVec == 2) {
-        *reinterpret_cast<uint2*>(at) = make_uint2(src[0], src[1]);
+          for (int j = 0; j < 4; ++j) lo[j] = av[j];
+        } else {
+          const uint4 b = f1 < p.K ? *reinterpret_cast<const uint4*>(xm + f1) : make_uint4(0u, 0u, 0u, 0u);
+          const uint32_t bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // features 2j, 2j + 1 of each run -> columns 2j, 2j + 1
+            lo[2 * j] = __byte_perm(av[j], bv[j], 0x5410);
+            lo[2 * j + 1] = __byte_perm(av[j], bv[j], 0x7632);
+          }
+        }
       } else {
-        *reinterpret_cast<uint32_t*>(at) = src[0];
+        const T zero = T(0.f);
+#pragma unroll
+        for (int j = 0; j < RUN; ++j) {
+          int g0, g1;
+          pair_features<BITS>(c0 + c + j, q, g0, g1);
+          const T a = g0 < p.K ? xm[g0] : zero, b = g1 < p.K ? xm[g1] : zero;
+          lo[j] = (uint32_t)bits16(a) | ((uint32_t)bits16(b) << 16);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < RUN; ++j) {
+        const uint16_t h0 = lo[j] & 0xFFFFu, h1 = lo[j] >> 16;
+        part += to_float(*reinterpret_cast<const T*>(&h0)) + to_float(*reinterpret_cast<const T*>(&h1));
+        // pair q of column c + j: vector q / kVec, element q % kVec
+        *reinterpret_cast<uint32_t*>(dst + x_offset<BITS>(c + j, q / Width<BITS>::kVec) +
+                                     4 * (q % Width<BITS>::kVec)) = lo[j];
       }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-    if (lane == 0) atomicAdd(xsum + m, part);
+    if (lane == 0) xpart[warp][m] += part;
   }
 }
 
@@ -377,9 +404,11 @@ __device__ __forceinline__ void store_y(const Params& p, int m, int n, float v) 
   }
 }
 
+// y (or this split's part of it) for the RT * 16 rows of row tile `tile` of one width, over steps
+// [s_lo, s_hi) of their words.
 template <typename T, int BITS, int RT, int WK, int UNROLL, int MT>
-__device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, char* xs, float* xsum,
-                                         float (*red)[WK][16][16]) {
+__device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, int split, char* xs,
+                                         float (*xpart)[16], float (*red)[WK][16][16]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rt = warp / WK, wk = warp % WK;
   const int g = lane >> 2, t = lane & 3;
@@ -403,13 +432,16 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, ch
       hb = h + (size_t)rgb * cols;
     }
   }
-  const int steps = cols / 16;
   const int chunk = p.chunk_steps[slot];
+  const int s_lo = split * p.split_steps[slot];
+  const int s_hi = min(s_lo + p.split_steps[slot], cols / 16);
   const int per_chunk = chunk / (WK * UNROLL);  // batches of UNROLL steps per warp per chunk
-  const int batches = ((steps + chunk - 1) / chunk) * per_chunk;
+  const int batches = ((s_hi - s_lo + chunk - 1) / chunk) * per_chunk;
   const int ts = token_stride<BITS>(chunk);
   // step of batch b, unrolled index u: chunk b / per_chunk, interleaved over the WK warps
-  auto step_of = [&](int b, int u) { return (b / per_chunk) * chunk + wk + WK * (u + UNROLL * (b % per_chunk)); };
+  auto step_of = [&](int b, int u) {
+    return s_lo + (b / per_chunk) * chunk + wk + WK * (u + UNROLL * (b % per_chunk));
+  };
 
   const char* xt[MT];
 #pragma unroll
@@ -419,13 +451,13 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, ch
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
     const int s = step_of(0, u);
-    next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < steps);
+    next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
   }
   float acc[MT][4] = {};
   for (int b = 0; b < batches; ++b) {
     if (b % per_chunk == 0) {  // a new chunk of x (the first batch's weights are already in flight)
       __syncthreads();
-      stage_x<T, BITS>(p, xs, xsum, (b / per_chunk) * chunk * 16, chunk);
+      stage_x<T, BITS>(p, xs, xpart, (s_lo + (b / per_chunk) * chunk) * 16, chunk);
       __syncthreads();
     }
     StepWords cur[UNROLL];
@@ -435,13 +467,13 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, ch
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int s = step_of(b + 1, u);
-        next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < steps);
+        next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       const int s = step_of(b, u);
-      if (s < steps) step_products<T, BITS, MT>(acc, cur[u], xt, (s % chunk) * 16 + 4 * t);
+      if (s < s_hi) step_products<T, BITS, MT>(acc, cur[u], xt, ((s - s_lo) % chunk) * 16 + 4 * t);
     }
   }
   // C fragment: rows g and g + 8, token columns 2t and 2t + 1 of each token tile
@@ -460,32 +492,69 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, ch
   } else if constexpr (BITS != 16) {
     C = OFF = float(1 << BITS);
   }
-  for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
-    const int m = item / (RT * 16), r = item % (RT * 16);
-    const int row = tile * RT * 16 + r;
-    if (row >= rows) continue;
-    float dot = 0.f;
+  const int splits = p.splits[slot];
+  // this split's part of y for (row r, token m): the split's own sum(x) goes with its own products
+  auto part = [&](int r, int m) {
+    float dot = 0.f, xsum = 0.f;
 #pragma unroll
     for (int w = 0; w < WK; ++w) dot += red[r / 16][w][r % 16][m];
-    const int prow = start + row;
-    float v = BITS == 16 ? dot : p.scale[prow] * (C * dot - (OFF + p.zero[prow]) * xsum[m]);
-    const int n = p.out_index[prow];
-    if (p.bias) v += p.bias[n];
-    store_y<T>(p, m, n, v);
+    for (int w = 0; w < RT * WK; ++w) xsum += xpart[w][m];
+    if constexpr (BITS == 16) {
+      return dot;
+    } else {
+      const int prow = start + tile * RT * 16 + r;
+      return p.scale[prow] * (C * dot - (OFF + p.zero[prow]) * xsum);
+    }
+  };
+  auto store = [&](int r, int m, float v) {
+    const int n = p.out_index[start + tile * RT * 16 + r];
+    store_y<T>(p, m, n, p.bias ? v + p.bias[n] : v);
+  };
+  if (splits == 1) {
+    for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
+      const int m = item / (RT * 16), r = item % (RT * 16);
+      if (tile * RT * 16 + r < rows) store(r, m, part(r, m));
+    }
+    return;
   }
+  // split along K: park this part; the last split of the row tile to arrive adds the parts in split
+  // order (the same result whatever the arrival order) and resets the tile's counter
+  constexpr int PART = RT * 16 * 16;
+  const int first = p.first_block[slot] + tile * splits;  // the tile's first block
+  float* parts = p.ws + (size_t)first * PART;
+  for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
+    const int m = item / (RT * 16), r = item % (RT * 16);
+    parts[(size_t)split * PART + r * 16 + m] = part(r, m);
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  int32_t* counter = p.counters + p.first_tile[slot] + tile;
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
+    const int m = item / (RT * 16), r = item % (RT * 16);
+    if (tile * RT * 16 + r >= rows) continue;
+    float v = 0.f;
+    for (int sp = 0; sp < splits; ++sp) v += __ldcg(parts + (size_t)sp * PART + r * 16 + m);
+    store(r, m, v);
+  }
+  if (threadIdx.x == 0) *counter = 0;
 }
 
 template <typename T, int RT, int WK, int UNROLL, int MT>
 __global__ void __launch_bounds__(RT* WK * 32) mixed_gemv_mma(const Params p) {
   extern __shared__ __align__(16) char xs[];
   __shared__ float red[RT][WK][16][16];
-  __shared__ float xsum[16];
-  const int tile = blockIdx.x;
+  __shared__ float xpart[RT * WK][16];  // sum(x) per warp and token, over the columns it staged
+  const int block = blockIdx.x;
   int slot = 0;
 #pragma unroll
-  for (int s = 1; s < 6; ++s) slot += tile >= p.first_tile[s];
-  const int local = tile - p.first_tile[slot];
-  if (slot == 5) {  // pruned channels: the bias, or 0
+  for (int s = 1; s < 6; ++s) slot += block >= p.first_block[s];
+  const int local = block - p.first_block[slot];
+  if (slot == 5) {  // pruned channels (one block per row tile): the bias, or 0
     for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
       const int m = item / (RT * 16), row = local * RT * 16 + item % (RT * 16);
       if (row >= p.rows[5]) continue;
@@ -494,18 +563,19 @@ __global__ void __launch_bounds__(RT* WK * 32) mixed_gemv_mma(const Params p) {
     }
     return;
   }
-  if (threadIdx.x < 16) xsum[threadIdx.x] = 0.f;  // ordered before the staging by its barrier
+  for (int i = threadIdx.x; i < RT * WK * 16; i += blockDim.x) xpart[i / 16][i % 16] = 0.f;  // before a barrier
+  const int splits = p.splits[slot], tile = local / splits, split = local % splits;
   switch (slot) {
-    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, local, xs, xsum, red); break;
-    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, local, xs, xsum, red); break;
-    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, local, xs, xsum, red); break;
-    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, local, xs, xsum, red); break;
-    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, local, xs, xsum, red); break;
+    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
+    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
+    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
+    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
+    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
   }
 }
 
 template <typename T, int RT, int WK, int UNROLL, int MT>
-int launch(const Params& p, int tiles, int smem, cudaStream_t stream) {
+int launch(const Params& p, int blocks, int smem, cudaStream_t stream) {
   auto kernel = mixed_gemv_mma<T, RT, WK, UNROLL, MT>;
   static int raised = 0;  // the dynamic shared-memory limit granted so far
   if (smem > raised) {
@@ -513,20 +583,20 @@ int launch(const Params& p, int tiles, int smem, cudaStream_t stream) {
     if (e != cudaSuccess) return (int)e;
     raised = smem;
   }
-  kernel<<<tiles, RT * WK * 32, smem, stream>>>(p);
+  kernel<<<blocks, RT * WK * 32, smem, stream>>>(p);
   return (int)cudaGetLastError();
 }
 
 template <typename T, int RT, int WK, int UNROLL>
-int launch_tokens(const Params& p, int tiles, int smem, cudaStream_t stream) {
-  return p.M <= 8 ? launch<T, RT, WK, UNROLL, 1>(p, tiles, smem, stream)
-                  : launch<T, RT, WK, UNROLL, 2>(p, tiles, smem, stream);
+int launch_tokens(const Params& p, int blocks, int smem, cudaStream_t stream) {
+  return p.M <= 8 ? launch<T, RT, WK, UNROLL, 1>(p, blocks, smem, stream)
+                  : launch<T, RT, WK, UNROLL, 2>(p, blocks, smem, stream);
 }
 
 template <typename T>
-int launch_tile(const Params& p, int rt, int wk, int unroll, int tiles, int smem, cudaStream_t stream) {
+int launch_tile(const Params& p, int rt, int wk, int unroll, int blocks, int smem, cudaStream_t stream) {
 #define QVLA_TILE(RT, WK, U) \
-  if (rt == RT && wk == WK && unroll == U) return launch_tokens<T, RT, WK, U>(p, tiles, smem, stream);
+  if (rt == RT && wk == WK && unroll == U) return launch_tokens<T, RT, WK, U>(p, blocks, smem, stream);
   QVLA_MMA_TILES
 #undef QVLA_TILE
   return -1;
@@ -551,10 +621,10 @@ extern "C" int qvla_mma_tiles(int* out, int capacity) {
 
 // Returns 0, -1 for a tile that is not compiled in, or a cudaError_t. `params` points to a Params
 // (typed void: a parameter of the unnamed namespace's type would keep the symbol from being exported).
-extern "C" int qvla_mma_gemv(const void* params, int x_fp16, int rt, int wk, int unroll, int tiles, int smem,
+extern "C" int qvla_mma_gemv(const void* params, int x_fp16, int rt, int wk, int unroll, int blocks, int smem,
                              void* stream) {
   const Params& p = *static_cast<const Params*>(params);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  return x_fp16 ? launch_tile<__half>(p, rt, wk, unroll, tiles, smem, st)
-                : launch_tile<__nv_bfloat16>(p, rt, wk, unroll, tiles, smem, st);
+  return x_fp16 ? launch_tile<__half>(p, rt, wk, unroll, blocks, smem, st)
+                : launch_tile<__nv_bfloat16>(p, rt, wk, unroll, blocks, smem, st);
 }

@@ -52,14 +52,19 @@ def test_staging_chunks_are_whole_units_and_fit_the_budget_when_they_can(m, k, t
         with pytest.raises(ValueError, match="fewer warps along K"):
             chunk_plan(kw, m, cfg)
         return
-    chunks, smem = chunk_plan(kw, m, cfg)
-    for bits, chunk in zip((16, 8, 4, 3, 2), chunks):
+    plan, smem = chunk_plan(kw, m, cfg)
+    for bits, (splits, split_steps, chunk) in zip((16, 8, 4, 3, 2), plan):
         steps = -(-k // 32) if bits == 16 else -(-k // {8: 128, 4: 256, 3: 512, 2: 512}[bits]) * 2
-        assert chunk % unit == 0 and chunk > 0
+        assert chunk % unit == 0 and chunk > 0 and split_steps % chunk == 0
+        # the splits cover the row once: the last one holds the remainder
+        assert (splits - 1) * split_steps < steps <= splits * split_steps
         # the fewest chunks that fit; a single unit may exceed the budget (then it is all there is)
         assert m * _token_stride(bits, chunk) <= cfg.smem_budget or chunk == unit
-        assert chunk <= -(-steps // unit) * unit
         assert smem >= m * _token_stride(bits, chunk)
+    # every width's blocks stream about the same bytes: a dense row tile is split into about twice
+    # the splits of an 8-bit one and four times a 4-bit one's
+    if k == 11008 and cfg.smem_budget >= 48 * 1024 and m == 1:
+        assert plan[0][0] >= 2 * plan[1][0] - 1 and plan[1][0] >= 2 * plan[2][0] - 1
     assert smem <= MAX_SMEM
 
 

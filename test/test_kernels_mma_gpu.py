@@ -70,10 +70,10 @@ def test_float32_output_shows_the_kernels_own_error(m):
     check(run_mma(kw, x, bias, out_dtype=torch.float32), packed, x, bias, tol=1e-4)
 
 
-@pytest.mark.parametrize("n,k", [(1000, 1000), (1000, 999), (24, 4100)])
+@pytest.mark.parametrize("n,k", [(1000, 1000), (1000, 999), (55, 4100)])
 @pytest.mark.parametrize("m", [1, 3, 11])
 def test_odd_shapes_and_ragged_groups(n, k, m):
-    counts = RAGGED if n == 1000 else {16: 5, 8: 3, 4: 7, 3: 2, 2: 6, 0: 1}
+    counts = RAGGED if n == 1000 else {16: 16, 4: 16, 2: 16, 3: 7}
     packed, kw = layer(n, k, counts)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda")
@@ -104,21 +104,26 @@ def test_float16_and_fractional_zero_points(m):
 
 
 @pytest.mark.parametrize("tile", sorted(compiled_tiles()), ids=lambda t: "rt{}-wk{}-u{}".format(*t))
-def test_every_compiled_tile(tile):
+@pytest.mark.parametrize("block_steps", [4, 32])
+def test_every_compiled_tile_and_splits_along_k(tile, block_steps):
+    # block_steps 4: rows split along K over several blocks; the last to arrive adds the parts in
+    # order, so a second launch gives the same bits (and the counters are back at zero)
     packed, kw = layer(1000, 1000, RAGGED)
     for m in (1, 8, 16):
         x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(1000, device="cuda")
-        check(run_mma(kw, x, bias, MmaConfig(*tile)), packed, x, bias)
+        first = run_mma(kw, x, bias, MmaConfig(*tile, block_steps=block_steps))
+        check(first, packed, x, bias)
+        assert torch.equal(run_mma(kw, x, bias, MmaConfig(*tile, block_steps=block_steps)), first)
 
 
 def test_x_staged_in_several_chunks_gives_the_one_chunk_result():
     packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg3"]))
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
-    small = MmaConfig(1, 4, 2, smem_budget=8 * 1024)
-    large = MmaConfig(1, 4, 2, smem_budget=200 * 1024)
-    chunks_small, _ = chunk_plan(kw, 16, small)
-    chunks_large, _ = chunk_plan(kw, 16, large)
+    small = MmaConfig(1, 4, 2, smem_budget=8 * 1024, block_steps=1024)
+    large = MmaConfig(1, 4, 2, smem_budget=200 * 1024, block_steps=1024)
+    chunks_small = [chunk for _, _, chunk in chunk_plan(kw, 16, small)[0]]
+    chunks_large = [chunk for _, _, chunk in chunk_plan(kw, 16, large)[0]]
     assert all(a < b for a, b in zip(chunks_small[1:], chunks_large[1:]) if b)  # several chunks vs one
     out = run_mma(kw, x, None, small, out_dtype=torch.float32)
     ref = run_mma(kw, x, None, large, out_dtype=torch.float32)
