@@ -4,13 +4,14 @@
     y = mixed_bit_linear(x, weights, bias, act_bits=16 | 8)  # every forward
 
 On CUDA tensors the layer is one Triton launch over all its bit groups (plus one for the int8
-activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM or the
-small-M kernel (triton_gemv.py) runs it, as QVLA_SMALL_M_KERNEL=auto|gemm|gemv or
-set_small_m_kernel() says (auto: the small-M kernel for one token, where it timed fastest on the
-H200). QVLA_LARGE_M_KERNEL=dequant sends 16-bit activations of DEQUANT_MIN_TOKENS tokens or
-more to a decode-then-cuBLAS path (triton_dequant.py; opt-in: slower than the grouped GEMM so far).
-On CPU tensors the same arithmetic runs in plain torch. Triton is imported only when a
-CUDA tensor arrives, so this package imports on machines without it.
+activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM, the
+Triton small-M kernel (triton_gemv.py) or the tensor-core CUDA kernel (mixed_gemv_mma.cu, built by
+nvcc on first use) runs it, as QVLA_SMALL_M_KERNEL=auto|gemm|gemv|mma or set_small_m_kernel() says
+(auto: the Triton small-M kernel for one token, where it timed fastest on the H200). From
+DEQUANT_MIN_TOKENS tokens on, 16-bit activations go to decode-then-cuBLAS (triton_dequant.py;
+QVLA_LARGE_M_KERNEL=gemm keeps the grouped GEMM). On CPU tensors the same arithmetic runs in plain
+torch. Triton is imported only when a CUDA tensor arrives, so this package imports on machines
+without it.
 """
 if __name__ == "kernels":
     # With a source checkout's root on sys.path (`python -m` run there, PYTHONPATH=.) this folder is

@@ -410,27 +410,28 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 
 # ---- many tokens: decode once, then cuBLAS (triton_dequant.py) -------------------------------------
 
-#: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "gemm"
-#: (the grouped GEMM), the default, or "dequant" (decode the layer to a transient dense matrix, then
-#: cuBLAS). The decode kernel is correct but slow so far (H200: 685 us for gate/up, 3.4% of its byte
-#: floor; the decoder at 590 tokens 117 ms against 92 ms for the grouped GEMM, bench/kernels/NOTES.md),
-#: so it stays opt-in.
+#: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "dequant"
+#: (decode the layer to a transient dense matrix, then cuBLAS), the default, or "gemm" (the grouped
+#: GEMM). H200, bench/kernels/NOTES.md "Run 10": the 32-block decoder at 590 tokens 21.2 ms against
+#: 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM; at 64 tokens 12.1 ms against 7.3
+#: ms; decoding gate/up alone 34 us, 68% of its byte floor. The transient matrix adds one layer's
+#: dense weight to peak memory (3.15 GiB against 2.95 GiB of packed weights for the decoder).
 #: QVLA_LARGE_M_KERNEL sets it per process; set_large_m_kernel() at run time.
 DEQUANT_MIN_TOKENS = 64
-LARGE_M_KERNELS = ("gemm", "dequant")
+LARGE_M_KERNELS = ("dequant", "gemm")
 _large_m_kernel = [None]
 
 
 def large_m_kernel() -> str:
-    choice = _large_m_kernel[0] or os.environ.get("QVLA_LARGE_M_KERNEL", "gemm")
+    choice = _large_m_kernel[0] or os.environ.get("QVLA_LARGE_M_KERNEL", "dequant")
     if choice not in LARGE_M_KERNELS:
         raise ValueError(f"QVLA_LARGE_M_KERNEL must be one of {LARGE_M_KERNELS}, got {choice!r}")
     return choice
 
 
 def set_large_m_kernel(name: str | None) -> None:
-    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("gemm" or
-    "dequant"); None goes back to the environment."""
+    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("dequant" or
+    "gemm"); None goes back to the environment."""
     if name is not None and name not in LARGE_M_KERNELS:
         raise ValueError(f"large-M kernel must be one of {LARGE_M_KERNELS}, got {name!r}")
     _large_m_kernel[0] = name
@@ -518,8 +519,9 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
     """y = x W^T + bias for a mixed-bit layer (weights from prepare_packed, on x's device).
 
     CUDA: one Triton launch (two with act_bits=8: the activation quantization, then the GEMM) for
-    bfloat16/float16 inputs (with QVLA_LARGE_M_KERNEL=dequant, from DEQUANT_MIN_TOKENS tokens on with
-    16-bit activations, one Triton launch decodes the layer and cuBLAS multiplies). float32 inputs run in
+    bfloat16/float16 inputs; from DEQUANT_MIN_TOKENS tokens on with 16-bit activations, one Triton
+    launch decodes the layer and cuBLAS multiplies (QVLA_LARGE_M_KERNEL=gemm: the grouped GEMM);
+    with QVLA_SMALL_M_KERNEL=mma, up to 16 tokens run the tensor-core CUDA kernel (cuda_gemv.py). float32 inputs run in
     bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
     (kernels/reference.py).
     """

@@ -334,23 +334,23 @@ def test_decode_for_cublas_writes_the_reference_weights(dtype, n, k, counts, fra
     assert torch.equal(w, dequantize_kernel_weights(kw, torch.float32).to(dtype))
 
 
-def test_the_dequant_switch_sends_many_tokens_to_decode_then_cublas_also_in_a_cuda_graph():
+def test_many_tokens_go_to_decode_then_cublas_also_in_a_cuda_graph_unless_switched():
     packed, kw = layer(1000, 1000, RAGGED)
     bias = torch.randn(1000, device="cuda")
-    set_large_m_kernel("dequant")
+    # the default
+    for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590):
+        x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+        out = mixed_bit_linear(x, kw, bias)
+        direct = dequant_linear(x, kw, bias) if m >= DEQUANT_MIN_TOKENS else run(kw, x, bias, 16)
+        assert torch.equal(out, direct), m
+        check(out, packed, x, bias, 16)
+    captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
+    assert torch.equal(captured, out)
+    set_large_m_kernel("gemm")
     try:
-        for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590):
-            x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
-            out = mixed_bit_linear(x, kw, bias)
-            direct = dequant_linear(x, kw, bias) if m >= DEQUANT_MIN_TOKENS else run(kw, x, bias, 16)
-            assert torch.equal(out, direct), m
-            check(out, packed, x, bias, 16)
-        captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
-        assert torch.equal(captured, out)
+        assert torch.equal(mixed_bit_linear(x, kw, bias), run(kw, x, bias, 16))
     finally:
         set_large_m_kernel(None)
-    # the default: the grouped GEMM
-    assert torch.equal(mixed_bit_linear(x, kw, bias), run(kw, x, bias, 16))
 
 
 def _routing_state(m) -> dict:

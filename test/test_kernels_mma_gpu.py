@@ -120,8 +120,8 @@ def test_every_compiled_tile_and_splits_along_k(tile, block_steps):
 def test_x_staged_in_several_chunks_gives_the_one_chunk_result():
     packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg3"]))
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
-    small = MmaConfig(1, 4, 2, smem_budget=8 * 1024, block_steps=1024)
-    large = MmaConfig(1, 4, 2, smem_budget=200 * 1024, block_steps=1024)
+    small = MmaConfig(2, 4, 2, smem_budget=8 * 1024, block_steps=1024)
+    large = MmaConfig(2, 4, 2, smem_budget=200 * 1024, block_steps=1024)
     chunks_small = [chunk for _, _, chunk in chunk_plan(kw, 16, small)[0]]
     chunks_large = [chunk for _, _, chunk in chunk_plan(kw, 16, large)[0]]
     assert all(a < b for a, b in zip(chunks_small[1:], chunks_large[1:]) if b)  # several chunks vs one
