@@ -43,7 +43,10 @@
   QVLA_TILE(1, 8, 2)   \
   QVLA_TILE(2, 4, 2)   \
   QVLA_TILE(4, 2, 2)   \
-  QVLA_TILE(1, 8, 1)
+  QVLA_TILE(1, 8, 1)   \
+  QVLA_TILE(8, 1, 2)   \
+  QVLA_TILE(8, 1, 4)   \
+  QVLA_TILE(4, 2, 1)
 
 namespace {
 

@@ -1,6 +1,6 @@
 """The tensor-core small-M kernel (kernels/mixed_gemv_mma.cu) beside bf16 cuBLAS and the shipped
 Triton paths, 1-16 tokens, on one card in one run: per layer of OFT-7B's decoder (every compiled
-tile, each checked against the dequantized product first) and the whole 32-block decoder.
+tile, each checked against the dequantized product first) and the whole 32-block decoder with the tiles the sweep found fastest.
 
     PYTHONPATH=. python3 bench/kernels/bench_mma.py --out DIR [--tokens 1,16] [--mixes avg4]
 
@@ -22,8 +22,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
 from qvla_ros.kernels import dequantize_kernel_weights, launch_gemv, launch_mixed_gemm  # noqa: E402
-from qvla_ros.kernels.cuda_gemv import MmaConfig, compiled_tiles, launch_mma_gemv, pick_mma_config  # noqa: E402
+from qvla_ros.kernels.cuda_gemv import (MmaConfig, compiled_tiles, launch_mma_gemv,  # noqa: E402
+                                        override_mma_configs, pick_mma_config)
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
+
+
+#: the testing mixes, and "b4": every row 4-bit (the spike's layer, bench/kernels/spike/)
+MIX_TABLE = dict(MIXES, b4={4: 1.0})
 
 
 def shipped_call(x, kw):
@@ -44,7 +49,7 @@ def bench_layer(results, shape, n, k, tokens, mixes, ceilings):
     del ws
     torch.cuda.empty_cache()
     for mix in mixes:
-        counts = mix_counts(n, MIXES[mix])
+        counts = mix_counts(n, MIX_TABLE[mix])
         kws = [random_kernel_weights(n, k, counts, "cuda", seed=0)]
         w_bytes = kws[0].nbytes()
         kws += [random_kernel_weights(n, k, counts, "cuda", seed=s) for s in range(1, bk.copies_for(w_bytes))]
@@ -58,25 +63,52 @@ def bench_layer(results, shape, n, k, tokens, mixes, ceilings):
             shipped = bk.row(results, shape, n, k, m, f"ours (auto) {mix}", t, w_bytes, io, ceilings,
                              speedup_vs_bf16=bf16[m] / (t * 1e6), **info)["time_us"]
             default = pick_mma_config(m)
-            for tile in sorted(compiled_tiles()):
-                cfg = MmaConfig(*tile)
+            for cfg in candidates():
                 try:
                     y = launch_mma_gemv(x, kws[0], None, x.dtype, config=cfg)
                     err = float((y.float() - ref).norm() / ref.norm())
                     if not (err < 1e-2 and torch.isfinite(y).all()):
-                        print(f"  !! mma {shape} {mix} M={m} {tile}: rel err {err:.3g}", flush=True)
+                        print(f"  !! mma {shape} {mix} M={m} {cfg}: rel err {err:.3g}", flush=True)
                         continue
                     t = bk.graph_time([(lambda kw=kw: launch_mma_gemv(x, kw, None, x.dtype, config=cfg))
                                        for kw in kws])
                 except Exception as e:  # e.g. a tile too wide for 16 tokens' staging
-                    print(f"  -- mma {shape} {mix} M={m} {tile}: {e!r}"[:300], flush=True)
+                    print(f"  -- mma {shape} {mix} M={m} {cfg}: {e!r}"[:300], flush=True)
                     continue
                 bk.row(results, shape, n, k, m, f"ours-mma {mix}", t, w_bytes, io, ceilings,
                        speedup_vs_bf16=bf16[m] / (t * 1e6), speedup_vs_gemm=shipped / (t * 1e6),
-                       config="rt{} wk{} u{}".format(*tile) + (" (default)" if cfg == default else ""),
-                       rel_err=err, **info)
+                       config=cfg_str(cfg) + (" (default)" if cfg == default else ""), rel_err=err, **info)
         del kws, w_ref
         torch.cuda.empty_cache()
+
+
+def candidates() -> list[MmaConfig]:
+    """Every compiled tile at three run lengths per block (rows split along K into about 8, 16 or
+    32 steps per block)."""
+    return [MmaConfig(*tile, block_steps=steps) for tile in sorted(compiled_tiles()) for steps in (8, 16, 32)]
+
+
+def cfg_str(cfg: MmaConfig) -> str:
+    return f"rt{cfg.row_tiles} wk{cfg.k_warps} u{cfg.unroll} steps{cfg.block_steps}"
+
+
+def best_per_bucket(results) -> dict[str, MmaConfig]:
+    """Per token bucket, the config with the least time summed over every timed shape and mix (only
+    configs that ran correctly everywhere)."""
+    from qvla_ros.kernels.cuda_gemv import mma_bucket
+    by_name = {cfg_str(c): c for c in candidates()}
+    chosen = {}
+    for bucket in ("m1", "m8", "m16"):
+        rows = [r for r in results if r["method"].startswith("ours-mma") and mma_bucket(r["M"]) == bucket]
+        cases = {(r["shape"], r["mix"], r["M"]) for r in rows}
+        totals = {}
+        for r in rows:
+            name = r["config"].replace(" (default)", "")
+            totals.setdefault(name, []).append(r["time_us"])
+        complete = {name: sum(ts) for name, ts in totals.items() if len(ts) == len(cases)}
+        if complete:
+            chosen[bucket] = by_name[min(complete, key=complete.get)]
+    return chosen
 
 
 def mma_linear(x, names, lw):
@@ -102,21 +134,27 @@ def main(argv=None) -> int:
     slug = "".join(ch if ch.isalnum() else "_" for ch in report["device"]["name"]).strip("_").lower()
     out = args.out / f"mma_{slug}.json"
     t0 = time.time()
+    if not args.skip_layers:
+        for shape, (n, k) in bk.SHAPES.items():
+            bench_layer(report["layers"], shape, n, k, tokens, mixes, report["ceilings"])
+            out.write_text(json.dumps(report, indent=1))
+        chosen = best_per_bucket(report["layers"])
+        report["chosen"] = {bucket: cfg_str(cfg) for bucket, cfg in chosen.items()}
+        print("chosen:", report["chosen"], flush=True)
+        override_mma_configs(chosen)
     if not args.skip_decoder:
         for m in tokens:
-            # bf16 twice: the run-to-run spread; "ours" at one token is the Triton small-M kernel
+            # bf16 twice: the run-to-run spread; "ours" at one token is the Triton small-M kernel;
+            # ours-mma with the tiles chosen above
             for kind in ("bf16", "ours-gemv" if m == 1 else "ours", "ours-mma", "bf16"):
                 try:
                     d = bench_decoder(kind, m)
+                    d["mma_config"] = cfg_str(pick_mma_config(m)) if kind == "ours-mma" else None
                     report["decoder"].append(d)
                     print("decoder", d, flush=True)
                 except Exception as e:
                     print(f"decoder {kind} {m} failed: {e!r}"[:500], flush=True)
                 out.write_text(json.dumps(report, indent=1))
-    if not args.skip_layers:
-        for shape, (n, k) in bk.SHAPES.items():
-            bench_layer(report["layers"], shape, n, k, tokens, mixes, report["ceilings"])
-            out.write_text(json.dumps(report, indent=1))
     print(f"total {time.time() - t0:.0f}s", flush=True)
     return 0
 

@@ -15,7 +15,7 @@ echo "build after $((SECONDS - t0))s" | tee -a "$OUT/log"
 timeout "${BENCH_S:-240}" python3 bench/kernels/bench_mma.py --out "$OUT" --tokens "${TOKENS:-1,4,8,16}" \
   --mixes "${MIXES:-avg4,avg3,avg8}" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $((SECONDS - t0))s" | tee -a "$OUT/log"
-grep -E "decoder|!!|--|total" "$OUT/bench.log" | cut -c1-220 | tee -a "$OUT/log"
+grep -E "decoder|!!|--|total|chosen" "$OUT/bench.log" | cut -c1-220 | tee -a "$OUT/log"
 timeout "${TEST_S:-240}" python3 -m pytest -q -n "${TEST_WORKERS:-12}" -p no:cacheprovider ${TESTS:-test/test_kernels_mma_gpu.py} \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$? after $((SECONDS - t0))s" | tee -a "$OUT/log"
