@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import collections
+import faulthandler
 import gc
 import math
 import os
@@ -47,6 +48,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
+from rclpy.signals import uninstall_signal_handlers
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
@@ -469,7 +471,27 @@ def _seconds(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
+def _shut_down(executor: MultiThreadedExecutor | None, node: PolicyNode | None) -> None:
+    """Stop serving and release everything ROS holds, in an order that is safe while rclpy's
+    signal thread may still be running."""
+    # rclpy handles SIGINT/SIGTERM on a thread of its own that triggers every executor's signal
+    # guard condition through a list of raw pointers. The executor it wakes at SIGINT starts this
+    # shutdown; when that thread loses the CPU in the middle of its loop (a loaded machine),
+    # executor.shutdown() below frees the guard condition and the list while the thread still
+    # holds them, and the thread, resuming, crashes the process (signal 11 at the end of a soak).
+    # Uninstalling the handlers first joins that thread: nothing touches them afterwards.
+    uninstall_signal_handlers()
+    if executor is not None:
+        executor.shutdown()
+    if node is not None:
+        node.destroy_node()
+    rclpy.try_shutdown()
+
+
 def main(args: list[str] | None = None) -> int:
+    # A crash in native code (rclpy, DDS, torch) leaves no Python traceback; this prints every
+    # thread's Python stack to stderr (the node's log) before the process dies.
+    faulthandler.enable()
     # A plan reload builds the new policy (Python-heavy) beside the inference thread, whose forward
     # gives the GIL up at every torch op; at the default 5 ms switch interval it waits that long to
     # get it back each time, and a forward of a few hundred ops stalls for a second or more.
@@ -495,11 +517,7 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if executor is not None:
-            executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        _shut_down(executor, node)
     return code
 
 
