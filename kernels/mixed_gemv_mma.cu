@@ -441,10 +441,9 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
   const int per_chunk = chunk / (WK * UNROLL);  // batches of UNROLL steps per warp per chunk
   const int batches = ((s_hi - s_lo + chunk - 1) / chunk) * per_chunk;
   const int ts = token_stride<BITS>(chunk);
-  // step of batch b, unrolled index u: chunk b / per_chunk, interleaved over the WK warps
-  auto step_of = [&](int b, int u) {
-    return s_lo + (b / per_chunk) * chunk + wk + WK * (u + UNROLL * (b % per_chunk));
-  };
+  // Batch b covers steps s_lo + b * WK * UNROLL + [0, WK * UNROLL): step wk + WK * u of it is this
+  // warp's u-th (the warps interleave), and chunks are whole batches, so the loop needs no division.
+  constexpr int kBatch = WK * UNROLL;
 
   const char* xt[MT];
 #pragma unroll
@@ -453,30 +452,34 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
   StepWords next[UNROLL];
 #pragma unroll
   for (int u = 0; u < UNROLL; ++u) {
-    const int s = step_of(0, u);
+    const int s = s_lo + wk + WK * u;
     next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
   }
   float acc[MT][4] = {};
-  for (int b = 0; b < batches; ++b) {
-    if (b % per_chunk == 0) {  // a new chunk of x (the first batch's weights are already in flight)
+  int chunk_start = s_lo, left = 0;  // the staged chunk's first step; its batches still to run
+  for (int b = 0, base = s_lo; b < batches; ++b, base += kBatch) {
+    if (left == 0) {  // a new chunk of x (the first batch's weights are already in flight)
+      chunk_start = base;
+      left = per_chunk;
       __syncthreads();
-      stage_x<T, BITS>(p, xs, xpart, (s_lo + (b / per_chunk) * chunk) * 16, chunk);
+      stage_x<T, BITS>(p, xs, xpart, chunk_start * 16, chunk);
       __syncthreads();
     }
+    --left;
     StepWords cur[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) cur[u] = next[u];
     if (b + 1 < batches) {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        const int s = step_of(b + 1, u);
+        const int s = base + kBatch + wk + WK * u;
         next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int s = step_of(b, u);
-      if (s < s_hi) step_products<T, BITS, MT>(acc, cur[u], xt, ((s - s_lo) % chunk) * 16 + 4 * t);
+      const int s = base + wk + WK * u;
+      if (s < s_hi) step_products<T, BITS, MT>(acc, cur[u], xt, (s - chunk_start) * 16 + 4 * t);
     }
   }
   // C fragment: rows g and g + 8, token columns 2t and 2t + 1 of each token tile
@@ -548,7 +551,7 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
 }
 
 template <typename T, int RT, int WK, int UNROLL, int MT>
-__global__ void __launch_bounds__(RT* WK * 32) mixed_gemv_mma(const Params p) {
+__global__ void __launch_bounds__(RT* WK * 32, 1) mixed_gemv_mma(const Params p) {
   extern __shared__ __align__(16) char xs[];
   __shared__ float red[RT][WK][16][16];
   __shared__ float xpart[RT * WK][16];  // sum(x) per warp and token, over the columns it staged
