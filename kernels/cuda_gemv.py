@@ -78,15 +78,15 @@ def compiled_tiles() -> frozenset[tuple[int, int, int]]:
 
 
 #: per token bucket: the configs with the least time summed over the OFT-7B shapes (avg4 and all-4-bit
-#: layers) in bench/kernels/NOTES.md "Run 10" (H200, bench_mma.py's sweep over tiles and run lengths);
-#: 2-8 tokens were not timed and take the one-token tile
+#: layers) in the last sweep of bench/kernels/NOTES.md "Run 10" (H200, bench_mma.py over tiles and run
+#: lengths); 2-8 tokens were not timed and take the one-token tile
 _MMA_CONFIGS: dict[str, MmaConfig] = {}
 
 
 def _default_configs() -> dict[str, MmaConfig]:
     if not _MMA_CONFIGS:
-        _MMA_CONFIGS.update({"m1": MmaConfig(2, 4, 2, block_steps=32), "m8": MmaConfig(2, 4, 2, block_steps=32),
-                             "m16": MmaConfig(4, 2, 1, block_steps=8)})
+        _MMA_CONFIGS.update({"m1": MmaConfig(1, 8, 1, block_steps=32), "m8": MmaConfig(1, 8, 1, block_steps=32),
+                             "m16": MmaConfig(8, 1, 2, block_steps=8)})
     return _MMA_CONFIGS
 
 
