@@ -413,11 +413,13 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 #: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "dequant"
 #: (decode the layer to a transient dense matrix, then cuBLAS), the default, or "gemm" (the grouped
 #: GEMM). H200, bench/kernels/NOTES.md "Run 10": the 32-block decoder at 590 tokens 21.2 ms against
-#: 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM; at 64 tokens 12.1 ms against 7.3
-#: ms; decoding gate/up alone 34 us, 68% of its byte floor. The transient matrix adds one layer's
-#: dense weight to peak memory (3.15 GiB against 2.95 GiB of packed weights for the decoder).
+#: 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM; decoding gate/up alone 34 us, 68% of
+#: its byte floor. The transient matrix adds one layer's dense weight to peak memory (3.15 GiB
+#: against 2.95 GiB of packed weights for the decoder). DEQUANT_MIN_TOKENS: the OFT-7B layers summed,
+#: the grouped GEMM 110 us against 147 us at 16 tokens, 163 against 147 at 24, and slower at every
+#: count timed up to 64 (dequant_crossover.py; 17-23 tokens were not timed).
 #: QVLA_LARGE_M_KERNEL sets it per process; set_large_m_kernel() at run time.
-DEQUANT_MIN_TOKENS = 64
+DEQUANT_MIN_TOKENS = 24
 LARGE_M_KERNELS = ("dequant", "gemm")
 _large_m_kernel = [None]
 
