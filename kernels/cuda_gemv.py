@@ -16,6 +16,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -59,8 +60,8 @@ class MmaConfig:
         if (self.row_tiles, self.k_warps, self.unroll) not in compiled_tiles():
             raise ValueError(f"no compiled tile ({self.row_tiles}, {self.k_warps}, {self.unroll}); "
                              f"compiled: {sorted(compiled_tiles())}")
-        if not 4096 <= self.smem_budget <= 200 * 1024:
-            raise ValueError(f"smem_budget must be 4 KiB..200 KiB, got {self.smem_budget}")
+        if not 4096 <= self.smem_budget <= MAX_SMEM:
+            raise ValueError(f"smem_budget must be 4 KiB..{MAX_SMEM // 1024} KiB, got {self.smem_budget}")
         if self.block_steps < 1:
             raise ValueError(f"block_steps must be positive, got {self.block_steps}")
 
@@ -69,8 +70,6 @@ class MmaConfig:
 def compiled_tiles() -> frozenset[tuple[int, int, int]]:
     """The (row_tiles, k_warps, unroll) tiles the source compiles in, read from its QVLA_MMA_TILES
     list (so configs can be checked on machines that cannot build it)."""
-    import re
-
     text = SOURCE.read_text()
     block = text[text.index("#define QVLA_MMA_TILES"):]
     block = block[:block.index("\n\n")]
@@ -221,6 +220,13 @@ def _row_steps(bits: int, in_features: int) -> int:
     return num_k_blocks(bits, in_features) * 2
 
 
+def chunk_unit(cfg: MmaConfig) -> int:
+    """Steps every chunk is a multiple of: k_warps * unroll (each warp's batch of steps inside one
+    chunk), made even (a warp then stages whole 32-column runs of one token)."""
+    batch = cfg.k_warps * cfg.unroll
+    return batch * (1 + batch % 2)
+
+
 def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[int, int, int]], int]:
     """How each of slots 16, 8, 4, 3, 2 is cut: (splits along K, steps per split, steps staged per
     chunk), (0, 0, 0) where empty; and the dynamic shared memory the launch needs.
@@ -231,7 +237,7 @@ def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[in
     multiples of k_warps * unroll steps (every warp's batch inside one chunk), as few per split as fit
     m tokens into smem_budget, and splits are whole chunks (so staging never crosses into the next
     split's features). Raises ValueError when one chunk of m tokens exceeds what a block may hold."""
-    unit = cfg.k_warps * cfg.unroll * (1 + (cfg.k_warps * cfg.unroll) % 2)
+    unit = chunk_unit(cfg)
     plan, smem = [], 0
     for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
         if rows == 0:
@@ -317,6 +323,7 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     rc = _library(device).qvla_mma_gemv(ctypes.addressof(p), int(x.dtype == torch.float16), cfg.row_tiles,
                                         cfg.k_warps, cfg.unroll, first_block[6], smem, stream)
     if rc:
-        raise RuntimeError(f"tensor-core small-M launch failed: {'tile not compiled in' if rc == -1 else f'CUDA error {rc}'}"
-                           f" (tile {cfg}, {m} tokens, layer {kw.out_features}x{k}, {smem} bytes of shared memory)")
+        reason = "tile not compiled in" if rc == -1 else f"CUDA error {rc}"
+        raise RuntimeError(f"tensor-core small-M launch failed: {reason} (tile {cfg}, {m} tokens, layer "
+                           f"{kw.out_features}x{k}, {smem} bytes of shared memory)")
     return y

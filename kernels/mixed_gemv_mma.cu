@@ -25,12 +25,15 @@
 // decode, B = 16 k-slots x 8 tokens (two products per A for 9-16 tokens). The k-slots can be any
 // bijection onto features as long as A and B agree: lane (g, t) (g = lane / 4, t = lane % 4) supplies
 // A's k-slots 2t, 2t+1, 2t+8, 2t+9 for rows g and g + 8 from its own word column, and B's for token
-// g from the same column, so x is staged in shared memory already paired in each width's order.
-// Staging is in chunks of whole steps so that 16 tokens x 11008 features still fit.
+// g from the same column, so x is staged in shared memory already paired in each width's order
+// (16-byte loads of x; in chunks of whole steps when 16 tokens x 11008 features would not fit).
 //
 // Work split: a block owns a tile of RT x 16 packed rows of ONE width (RT warps' worth of rows) and
 // WK warps per 16 rows split its words; the step of a warp is 16 word columns of its 16 rows (one
-// 16-byte vector per row per lane), UNROLL steps loaded ahead of the ones being multiplied.
+// 16-byte vector per row per lane), UNROLL steps loaded ahead of the ones being multiplied. Every
+// step is 64 bytes of each row whatever the width, so rows are also split along K over blocks of
+// about the same number of steps (a dense row tile streams 4x a 4-bit one's bytes and would be the
+// launch's critical path); the last split of a row tile to arrive adds the parts in split order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,7 +41,8 @@
 #include <cstdint>
 
 // The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps in flight).
-// Blocks of 4 warps (1, 4, 2 and 2, 2, 2) and of 16 warps spilled registers at 9-16 tokens (sm_90).
+// Blocks of 4 warps (1, 4, 2 and 2, 2, 2) and of 16 warps spilled registers at 9-16 tokens under the
+// default register cap (sm_90); not tried again since __launch_bounds__ lifted it.
 #define QVLA_MMA_TILES \
   QVLA_TILE(1, 8, 2)   \
   QVLA_TILE(2, 4, 2)   \

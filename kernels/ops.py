@@ -205,10 +205,11 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 
 #: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "mma" (the tensor-core
 #: CUDA kernel, cuda_gemv.py, where it builds and runs; else the Triton small-M kernel), "gemv"
-#: (triton_gemv.py), "gemm" (the grouped GEMM) or "auto", the default: the small-M kernel for one
-#: token, the grouped GEMM for 2-16 (H200, bench/kernels/NOTES.md run 9: 32-block decoder at one
-#: token 4.90 ms against 5.62 ms, bf16 6.26 ms; runs 3 and 6: at 16 tokens the grouped GEMM was
-#: faster). The environment variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel()
+#: (triton_gemv.py), "gemm" (the grouped GEMM) or "auto", the default: the Triton small-M kernel for
+#: one token, the grouped GEMM for 2-16. H200, bench/kernels/NOTES.md run 10, 32-block decoder at one
+#: token: mma 4.56 ms, Triton 4.94 ms, bf16 6.20 ms; at 16 tokens the grouped GEMM 9.74 ms, mma
+#: 12.87 ms. "mma" stays opt-in: its 8% needs nvcc on the robot and a first call that builds for
+#: 40-60 s. The environment variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel()
 #: at run time.
 SMALL_M = 16
 SMALL_M_KERNELS = ("auto", "gemm", "gemv", "mma")
@@ -523,8 +524,8 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
     CUDA: one Triton launch (two with act_bits=8: the activation quantization, then the GEMM) for
     bfloat16/float16 inputs; from DEQUANT_MIN_TOKENS tokens on with 16-bit activations, one Triton
     launch decodes the layer and cuBLAS multiplies (QVLA_LARGE_M_KERNEL=gemm: the grouped GEMM);
-    with QVLA_SMALL_M_KERNEL=mma, up to 16 tokens run the tensor-core CUDA kernel (cuda_gemv.py). float32 inputs run in
-    bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
+    with QVLA_SMALL_M_KERNEL=mma, up to 16 tokens run the tensor-core CUDA kernel (cuda_gemv.py).
+    float32 inputs run in bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
     (kernels/reference.py).
     """
     act_bits = check_act_bits(act_bits)

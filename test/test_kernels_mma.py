@@ -14,7 +14,7 @@ import torch
 
 from qvla_ros.kernels import runs_small_m_kernel, set_small_m_kernel, small_m_kernel
 from qvla_ros.kernels.cuda_gemv import (MAX_SMEM, MMA_MAX_TOKENS, SOURCE, MmaConfig, _token_stride, build_library,
-                                        chunk_plan, compiled_tiles, load_library, mma_bucket, nvcc_path,
+                                        chunk_plan, chunk_unit, compiled_tiles, load_library, mma_bucket, nvcc_path,
                                         override_mma_configs, pick_mma_config)
 from qvla_ros.kernels.offline_compile import _cuobjdump as _triton_cuobjdump
 from qvla_ros.kernels.ops import small_m_route
@@ -46,8 +46,8 @@ def test_the_tile_list_is_read_from_the_source_and_configs_must_name_one():
 def test_staging_chunks_are_whole_units_and_fit_the_budget_when_they_can(m, k, tile):
     kw = random_kernel_weights(64 * 5, k, {16: 64, 8: 64, 4: 64, 3: 64, 2: 64}, "cpu")
     cfg = MmaConfig(*tile, smem_budget=48 * 1024)
-    unit = cfg.k_warps * cfg.unroll
-    unit *= 1 + unit % 2  # even: a warp's staged items share one token
+    unit = chunk_unit(cfg)
+    assert unit % 2 == 0 and unit % (cfg.k_warps * cfg.unroll) == 0
     if m * _token_stride(2, unit) > MAX_SMEM:  # not even one unit of 2-bit pairs fits this many tokens
         with pytest.raises(ValueError, match="fewer warps along K"):
             chunk_plan(kw, m, cfg)
