@@ -525,8 +525,8 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
     bfloat16/float16 inputs; from DEQUANT_MIN_TOKENS tokens on with 16-bit activations, one Triton
     launch decodes the layer and cuBLAS multiplies (QVLA_LARGE_M_KERNEL=gemm: the grouped GEMM);
     with QVLA_SMALL_M_KERNEL=mma, up to 16 tokens run the tensor-core CUDA kernel (cuda_gemv.py).
-    float32 inputs run in bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
-    (kernels/reference.py).
+    float32 inputs run in bfloat16 and come back as float32. CPU: the plain-torch model of the same
+    arithmetic (kernels/reference.py).
     """
     act_bits = check_act_bits(act_bits)
     if not isinstance(weights, KernelWeights):

@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qvla_ros.kernels import (GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,  # noqa: E402
-                              launch_dequant, launch_gemv, launch_mixed_gemm, override_configs,
+                              launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
                               override_gemv_configs, quantize_activations)
 from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
@@ -457,6 +457,12 @@ def dequant_linear_all(x, names, lw):
     return [dequant_linear(x, lw[n], None) for n in names]
 
 
+def op_linear(x, names, lw):
+    """What a quantized policy runs: the qvla::mixed_bit_linear op with its default routing (the
+    small-M kernel at one token, decode-then-cuBLAS from DEQUANT_MIN_TOKENS, else the grouped GEMM)."""
+    return [mixed_bit_linear(x, lw[n]) for n in names]
+
+
 def gemv_linear(x, names, lw):
     if x.shape[0] > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens")
@@ -493,7 +499,7 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
     base = torch.cuda.memory_allocated() if cuda else 0
     layers, weight_bytes = build_layers(kind, mix)
     linear = ({"bf16": bf16_linear, "ours-gemv": gemv_linear, "fp8-w8a8": fp8_linear,
-               "ours-dequant": dequant_linear_all}.get(kind)
+               "ours-dequant": dequant_linear_all, "ours-op": op_linear}.get(kind)
               or ours_linear(act_bits))
     cos, sin = rope_tables(tokens, HIDDEN // HEADS, DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
@@ -670,8 +676,9 @@ def main(argv=None) -> int:
         decoders = [(kind, tokens, 16) for tokens in TOKENS for kind in ("bf16", "ours", "ours-gemv")]
     else:
         long = max(TOKENS)
-        decoders = [("bf16", long, 16), ("ours", long, 8), ("ours", long, 16), ("bf16", 16, 16), ("ours", 16, 16),
-                    ("ours-gemv", 16, 16)]
+        # "ours-op": the op as a policy calls it (default routing), the figure a user gets
+        decoders = [("bf16", long, 16), ("ours", long, 8), ("ours", long, 16), ("ours-op", long, 16), ("bf16", 16, 16),
+                    ("ours", 16, 16), ("ours-gemv", 16, 16), ("ours-op", 16, 16), ("bf16", 1, 16), ("ours-op", 1, 16)]
     if not args.skip_decoder:  # first, with the default tile choices: the figure the issue asks for
         for kind, tokens, act_bits in decoders:
             try:

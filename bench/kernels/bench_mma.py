@@ -1,6 +1,7 @@
 """The tensor-core small-M kernel (kernels/mixed_gemv_mma.cu) beside bf16 cuBLAS and the shipped
 Triton paths, 1-16 tokens, on one card in one run: per layer of OFT-7B's decoder (every compiled
-tile, each checked against the dequantized product first) and the whole 32-block decoder with the tiles the sweep found fastest.
+tile, each checked against the dequantized product first) and the whole 32-block decoder with the
+tiles the sweep found fastest.
 
     PYTHONPATH=. python3 bench/kernels/bench_mma.py --out DIR [--tokens 1,16] [--mixes avg4]
 
