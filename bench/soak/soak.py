@@ -432,6 +432,9 @@ def summarize(run: Run, files: Files, received, output: str, alive: bool, exit_c
                     "python": platform.python_version(), "platform": platform.platform()},
         "crashes": {"node_alive_at_end": alive, "exit_code": exit_code,
                     "tracebacks": output.count("Traceback"), "errors": run.errors},
+        # what the node printed last, when it died or raised: with faulthandler on in the node, a
+        # native crash's thread stacks (the one soak failure so far came without them)
+        "node_output_tail": output[-6000:] if exit_code != 0 or "Traceback" in output else "",
         "chunks": {"frames_sent": len(run.sent), "chunks_received": len(chunks),
                    "ratio": len(chunks) / max(len(run.sent), 1),
                    "node_frames_total": int(diag.get("frames_total", 0)),
