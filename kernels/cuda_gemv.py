@@ -187,7 +187,25 @@ def load_library(path: Path):
                                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.qvla_mma_tiles.restype = ctypes.c_int
     lib.qvla_mma_tiles.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.qvla_mma_params_layout.restype = ctypes.c_int
+    lib.qvla_mma_params_layout.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+    check_params_layout(lib)
     return lib
+
+
+def params_layout() -> list[int]:
+    """sizeof and field offsets of the ctypes mirror, in the order the library reports its own."""
+    return [ctypes.sizeof(_Params)] + [getattr(_Params, name).offset for name, _ in _Params._fields_]
+
+
+def check_params_layout(lib) -> None:
+    """Refuse a library whose Params struct is laid out differently from _Params (every launch would
+    hand the kernel shifted pointers)."""
+    out = (ctypes.c_longlong * 64)()
+    count = lib.qvla_mma_params_layout(out, 64)
+    theirs, ours = list(out[:count]), params_layout()
+    if theirs != ours:
+        raise RuntimeError(f"Params layout of the built library {theirs} differs from the launcher's {ours}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,6 +38,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 // The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps in flight).
@@ -627,6 +628,28 @@ extern "C" int qvla_mma_tiles(int* out, int capacity) {
   QVLA_MMA_TILES
 #undef QVLA_TILE
   return n / 3;
+}
+
+// sizeof(Params), then the offset of each field in declaration order: the Python launcher checks its
+// ctypes mirror against these (a field added on one side only would shift every field after it).
+extern "C" int qvla_mma_params_layout(long long* out, int capacity) {
+  const long long layout[] = {
+      (long long)sizeof(Params),           (long long)offsetof(Params, qwords),
+      (long long)offsetof(Params, w16),    (long long)offsetof(Params, scale),
+      (long long)offsetof(Params, zero),   (long long)offsetof(Params, out_index),
+      (long long)offsetof(Params, bias),   (long long)offsetof(Params, x),
+      (long long)offsetof(Params, y),      (long long)offsetof(Params, word_offset),
+      (long long)offsetof(Params, high_offset), (long long)offsetof(Params, rows),
+      (long long)offsetof(Params, start),  (long long)offsetof(Params, first_tile),
+      (long long)offsetof(Params, first_block), (long long)offsetof(Params, nkb),
+      (long long)offsetof(Params, chunk_steps), (long long)offsetof(Params, split_steps),
+      (long long)offsetof(Params, splits), (long long)offsetof(Params, ws),
+      (long long)offsetof(Params, counters), (long long)offsetof(Params, M),
+      (long long)offsetof(Params, K),      (long long)offsetof(Params, stride_x),
+      (long long)offsetof(Params, stride_y), (long long)offsetof(Params, out_fp32)};
+  const int n = (int)(sizeof(layout) / sizeof(layout[0]));
+  for (int i = 0; i < n && i < capacity; ++i) out[i] = layout[i];
+  return n;
 }
 
 // Returns 0, -1 for a tile that is not compiled in, or a cudaError_t. `params` points to a Params

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from qvla_ros.kernels import runs_small_m_kernel, set_small_m_kernel, small_m_kernel
-from qvla_ros.kernels.cuda_gemv import (MAX_SMEM, MMA_MAX_TOKENS, SOURCE, MmaConfig, _token_stride, build_library,
-                                        chunk_plan, chunk_unit, compiled_tiles, load_library, mma_bucket, nvcc_path,
-                                        override_mma_configs, pick_mma_config)
+from qvla_ros.kernels.cuda_gemv import (MAX_SMEM, MMA_MAX_TOKENS, SOURCE, MmaConfig, _Params, _token_stride,
+                                        build_library, chunk_plan, chunk_unit, compiled_tiles, load_library,
+                                        mma_bucket, nvcc_path, override_mma_configs, params_layout, pick_mma_config)
 from qvla_ros.kernels.offline_compile import _cuobjdump as _triton_cuobjdump
 from qvla_ros.kernels.ops import small_m_route
 from qvla_ros.kernels.testing import MIXES, mix_counts, random_kernel_weights
@@ -130,6 +130,21 @@ def test_the_built_library_exports_its_entry_points_and_tiles(sm90_library):
     count = lib.qvla_mma_tiles(out, 64)
     assert {tuple(out[3 * i:3 * i + 3]) for i in range(count)} == compiled_tiles()
     assert callable(lib.qvla_mma_gemv)
+
+
+def test_the_launchers_params_mirror_has_the_kernels_layout(sm90_library):
+    # load_library refuses a mismatch; here the two layouts side by side, and the check failing on a
+    # mirror with one field fewer
+    _, lib, _ = sm90_library
+    out = (ctypes.c_longlong * 64)()
+    count = lib.qvla_mma_params_layout(out, 64)
+    assert list(out[:count]) == params_layout() and count == len(_Params._fields_) + 1
+
+    class Shifted(ctypes.Structure):
+        _fields_ = [f for f in _Params._fields_ if f[0] != "high_offset"]
+
+    mirror = [ctypes.sizeof(Shifted)] + [getattr(Shifted, name).offset for name, _ in Shifted._fields_]
+    assert mirror != list(out[:len(mirror)])
 
 
 def test_the_sm90_build_spills_nothing_and_multiplies_on_tensor_cores(sm90_library):
