@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .layout import QUANT_WIDTHS, SLOT_BITS, KernelWeights, num_k_blocks, slot_table
+from .ops import _split_scratch, output_tensor
 
 SOURCE = Path(__file__).with_name("mixed_gemv_mma.cu")
 #: the most tokens one launch takes (two 8-token tensor-core tiles)
@@ -298,12 +299,7 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
         raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or float32, got {out_dtype}")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    if out is None:
-        y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x.device)
-    elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape ({m}, {kw.out_features})")
-    else:
-        y = out
+    y = output_tensor(out, m, kw.out_features, out_dtype, x.device)
     if m == 0:
         return y
     if x.stride(1) != 1:
@@ -316,7 +312,7 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     blocks = [t * (plan[i][0] if i < 5 else 1) for i, t in enumerate(tiles)]
     first_tile = [sum(tiles[:i]) for i in range(7)]
     first_block = [sum(blocks[:i]) for i in range(7)]
-    from .ops import _split_scratch  # shared with the Triton kernels' split-K (one stream, in turn)
+    # the split parts and arrival counters are the Triton kernels' split-K scratch (one stream, in turn)
     ws, counters = _split_scratch(x.device, first_block[6] * rows_per_tile * 16, first_tile[6])
     p = _Params()
     p.qwords, p.w16, p.scale, p.zero = (kw.qwords.data_ptr(), kw.w16.data_ptr(), kw.scale.data_ptr(),

@@ -116,6 +116,16 @@ def override_configs(configs: dict[tuple[str, int], GemmConfig]) -> None:
 
 # ---- launches ------------------------------------------------------------------------------------
 
+def output_tensor(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The [m, n] output a launch writes: `out` if given (it must be contiguous, of that shape and
+    dtype: the kernels write rows m * n apart and cast to its type), else a new tensor."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape ({m}, {n})")
+    return out
+
+
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token int8 activations of x2d [M, K]: (codes int8 [M, K], scale float32 [M], sum int32 [M])."""
     if x2d.dim() != 2:
@@ -174,12 +184,7 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
     a8 = act_bits == 8
     if a8 and not cfg.use_dot:
         raise ValueError("the 8-bit-activation path needs a tensor-core config (use_dot=True)")
-    if out is None:
-        y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x_in.device)
-    elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape ({m}, {kw.out_features})")
-    else:
-        y = out
+    y = output_tensor(out, m, kw.out_features, out_dtype, x_in.device)
     if m == 0:
         return y
     tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * -(-m // cfg.bm)
@@ -373,12 +378,7 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
     if m > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens, got {m}; use launch_mixed_gemm")
     cfg = config or pick_gemv_config(max(m, 1), kw.out_features, k)
-    if out is None:
-        y = torch.empty(m, kw.out_features, dtype=out_dtype, device=x.device)
-    elif out.shape != (m, kw.out_features) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape ({m}, {kw.out_features})")
-    else:
-        y = out
+    y = output_tensor(out, m, kw.out_features, out_dtype, x.device)
     if m == 0:
         return y
     if x.stride(1) != 1:
