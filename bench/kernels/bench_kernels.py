@@ -37,8 +37,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qvla_ros.kernels import (GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,  # noqa: E402
-                              launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs,
-                              override_gemv_configs, quantize_activations)
+                              launch_dequant, launch_gemv, launch_mixed_gemm, launch_mma_gemv, mixed_bit_linear,
+                              override_configs, override_gemv_configs, quantize_activations)
 from qvla_ros.kernels.ops import SMALL_M, bucket, gemv_bucket  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_kernel_weights  # noqa: E402
 
@@ -463,6 +463,11 @@ def op_linear(x, names, lw):
     return [mixed_bit_linear(x, lw[n]) for n in names]
 
 
+def mma_linear(x, names, lw):
+    """The tensor-core small-M CUDA kernel (kernels/mixed_gemv_mma.cu; bench_mma.py times it)."""
+    return [launch_mma_gemv(x, lw[n], None, x.dtype) for n in names]
+
+
 def gemv_linear(x, names, lw):
     if x.shape[0] > SMALL_M:
         raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens")
@@ -499,7 +504,7 @@ def bench_decoder(kind, tokens, act_bits=16, mix="avg4", tiles="default"):
     base = torch.cuda.memory_allocated() if cuda else 0
     layers, weight_bytes = build_layers(kind, mix)
     linear = ({"bf16": bf16_linear, "ours-gemv": gemv_linear, "fp8-w8a8": fp8_linear,
-               "ours-dequant": dequant_linear_all, "ours-op": op_linear}.get(kind)
+               "ours-dequant": dequant_linear_all, "ours-op": op_linear, "ours-mma": mma_linear}.get(kind)
               or ours_linear(act_bits))
     cos, sin = rope_tables(tokens, HIDDEN // HEADS, DEVICE)
     x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16)

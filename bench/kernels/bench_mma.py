@@ -112,10 +112,6 @@ def best_per_bucket(results) -> dict[str, MmaConfig]:
     return chosen
 
 
-def mma_linear(x, names, lw):
-    return [launch_mma_gemv(x, lw[n], None, x.dtype) for n in names]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -149,7 +145,7 @@ def main(argv=None) -> int:
             # ours-mma with the tiles chosen above
             for kind in ("bf16", "ours-gemv" if m == 1 else "ours", "ours-mma", "bf16"):
                 try:
-                    d = bench_decoder(kind, m)
+                    d = bk.bench_decoder(kind, m, 16)
                     d["mma_config"] = cfg_str(pick_mma_config(m)) if kind == "ours-mma" else None
                     report["decoder"].append(d)
                     print("decoder", d, flush=True)
@@ -158,20 +154,6 @@ def main(argv=None) -> int:
                 out.write_text(json.dumps(report, indent=1))
     print(f"total {time.time() - t0:.0f}s", flush=True)
     return 0
-
-
-def bench_decoder(kind, tokens, mix="avg4"):
-    """bench_kernels.bench_decoder, with ours-mma's linear for kind "ours-mma"."""
-    if kind != "ours-mma":
-        return bk.bench_decoder(kind, tokens, 16, mix)
-    saved = bk.ours_linear
-    bk.ours_linear = lambda act_bits: mma_linear
-    try:
-        d = bk.bench_decoder("ours", tokens, 16, mix)
-    finally:
-        bk.ours_linear = saved
-    d["kind"] = "ours-mma"
-    return d
 
 
 if __name__ == "__main__":
