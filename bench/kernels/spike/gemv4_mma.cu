@@ -60,6 +60,20 @@ __device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi
   return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
+// x's pairs for word column c, in the order products() reads them: pair j holds features
+// (c / 32) * 256 + j * 32 + c % 32 and that + 128 (fields j and j + 4); their sum is added to part.
+__device__ __forceinline__ uint4 pair_column(const __nv_bfloat16* __restrict__ x, int c, float& part) {
+  const int base = (c >> 5) * 256 + (c & 31);
+  uint32_t p[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat16 lo = x[base + j * 32], hi = x[base + (j + 4) * 32];
+    p[j] = pack_bf16(lo, hi);
+    part += __bfloat162float(lo) + __bfloat162float(hi);
+  }
+  return make_uint4(p[0], p[1], p[2], p[3]);
+}
+
 template <int WARPS, int UNROLL>
 __global__ void __launch_bounds__(WARPS * 32) gemv4_mma(const uint4* __restrict__ qw,
                                                        const __nv_bfloat16* __restrict__ x,
@@ -86,17 +100,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4_mma(const uint4* __restrict_
     b[u] = load_stream(rb + v0 + u * 4 + t);
   }
   float part = 0.f;
-  for (int c = tid; c < words; c += WARPS * 32) {
-    const int base = (c >> 5) * 256 + (c & 31);
-    uint32_t p[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __nv_bfloat16 lo = x[base + j * 32], hi = x[base + (j + 4) * 32];
-      p[j] = pack_bf16(lo, hi);
-      part += __bfloat162float(lo) + __bfloat162float(hi);
-    }
-    xs[c] = make_uint4(p[0], p[1], p[2], p[3]);
-  }
+  for (int c = tid; c < words; c += WARPS * 32) xs[c] = pair_column(x, c, part);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
   if (lane == 0) xsum_part[warp] = part;
@@ -141,17 +145,7 @@ __global__ void pair_x(const __nv_bfloat16* __restrict__ x, uint4* __restrict__ 
                        int words) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   float part = 0.f;
-  if (c < words) {
-    const int base = (c >> 5) * 256 + (c & 31);
-    uint32_t p[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __nv_bfloat16 lo = x[base + j * 32], hi = x[base + (j + 4) * 32];
-      p[j] = pack_bf16(lo, hi);
-      part += __bfloat162float(lo) + __bfloat162float(hi);
-    }
-    xp[c] = make_uint4(p[0], p[1], p[2], p[3]);
-  }
+  if (c < words) xp[c] = pair_column(x, c, part);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
   if ((threadIdx.x & 31) == 0) atomicAdd(xsum, part);
