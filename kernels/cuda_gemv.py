@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .layout import QUANT_WIDTHS, SLOT_BITS, KernelWeights, num_k_blocks, slot_table
-from .ops import _split_scratch, output_tensor
+from .ops import _split_scratch, check_small_m_input, output_tensor
 
 SOURCE = Path(__file__).with_name("mixed_gemv_mma.cu")
 #: the most tokens one launch takes (two 8-token tensor-core tiles)
@@ -288,13 +288,9 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     x: [M, K] bfloat16/float16 on a CUDA device, M <= 16. out_dtype: x's dtype or float32. bias:
     float32 [N] or None. out: optional contiguous [M, N] tensor of out_dtype to write (every element
     is written)."""
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or not x.is_cuda:
-        raise ValueError(f"x must be a 2-D bfloat16/float16 CUDA tensor, got {x.dtype} of shape {tuple(x.shape)}")
-    m, k = x.shape
-    if k != kw.in_features:
-        raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
-    if m > MMA_MAX_TOKENS:
-        raise ValueError(f"the tensor-core small-M kernel runs at most {MMA_MAX_TOKENS} tokens, got {m}")
+    m, k = check_small_m_input(x, kw, MMA_MAX_TOKENS, "the tensor-core small-M kernel")
+    if not x.is_cuda:
+        raise ValueError(f"x must be a CUDA tensor, got one on {x.device}")
     if out_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype ({x.dtype}) or float32, got {out_dtype}")
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):

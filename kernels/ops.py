@@ -364,19 +364,26 @@ def override_gemv_configs(configs: dict[str | tuple[str, int, int], GemvConfig])
             _GEMV_CONFIGS[key] = cfg
 
 
+def check_small_m_input(x: torch.Tensor, kw: KernelWeights, max_tokens: int, kernel: str) -> tuple[int, int]:
+    """(M, K) of a small-M kernel's input x, refused unless it is a 2-D bfloat16/float16 [M, K] for
+    this layer with at most max_tokens tokens (`kernel` names the launcher in the message)."""
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be a 2-D bfloat16/float16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    m, k = x.shape
+    if k != kw.in_features:
+        raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
+    if m > max_tokens:
+        raise ValueError(f"{kernel} runs at most {max_tokens} tokens, got {m}; use launch_mixed_gemm")
+    return m, k
+
+
 def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One launch of the small-M kernel over all groups of the layer: y [M, N] in out_dtype.
 
     x: [M, K] bfloat16/float16, M <= 16 (16-bit activations only). out: optional contiguous [M, N]
     tensor of out_dtype to write (every element is written)."""
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be a 2-D bfloat16/float16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
-    m, k = x.shape
-    if k != kw.in_features:
-        raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
-    if m > SMALL_M:
-        raise ValueError(f"the small-M kernel runs at most {SMALL_M} tokens, got {m}; use launch_mixed_gemm")
+    m, k = check_small_m_input(x, kw, SMALL_M, "the small-M kernel")
     cfg = config or pick_gemv_config(max(m, 1), kw.out_features, k)
     y = output_tensor(out, m, kw.out_features, out_dtype, x.device)
     if m == 0:
