@@ -175,7 +175,7 @@ __device__ __forceinline__ float to_float(T v) {
 
 // Shared-memory byte offset of vector v of column c (chunk-local) for one token: lanes t = 0..3 of a
 // step read neighbouring vectors, so a warp's reads are free of bank conflicts (with the token
-// stride chosen in chunk_layout).
+// stride of token_stride).
 template <int BITS>
 __device__ __forceinline__ int x_offset(int c, int v) {
   constexpr int VB = 4 * Width<BITS>::kVec;
@@ -340,7 +340,6 @@ __device__ __forceinline__ void step_products(float (&acc)[MT][4], const StepWor
 #pragma unroll
       for (int tt = 0; tt < MT; ++tt) mma<T>(acc[tt], a0, a1, a2, a3, xp[tt][2 * h], xp[tt][2 * h + 1]);
     }
-    return;
   } else {
     constexpr int P = Width<BITS>::kPairs;
 #pragma unroll
