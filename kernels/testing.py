@@ -123,3 +123,18 @@ def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[i
         torch.cat([kept, pruned]).to(torch.int32).to(device), meta.to(device),
         tuple(int(v) for v in meta[:, 0].tolist()), True)
 
+
+def replayed_in_a_cuda_graph(call):
+    """call()'s output from a CUDA graph: one warm-up call outside the capture, the capture, a replay
+    (the GPU tests' check that a launch path records into a graph and replays to the same result)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm-up outside the capture
+        with torch.cuda.graph(graph):
+            captured = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    return captured

@@ -11,7 +11,7 @@ from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequan
                               launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, pick_config,
                               pick_gemv_config, prepare_packed, quantize_activations, quantize_activations_reference,
                               set_large_m_kernel, set_small_m_kernel)
-from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed
+from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed, replayed_in_a_cuda_graph
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,21 +39,6 @@ def run(kw, x, bias, act_bits, config=None):
         launch_mixed_gemm(x, kw, bias, x.dtype, 16, config=config, out=out)
     torch.cuda.synchronize()
     return out
-
-
-def replayed_in_a_cuda_graph(call):
-    """call()'s output from a CUDA graph: one warm-up call outside the capture, the capture, a replay."""
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # warm-up outside the capture
-        with torch.cuda.graph(graph):
-            captured = call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    return captured
 
 
 def check(out, packed, x, bias, act_bits):

@@ -11,7 +11,7 @@ import torch
 
 from qvla_ros.kernels import mixed_bit_linear, prepare_packed, set_small_m_kernel
 from qvla_ros.kernels.cuda_gemv import MmaConfig, chunk_plan, compiled_tiles, launch_mma_gemv, mma_available
-from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed
+from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed, replayed_in_a_cuda_graph
 
 pytestmark = [
     pytest.mark.gpu,
@@ -141,16 +141,7 @@ def test_the_switch_routes_few_tokens_to_the_mma_kernel_also_in_a_cuda_graph():
             out = mixed_bit_linear(x, kw, bias)
             assert torch.equal(out, run_mma(kw, x, bias)), m
             check(out, packed, x, bias)
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            mixed_bit_linear(x, kw, bias)
-            with torch.cuda.graph(graph):
-                captured = mixed_bit_linear(x, kw, bias)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        torch.cuda.synchronize()
+        captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
         assert torch.equal(captured, out)
         # 17 tokens are past the kernel: the grouped GEMM runs them
         x = torch.randn(17, 4096, device="cuda", dtype=torch.bfloat16)
