@@ -51,7 +51,9 @@
   QVLA_TILE(1, 8, 1)   \
   QVLA_TILE(8, 1, 2)   \
   QVLA_TILE(8, 1, 4)   \
-  QVLA_TILE(4, 2, 1)
+  QVLA_TILE(4, 2, 1)   \
+  QVLA_TILE(1, 8, 4)   \
+  QVLA_TILE(2, 4, 4)
 
 namespace {
 
@@ -193,11 +195,14 @@ __device__ __forceinline__ int token_stride(int steps) {
 }
 
 // Stage x's pairs of word columns [c0, c0 + steps * 16) for every token, in this width's order, and
-// add the staged values to this warp's slot of xpart[warp][m] (features >= K are staged as zeros;
-// each warp sums its own slot, so the order of additions and the result never vary).
+// add the staged values to this warp's slot of xpart[warp][m] (features >= K are staged as zeros).
 //
 // An item is 8 neighbouring columns' pair q: with K a multiple of 8 its two runs of 8 features are
-// two 16-byte loads (dense rows: one run holds 4 columns' pairs), else single features.
+// two 16-byte loads (dense rows: one run holds 4 columns' pairs), else single features. The items of
+// all tokens form one loop, each token's padded to whole warps: a warp's lanes then hold one token, so
+// their sums meet in one shuffle reduction, and each (warp, token) slot is added to in a fixed order
+// (the result never varies). One loop over all tokens, not a loop per token: with 16 tokens of a
+// short chunk a per-token loop kept most threads idle and ran 16 dependent rounds of loads from L2.
 template <typename T, int BITS>
 __device__ __forceinline__ void stage_x(const Params& p, char* xs, float (*xpart)[16], int c0, int steps) {
   constexpr int P = Width<BITS>::kPairs;
@@ -205,13 +210,16 @@ __device__ __forceinline__ void stage_x(const Params& p, char* xs, float (*xpart
   const T* x = static_cast<const T*>(p.x);
   const int cols = steps * 16, ts = token_stride<BITS>(steps);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int items = (cols / RUN) * P;  // per token; a multiple of 4, not of 32: the token loop is outside
+  const int items = (cols / RUN) * P;      // per token
+  const int padded = (items + 31) & ~31;  // per token, whole warps
   const bool vec = ((p.K | p.stride_x) & 7) == 0 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0;
-  for (int m = 0; m < p.M; ++m) {
-    const T* xm = x + (size_t)m * p.stride_x;
-    char* dst = xs + m * ts;
+#pragma unroll 2
+  for (int i = threadIdx.x; i < p.M * padded; i += blockDim.x) {
+    const int m = i / padded, item = i - m * padded;
     float part = 0.f;
-    for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    if (item < items) {
+      const T* xm = x + (size_t)m * p.stride_x;
+      char* dst = xs + m * ts;
       const int q = item % P, c = (item / P) * RUN;  // chunk-local first column of the run
       int f0, f1;
       pair_features<BITS>(c0 + c, q, f0, f1);  // features of the run's first pair
@@ -411,11 +419,19 @@ __device__ __forceinline__ void store_y(const Params& p, int m, int n, float v) 
   }
 }
 
+// What the epilogue of a block reads for each of its rows and tokens, staged once (see run_rows).
+template <int RT>
+struct Epilogue {
+  float scale[RT * 16], offset[RT * 16], bias[RT * 16];
+  int out[RT * 16];
+  float xsum[16];  // sum(x) per token over this block's staged features
+};
+
 // y (or this split's part of it) for the RT * 16 rows of row tile `tile` of one width, over steps
 // [s_lo, s_hi) of their words.
 template <typename T, int BITS, int RT, int WK, int UNROLL, int MT>
 __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, int split, char* xs,
-                                         float (*xpart)[16], float (*red)[WK][16][16]) {
+                                         float (*xpart)[16], float (*red)[WK][16][16], Epilogue<RT>& ep) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rt = warp / WK, wk = warp % WK;
   const int g = lane >> 2, t = lane & 3;
@@ -494,7 +510,6 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
     red[rt][wk][g + 8][8 * tt + 2 * t] = acc[tt][2];
     red[rt][wk][g + 8][8 * tt + 2 * t + 1] = acc[tt][3];
   }
-  __syncthreads();
   float C = 1.f, OFF = 0.f;
   if constexpr (BITS == 8) {
     C = 16.f;
@@ -502,24 +517,38 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
   } else if constexpr (BITS != 16) {
     C = OFF = float(1 << BITS);
   }
+  // Each row's scale, offset, output channel and bias, and each token's sum(x), fetched once: the
+  // (row, token) items below would otherwise wait on a load from memory each (16 tokens x 128 rows:
+  // 8 dependent rounds of loads per block).
+  for (int r = threadIdx.x; r < RT * 16; r += blockDim.x) {
+    const int prow = start + min(tile * RT * 16 + r, rows - 1);
+    const int n = p.out_index[prow];
+    ep.out[r] = n;
+    ep.bias[r] = p.bias ? p.bias[n] : 0.f;
+    if constexpr (BITS != 16) {
+      ep.scale[r] = p.scale[prow];
+      ep.offset[r] = OFF + p.zero[prow];
+    }
+  }
+  for (int m = threadIdx.x; m < p.M; m += blockDim.x) {
+    float xsum = 0.f;
+    for (int w = 0; w < RT * WK; ++w) xsum += xpart[w][m];
+    ep.xsum[m] = xsum;
+  }
+  __syncthreads();
   const int splits = p.splits[slot];
   // this split's part of y for (row r, token m): the split's own sum(x) goes with its own products
   auto part = [&](int r, int m) {
-    float dot = 0.f, xsum = 0.f;
+    float dot = 0.f;
 #pragma unroll
     for (int w = 0; w < WK; ++w) dot += red[r / 16][w][r % 16][m];
-    for (int w = 0; w < RT * WK; ++w) xsum += xpart[w][m];
     if constexpr (BITS == 16) {
       return dot;
     } else {
-      const int prow = start + tile * RT * 16 + r;
-      return p.scale[prow] * (C * dot - (OFF + p.zero[prow]) * xsum);
+      return ep.scale[r] * (C * dot - ep.offset[r] * ep.xsum[m]);
     }
   };
-  auto store = [&](int r, int m, float v) {
-    const int n = p.out_index[start + tile * RT * 16 + r];
-    store_y<T>(p, m, n, p.bias ? v + p.bias[n] : v);
-  };
+  auto store = [&](int r, int m, float v) { store_y<T>(p, m, ep.out[r], p.bias ? v + ep.bias[r] : v); };
   if (splits == 1) {
     for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
       const int m = item / (RT * 16), r = item % (RT * 16);
@@ -544,6 +573,7 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
   __syncthreads();
   if (!last) return;
   __threadfence();
+#pragma unroll 4  // the items' loads of the parts in flight together, not one round trip each
   for (int item = threadIdx.x; item < RT * 16 * p.M; item += blockDim.x) {
     const int m = item / (RT * 16), r = item % (RT * 16);
     if (tile * RT * 16 + r >= rows) continue;
@@ -559,6 +589,7 @@ __global__ void __launch_bounds__(RT* WK * 32, 1) mixed_gemv_mma(const Params p)
   extern __shared__ __align__(16) char xs[];
   __shared__ float red[RT][WK][16][16];
   __shared__ float xpart[RT * WK][16];  // sum(x) per warp and token, over the columns it staged
+  __shared__ Epilogue<RT> ep;
   const int block = blockIdx.x;
   int slot = 0;
 #pragma unroll
@@ -576,11 +607,11 @@ __global__ void __launch_bounds__(RT* WK * 32, 1) mixed_gemv_mma(const Params p)
   for (int i = threadIdx.x; i < RT * WK * 16; i += blockDim.x) xpart[i / 16][i % 16] = 0.f;  // before a barrier
   const int splits = p.splits[slot], tile = local / splits, split = local % splits;
   switch (slot) {
-    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
-    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
-    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
-    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
-    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red); break;
+    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
   }
 }
 
