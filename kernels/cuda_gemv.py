@@ -45,9 +45,7 @@ class MmaConfig:
     Args:
         row_tiles: 16-row tiles per block (one warp group of k_warps each).
         k_warps: warps splitting each 16 rows' words along K (their sums meet in shared memory).
-        unroll: steps (16 words of each row per warp) in each warp's batch: chunks of staged x are
-            whole units of k_warps * unroll steps. How far ahead the weights are copied is the
-            kernel's fixed pipeline depth (pipe_steps()), not this.
+        unroll: steps (16 words of each row per warp) loaded ahead of the ones being multiplied.
         smem_budget: bytes of shared memory for staged x; more tokens or features than fit are
             staged in chunks along K (one barrier pair per chunk).
         block_steps: about how many steps (64 bytes of each row) one block streams: rows with more
@@ -77,22 +75,6 @@ def compiled_tiles() -> frozenset[tuple[int, int, int]]:
     block = text[text.index("#define QVLA_MMA_TILES"):]
     block = block[:block.index("\n\n")]
     return frozenset(tuple(int(v) for v in m) for m in re.findall(r"QVLA_TILE\((\d+), (\d+), (\d+)\)", block))
-
-
-@functools.lru_cache(maxsize=None)
-def pipe_steps() -> int:
-    """Steps each warp keeps in flight in its shared-memory weight ring (the source's kPipe)."""
-    return int(re.search(r"constexpr int kPipe = (\d+);", SOURCE.read_text()).group(1))
-
-
-def ring_bytes(kw: KernelWeights, cfg: MmaConfig) -> int:
-    """Shared memory of a block's weight ring: kPipe slots per warp of 1 KB (two rows' 16-byte vectors
-    for 32 lanes), 1.5 KB when the layer has 3-bit rows (their high planes ride along)."""
-    return cfg.row_tiles * cfg.k_warps * pipe_steps() * _ring_step(kw)
-
-
-def _ring_step(kw: KernelWeights) -> int:
-    return 1536 if kw.group_rows[SLOT_BITS.index(3)] else 1024
 
 
 #: per token bucket: the configs with the least time summed over the OFT-7B shapes (avg4 and all-4-bit
@@ -188,7 +170,7 @@ class _Params(ctypes.Structure):
         ("split_steps", ctypes.c_int * 5), ("splits", ctypes.c_int * 5), ("ws", ctypes.c_void_p),
         ("counters", ctypes.c_void_p),
         ("M", ctypes.c_int), ("K", ctypes.c_int), ("stride_x", ctypes.c_int), ("stride_y", ctypes.c_int),
-        ("out_fp32", ctypes.c_int), ("ring_step", ctypes.c_int),
+        ("out_fp32", ctypes.c_int),
     ]
 
 
@@ -208,12 +190,7 @@ def load_library(path: Path):
     lib.qvla_mma_tiles.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     lib.qvla_mma_params_layout.restype = ctypes.c_int
     lib.qvla_mma_params_layout.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
-    lib.qvla_mma_pipe_steps.restype = ctypes.c_int
-    lib.qvla_mma_pipe_steps.argtypes = []
     check_params_layout(lib)
-    if lib.qvla_mma_pipe_steps() != pipe_steps():  # the ring the launcher sizes is the one the kernel uses
-        raise RuntimeError(f"the built library keeps {lib.qvla_mma_pipe_steps()} steps in flight, the launcher "
-                           f"sizes its ring for {pipe_steps()}")
     return lib
 
 
@@ -271,8 +248,7 @@ def chunk_unit(cfg: MmaConfig) -> int:
 
 def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[int, int, int]], int]:
     """How each of slots 16, 8, 4, 3, 2 is cut: (splits along K, steps per split, steps staged per
-    chunk), (0, 0, 0) where empty; and the dynamic shared memory the launch needs (the weight ring,
-    then staged x).
+    chunk), (0, 0, 0) where empty; and the dynamic shared memory the launch needs.
 
     Every step is 64 bytes of each of a row tile's rows whatever the width, so rows are split along K
     into runs of about cfg.block_steps steps: a dense or 8-bit row tile then takes as long as a 4-bit
@@ -281,8 +257,6 @@ def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[in
     m tokens into smem_budget, and splits are whole chunks (so staging never crosses into the next
     split's features). Raises ValueError when one chunk of m tokens exceeds what a block may hold."""
     unit = chunk_unit(cfg)
-    ring = ring_bytes(kw, cfg)
-    budget = min(cfg.smem_budget, MAX_SMEM - ring)
     plan, smem = [], 0
     for bits, rows in zip(SLOT_BITS[:5], kw.group_rows[:5]):
         if rows == 0:
@@ -294,18 +268,17 @@ def chunk_plan(kw: KernelWeights, m: int, cfg: MmaConfig) -> tuple[list[tuple[in
         pieces = 1
         while True:
             chunk = -(-split_steps // (pieces * unit)) * unit
-            if m * _token_stride(bits, chunk) <= budget or chunk == unit:
+            if m * _token_stride(bits, chunk) <= cfg.smem_budget or chunk == unit:
                 break
             pieces += 1
         split_steps = -(-split_steps // chunk) * chunk
         splits = -(-steps // split_steps)
         plan.append((splits, split_steps, chunk))
         smem = max(smem, m * _token_stride(bits, chunk))
-    if ring + smem > MAX_SMEM:
-        raise ValueError(f"tile {cfg} stages {smem} bytes of x for {m} tokens beside its {ring}-byte weight ring, "
-                         f"more than a block's {MAX_SMEM}: use fewer warps along K or a smaller unroll for this "
-                         "many tokens")
-    return plan, ring + smem
+    if smem > MAX_SMEM:
+        raise ValueError(f"tile {cfg} stages {smem} bytes of x for {m} tokens, more than a block's {MAX_SMEM}: "
+                         "use fewer warps along K or a smaller unroll for this many tokens")
+    return plan, smem
 
 
 def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -355,7 +328,6 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     p.ws, p.counters = ws.data_ptr(), counters.data_ptr()
     p.M, p.K, p.stride_x, p.stride_y = m, k, x.stride(0), y.stride(0)
     p.out_fp32 = int(out_dtype == torch.float32)
-    p.ring_step = _ring_step(kw)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     rc = _library(device).qvla_mma_gemv(ctypes.addressof(p), int(x.dtype == torch.float16), cfg.row_tiles,

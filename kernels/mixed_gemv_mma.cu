@@ -30,7 +30,7 @@
 //
 // Work split: a block owns a tile of RT x 16 packed rows of ONE width (RT warps' worth of rows) and
 // WK warps per 16 rows split its words; the step of a warp is 16 word columns of its 16 rows (one
-// 16-byte vector per row per lane), copied kPipe steps ahead into a ring in shared memory. Every
+// 16-byte vector per row per lane), UNROLL steps loaded ahead of the ones being multiplied. Every
 // step is 64 bytes of each row whatever the width, so rows are also split along K over blocks of
 // about the same number of steps (a dense row tile streams 4x a 4-bit one's bytes and would be the
 // launch's critical path); the last split of a row tile to arrive adds the parts in split order.
@@ -41,18 +41,19 @@
 #include <cstddef>
 #include <cstdint>
 
-// The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps per batch). A
-// batch is each warp's share of a chunk unit (chunks of staged x are whole units of WK * UNROLL
-// steps); how far ahead weights are loaded is kPipe below, the same for every tile.
+// The tiles compiled in: (row tiles of 16 per block, warps per 16 rows along K, steps in flight).
+// Blocks of 4 warps (1, 4, 2 and 2, 2, 2) and of 16 warps spilled registers at 9-16 tokens under the
+// default register cap (sm_90); not tried again since __launch_bounds__ lifted it.
 #define QVLA_MMA_TILES \
   QVLA_TILE(1, 8, 2)   \
   QVLA_TILE(2, 4, 2)   \
   QVLA_TILE(4, 2, 2)   \
-  QVLA_TILE(8, 1, 2)   \
   QVLA_TILE(1, 8, 1)   \
-  QVLA_TILE(2, 4, 1)   \
+  QVLA_TILE(8, 1, 2)   \
+  QVLA_TILE(8, 1, 4)   \
   QVLA_TILE(4, 2, 1)   \
-  QVLA_TILE(8, 1, 1)
+  QVLA_TILE(1, 8, 4)   \
+  QVLA_TILE(2, 4, 4)
 
 namespace {
 
@@ -79,7 +80,6 @@ struct Params {
   float* ws;                   // split parts: [block][RT * 16 rows][16 tokens] float32
   int32_t* counters;           // one per row tile; zero between launches
   int M, K, stride_x, stride_y, out_fp32;
-  int ring_step;               // bytes of one warp's ring slot: 1024, 1536 when the layer has 3-bit rows
 };
 
 template <typename T>
@@ -122,6 +122,21 @@ __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint32_t* p) {
+  // weights are read once: no L1 allocation
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint2 load_stream2(const uint16_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
 }
 
 template <int BITS>
@@ -249,88 +264,47 @@ __device__ __forceinline__ void stage_x(const Params& p, char* xs, float (*xpart
   }
 }
 
-// The weight stream: each warp keeps kPipe of its steps in flight, copied by cp.async straight into
-// a ring in shared memory (the copies hold no registers while in flight), one commit group per step.
-// Why: with the weights loaded into registers one or two steps ahead, the one-token kernel streamed
-// at 2.0 TB/s where bf16 cuBLAS streams 4.1 (bench/kernels/NOTES.md, run 11: too few bytes in flight
-// per SM); 8 warps x 8 steps x 1 KB keep 64 KB in flight per block.
-constexpr int kPipe = 8;
-
-// A warp's ring slot for one step: the 16-byte vectors of row g of all 32 lanes, then row g + 8's
-// (a warp's 16-byte reads are then free of bank conflicts), then for 3-bit rows each row's 8 bytes
-// of high plane per lane. Every lane reads back only what it copied itself: no barrier is needed.
+// One step's weights of one lane: a 16-byte vector of row g's words and one of row g + 8's (dense:
+// 8 bfloat16 features each), plus 4 half-words of each row's high plane for 3-bit rows.
 struct StepWords {
   uint4 a, b;
   uint2 ha, hb;
 };
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes from global to shared, through L2 only (weights are read once); zeros where !valid
-__device__ __forceinline__ void copy16(char* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void copy8(char* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(shared_address(dst)), "l"(src),
-               "r"(valid ? 8 : 0)
-               : "memory");
-}
-
-template <int PENDING>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
-
-// Start the copy of one step's weights (word column col of rows a and b) into `slot`, as one group.
 template <int BITS>
-__device__ __forceinline__ void issue_step(char* slot, int lane, const uint32_t* ra, const uint32_t* rb,
-                                           const uint16_t* ha, const uint16_t* hb, const uint16_t* da,
-                                           const uint16_t* db, int col, int K, bool valid) {
+__device__ __forceinline__ StepWords load_step(const uint32_t* ra, const uint32_t* rb, const uint16_t* ha,
+                                               const uint16_t* hb, const uint16_t* da, const uint16_t* db,
+                                               int col, int K, bool valid) {
+  StepWords s;
+  s.a = s.b = make_uint4(0u, 0u, 0u, 0u);
+  s.ha = s.hb = make_uint2(0u, 0u);
+  if (!valid) return s;
   if constexpr (BITS == 16) {
     const int f = 2 * col;  // 8 features from f
     if ((K & 7) == 0) {
-      const bool in = valid && f < K;
-      copy16(slot + lane * 16, in ? da + f : da, in);
-      copy16(slot + 512 + lane * 16, in ? db + f : db, in);
-    } else {  // rows not 16-byte aligned: one feature at a time, stored by this lane for itself
+      if (f < K) {
+        s.a = load_stream(reinterpret_cast<const uint32_t*>(da + f));
+        s.b = load_stream(reinterpret_cast<const uint32_t*>(db + f));
+      }
+    } else {  // rows not 16-byte aligned: one feature at a time
       uint16_t ea[8], eb[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        ea[i] = valid && f + i < K ? da[f + i] : 0;
-        eb[i] = valid && f + i < K ? db[f + i] : 0;
+        ea[i] = f + i < K ? da[f + i] : 0;
+        eb[i] = f + i < K ? db[f + i] : 0;
       }
-      *reinterpret_cast<uint4*>(slot + lane * 16) =
-          make_uint4(ea[0] | (uint32_t)ea[1] << 16, ea[2] | (uint32_t)ea[3] << 16, ea[4] | (uint32_t)ea[5] << 16,
-                     ea[6] | (uint32_t)ea[7] << 16);
-      *reinterpret_cast<uint4*>(slot + 512 + lane * 16) =
-          make_uint4(eb[0] | (uint32_t)eb[1] << 16, eb[2] | (uint32_t)eb[3] << 16, eb[4] | (uint32_t)eb[5] << 16,
-                     eb[6] | (uint32_t)eb[7] << 16);
+      s.a = make_uint4(ea[0] | (uint32_t)ea[1] << 16, ea[2] | (uint32_t)ea[3] << 16, ea[4] | (uint32_t)ea[5] << 16,
+                       ea[6] | (uint32_t)ea[7] << 16);
+      s.b = make_uint4(eb[0] | (uint32_t)eb[1] << 16, eb[2] | (uint32_t)eb[3] << 16, eb[4] | (uint32_t)eb[5] << 16,
+                       eb[6] | (uint32_t)eb[7] << 16);
     }
   } else {
-    copy16(slot + lane * 16, valid ? ra + col : ra, valid);
-    copy16(slot + 512 + lane * 16, valid ? rb + col : rb, valid);
+    s.a = load_stream(ra + col);
+    s.b = load_stream(rb + col);
     if constexpr (BITS == 3) {
-      copy8(slot + 1024 + lane * 8, valid ? ha + col : ha, valid);
-      copy8(slot + 1280 + lane * 8, valid ? hb + col : hb, valid);
+      s.ha = load_stream2(ha + col);
+      s.hb = load_stream2(hb + col);
     }
-  }
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int BITS>
-__device__ __forceinline__ StepWords read_step(const char* slot, int lane) {
-  StepWords s;
-  s.a = *reinterpret_cast<const uint4*>(slot + lane * 16);
-  s.b = *reinterpret_cast<const uint4*>(slot + 512 + lane * 16);
-  s.ha = s.hb = make_uint2(0u, 0u);
-  if constexpr (BITS == 3) {
-    s.ha = *reinterpret_cast<const uint2*>(slot + 1024 + lane * 8);
-    s.hb = *reinterpret_cast<const uint2*>(slot + 1280 + lane * 8);
   }
   return s;
 }
@@ -456,7 +430,7 @@ struct Epilogue {
 // y (or this split's part of it) for the RT * 16 rows of row tile `tile` of one width, over steps
 // [s_lo, s_hi) of their words.
 template <typename T, int BITS, int RT, int WK, int UNROLL, int MT>
-__device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, int split, char* ring, char* xs,
+__device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, int split, char* xs,
                                          float (*xpart)[16], float (*red)[WK][16][16], Epilogue<RT>& ep) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rt = warp / WK, wk = warp % WK;
@@ -495,19 +469,16 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
 #pragma unroll
   for (int tt = 0; tt < MT; ++tt) xt[tt] = xs + min(g + 8 * tt, p.M - 1) * ts;
 
-  // the warp's j-th step is s_lo + wk + WK * j (the warps interleave); steps from s_hi on are zeros
-  char* slots = ring + warp * kPipe * p.ring_step;
-  auto issue = [&](int j) {
-    const int s = s_lo + wk + WK * j;
-    issue_step<BITS>(slots + (j % kPipe) * p.ring_step, lane, ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K,
-                     s < s_hi);
-  };
+  StepWords next[UNROLL];
 #pragma unroll
-  for (int j = 0; j < kPipe - 1; ++j) issue(j);
+  for (int u = 0; u < UNROLL; ++u) {
+    const int s = s_lo + wk + WK * u;
+    next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
+  }
   float acc[MT][4] = {};
   int chunk_start = s_lo, left = 0;  // the staged chunk's first step; its batches still to run
-  for (int b = 0, base = s_lo, j = 0; b < batches; ++b, base += kBatch) {
-    if (left == 0) {  // a new chunk of x (the weights keep streaming meanwhile)
+  for (int b = 0, base = s_lo; b < batches; ++b, base += kBatch) {
+    if (left == 0) {  // a new chunk of x (the first batch's weights are already in flight)
       chunk_start = base;
       left = per_chunk;
       __syncthreads();
@@ -515,17 +486,22 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
       __syncthreads();
     }
     --left;
+    StepWords cur[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u, ++j) {
-      issue(j + kPipe - 1);
-      wait_copies<kPipe - 1>();  // step j's group has landed
+    for (int u = 0; u < UNROLL; ++u) cur[u] = next[u];
+    if (b + 1 < batches) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int s = base + kBatch + wk + WK * u;
+        next[u] = load_step<BITS>(ra, rb, ha, hb, da, db, s * 16 + 4 * t, p.K, s < s_hi);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
       const int s = base + wk + WK * u;
-      if (s < s_hi)
-        step_products<T, BITS, MT>(acc, read_step<BITS>(slots + (j % kPipe) * p.ring_step, lane), xt,
-                                   (s - chunk_start) * 16 + 4 * t);
+      if (s < s_hi) step_products<T, BITS, MT>(acc, cur[u], xt, (s - chunk_start) * 16 + 4 * t);
     }
   }
-  wait_copies<0>();  // no copy may land in shared memory after the block is done with it
   // C fragment: rows g and g + 8, token columns 2t and 2t + 1 of each token tile
 #pragma unroll
   for (int tt = 0; tt < MT; ++tt) {
@@ -610,9 +586,7 @@ __device__ __forceinline__ void run_rows(const Params& p, int slot, int tile, in
 
 template <typename T, int RT, int WK, int UNROLL, int MT>
 __global__ void __launch_bounds__(RT* WK * 32, 1) mixed_gemv_mma(const Params p) {
-  extern __shared__ __align__(16) char dynamic_smem[];
-  char* ring = dynamic_smem;                                    // the weight ring: kPipe slots per warp
-  char* xs = dynamic_smem + RT * WK * kPipe * p.ring_step;      // staged x
+  extern __shared__ __align__(16) char xs[];
   __shared__ float red[RT][WK][16][16];
   __shared__ float xpart[RT * WK][16];  // sum(x) per warp and token, over the columns it staged
   __shared__ Epilogue<RT> ep;
@@ -633,11 +607,11 @@ __global__ void __launch_bounds__(RT* WK * 32, 1) mixed_gemv_mma(const Params p)
   for (int i = threadIdx.x; i < RT * WK * 16; i += blockDim.x) xpart[i / 16][i % 16] = 0.f;  // before a barrier
   const int splits = p.splits[slot], tile = local / splits, split = local % splits;
   switch (slot) {
-    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, tile, split, ring, xs, xpart, red, ep); break;
-    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, tile, split, ring, xs, xpart, red, ep); break;
-    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, tile, split, ring, xs, xpart, red, ep); break;
-    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, tile, split, ring, xs, xpart, red, ep); break;
-    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, tile, split, ring, xs, xpart, red, ep); break;
+    case 0: run_rows<T, 16, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 1: run_rows<T, 8, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 2: run_rows<T, 4, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    case 3: run_rows<T, 3, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
+    default: run_rows<T, 2, RT, WK, UNROLL, MT>(p, slot, tile, split, xs, xpart, red, ep); break;
   }
 }
 
@@ -671,8 +645,6 @@ int launch_tile(const Params& p, int rt, int wk, int unroll, int blocks, int sme
 
 }  // namespace
 
-extern "C" int qvla_mma_pipe_steps() { return kPipe; }
-
 extern "C" int qvla_mma_tiles(int* out, int capacity) {
   // the compiled (row tiles, warps along K, unroll) triples, for the Python side to check against
   int n = 0;
@@ -704,8 +676,7 @@ extern "C" int qvla_mma_params_layout(long long* out, int capacity) {
       (long long)offsetof(Params, splits), (long long)offsetof(Params, ws),
       (long long)offsetof(Params, counters), (long long)offsetof(Params, M),
       (long long)offsetof(Params, K),      (long long)offsetof(Params, stride_x),
-      (long long)offsetof(Params, stride_y), (long long)offsetof(Params, out_fp32),
-      (long long)offsetof(Params, ring_step)};
+      (long long)offsetof(Params, stride_y), (long long)offsetof(Params, out_fp32)};
   const int n = (int)(sizeof(layout) / sizeof(layout[0]));
   for (int i = 0; i < n && i < capacity; ++i) out[i] = layout[i];
   return n;
