@@ -77,16 +77,17 @@ def compiled_tiles() -> frozenset[tuple[int, int, int]]:
     return frozenset(tuple(int(v) for v in m) for m in re.findall(r"QVLA_TILE\((\d+), (\d+), (\d+)\)", block))
 
 
-#: per token bucket: the configs with the least time summed over the OFT-7B shapes (avg4 and all-4-bit
-#: layers) in the last sweep of bench/kernels/NOTES.md "Run 10" (H200, bench_mma.py over tiles and run
-#: lengths); 2-8 tokens were not timed and take the one-token tile
+#: per token bucket (H200, bench_mma.py over tiles and run lengths, bench/kernels/NOTES.md): one token
+#: the tile of the fastest decoder in run 10 (4.56 ms); 9-16 tokens the least time summed over the
+#: OFT-7B shapes (avg4 and all-4-bit layers) in run 11's sweep; 2-8 tokens were not timed and take the
+#: one-token tile
 _MMA_CONFIGS: dict[str, MmaConfig] = {}
 
 
 def _default_configs() -> dict[str, MmaConfig]:
     if not _MMA_CONFIGS:
         _MMA_CONFIGS.update({"m1": MmaConfig(1, 8, 1, block_steps=32), "m8": MmaConfig(1, 8, 1, block_steps=32),
-                             "m16": MmaConfig(8, 1, 2, block_steps=8)})
+                             "m16": MmaConfig(4, 2, 1, block_steps=32)})
     return _MMA_CONFIGS
 
 

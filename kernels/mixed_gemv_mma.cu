@@ -51,9 +51,7 @@
   QVLA_TILE(1, 8, 1)   \
   QVLA_TILE(8, 1, 2)   \
   QVLA_TILE(8, 1, 4)   \
-  QVLA_TILE(4, 2, 1)   \
-  QVLA_TILE(1, 8, 4)   \
-  QVLA_TILE(2, 4, 4)
+  QVLA_TILE(4, 2, 1)
 
 namespace {
 
