@@ -73,6 +73,30 @@ def oracle(x: torch.Tensor, packed, bias: torch.Tensor | None, act_bits: int) ->
     return y
 
 
+_GPU_LAYERS: dict = {}
+
+
+def gpu_layer(n: int, k: int, counts: Mapping[int, int], frac: bool = False):
+    """(PackedWeight on CPU, KernelWeights on the GPU) of a random layer, built once per shape and mix
+    in a process (the GPU tests reuse a layer across many cases)."""
+    from .layout import prepare_packed
+    key = (n, k, tuple(sorted(counts.items())), frac)
+    if key not in _GPU_LAYERS:
+        packed, _ = random_packed(n, k, counts, seed=n + 3 * k, fractional_zero=frac)
+        _GPU_LAYERS[key] = (packed, prepare_packed(packed, device="cuda"))
+    return _GPU_LAYERS[key]
+
+
+def check_against_oracle(out: torch.Tensor, packed, x: torch.Tensor, bias: torch.Tensor | None, act_bits: int = 16,
+                         tol: float | None = None) -> None:
+    """Every output element written (the tests fill out with NaN first), and the relative error to
+    the CPU oracle under tol, by default x's rounding: 1e-2 for bfloat16, 2e-3 for float16."""
+    assert torch.isfinite(out).all(), "some output elements were never written"
+    ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), act_bits)
+    err = float((out.cpu().to(torch.float64) - ref).norm() / ref.norm())
+    assert err < (tol or (1e-2 if x.dtype == torch.bfloat16 else 2e-3)), err
+
+
 def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[int, int], device,
                           seed: int = 0) -> KernelWeights:
     """A layer in the kernel layout with random codes, drawn on `device` (for timing).

@@ -9,25 +9,15 @@ import torch
 
 from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,
                               launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, pick_config,
-                              pick_gemv_config, prepare_packed, quantize_activations, quantize_activations_reference,
+                              pick_gemv_config, quantize_activations, quantize_activations_reference,
                               set_large_m_kernel, set_small_m_kernel)
-from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed, replayed_in_a_cuda_graph
+from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, replayed_in_a_cuda_graph
+from qvla_ros.kernels.testing import check_against_oracle as check, gpu_layer as layer
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-_LAYERS = {}
-
-
-def layer(n, k, counts, frac=False):
-    """(PackedWeight on CPU, KernelWeights on the GPU), built once per shape and mix."""
-    key = (n, k, tuple(sorted(counts.items())), frac)
-    if key not in _LAYERS:
-        packed, _ = random_packed(n, k, counts, seed=n + 3 * k, fractional_zero=frac)
-        _LAYERS[key] = (packed, prepare_packed(packed, device="cuda"))
-    return _LAYERS[key]
 
 
 def run(kw, x, bias, act_bits, config=None):
@@ -39,13 +29,6 @@ def run(kw, x, bias, act_bits, config=None):
         launch_mixed_gemm(x, kw, bias, x.dtype, 16, config=config, out=out)
     torch.cuda.synchronize()
     return out
-
-
-def check(out, packed, x, bias, act_bits):
-    assert torch.isfinite(out).all(), "some output elements were never written"
-    ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), act_bits)
-    err = float((out.cpu().to(torch.float64) - ref).norm() / ref.norm())
-    assert err < (1e-2 if x.dtype == torch.bfloat16 else 2e-3), err
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))

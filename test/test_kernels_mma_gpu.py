@@ -9,16 +9,16 @@ CUDA graph. Outputs are filled with NaN first, so an element the kernel never wr
 import pytest
 import torch
 
-from qvla_ros.kernels import mixed_bit_linear, prepare_packed, set_small_m_kernel
+from qvla_ros.kernels import mixed_bit_linear, set_small_m_kernel
 from qvla_ros.kernels.cuda_gemv import MmaConfig, chunk_plan, compiled_tiles, launch_mma_gemv, mma_available
-from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, random_packed, replayed_in_a_cuda_graph
+from qvla_ros.kernels.testing import MIXES, mix_counts, replayed_in_a_cuda_graph
+from qvla_ros.kernels.testing import check_against_oracle as check, gpu_layer as layer
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-_LAYERS = {}
 RAGGED = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
 
 
@@ -28,26 +28,11 @@ def built():
         pytest.skip("the tensor-core kernel did not build here (no nvcc, or compute capability < 8.0)")
 
 
-def layer(n, k, counts, frac=False):
-    key = (n, k, tuple(sorted(counts.items())), frac)
-    if key not in _LAYERS:
-        packed, _ = random_packed(n, k, counts, seed=n + 3 * k, fractional_zero=frac)
-        _LAYERS[key] = (packed, prepare_packed(packed, device="cuda"))
-    return _LAYERS[key]
-
-
 def run_mma(kw, x, bias, config=None, out_dtype=None):
     out = torch.full((x.shape[0], kw.out_features), float("nan"), dtype=out_dtype or x.dtype, device=x.device)
     launch_mma_gemv(x, kw, bias, out.dtype, config=config, out=out)
     torch.cuda.synchronize()
     return out
-
-
-def check(out, packed, x, bias, tol=None):
-    assert torch.isfinite(out).all(), "some output elements were never written"
-    ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), 16)
-    err = float((out.cpu().to(torch.float64) - ref).norm() / ref.norm())
-    assert err < (tol or (1e-2 if x.dtype == torch.bfloat16 else 2e-3)), err
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
