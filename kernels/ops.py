@@ -211,21 +211,40 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 #: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "mma" (the tensor-core
 #: CUDA kernel, cuda_gemv.py, where it builds and runs; else the Triton small-M kernel), "gemv"
 #: (triton_gemv.py), "gemm" (the grouped GEMM) or "auto", the default: the Triton small-M kernel for
-#: one token, the grouped GEMM for 2-16. H200, bench/kernels/NOTES.md run 10, 32-block decoder at one
-#: token: mma 4.56 ms, Triton 4.94 ms, bf16 6.20 ms; at 16 tokens the grouped GEMM 9.74 ms, mma
-#: 12.87 ms. "mma" stays opt-in: its 8% needs nvcc on the robot and a first call that builds for
-#: 40-60 s. The environment variable QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel()
-#: at run time.
+#: one token, the grouped GEMM for 2-16. H200, bench/kernels/NOTES.md run 11, 32-block decoder:
+#: one token mma 4.59 ms, Triton 4.89, bf16 6.24; 8 tokens mma 7.47, grouped GEMM 9.24; 16 tokens
+#: mma 9.31, grouped GEMM 9.80. "mma" stays opt-in: its 5-19% needs nvcc on the robot and a first
+#: call that builds for 40-90 s. The environment variable QVLA_SMALL_M_KERNEL sets it per process;
+#: set_small_m_kernel() at run time.
 SMALL_M = 16
 SMALL_M_KERNELS = ("auto", "gemm", "gemv", "mma")
-_small_m_kernel = [None]
+
+
+class KernelSwitch:
+    """A kernel choice read from an environment variable at each call, which set() overrides for the
+    process (set(None) goes back to the environment). Unknown names are refused either way."""
+
+    def __init__(self, env: str, choices: tuple[str, ...], default: str, what: str):
+        self.env, self.choices, self.default, self.what = env, choices, default, what
+        self._override: str | None = None
+
+    def get(self) -> str:
+        choice = self._override or os.environ.get(self.env, self.default)
+        if choice not in self.choices:
+            raise ValueError(f"{self.env} must be one of {self.choices}, got {choice!r}")
+        return choice
+
+    def set(self, name: str | None) -> None:
+        if name is not None and name not in self.choices:
+            raise ValueError(f"{self.what} kernel must be one of {self.choices}, got {name!r}")
+        self._override = name
+
+
+_small_m_switch = KernelSwitch("QVLA_SMALL_M_KERNEL", SMALL_M_KERNELS, "auto", "small-M")
 
 
 def small_m_kernel() -> str:
-    choice = _small_m_kernel[0] or os.environ.get("QVLA_SMALL_M_KERNEL", "auto")
-    if choice not in SMALL_M_KERNELS:
-        raise ValueError(f"QVLA_SMALL_M_KERNEL must be one of {SMALL_M_KERNELS}, got {choice!r}")
-    return choice
+    return _small_m_switch.get()
 
 
 def runs_small_m_kernel(m: int) -> bool:
@@ -250,9 +269,7 @@ def small_m_route(m: int, device: torch.device) -> str | None:
 def set_small_m_kernel(name: str | None) -> None:
     """Pick the kernel for M <= 16 tokens ("auto", "gemm", "gemv" or "mma"); None goes back to the
     environment."""
-    if name is not None and name not in SMALL_M_KERNELS:
-        raise ValueError(f"small-M kernel must be one of {SMALL_M_KERNELS}, got {name!r}")
-    _small_m_kernel[0] = name
+    _small_m_switch.set(name)
 
 
 @dataclass(frozen=True)
@@ -429,22 +446,17 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 #: QVLA_LARGE_M_KERNEL sets it per process; set_large_m_kernel() at run time.
 DEQUANT_MIN_TOKENS = 24
 LARGE_M_KERNELS = ("dequant", "gemm")
-_large_m_kernel = [None]
+_large_m_switch = KernelSwitch("QVLA_LARGE_M_KERNEL", LARGE_M_KERNELS, "dequant", "large-M")
 
 
 def large_m_kernel() -> str:
-    choice = _large_m_kernel[0] or os.environ.get("QVLA_LARGE_M_KERNEL", "dequant")
-    if choice not in LARGE_M_KERNELS:
-        raise ValueError(f"QVLA_LARGE_M_KERNEL must be one of {LARGE_M_KERNELS}, got {choice!r}")
-    return choice
+    return _large_m_switch.get()
 
 
 def set_large_m_kernel(name: str | None) -> None:
     """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("dequant" or
     "gemm"); None goes back to the environment."""
-    if name is not None and name not in LARGE_M_KERNELS:
-        raise ValueError(f"large-M kernel must be one of {LARGE_M_KERNELS}, got {name!r}")
-    _large_m_kernel[0] = name
+    _large_m_switch.set(name)
 
 
 def runs_dequant_path(m: int) -> bool:
