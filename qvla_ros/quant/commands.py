@@ -71,6 +71,12 @@ def register(subparsers) -> None:
     p.add_argument("--rounding", choices=("rtn", "gptq"), default="rtn",
                    help="measure rows rounded to nearest, or by GPTQ (jacobian estimator; then "
                         "quantize with --rounding gptq)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="jacobian: projections per backward pass (default: all, up to 64; a 7B policy takes 1-4); "
+                        "exact: perturbations per forward")
+    p.add_argument("--device", default="cpu", help="where to calibrate: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="run the policy in this dtype (default: as stored; bfloat16 halves a large policy's memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="sensitivity table (.safetensors)")
     p.set_defaults(func=_reporting("calibrate", calibrate_command))
@@ -114,7 +120,17 @@ def calibrate_command(args) -> int:
     if not args.data and not args.synthetic:
         print("qvla calibrate: give --data DEMO_DIR (or --synthetic for a smoke run)", file=sys.stderr)
         return 2
-    policy = load_policy(_policy_path(args.policy))
+    import torch
+
+    from .sensitivity import _check_device
+
+    if args.replicas is not None and args.replicas < 1:
+        print("qvla calibrate: --replicas must be >= 1", file=sys.stderr)
+        return 2
+    device = _check_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    policy = load_policy(_policy_path(args.policy), device=device, dtype=dtype)
+    on = {"replicas": args.replicas}
     if args.synthetic:
         frames = synthetic_frames(policy.config, args.frames, seed=args.seed)
     else:
@@ -130,20 +146,20 @@ def calibrate_command(args) -> int:
         modules = quantizable_linears(policy, targets)
         deltas = gptq_weight_deltas(policy, modules, frames, args.bits)
         table = jacobian_sensitivity(policy, frames, bits=args.bits, layers=list(modules), deltas=deltas,
-                                     projections=args.projections, seed=args.seed)
+                                     projections=args.projections, seed=args.seed, **on)
         table.meta["rounding"] = "gptq"
     elif args.estimator == "exact":
         table = exact_sensitivity(policy, frames, bits=args.bits, targets=targets, max_channels=args.max_channels,
-                                  seed=args.seed)
+                                  seed=args.seed, **on)
     else:
         table = jacobian_sensitivity(policy, frames, bits=args.bits, targets=targets,
-                                     projections=args.projections, seed=args.seed)
+                                     projections=args.projections, seed=args.seed, **on)
         if args.estimator == "hybrid":
             sample = frames.select(range(min(args.exact_frames, len(frames))))
             exact = exact_sensitivity(policy, sample, bits=args.bits, targets=targets,
                                       max_channels=args.max_channels or 8, seed=args.seed)
             same = jacobian_sensitivity(policy, sample, bits=args.bits, targets=targets,
-                                        projections=args.projections, seed=args.seed, progress=False)
+                                        projections=args.projections, seed=args.seed, progress=False, **on)
             seconds = table.meta["seconds"] + exact.meta["seconds"] + same.meta["seconds"]
             table = rescale_to_exact(table, exact, same)
             table.meta["seconds"] = seconds

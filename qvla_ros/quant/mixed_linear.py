@@ -108,8 +108,9 @@ class MixedBitLinear(nn.Module):
                     row_tile: int = DEFAULT_ROW_TILE) -> "MixedBitLinear":
         counts = {g.bits: g.rows for g in packed.groups}
         counts[0] = packed.out_features - packed.kept_rows
-        module = cls(packed.in_features, packed.out_features, counts, bias=bias is not None,
-                     act_bits=act_bits, row_tile=row_tile)
+        with torch.device(packed.row_index.device):   # built where the packed rows are
+            module = cls(packed.in_features, packed.out_features, counts, bias=bias is not None,
+                         act_bits=act_bits, row_tile=row_tile)
         module.row_index.copy_(packed.row_index)
         for g in packed.groups:
             for part, tensor in g.tensors().items():

@@ -51,7 +51,7 @@ def _pack_fields(values: torch.Tensor, width: int) -> torch.Tensor:
     """Pack unsigned `width`-bit fields [R, Kp] into bytes [R, Kp*width/8], low bits first."""
     per = 8 // width
     rows, kp = values.shape
-    shifts = torch.arange(per, dtype=torch.int32) * width
+    shifts = torch.arange(per, dtype=torch.int32, device=values.device) * width
     fields = values.to(torch.int32).reshape(rows, kp // per, per) << shifts
     return fields.sum(dim=-1).to(torch.uint8)
 
@@ -191,7 +191,9 @@ class PackedWeight:
             raise ValueError(f"unknown bit-widths {unknown}; allowed: {list(ALL_BITS)}")
         check_row_tile(bit_counts(bits), n, row_tile)
         kp = padded_in_features(k)
-        w = weight.detach().to(torch.float32).cpu()
+        # Packed where the weight lives: a 7B policy on a GPU is quantized there, not on the CPU.
+        w = weight.detach().to(torch.float32)
+        bits = bits.to(w.device)
         groups, index, start = [], [], 0
         for b in GROUP_ORDER:
             rows = torch.nonzero(bits == b).flatten()
@@ -208,7 +210,7 @@ class PackedWeight:
             groups.append(g)
             index.append(rows)
             start += rows.numel()
-        row_index = torch.cat(index).to(torch.int32) if index else torch.zeros(0, dtype=torch.int32)
+        row_index = torch.cat(index).to(torch.int32) if index else torch.zeros(0, dtype=torch.int32, device=w.device)
         return cls(out_features=n, in_features=k, row_index=row_index, groups=groups)
 
     @property

@@ -116,7 +116,7 @@ def weight_deltas(weight: torch.Tensor, bits: Sequence[int],
     (16 bits -> 0 by definition; 0 bits -> -W). round_rows(W, b) gives the stored rows at a width
     in {2, 3, 4, 8}: round-to-nearest by default, GPTQ's for QVLA with GPTQ rows."""
     w = weight.detach().to(torch.float32)
-    out = torch.zeros(len(bits), *w.shape)
+    out = torch.zeros(len(bits), *w.shape, device=w.device)
     for i, b in enumerate(bits):
         if b == 0:
             out[i] = -w
@@ -295,10 +295,12 @@ class _PrefixReplay:
 class _ChannelPerturbation:
     """Forward hook on a Linear: replica r of the batch gets x @ dW[r]^T added to column chan[r]."""
 
-    def __init__(self, module: nn.Linear):
+    def __init__(self, module: nn.Linear, name: str = "?"):
         self.module = module
+        self.name = name
         self.delta_rows: torch.Tensor | None = None   # [R, K]
         self.channels: torch.Tensor | None = None     # [R]
+        self.checked = False
         self.handle = module.register_forward_hook(self)
 
     def __call__(self, module, inputs, output):
@@ -307,9 +309,18 @@ class _ChannelPerturbation:
         x = inputs[0]
         r = self.delta_rows.shape[0]
         if x.shape[0] % r:
-            raise SensitivityError(f"layer input batch {x.shape[0]} is not a multiple of {r} replicas")
+            raise SensitivityError(f"layer {self.name}: input batch {x.shape[0]} is not a multiple of {r} replicas")
         n = output.shape[-1]
         xr = x.reshape(r, -1, x.shape[-1]).to(torch.float32)
+        if r > 1 and not self.checked:
+            # The first call of a forward sees unperturbed inputs: in a replica-major batch every
+            # replica's rows are the same. Anything else (cameras stacked before replicas, say)
+            # would mix perturbations across replicas.
+            self.checked = True
+            if not _replicas_match(xr):
+                raise SensitivityError(
+                    f"layer {self.name}: its input batch is not replica-major (the {r} replicas' rows differ), "
+                    "so the exact estimator cannot batch perturbations here; use replicas=1")
         u = torch.einsum("rmk,rk->rm", xr, self.delta_rows)
         out = output.reshape(r, -1, n).clone()
         m = out.shape[1]
@@ -320,6 +331,15 @@ class _ChannelPerturbation:
         self.handle.remove()
 
 
+def _replicas_match(blocks: torch.Tensor) -> bool:
+    """Whether blocks [R, ...] (one per replica of the same frames) hold the same numbers: up to
+    the rounding a GEMM may do differently for different rows of one batch, far below the
+    difference between two cameras or frames that a wrong layout would put side by side."""
+    ref = blocks[0].float()
+    tol = (1e-4 if blocks.dtype in (torch.float32, torch.float64) else 2e-2) * float(ref.abs().max()) + 1e-30
+    return all(float((blocks[i].float() - ref).abs().max()) <= tol for i in range(1, blocks.shape[0]))
+
+
 def _default_replicas(frames: int, target_rows: int = 64) -> int:
     return max(1, target_rows // max(frames, 1))
 
@@ -328,16 +348,25 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
                       layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
                       channels: Mapping[str, np.ndarray] | None = None, max_channels: int | None = None,
                       replicas: int | None = None, seed: int = 0, progress: bool = True,
-                      check_tolerance: float = 1e-4) -> SensitivityTable:
+                      check_tolerance: float = 1e-4, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> SensitivityTable:
     """Measure S by running the perturbed policy (see the module docstring).
 
     channels / max_channels: measure only these channels (or a seeded random subset of this size
-    per layer); the others are NaN. replicas: perturbations per forward (default: 64 rows / frames).
+    per layer); the others are NaN. replicas: perturbations per forward (default: 64 rows / frames);
+    with more than one, every perturbed layer checks that its input batch really is replica-major
+    (the replicas' rows identical) and refuses otherwise; replicas=1 assumes no layout at all.
+    device, dtype: as in jacobian_sensitivity (the policy is moved in place). One layer's weight
+    deltas exist at a time.
     """
     from tqdm.auto import tqdm
 
     bits = tuple(check_bits(b) for b in bits)
+    if device is not None or dtype is not None:
+        policy.to(device=_check_device(device), dtype=dtype)
     chosen = _resolve_layers(policy, layers, targets)
+    if not chosen:
+        raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
     policy.eval()
     inputs = frames.inputs()
     f = len(frames)
@@ -369,7 +398,7 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
         deltas = weight_deltas(module.weight, bits)
         pairs = [(c, bi) for c in idx.tolist() for bi in measured_bits]
         replay = _PrefixReplay(calls, module)
-        hook = _ChannelPerturbation(module)
+        hook = _ChannelPerturbation(module, name)
         try:
             with torch.no_grad(), replay:
                 replay.reset()
@@ -385,17 +414,18 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
                 for start in range(0, len(pairs), r_max):
                     chunk = pairs[start:start + r_max]
                     r = len(chunk)
-                    chans = torch.tensor([c for c, _ in chunk])
-                    hook.channels = chans
+                    hook.channels = torch.tensor([c for c, _ in chunk], device=deltas.device)
                     hook.delta_rows = torch.stack([deltas[bi, c] for c, bi in chunk])
+                    hook.checked = False
                     replay.reset()
                     out = _call_policy(policy, frames.inputs(r)).reshape(r, f, *reference.shape[1:])
-                    err2 = (out - reference.unsqueeze(0)).pow(2).sum(dim=(-1, -2)).mean(dim=1).double().numpy()
+                    err2 = (out - reference.unsqueeze(0)).pow(2).sum(dim=(-1, -2)).mean(dim=1).double().cpu().numpy()
                     for (c, bi), value in zip(chunk, err2):
                         table[c, bi] = value
                     bar.update(r)
         finally:
             hook.remove()
+        del deltas
         costs[name] = table
     bar.close()
     meta = {"estimator": "exact", "frames": f, "calibration": frames.source, "replicas": r_max,
@@ -412,69 +442,124 @@ def _policy_fingerprint(policy: nn.Module) -> dict[str, Any]:
 
 # ---- jacobian estimator -----------------------------------------------------------------------
 class _JacobianTap:
-    """Hooks on one Linear: keeps its input (first replica) and turns the gradient at its output
-    into per-channel first-order action changes for every width."""
+    """Hooks on one Linear for the one-frame-at-a-time Jacobian pass.
 
-    def __init__(self, module: nn.Linear, deltas: torch.Tensor, acc: torch.Tensor):
+    The frame runs as R identical replicas, replica r carrying projection v_r in the backward.
+    Forward (every call of the layer): the layer's weight change at each width, dW [nb, N, K], is
+    made on the layer's device, turned into the change of this call's output for one replica,
+    dy = x_0 dW^T [nb, M, N] (kept until the frame's backward passes are done), and freed, so
+    one layer's weight deltas exist at a time. The batch layout is checked, not assumed: the
+    call's input must split into R identical replica blocks, else the layer is named and refused.
+    Backward: each call adds, per replica, sum over its rows of (dA/dy . dy) to `linear`
+    [N, nb, R]; summing over ALL calls before squaring is what makes a layer called several times
+    per forward (an encoder run once per camera) exact to first order. One frame per forward
+    means every row of a replica belongs to that frame.
+    """
+
+    def __init__(self, name: str, module: nn.Linear, deltas: Callable[[], torch.Tensor], n_bits: int,
+                 store_dtype: torch.dtype):
+        self.name = name
         self.module = module
-        self.deltas = deltas     # [nb, N, K]
-        self.acc = acc           # [N, nb] float64, sum over frames and projections of (v . J u)^2
+        self.deltas = deltas
+        self.n_bits = n_bits
+        self.store_dtype = store_dtype
+        self.acc = torch.zeros(module.out_features, n_bits, dtype=torch.float64, device=module.weight.device)
+        self.linear: torch.Tensor | None = None
         self.replicas = 1
-        self.frames = 1
+        self.check_layout = True
+        self.calls = 0
         self.handle = module.register_forward_hook(self.forward_hook)
 
     def forward_hook(self, module, inputs, output):
+        self.calls += 1
+        r = self.replicas
         x = inputs[0].detach()
-        p, f = self.replicas, self.frames
-        if x.shape[0] % (p * f):
-            raise SensitivityError(f"layer input batch {x.shape[0]} does not split into {p} x {f}")
-        # the input is the same in every replica: the change of y per width, per frame and token
-        x0 = x.reshape(p, -1, x.shape[-1])[0].to(torch.float32)              # [M, K]
-        dy = torch.einsum("mk,bnk->bmn", x0, self.deltas)                      # [nb, M, N]
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] % r:
+            raise SensitivityError(f"layer {self.name}: input of {rows.shape[0]} rows does not split into "
+                                   f"{r} replicas")
+        blocks = rows.reshape(r, -1, rows.shape[-1])
+        if self.check_layout and r > 1 and not _replicas_match(blocks):
+            raise SensitivityError(
+                f"layer {self.name}: its input is not replica-major (the {r} replicas' rows differ), so "
+                "projections cannot share one forward here; use replicas=1 (--replicas 1)")
+        dw = self.deltas()                                                       # [nb, N, K]
+        # dy^T [N, nb, M], channel-major so the backward's contraction over rows is one bmm
+        # a bf16 policy's dy is kept in bf16 anyway: compute it there (tensor cores), else in fp32+
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        work = x.dtype if low else torch.promote_types(dw.dtype, x.dtype)
+        dy = torch.matmul(dw.to(work), blocks[0].to(work).T).transpose(0, 1).contiguous().to(self.store_dtype)
+        del dw
         if not output.requires_grad:
             output = output.detach().requires_grad_(True)
 
         def grad_hook(grad, dy=dy):
-            g = grad.detach().reshape(p, f, -1, grad.shape[-1]).to(torch.float32)   # [P, F, T, N]
-            d = dy.reshape(dy.shape[0], f, -1, dy.shape[-1])                         # [nb, F, T, N]
-            s = torch.einsum("pftn,bftn->pfbn", g, d)                                # [P, F, nb, N]
-            self.acc += s.double().pow(2).sum(dim=(0, 1)).T
+            g = grad.detach().reshape(r, -1, grad.shape[-1]).permute(2, 1, 0).to(dy.dtype).contiguous()  # [N, M, R]
+            part = torch.bmm(dy, g).float()                                                  # [N, nb, R]
+            self.linear = part if self.linear is None else self.linear + part
 
         output.register_hook(grad_hook)
         return output
+
+    def end_projections(self) -> None:
+        """After one backward: square each replica's summed first-order change and add it up."""
+        if self.linear is not None:
+            self.acc += self.linear.double().pow(2).sum(dim=2)
+        self.linear = None
 
     def remove(self) -> None:
         self.handle.remove()
 
 
+def _rtn_deltas(module: nn.Linear, bits: Sequence[int], dtype: torch.dtype = torch.float32
+                ) -> Callable[[], torch.Tensor]:
+    return lambda: weight_deltas(module.weight, bits).to(dtype)
+
+
 def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Sequence[int] = ALL_BITS,
                          layers: Iterable[str] | None = None, targets: QuantTargets | None = None,
-                         projections: int | None = None, max_rows: int = 64, seed: int = 0,
+                         projections: int | None = None, replicas: int | None = None, seed: int = 0,
                          deltas: Mapping[str, torch.Tensor] | None = None,
+                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                          progress: bool = True) -> SensitivityTable:
     """First-order estimate of S from action-space Jacobians (see the module docstring).
 
+    Streams: frames run one at a time; within a frame's forward each layer's weight deltas are
+    made on the device, used and freed before the next layer's (only the output changes dy, in
+    the policy's dtype, wait for the backward passes). Peak memory: the policy, one frame's
+    activations and dy, one layer's deltas.
+
     projections: random Gaussian projections of the action chunk per frame; None uses the unit
-    vectors (exact first order) when the chunk has at most 64 numbers, else 16 random ones.
-    max_rows: replicas x frames per forward/backward.
+        vectors (exact first order) when the chunk has at most 64 numbers, else 16 random ones.
+    replicas: projections per backward pass (default: all of them, up to 64). The frame runs
+        once as that many replicas; further blocks of projections are further backward passes
+        over the retained graph. Memory grows with it: a 7B policy takes 1-4.
     deltas: per layer, the weight change dW [len(bits), N, K] each width makes (default: the
-        project's round-to-nearest, `weight_deltas`); another rounding (GPTQ's) passes its own,
-        so S measures the rows that will actually be stored.
+        project's round-to-nearest, made per layer on the fly); another rounding (GPTQ's) passes
+        its own, so S measures the rows that will actually be stored.
+    device, dtype: where and in which dtype to run; the policy is moved IN PLACE (a 7B policy
+        is not copied). None keeps the policy where and as it is.
     """
     from tqdm.auto import tqdm
 
     bits = tuple(check_bits(b) for b in bits)
+    if device is not None or dtype is not None:
+        policy.to(device=_check_device(device), dtype=dtype)
     chosen = _resolve_layers(policy, layers, targets)
+    if not chosen:
+        raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
     policy.eval()
     f_total = len(frames)
+    measured = [i for i, b in enumerate(bits) if b != 16]
+    measured_bits = [bits[i] for i in measured]
     with torch.no_grad():
         probe = _call_policy(policy, frames.select([0]).inputs())
-    chunk_shape = probe.shape[1:]
-    d = int(np.prod(chunk_shape))
+    d = int(np.prod(probe.shape[1:]))
     basis = projections is None and d <= 64
     p = d if basis else (projections or 16)
+    if p < 1:
+        raise SensitivityError(f"projections must be >= 1, got {p}")
     gen = torch.Generator().manual_seed(seed)
-    accs = {name: torch.zeros(m.out_features, len(bits), dtype=torch.float64) for name, m in chosen.items()}
     if deltas is not None:
         missing = [n for n in chosen if n not in deltas]
         wrong = [n for n, m in chosen.items() if n in deltas
@@ -482,45 +567,91 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
         if missing or wrong:
             raise SensitivityError(f"deltas must hold [{len(bits)}, out, in] for every layer; missing "
                                    f"{missing[:3]}, wrongly shaped {wrong[:3]}")
-    taps = [_JacobianTap(m, weight_deltas(m.weight, bits) if deltas is None else deltas[name].float(),
-                         accs[name]) for name, m in chosen.items()]
+    store = _floating_dtype(policy)
+    taps = {}
+    for name, m in chosen.items():
+        if deltas is None:
+            make = _rtn_deltas(m, measured_bits)
+        else:
+            make = (lambda t=deltas[name], dev=m.weight.device: t[measured].to(dev, torch.float32))
+        taps[name] = _JacobianTap(name, m, make, len(measured), store)
     grads = {prm: prm.requires_grad for prm in policy.parameters()}
     started = time.time()
-    # replicas per pass: all p projections if they fit, else several passes over projection blocks
-    p_block = max(1, min(p, max_rows))
-    f_block = max(1, max_rows // p_block)
-    passes = [(fs, ps) for fs in range(0, f_total, f_block) for ps in range(0, p, p_block)]
+    calls_per_forward: dict[str, int] = {}
     try:
         for prm in policy.parameters():
             prm.requires_grad_(False)
-        for fs, ps in tqdm(passes, desc="jacobian sensitivity", unit="pass", disable=not progress):
-            sub = frames.select(range(fs, min(fs + f_block, f_total)))
-            pp = min(p_block, p - ps)
-            for tap in taps:
-                tap.replicas, tap.frames = pp, len(sub)
-            if basis:
-                v = torch.eye(d)[ps:ps + pp]                                        # [pp, d]
-                v = v[:, None, :].expand(pp, len(sub), d)
-            else:
-                v = torch.randn(pp, len(sub), d, generator=gen)
+        r = max(1, min(p, replicas or 64))
+        blocks = [(s, min(s + r, p)) for s in range(0, p, r)]
+        bar = tqdm(total=f_total, desc="jacobian sensitivity", unit="frame", disable=not progress)
+        for f in range(f_total):
+            for tap in taps.values():
+                tap.calls, tap.replicas, tap.check_layout = 0, r, f == 0
             with torch.enable_grad():
-                actions = _call_policy(policy, sub.inputs(pp)).reshape(pp, len(sub), d)
-                (actions * v).sum().backward()
+                actions = _call_policy(policy, frames.select([f]).inputs(r)).reshape(r, d)
+            if f == 0:
+                calls_per_forward = {n: t.calls for n, t in taps.items()}
+                never = [n for n, c in calls_per_forward.items() if c == 0]
+                if never:
+                    raise SensitivityError(f"these layers never run in the policy's forward: {never[:3]}")
+                if not actions.requires_grad:
+                    raise SensitivityError("the actions do not depend on any measured layer's output")
+            if basis:
+                vs = torch.eye(d, device=actions.device)
+            else:
+                vs = torch.randn(p, d, generator=gen).to(actions.device)
+            for j, (s, e) in enumerate(blocks):
+                v = torch.zeros(r, d, device=actions.device)
+                v[:e - s] = vs[s:e]     # a last, partial block leaves its spare replicas at zero
+                actions.backward(v, retain_graph=j < len(blocks) - 1)
+                for tap in taps.values():
+                    tap.end_projections()
+            bar.update(1)
+            del actions
+        bar.close()
     finally:
-        for tap in taps:
+        for tap in taps.values():
             tap.remove()
         for prm, flag in grads.items():
             prm.requires_grad_(flag)
     scale = 1.0 / f_total if basis else 1.0 / (f_total * p)
-    costs = {name: (acc * scale).numpy() for name, acc in accs.items()}
-    for name in costs:
-        for i, b in enumerate(bits):
-            if b == 16:
-                costs[name][:, i] = 0.0
+    costs = {}
+    for name, tap in taps.items():
+        table = np.zeros((tap.module.out_features, len(bits)))
+        table[:, measured] = (tap.acc * scale).cpu().numpy()
+        costs[name] = table
     meta = {"estimator": "jacobian", "frames": f_total, "calibration": frames.source,
             "projections": "unit vectors (exact first order)" if basis else f"{p} gaussian",
+            "replicas": r, "calls_per_forward": {n: c for n, c in calls_per_forward.items() if c != 1},
+            "device": str(probe.device), "dtype": str(store).replace("torch.", ""),
             "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy)}
     return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
+
+
+def _floating_dtype(policy: nn.Module) -> torch.dtype:
+    for prm in policy.parameters():
+        if prm.is_floating_point():
+            return prm.dtype
+    return torch.float32
+
+
+def _check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device, or a SensitivityError that names it when it does not exist here."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SensitivityError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SensitivityError(f"device {device!r} asked for, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SensitivityError(f"device {device!r} asked for, but this machine has "
+                                   f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise SensitivityError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 # ---- comparison -------------------------------------------------------------------------------

@@ -108,9 +108,11 @@ class _StopForward(Exception):
 
 class _Collector:
     def __init__(self, in_features: int, hessian: bool, max_samples: int, generator: torch.Generator,
-                 stop_after: int | None = None):
-        self.stats = InputStats(absmax=torch.zeros(in_features), absmean_sum=torch.zeros(in_features),
-                                hessian=torch.zeros(in_features, in_features, dtype=torch.float64)
+                 stop_after: int | None = None, device: torch.device | str = "cpu"):
+        # Statistics live where the layer does: a 7B policy's Hessians accumulate on its GPU.
+        self.stats = InputStats(absmax=torch.zeros(in_features, device=device),
+                                absmean_sum=torch.zeros(in_features, device=device),
+                                hessian=torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
                                 if hessian else None)
         self.max_samples = max_samples
         self.gen = generator
@@ -130,7 +132,7 @@ class _Collector:
         room = self.max_samples - s.sample_rows
         if room > 0:
             # A random subset of rows, so image patches, text and action slots all appear.
-            take = x if x.shape[0] <= room else x[torch.randperm(x.shape[0], generator=self.gen)[:room]]
+            take = x if x.shape[0] <= room else x[torch.randperm(x.shape[0], generator=self.gen)[:room].to(x.device)]
             s.sample.append(take.clone())
             s.sample_rows += take.shape[0]
         if self.stop_after is not None and self.calls >= self.stop_after:
@@ -150,7 +152,7 @@ def collect_input_stats(policy: nn.Module, modules: Mapping[str, nn.Linear],
     if stop_after_calls is not None and len(modules) != 1:
         raise ValueError("stop_after_calls needs exactly one module to watch")
     gen = torch.Generator().manual_seed(seed)
-    collectors = {name: _Collector(m.in_features, hessian, max_samples, gen, stop_after_calls)
+    collectors = {name: _Collector(m.in_features, hessian, max_samples, gen, stop_after_calls, m.weight.device)
                   for name, m in modules.items()}
     handles = [m.register_forward_pre_hook(collectors[name]) for name, m in modules.items()]
     try:

@@ -42,7 +42,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp}")
     n, k = weight.shape
-    row_bits = _row_bits(bits, n)
+    row_bits = _row_bits(bits, n).to(weight.device)
     out = weight.detach().float().clone()
     out[row_bits == 0] = 0.0
     rounded = (row_bits != 0) & (row_bits != 16)
@@ -50,14 +50,15 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
         return out
     w = out[rounded]
     rb = row_bits[rounded]
-    h = hessian.detach().double().clone()
+    h = hessian.detach().to(weight.device, torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
     # One grid per row, from the row's own width, by the project's one RTN quantizer.
-    scale = torch.empty(len(w), dtype=torch.float16)
-    zero = torch.empty(len(w), dtype=torch.float16)
+    dev = w.device
+    scale = torch.empty(len(w), dtype=torch.float16, device=dev)
+    zero = torch.empty(len(w), dtype=torch.float16, device=dev)
     for b in rb.unique().tolist():
         sel = rb == b
         _, scale[sel], zero[sel] = quantize_rows(w[sel], b)
@@ -66,20 +67,20 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     # Each row's min and max entries are pinned to codes 0 and maxq (where they bound the range:
     # the grid always holds 0), so the packer's min/max recomputes exactly this grid.
     rows = len(w)
-    pin_lo = torch.where(zero.float() > 0, w.argmin(dim=1), torch.full((rows,), -1))
-    pin_hi = torch.where(zero.float() < maxq, w.argmax(dim=1), torch.full((rows,), -1))
+    pin_lo = torch.where(zero.float() > 0, w.argmin(dim=1), torch.full((rows,), -1, device=dev))
+    pin_hi = torch.where(zero.float() < maxq, w.argmax(dim=1), torch.full((rows,), -1, device=dev))
 
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
-        perm = torch.arange(k)
+        perm = torch.arange(k, device=dev)
     inv_perm = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]
     pos_lo = torch.where(pin_lo >= 0, inv_perm[pin_lo.clamp(min=0)], pin_lo)
     pos_hi = torch.where(pin_hi >= 0, inv_perm[pin_hi.clamp(min=0)], pin_hi)
 
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=dev)
     hinv = _upper_cholesky_of_inverse(h).float()
 
     q_all = torch.zeros_like(w)
@@ -120,7 +121,7 @@ def _row_bits(bits: int | torch.Tensor, rows: int) -> torch.Tensor:
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H^-1, adding damping until H is numerically positive definite."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     extra = 0.0
     base = float(torch.mean(torch.diag(h)))
     for _ in range(8):
