@@ -748,7 +748,7 @@ def pick_config(x2d: torch.Tensor, p: Fp8Weights) -> Fp8Config:
     if cfg is not None:
         return cfg
     capturing = x2d.is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing or not x2d.is_cuda or m == 0:
+    if capturing or not (x2d.is_cuda or _interpreting()) or m == 0:
         return DEFAULT_CONFIGS[m_bucket(m)]
     return tune(x2d, p)
 
@@ -783,8 +783,9 @@ def fp8_mixed_linear(x: torch.Tensor, prepared: Fp8Weights, config: Fp8Config | 
 def compile_offline(config: Fp8Config, arch: int = 90, x_dtype: str = "bf16", out_dtype: str = "bf16") -> dict:
     """Compile fp8_mixed_gemm_kernel with `config` for sm_{arch} on a machine without a GPU (Triton
     ships ptxas and cuobjdump), for K and the row strides multiples of 16 (the OFT-7B shapes).
-    Returns registers, spill_bytes, shared_bytes, seconds (compile time), wgmma (HGMMA instructions
-    in the SASS) and loops (per-loop instruction counts, offline_compile.sass_loops)."""
+    Returns registers, spill_bytes, shared_bytes, seconds (compile time), wgmma (HGMMA + QGMMA
+    instructions in the SASS), fp8_wgmma (QGMMA) and loops (per-loop instruction counts,
+    offline_compile.sass_loops)."""
     import re
     import time
 
@@ -813,7 +814,8 @@ def compile_offline(config: Fp8Config, arch: int = 90, x_dtype: str = "bf16", ou
     seconds = time.time() - t
     registers, shared, local, sass = _resources_and_sass(kernel)
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared, "seconds": seconds,
-            "wgmma": len(re.findall(r"\sHGMMA", sass)), "loops": sass_loops(sass), "ttgir": kernel.asm["ttgir"]}
+            "wgmma": len(re.findall(r"\s[HQ]GMMA", sass)), "fp8_wgmma": len(re.findall(r"\sQGMMA", sass)),
+            "loops": sass_loops(sass), "ttgir": kernel.asm["ttgir"]}
 
 
 __all__ = ["Fp8Weights", "Fp8Config", "prepare_fp8", "random_fp8_weights", "fp8_mixed_linear",
