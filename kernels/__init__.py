@@ -3,14 +3,16 @@
     weights = prepare_packed(packed_weight, device="cuda")   # once per layer (kernel layout)
     y = mixed_bit_linear(x, weights, bias, act_bits=16 | 8)  # every forward
 
-On CUDA tensors the layer is one Triton launch over all its bit groups (plus one for the int8
-activations when act_bits=8); up to 16 tokens with 16-bit activations either the grouped GEMM, the
-Triton small-M kernel (triton_gemv.py) or the tensor-core CUDA kernel (mixed_gemv_mma.cu, built by
-nvcc on first use) runs it, as QVLA_SMALL_M_KERNEL=auto|gemm|gemv|mma or set_small_m_kernel() says
-(auto: the Triton small-M kernel for one token, where it timed fastest on the H200). From
-DEQUANT_MIN_TOKENS tokens on, 16-bit activations go to decode-then-cuBLAS (triton_dequant.py;
-QVLA_LARGE_M_KERNEL=gemm keeps the grouped GEMM). On CPU tensors the same arithmetic runs in plain
-torch. Triton is imported only when a CUDA tensor arrives, so this package imports on machines
+    layer = PreparedLinear(weights, bias, act_bits)           # once: the lean per-call path
+    y = layer(x)                                              # what MixedBitLinear runs
+
+On CUDA tensors `ops.route()` is the whole routing table: 8-bit activations run the grouped GEMM's
+int8 path (after one launch that quantizes the activations); with 16-bit activations one token runs
+the Triton small-M kernel (triton_gemv.py), 2-23 tokens the grouped GEMM (triton_gemm.py), from
+DEQUANT_MIN_TOKENS (24) tokens on decode-then-cuBLAS (triton_dequant.py). QVLA_SMALL_M_KERNEL=gemv|mma
+(or set_small_m_kernel()) sends 1-16 tokens to the Triton small-M kernel or to the tensor-core CUDA
+kernel (mixed_gemv_mma.cu, built by nvcc on first use). On CPU tensors the same arithmetic runs in
+plain torch. Triton is imported only when a CUDA tensor arrives, so this package imports on machines
 without it.
 """
 if __name__ == "kernels":
@@ -29,17 +31,17 @@ if __name__ == "kernels":
 else:
     from .cuda_gemv import MmaConfig, launch_mma_gemv, mma_available, override_mma_configs, pick_mma_config
     from .layout import KernelWeights, prepare_groups, prepare_packed
-    from .ops import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, large_m_kernel, launch_dequant,
+    from .ops import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, PreparedLinear, dequant_linear, launch_dequant,
                       launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs, override_gemv_configs,
-                      pick_config, pick_gemv_config, quantize_activations, runs_dequant_path, runs_small_m_kernel,
-                      set_large_m_kernel, set_small_m_kernel, small_m_kernel, small_m_route, triton_available)
+                      pick_config, pick_gemv_config, quantize_activations, route, runs_dequant_path,
+                      runs_small_m_kernel, set_small_m_kernel, small_m_kernel, small_m_route, triton_available)
     from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
     "KernelWeights", "prepare_groups", "prepare_packed", "DEQUANT_MIN_TOKENS", "GemmConfig", "GemvConfig",
-    "dequant_linear", "large_m_kernel", "launch_dequant", "launch_gemv",
+    "PreparedLinear", "dequant_linear", "launch_dequant", "launch_gemv", "route",
     "launch_mixed_gemm", "mixed_bit_linear", "override_configs", "override_gemv_configs", "pick_config",
-    "pick_gemv_config", "quantize_activations", "runs_dequant_path", "runs_small_m_kernel", "set_large_m_kernel",
+    "pick_gemv_config", "quantize_activations", "runs_dequant_path", "runs_small_m_kernel",
     "set_small_m_kernel", "small_m_kernel", "small_m_route", "triton_available",
     "MmaConfig", "launch_mma_gemv", "mma_available", "override_mma_configs", "pick_mma_config",
     "dequantize_kernel_weights", "mixed_bit_linear_reference", "quantize_activations_reference",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .layout import QUANT_WIDTHS, SLOT_BITS, KernelWeights, num_k_blocks, slot_table
-from .ops import _split_scratch, check_small_m_input, output_tensor
+from .launch_common import check_small_m_input, output_tensor, split_scratch
 
 SOURCE = Path(__file__).with_name("mixed_gemv_mma.cu")
 #: the most tokens one launch takes (two 8-token tensor-core tiles)
@@ -310,7 +310,7 @@ def launch_mma_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | Non
     first_tile = [sum(tiles[:i]) for i in range(7)]
     first_block = [sum(blocks[:i]) for i in range(7)]
     # the split parts and arrival counters are the Triton kernels' split-K scratch (one stream, in turn)
-    ws, counters = _split_scratch(x.device, first_block[6] * rows_per_tile * 16, first_tile[6])
+    ws, counters = split_scratch(x.device, first_block[6] * rows_per_tile * 16, first_tile[6])
     p = _Params()
     p.qwords, p.w16, p.scale, p.zero = (kw.qwords.data_ptr(), kw.w16.data_ptr(), kw.scale.data_ptr(),
                                         kw.zero.data_ptr())

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import torch
 
+from .launch_common import _SCRATCH, check_small_m_input, output_tensor, split_scratch  # noqa: F401 (re-exported)
 from .layout import KernelWeights
 from .reference import check_act_bits, mixed_bit_linear_reference, quantize_activations_reference
 
@@ -115,16 +116,10 @@ def override_configs(configs: dict[tuple[str, int], GemmConfig]) -> None:
 
 
 # ---- launches ------------------------------------------------------------------------------------
-
-def output_tensor(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The [m, n] output a launch writes: `out` if given (it must be contiguous, of that shape and
-    dtype: the kernels write rows m * n apart and cast to its type), else a new tensor."""
-    if out is None:
-        return torch.empty(m, n, dtype=dtype, device=device)
-    if out.shape != (m, n) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape ({m}, {n})")
-    return out
-
+# Each launcher is split in two: `_bind_*` does everything that depends only on the layer, the token
+# count and the dtypes (tile choice, grid, group table, scratch, constant arguments) and returns a
+# function of the per-call tensors; `launch_*` checks its inputs, binds and runs once. PreparedLinear
+# (below) keeps the bound functions per token count, so a layer's eager forward pays the binding once.
 
 def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token int8 activations of x2d [M, K]: (codes int8 [M, K], scale float32 [M], sum int32 [M])."""
@@ -132,39 +127,61 @@ def quantize_activations(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         raise ValueError(f"expected a 2-D activation [tokens, features], got shape {tuple(x2d.shape)}")
     if not ((x2d.is_cuda or _interpreting()) and triton_available()):
         return quantize_activations_reference(x2d)
+    x2d = x2d.contiguous()
+    return _bind_act_quant(x2d.shape[0], x2d.shape[1])(x2d)
+
+
+def _bind_act_quant(m: int, k: int):
     if _interpreting():
         from ._interpreter_compat import patch_interpreter
         patch_interpreter()
     from .triton_gemm import act_quant_kernel
-    x2d = x2d.contiguous()
-    m, k = x2d.shape
-    xq = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
-    xscale = torch.empty(m, dtype=torch.float32, device=x2d.device)
-    xsum = torch.empty(m, dtype=torch.int32, device=x2d.device)
-    if m:
-        act_quant_kernel[(m,)](x2d, xq, xscale, xsum, k, x2d.stride(0), BLOCK=1024, num_warps=4)
-    return xq, xscale, xsum
+    launch = act_quant_kernel[(m,)] if m else None
+
+    def run(x2d):
+        device = x2d.device
+        xq = torch.empty(m, k, dtype=torch.int8, device=device)
+        xscale = torch.empty(m, dtype=torch.float32, device=device)
+        xsum = torch.empty(m, dtype=torch.int32, device=device)
+        if launch is not None:
+            launch(x2d, xq, xscale, xsum, k, x2d.stride(0), BLOCK=1024, num_warps=4)
+        return xq, xscale, xsum
+    return run
 
 
-# Split-K scratch per device: float32 parts of the output tiles and one arrival counter per tile.
-# The counters are zeroed once and every launch leaves them at zero again; launches that share them
-# must run one after the other (one stream), which is how a model's layers run.
-_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+def _bind_gemm(kw: KernelWeights, m: int, act_bits: int, x_dtype: torch.dtype, bias: torch.Tensor | None,
+               device, config: GemmConfig | None = None):
+    """run(x_in, y, xscale, xsum): the grouped GEMM over m tokens into y [m, N]."""
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .triton_gemm import mixed_gemm_kernel
+    cfg = config or pick_config(m, act_bits)
+    a8 = act_bits == 8
+    if a8 and not cfg.use_dot:
+        raise ValueError("the 8-bit-activation path needs a tensor-core config (use_dot=True)")
+    if m == 0:
+        return lambda x_in, y, xscale=None, xsum=None: None
+    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * -(-m // cfg.bm)
+    dummy = kw.scale
+    if cfg.split_k > 1:
+        ws, counts = split_scratch(device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
+    else:
+        ws, counts = dummy, kw.out_index
+    launch = mixed_gemm_kernel[(tiles * cfg.split_k,)]
+    weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index, kw.meta,
+               bias if bias is not None else dummy)
+    has_bias = int(bias is not None)
+    consts = dict(A8=a8, ZERO_FOLD=not kw.integer_zero, X_FP16=(not a8) and x_dtype == torch.float16,
+                  USE_DOT=cfg.use_dot, DECODE_F32=cfg.decode_f32 or _interpreting(), BM=cfg.bm, BN=cfg.bn,
+                  WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    k = kw.in_features
 
-
-def _split_scratch(device: torch.device, parts: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws, counts = _SCRATCH.get(device, (None, None))
-    if ws is None or ws.numel() < parts or counts.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # Inside a capture torch.zeros is recorded, not run: the new arrival counters would
-            # hold garbage for every launch outside the graph, and tiles whose counter never
-            # reaches SPLIT_K - 1 would never be written.
-            raise RuntimeError("the split-K scratch has to grow, which cannot happen during CUDA graph "
-                               "capture; run the layer once at this token count before capturing")
-        ws = torch.empty(max(parts, 1 << 20), dtype=torch.float32, device=device)
-        counts = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
-        _SCRATCH[device] = (ws, counts)
-    return ws, counts
+    def run(x_in, y, xscale=None, xsum=None):
+        launch(x_in, xscale if a8 else dummy, xsum if a8 else dummy, *weights, y, ws, counts,
+               m, k, x_in.stride(0), y.stride(0), has_bias, **consts)
+    return run
 
 
 def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -175,49 +192,28 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
     x_in: [M, K] bf16/fp16 (act_bits=16), or int8 codes with xscale/xsum (act_bits=8).
     out: optional [M, N] contiguous tensor of out_dtype to write (every element is written).
     """
-    if _interpreting():
-        from ._interpreter_compat import patch_interpreter
-        patch_interpreter()
-    from .triton_gemm import mixed_gemm_kernel
     m, k = x_in.shape
-    cfg = config or pick_config(m, act_bits)
-    a8 = act_bits == 8
-    if a8 and not cfg.use_dot:
-        raise ValueError("the 8-bit-activation path needs a tensor-core config (use_dot=True)")
+    run = _bind_gemm(kw, m, act_bits, x_in.dtype, bias, x_in.device, config)
     y = output_tensor(out, m, kw.out_features, out_dtype, x_in.device)
-    if m == 0:
-        return y
-    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * -(-m // cfg.bm)
-    grid = (tiles * cfg.split_k,)
-    dummy = kw.scale
-    if cfg.split_k > 1:
-        ws, counts = _split_scratch(x_in.device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
-    else:
-        ws, counts = dummy, kw.out_index
-    mixed_gemm_kernel[grid](
-        x_in, xscale if a8 else dummy, xsum if a8 else dummy, kw.qwords, kw.qwords.view(torch.int16), kw.w16,
-        kw.scale, kw.zero, kw.out_index, kw.meta, bias if bias is not None else dummy, y, ws, counts,
-        m, k, x_in.stride(0), y.stride(0), int(bias is not None),
-        A8=a8, ZERO_FOLD=not kw.integer_zero,
-        X_FP16=(not a8) and x_in.dtype == torch.float16, USE_DOT=cfg.use_dot,
-        DECODE_F32=cfg.decode_f32 or _interpreting(),
-        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, SPLIT_K=cfg.split_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if m:
+        run(x_in, y, xscale, xsum)
     return y
 
 
 # ---- the small-M kernel (triton_gemv.py) ----------------------------------------------------------
 
-#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "mma" (the tensor-core
-#: CUDA kernel, cuda_gemv.py, where it builds and runs; else the Triton small-M kernel), "gemv"
-#: (triton_gemv.py), "gemm" (the grouped GEMM) or "auto", the default: the Triton small-M kernel for
-#: one token, the grouped GEMM for 2-16. H200, bench/kernels/NOTES.md run 11, 32-block decoder:
-#: one token mma 4.59 ms, Triton 4.89, bf16 6.24; 8 tokens mma 7.47, grouped GEMM 9.24; 16 tokens
-#: mma 9.31, grouped GEMM 9.80. "mma" stays opt-in: its 5-19% needs nvcc on the robot and a first
-#: call that builds for 40-90 s. The environment variable QVLA_SMALL_M_KERNEL sets it per process;
-#: set_small_m_kernel() at run time.
+#: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "auto", the default (the
+#: Triton small-M kernel for one token, the grouped GEMM for 2-16), "gemv" (the Triton small-M kernel,
+#: triton_gemv.py, for 1-16) or "mma" (the tensor-core CUDA kernel, cuda_gemv.py, for 1-16 where it
+#: builds and runs; else the Triton small-M kernel). H200, bench/kernels/NOTES.md run 11, 32-block
+#: decoder: one token mma 4.59 ms, Triton 4.89, bf16 6.24; 8 tokens mma 7.47, grouped GEMM 9.24; 16
+#: tokens mma 9.31, grouped GEMM 9.80. "mma" stays opt-in: its 5-19% needs nvcc on the robot and a
+#: first call that builds for 40-90 s. The former choice "gemm" (the grouped GEMM at one token too)
+#: is gone: it lost to the Triton small-M kernel on every layer shape and mix (run 7) and on the
+#: decoder (runs 5-11; NOTES "One routing table"). The environment variable QVLA_SMALL_M_KERNEL sets
+#: it per process; set_small_m_kernel() at run time.
 SMALL_M = 16
-SMALL_M_KERNELS = ("auto", "gemm", "gemv", "mma")
+SMALL_M_KERNELS = ("auto", "gemv", "mma")
 
 
 class KernelSwitch:
@@ -267,7 +263,7 @@ def small_m_route(m: int, device: torch.device) -> str | None:
 
 
 def set_small_m_kernel(name: str | None) -> None:
-    """Pick the kernel for M <= 16 tokens ("auto", "gemm", "gemv" or "mma"); None goes back to the
+    """Pick the kernel for M <= 16 tokens ("auto", "gemv" or "mma"); None goes back to the
     environment."""
     _small_m_switch.set(name)
 
@@ -381,17 +377,39 @@ def override_gemv_configs(configs: dict[str | tuple[str, int, int], GemvConfig])
             _GEMV_CONFIGS[key] = cfg
 
 
-def check_small_m_input(x: torch.Tensor, kw: KernelWeights, max_tokens: int, kernel: str) -> tuple[int, int]:
-    """(M, K) of a small-M kernel's input x, refused unless it is a 2-D bfloat16/float16 [M, K] for
-    this layer with at most max_tokens tokens (`kernel` names the launcher in the message)."""
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"x must be a 2-D bfloat16/float16 tensor, got {x.dtype} of shape {tuple(x.shape)}")
-    m, k = x.shape
-    if k != kw.in_features:
-        raise ValueError(f"input has {k} features, the layer expects {kw.in_features}")
-    if m > max_tokens:
-        raise ValueError(f"{kernel} runs at most {max_tokens} tokens, got {m}; use launch_mixed_gemm")
-    return m, k
+def _bind_gemv(kw: KernelWeights, m: int, x_dtype: torch.dtype, bias: torch.Tensor | None, device,
+               config: GemvConfig | None = None):
+    """run(x, y): the small-M kernel over m tokens (1..SMALL_M) into y [m, N]."""
+    k = kw.in_features
+    cfg = config or pick_gemv_config(max(m, 1), kw.out_features, k)
+    if m == 0:
+        return lambda x, y: None
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .layout import k_block, slot_table
+    from .triton_gemv import gemv_kernel
+    table = slot_table(kw.group_rows, k)
+    even = sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2)) if k % k_block(bits) == 0)
+    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * -(-m // cfg.bm)
+    dummy = kw.scale
+    if cfg.split_k > 1:
+        ws, counts = split_scratch(device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
+    else:
+        ws, counts = dummy, kw.out_index
+    launch = gemv_kernel[(tiles * cfg.split_k,)]
+    weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index,
+               bias if bias is not None else dummy)
+    has_bias = int(bias is not None)
+    groups = tuple(table[key] for key in ("r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2", "h3",
+                                          "n8", "n4", "n3", "n2"))
+    consts = dict(BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+                  X_FP16=x_dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
+                  EVEN=even, STAGES=cfg.stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run(x, y):
+        launch(x, *weights, y, ws, counts, m, k, x.stride(0), y.stride(0), has_bias, *groups, **consts)
+    return run
 
 
 def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -401,73 +419,38 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
     x: [M, K] bfloat16/float16, M <= 16 (16-bit activations only). out: optional contiguous [M, N]
     tensor of out_dtype to write (every element is written)."""
     m, k = check_small_m_input(x, kw, SMALL_M, "the small-M kernel")
-    cfg = config or pick_gemv_config(max(m, 1), kw.out_features, k)
+    run = _bind_gemv(kw, m, x.dtype, bias, x.device, config)
     y = output_tensor(out, m, kw.out_features, out_dtype, x.device)
     if m == 0:
         return y
     if x.stride(1) != 1:
         x = x.contiguous()
-    if _interpreting():
-        from ._interpreter_compat import patch_interpreter
-        patch_interpreter()
-    from .layout import k_block, slot_table
-    from .triton_gemv import gemv_kernel
-    table = slot_table(kw.group_rows, k)
-    even = sum(1 << slot for slot, bits in ((1, 8), (2, 4), (3, 3), (4, 2)) if k % k_block(bits) == 0)
-    num_m = -(-m // cfg.bm)
-    tiles = sum(-(-rows // cfg.bn) for rows in kw.group_rows) * num_m
-    dummy = kw.scale
-    if cfg.split_k > 1:
-        ws, counts = _split_scratch(x.device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
-    else:
-        ws, counts = dummy, kw.out_index
-    gemv_kernel[(tiles * cfg.split_k,)](
-        x, kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index,
-        bias if bias is not None else dummy, y, ws, counts, m, k, x.stride(0), y.stride(0), int(bias is not None),
-        table["r16"], table["r8"], table["r4"], table["r3"], table["r2"], table["r0"],
-        table["o8"], table["o4"], table["o3"], table["o2"], table["h3"],
-        table["n8"], table["n4"], table["n3"], table["n2"],
-        BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
-        X_FP16=x.dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
-        EVEN=even, STAGES=cfg.stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    run(x, y)
     return y
 
 
 # ---- many tokens: decode once, then cuBLAS (triton_dequant.py) -------------------------------------
 
-#: which kernel runs layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens: "dequant"
-#: (decode the layer to a transient dense matrix, then cuBLAS), the default, or "gemm" (the grouped
-#: GEMM). H200, bench/kernels/NOTES.md "Run 10": the 32-block decoder at 590 tokens 21.2 ms against
-#: 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM; decoding gate/up alone 34 us, 68% of
-#: its byte floor. The transient matrix adds one layer's dense weight to peak memory (3.15 GiB
-#: against 2.95 GiB of packed weights for the decoder). DEQUANT_MIN_TOKENS: the OFT-7B layers summed,
-#: the grouped GEMM 110 us against 147 us at 16 tokens, 163 against 147 at 24, and slower at every
-#: count timed up to 64 (dequant_crossover.py; 17-23 tokens were not timed).
-#: QVLA_LARGE_M_KERNEL sets it per process; set_large_m_kernel() at run time.
+#: layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens decode the layer to a
+#: transient dense matrix, then cuBLAS multiplies. H200, bench/kernels/NOTES.md "Run 10": the 32-block
+#: decoder at 590 tokens 21.2 ms against 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM;
+#: decoding gate/up alone 34 us, 68% of its byte floor. The transient matrix adds one layer's dense
+#: weight to peak memory (3.15 GiB against 2.95 GiB of packed weights for the decoder).
+#: DEQUANT_MIN_TOKENS: each OFT-7B layer shape, the grouped GEMM faster at 16 tokens and slower at every
+#: count timed from 24 to 64 and at 590 (dequant_crossover.py; 17-23 tokens were not timed). So the
+#: former switch QVLA_LARGE_M_KERNEL=gemm (the grouped GEMM from 24 tokens on) is gone (NOTES "One
+#: routing table").
 DEQUANT_MIN_TOKENS = 24
-LARGE_M_KERNELS = ("dequant", "gemm")
-_large_m_switch = KernelSwitch("QVLA_LARGE_M_KERNEL", LARGE_M_KERNELS, "dequant", "large-M")
-
-
-def large_m_kernel() -> str:
-    return _large_m_switch.get()
-
-
-def set_large_m_kernel(name: str | None) -> None:
-    """Pick the kernel for 16-bit activations from DEQUANT_MIN_TOKENS tokens on ("dequant" or
-    "gemm"); None goes back to the environment."""
-    _large_m_switch.set(name)
 
 
 def runs_dequant_path(m: int) -> bool:
     """Whether a 16-bit-activation layer call with m tokens decodes the layer for cuBLAS."""
-    return m >= DEQUANT_MIN_TOKENS and large_m_kernel() == "dequant"
+    return m >= DEQUANT_MIN_TOKENS
 
 
-def launch_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
-                   block_features: int = 512, num_warps: int = 4) -> torch.Tensor:
-    """The layer's weight as a dense [N, K] matrix of `dtype` (bfloat16/float16) in output-channel
-    order, pruned channels zero: one launch over every group."""
+def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
+                  block_features: int = 512, num_warps: int = 4):
+    """run() -> the layer's dense [N, K] weight of `dtype`, decoded by one launch."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
     if block_features % 512 or block_rows < 16 or block_rows & (block_rows - 1):
@@ -478,22 +461,101 @@ def launch_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block
     from .layout import slot_table
     from .triton_dequant import dequant_kernel
     n, k = kw.out_features, kw.in_features
-    w = torch.empty(n, k, dtype=dtype, device=kw.qwords.device)
+    device = kw.qwords.device
     table = slot_table(kw.group_rows, k)
     tiles = sum(-(-rows // block_rows) for rows in kw.group_rows)
-    dequant_kernel[(tiles, -(-k // block_features))](
-        kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index, w, k, w.stride(0),
-        table["r16"], table["r8"], table["r4"], table["r3"], table["r2"], table["r0"],
-        table["o8"], table["o4"], table["o3"], table["o2"], table["h3"],
-        table["n8"], table["n4"], table["n3"], table["n2"],
-        BN=block_rows, KC=block_features, num_warps=num_warps)
-    return w
+    launch = dequant_kernel[(tiles, -(-k // block_features))]
+    weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index)
+    groups = tuple(table[key] for key in ("r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2", "h3",
+                                          "n8", "n4", "n3", "n2"))
+
+    def run():
+        w = torch.empty(n, k, dtype=dtype, device=device)
+        launch(*weights, w, k, w.stride(0), *groups, BN=block_rows, KC=block_features, num_warps=num_warps)
+        return w
+    return run
+
+
+def launch_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
+                   block_features: int = 512, num_warps: int = 4) -> torch.Tensor:
+    """The layer's weight as a dense [N, K] matrix of `dtype` (bfloat16/float16) in output-channel
+    order, pruned channels zero: one launch over every group."""
+    return _bind_dequant(kw, dtype, block_rows, block_features, num_warps)()
 
 
 def dequant_linear(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + bias with W decoded for this call only (x: [M, K] bfloat16/float16)."""
     w = launch_dequant(kw, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ---- the routing table: one function -------------------------------------------------------------
+
+#: the kernels route() names
+ROUTES = ("gemm_a8", "mma", "gemv", "gemm", "dequant")
+
+
+def route(m: int, act_bits: int, device: torch.device) -> str:
+    """The kernel a CUDA layer call with m tokens runs (the whole routing table; README "Which GPU
+    kernel runs a quantized layer", measurements in bench/kernels/NOTES.md):
+
+    * 8-bit activations, any m: "gemm_a8", the grouped GEMM's int8 path after the per-token
+      activation quantization;
+    * 16-bit, m <= SMALL_M: small_m_route() ("gemv" for one token by default; QVLA_SMALL_M_KERNEL);
+    * 16-bit, m >= DEQUANT_MIN_TOKENS: "dequant", decode-then-cuBLAS;
+    * everything else (2-23 tokens by default): "gemm", the grouped GEMM.
+    """
+    if act_bits == 8:
+        return "gemm_a8"
+    if m <= SMALL_M:
+        return small_m_route(m, device) or "gemm"
+    return "dequant" if runs_dequant_path(m) else "gemm"
+
+
+def _bind_route(kind: str, kw: KernelWeights, m: int, x_dtype: torch.dtype, bias: torch.Tensor | None,
+                bias_x: torch.Tensor | None, device):
+    """call(x2) -> y [m, N] in x2's dtype, for contiguous [m, K] inputs of x_dtype: everything that
+    does not change between calls is decided here, once. bias: float32 [N]; bias_x: the same in x_dtype
+    (what cuBLAS adds after the decode)."""
+    n = kw.out_features
+    if kind == "gemm_a8":
+        quant, gemm = _bind_act_quant(m, kw.in_features), _bind_gemm(kw, m, 8, torch.int8, bias, device)
+
+        def call(x2):
+            xq, xscale, xsum = quant(x2)
+            y = torch.empty(m, n, dtype=x_dtype, device=device)
+            if m:
+                gemm(xq, y, xscale, xsum)
+            return y
+    elif kind == "mma":
+        from .cuda_gemv import launch_mma_gemv
+
+        def call(x2):
+            return launch_mma_gemv(x2, kw, bias, x_dtype)
+    elif kind in ("gemv", "gemm"):
+        run = (_bind_gemv(kw, m, x_dtype, bias, device) if kind == "gemv"
+               else _bind_gemm(kw, m, 16, x_dtype, bias, device))
+
+        def call(x2):
+            y = torch.empty(m, n, dtype=x_dtype, device=device)
+            if m:
+                run(x2, y)
+            return y
+    elif kind == "dequant":
+        decode = _bind_dequant(kw, x_dtype)
+
+        def call(x2):
+            return torch.nn.functional.linear(x2, decode(), bias_x)
+    else:
+        raise ValueError(f"unknown route {kind!r}; known: {ROUTES}")
+    return call
+
+
+def _run_kernels(x2: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+    """y [M, N] for a contiguous CUDA x2 [M, K] of bfloat16/float16, routed and bound for this call."""
+    m = x2.shape[0]
+    bias_x = None if bias is None else bias.to(x2.dtype)
+    return _bind_route(route(m, act_bits, x2.device), kw, m, x2.dtype, bias, bias_x, x2.device)(x2)
 
 
 def _weights_from(qwords, w16, scale, zero, out_index, meta, group_rows, out_features, in_features,
@@ -515,19 +577,7 @@ def mixed_bit_linear_op(x: torch.Tensor, qwords: torch.Tensor, w16: torch.Tensor
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if act_bits == 8:
-        xq, xscale, xsum = quantize_activations(x2)
-        y = launch_mixed_gemm(xq, kw, bias, x.dtype, 8, xscale, xsum)
-    elif (route := small_m_route(x2.shape[0], x2.device)) == "mma":
-        from .cuda_gemv import launch_mma_gemv
-        y = launch_mma_gemv(x2, kw, bias, x.dtype)
-    elif route == "gemv":
-        y = launch_gemv(x2, kw, bias, x.dtype)
-    elif runs_dequant_path(x2.shape[0]):
-        y = dequant_linear(x2, kw, bias)
-    else:
-        y = launch_mixed_gemm(x2, kw, bias, x.dtype, 16)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _run_kernels(x2, kw, bias, act_bits).reshape(*x.shape[:-1], out_features)
 
 
 @mixed_bit_linear_op.register_fake
@@ -536,17 +586,7 @@ def _mixed_bit_linear_fake(x, qwords, w16, scale, zero, out_index, meta, bias, g
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor | None = None,
-                     act_bits: int = 16) -> torch.Tensor:
-    """y = x W^T + bias for a mixed-bit layer (weights from prepare_packed, on x's device).
-
-    CUDA: one Triton launch (two with act_bits=8: the activation quantization, then the GEMM) for
-    bfloat16/float16 inputs; from DEQUANT_MIN_TOKENS tokens on with 16-bit activations, one Triton
-    launch decodes the layer and cuBLAS multiplies (QVLA_LARGE_M_KERNEL=gemm: the grouped GEMM);
-    with QVLA_SMALL_M_KERNEL=mma, up to 16 tokens run the tensor-core CUDA kernel (cuda_gemv.py).
-    float32 inputs run in bfloat16 and come back as float32. CPU: the plain-torch model of the same
-    arithmetic (kernels/reference.py).
-    """
+def _check_call(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor | None, act_bits: int) -> int:
     act_bits = check_act_bits(act_bits)
     if not isinstance(weights, KernelWeights):
         raise TypeError(f"weights must be a KernelWeights (see prepare_packed), got {type(weights).__name__}")
@@ -558,6 +598,20 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
         raise ValueError(f"input must be floating point, got {x.dtype}")
     if bias is not None and bias.shape != (weights.out_features,):
         raise ValueError(f"bias must have shape ({weights.out_features},), got {tuple(bias.shape)}")
+    return act_bits
+
+
+def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor | None = None,
+                     act_bits: int = 16) -> torch.Tensor:
+    """y = x W^T + bias for a mixed-bit layer (weights from prepare_packed, on x's device).
+
+    CUDA: the kernel route() names for this many tokens (one or two launches; from DEQUANT_MIN_TOKENS
+    tokens on with 16-bit activations, one launch decodes the layer and cuBLAS multiplies). float32
+    inputs run in bfloat16 and come back as float32. CPU: the plain-torch model of the same arithmetic
+    (kernels/reference.py). A layer called again and again is faster through PreparedLinear, which
+    decides all this once (what MixedBitLinear does).
+    """
+    act_bits = _check_call(x, weights, bias, act_bits)
     run_dtype = x.dtype
     if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
         run_dtype = torch.bfloat16
@@ -566,3 +620,69 @@ def mixed_bit_linear(x: torch.Tensor, weights: KernelWeights, bias: torch.Tensor
         weights.meta, None if bias is None else bias.to(torch.float32), list(weights.group_rows),
         weights.out_features, act_bits, weights.integer_zero)
     return y.to(x.dtype)
+
+
+# ---- one layer, prepared once: the lean per-call path ---------------------------------------------
+
+class PreparedLinear:
+    """A mixed-bit layer with everything that depends only on the layer decided at load time.
+
+    `PreparedLinear(weights, bias, act_bits)(x)` computes what `mixed_bit_linear(x, weights, bias,
+    act_bits)` computes, bit for bit, but the checks on the layer, the float32 bias (and its copy in
+    the activations' dtype for cuBLAS), the operator's argument list and, per token count and dtype,
+    the route with its tile, grid, group table and split-K scratch are made once; a call then costs a
+    dictionary lookup and the launches. Eager calls go straight to the bound launches; under
+    torch.compile the call goes through the registered `qvla::mixed_bit_linear` operator. The caller
+    guarantees x is floating point, on the weights' device, with in_features features
+    (MixedBitLinear.forward checks this before its fast path).
+    """
+
+    #: bound routes kept per layer (distinct token counts and dtypes); the table is emptied when full
+    MAX_BOUND = 64
+
+    __slots__ = ("kw", "bias", "act_bits", "device", "in_features", "out_features", "_bias_x", "_bound",
+                 "_op_args")
+
+    def __init__(self, weights: KernelWeights, bias: torch.Tensor | None = None, act_bits: int = 16):
+        self.act_bits = check_act_bits(act_bits)
+        if not isinstance(weights, KernelWeights):
+            raise TypeError(f"weights must be a KernelWeights (see prepare_packed), got {type(weights).__name__}")
+        n = weights.out_features
+        if bias is not None and bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        self.kw, self.device = weights, weights.device
+        self.in_features, self.out_features = weights.in_features, n
+        self.bias = None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32)
+        self._bias_x: dict[torch.dtype, torch.Tensor | None] = {}
+        self._bound: dict[tuple, object] = {}
+        self._op_args = (weights.qwords, weights.w16, weights.scale, weights.zero, weights.out_index, weights.meta,
+                         self.bias, list(weights.group_rows), n, self.act_bits, weights.integer_zero)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (x.is_cuda and triton_available()):
+            return mixed_bit_linear_reference(x, self.kw, self.bias, self.act_bits)
+        dtype = x.dtype
+        run_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if torch.compiler.is_compiling():
+            return torch.ops.qvla.mixed_bit_linear(x.to(run_dtype), *self._op_args).to(dtype)
+        lead = x.shape[:-1]
+        x2 = (x if run_dtype is dtype else x.to(run_dtype)).reshape(-1, self.in_features)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        key = (m, run_dtype, _small_m_switch.get()) if m <= SMALL_M else (m, run_dtype)
+        call = self._bound.get(key)
+        if call is None:
+            call = self._bind(key, m, run_dtype)
+        y = call(x2).reshape(*lead, self.out_features)
+        return y if run_dtype is dtype else y.to(dtype)
+
+    def _bind(self, key: tuple, m: int, run_dtype: torch.dtype):
+        if run_dtype not in self._bias_x:
+            self._bias_x[run_dtype] = None if self.bias is None else self.bias.to(run_dtype)
+        call = _bind_route(route(m, self.act_bits, self.device), self.kw, m, run_dtype, self.bias,
+                           self._bias_x[run_dtype], self.device)
+        if len(self._bound) >= self.MAX_BOUND:
+            self._bound.clear()
+        self._bound[key] = call
+        return call

@@ -7,10 +7,10 @@ is filled with NaN first so an element the kernel never writes fails the test.
 import pytest
 import torch
 
-from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, dequant_linear, dequantize_kernel_weights,
-                              launch_dequant, launch_gemv, launch_mixed_gemm, mixed_bit_linear, pick_config,
-                              pick_gemv_config, quantize_activations, quantize_activations_reference,
-                              set_large_m_kernel, set_small_m_kernel)
+from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, PreparedLinear, dequant_linear,
+                              dequantize_kernel_weights, launch_dequant, launch_gemv, launch_mixed_gemm,
+                              mixed_bit_linear, pick_config, pick_gemv_config, quantize_activations,
+                              quantize_activations_reference, set_small_m_kernel)
 from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, replayed_in_a_cuda_graph
 from qvla_ros.kernels.testing import check_against_oracle as check, gpu_layer as layer
 
@@ -302,7 +302,7 @@ def test_decode_for_cublas_writes_the_reference_weights(dtype, n, k, counts, fra
     assert torch.equal(w, dequantize_kernel_weights(kw, torch.float32).to(dtype))
 
 
-def test_many_tokens_go_to_decode_then_cublas_also_in_a_cuda_graph_unless_switched():
+def test_many_tokens_go_to_decode_then_cublas_also_in_a_cuda_graph():
     packed, kw = layer(1000, 1000, RAGGED)
     bias = torch.randn(1000, device="cuda")
     # the default
@@ -314,11 +314,27 @@ def test_many_tokens_go_to_decode_then_cublas_also_in_a_cuda_graph_unless_switch
         check(out, packed, x, bias, 16)
     captured = replayed_in_a_cuda_graph(lambda: mixed_bit_linear(x, kw, bias))
     assert torch.equal(captured, out)
-    set_large_m_kernel("gemm")
-    try:
-        assert torch.equal(mixed_bit_linear(x, kw, bias), run(kw, x, bias, 16))
-    finally:
-        set_large_m_kernel(None)
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_prepared_layer_is_bit_identical_to_the_op_on_every_route(act_bits, dtype):
+    # PreparedLinear binds each route once per token count; the op binds per call: same launches
+    packed, kw = layer(1000, 1000, RAGGED)
+    bias = torch.randn(1000, device="cuda")
+    prepared = PreparedLinear(kw, bias, act_bits)
+    for small in ("auto", "gemv"):
+        set_small_m_kernel(small)
+        try:
+            for m in (1, 2, 16, 17, DEQUANT_MIN_TOKENS, 590, 1, 590):  # repeated: the bound routes again
+                x = torch.randn(2, m, 1000, device="cuda", dtype=dtype)[1]
+                want = mixed_bit_linear(x, kw, bias, act_bits)
+                assert torch.equal(prepared(x), want), (small, m)
+                assert torch.equal(prepared(x[None])[0], want), (small, m)
+            captured = replayed_in_a_cuda_graph(lambda: prepared(x))
+            assert torch.equal(captured, want)
+        finally:
+            set_small_m_kernel(None)
 
 
 def _routing_state(m) -> dict:

@@ -188,29 +188,25 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
     monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
     assert small_m_kernel() == "gemv"
     assert [runs_small_m_kernel(m) for m in (1, 2, 16, 17)] == [True, True, True, False]
-    set_small_m_kernel("gemm")
-    try:
-        assert small_m_kernel() == "gemm" and not runs_small_m_kernel(1)
-    finally:
-        set_small_m_kernel(None)
-    # many tokens: decode-then-cuBLAS by default from DEQUANT_MIN_TOKENS on (run 10: 4x the grouped
-    # GEMM at 590 tokens); the grouped GEMM when asked for
-    from qvla_ros.kernels import DEQUANT_MIN_TOKENS, large_m_kernel, runs_dequant_path, set_large_m_kernel
+    # "gemm" (the grouped GEMM at one token) was removed: it lost everywhere (bench/kernels/NOTES.md)
+    with pytest.raises(ValueError, match="small-M kernel"):
+        set_small_m_kernel("gemm")
+    # many tokens: decode-then-cuBLAS from DEQUANT_MIN_TOKENS on (run 10: 4x the grouped GEMM at 590
+    # tokens); the QVLA_LARGE_M_KERNEL switch is gone (the grouped GEMM lost at every count from 24)
+    import qvla_ros.kernels as kernels
+    from qvla_ros.kernels import DEQUANT_MIN_TOKENS, route, runs_dequant_path
 
-    monkeypatch.delenv("QVLA_LARGE_M_KERNEL", raising=False)
-    assert large_m_kernel() == "dequant"
+    assert not hasattr(kernels, "set_large_m_kernel")
     assert [runs_dequant_path(m) for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590)] == [False, True, True]
-    set_large_m_kernel("gemm")
-    try:
-        assert not runs_dequant_path(590)
-    finally:
-        set_large_m_kernel(None)
-    monkeypatch.setenv("QVLA_LARGE_M_KERNEL", "cutlass")
-    with pytest.raises(ValueError, match="QVLA_LARGE_M_KERNEL"):
-        large_m_kernel()
-    with pytest.raises(ValueError, match="large-M kernel"):
-        set_large_m_kernel("cutlass")
-    monkeypatch.delenv("QVLA_LARGE_M_KERNEL")
+    # the one routing table
+    monkeypatch.delenv("QVLA_SMALL_M_KERNEL", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert [route(m, 16, cuda) for m in (1, 2, 16, 17, 23, 24, 590)] == \
+        ["gemv", "gemm", "gemm", "gemm", "gemm", "dequant", "dequant"]
+    assert {route(m, 8, cuda) for m in (1, 16, 590)} == {"gemm_a8"}
+    monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
+    assert [route(m, 16, cuda) for m in (1, 2, 16, 17)] == ["gemv", "gemv", "gemv", "gemm"]
+    monkeypatch.delenv("QVLA_SMALL_M_KERNEL")
     # a tile tuned for one layer shape serves that shape only
     assert pick_gemv_config(1, 11008, 4096) != pick_gemv_config(1, 4096, 4096) == pick_gemv_config(1)
     with pytest.raises(ValueError, match="small-M key"):
@@ -337,3 +333,25 @@ def test_the_tensor_core_spike_packs_4_bit_rows_in_the_kernel_layout():
     codes = torch.randint(0, 16, (48, 1024), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     words, high = codes_to_words(codes, 4)
     assert high is None and torch.equal(spike.pack_words(codes), words.view(torch.int32).reshape(48, -1))
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_the_lean_forward_matches_the_op_and_follows_a_replaced_bias_or_act_bits(act_bits):
+    from qvla_ros.kernels import PreparedLinear
+
+    packed, _ = random_packed(96, 300, mix_counts(96, MIXES["avg4"]), seed=3)
+    bias = torch.randn(96)
+    mod = MixedBitLinear.from_packed(packed, bias=bias, act_bits=act_bits).to_kernel_layout("cpu")
+    assert isinstance(mod._prepared, PreparedLinear)
+    x = torch.randn(2, 5, 300, dtype=torch.bfloat16)
+    want = mixed_bit_linear(x, mod._kernel_weights, mod.bias, act_bits)
+    assert torch.equal(mod(x), want)
+    assert torch.equal(mod(x.float()), mixed_bit_linear(x.float(), mod._kernel_weights, mod.bias, act_bits))
+    # a replaced bias buffer and a changed act_bits reach the next call (and rebuild the lean path)
+    mod.bias = torch.randn(96)
+    assert torch.equal(mod(x), mixed_bit_linear(x, mod._kernel_weights, mod.bias, act_bits))
+    assert mod._prepared_bias is mod.bias
+    other = 8 if act_bits == 16 else 16
+    mod.act_bits = other
+    assert torch.equal(mod(x), mixed_bit_linear(x, mod._kernel_weights, mod.bias, other))
+    assert mod._prepared.act_bits == other

@@ -128,8 +128,22 @@ def variants(small_m: bool = False) -> list[tuple[int, GemmConfig | GemvConfig]]
 
 # ---- timing ---------------------------------------------------------------------------------------
 
-def graph_time(calls, replays: int = 15, warmup: int = 3) -> float:
-    """Median seconds per call of `calls` (zero-arg callables) captured back to back in one graph."""
+def flush_l2() -> None:
+    """Evict the L2 cache: write a buffer of twice its size (between timed replays, untimed)."""
+    global _FLUSH
+    if DEVICE != "cuda":
+        return
+    if _FLUSH is None:
+        _FLUSH = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.uint8, device=DEVICE)
+    _FLUSH.zero_()
+
+
+_FLUSH = None
+
+
+def graph_time(calls, replays: int = 15, warmup: int = 3, flush: bool = False) -> float:
+    """Median seconds per call of `calls` (zero-arg callables) captured back to back in one graph;
+    flush=True evicts L2 before each timed replay (outside the timed events)."""
     if DEVICE != "cuda":
         for c in calls:
             c()
@@ -152,6 +166,8 @@ def graph_time(calls, replays: int = 15, warmup: int = 3) -> float:
         graph.replay()
     times = []
     for _ in range(replays):
+        if flush:
+            flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

@@ -82,6 +82,12 @@ class MixedBitLinear(nn.Module):
         self.cache_dequantized = False
         self._dequant_cache: torch.Tensor | None = None
         self._kernel_weights = None  # qvla_ros.kernels.KernelWeights, built on first CUDA forward
+        #: qvla_ros.kernels.PreparedLinear over the kernel layout, the bias and act_bits (the lean
+        #: per-call path), built with the kernel layout; _prepared_bias is the bias buffer it was
+        #: built from (a replaced buffer or act_bits sends forward back to the slow path, which
+        #: rebuilds it)
+        self._prepared = None
+        self._prepared_bias = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -170,7 +176,16 @@ class MixedBitLinear(nn.Module):
         self._kernel_weights = weights
         for name, buf in buffers.items():
             self._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+        self._prepare()
         return self
+
+    def _prepare(self) -> None:
+        """Build the lean per-call path over the kernel layout (see forward)."""
+        from ..kernels import PreparedLinear
+
+        bias = self._buffers.get("bias")
+        self._prepared = PreparedLinear(self._kernel_weights, bias, self.act_bits)
+        self._prepared_bias = bias
 
     def _packed_weight_of(self, buffers: Mapping[str, torch.Tensor]) -> PackedWeight:
         return PackedWeight(self.out_features, self.in_features, buffers["row_index"], self._groups_from(buffers))
@@ -181,6 +196,7 @@ class MixedBitLinear(nn.Module):
             for name, tensor in self._contract_buffers().items():
                 self._buffers[name] = tensor
         self._kernel_weights = None
+        self._prepared = self._prepared_bias = None
         self._dequant_cache = None
 
     def dequantize_groups(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -204,6 +220,12 @@ class MixedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        prepared = self._prepared
+        # The lean path: one call with everything that depends only on the layer decided at load
+        # time (kernels.PreparedLinear); the checks below it are what the slow path would decide.
+        if (prepared is not None and x.device == prepared.device and x.is_floating_point()
+                and prepared.act_bits == self.act_bits and self._buffers.get("bias") is self._prepared_bias):
+            return prepared(x)
         if x.is_cuda or self.kernel_resident:
             return self._forward_kernel(x)
         dtype = x.dtype if x.is_floating_point() else torch.float32
@@ -237,6 +259,9 @@ class MixedBitLinear(nn.Module):
             weights = self.to_kernel_layout(x.device)._kernel_weights
         elif weights.device != x.device:
             weights = weights.to(x.device)  # a CPU input to a layer living on the GPU: a transient copy
+        elif self._prepared is None or self._prepared.act_bits != self.act_bits or \
+                self._buffers.get("bias") is not self._prepared_bias:
+            self._prepare()  # act_bits or the bias buffer replaced since: the next call is lean again
         bias = None if self.bias is None else self.bias.to(x.device)
         return mixed_bit_linear(x if x.is_floating_point() else x.float(), weights, bias, self.act_bits)
 
