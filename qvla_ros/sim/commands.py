@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     ev.add_argument("--seed-offset", type=_non_negative, default=0,
                     help="use another block of held-out seeds")
     ev.add_argument("--device", default="cpu", help="torch device of the policy")
+    ev.add_argument("--eager", action="store_true",
+                    help="on a CUDA device, run the forward eagerly (default: as CUDA graphs, one "
+                         "per batch size, eager with a logged reason where capture fails)")
     ev.add_argument("--force", action="store_true", help="overwrite results already in --out")
     ev.set_defaults(func=_eval)
 
@@ -102,7 +105,7 @@ def _eval(args) -> int:
         resolve_tasks(args.tasks)  # unknown task names fail before anything starts
         if results_path.exists() and not args.force:
             raise ValueError(f"{results_path} exists; pass --force to overwrite or pick another --out")
-        factory = make_factory(args.policy, args.plan, args.device)
+        factory = make_factory(args.policy, args.plan, args.device, cuda_graph=not args.eager)
         if args.plan is not None:
             import qvla_ros.quant as quant
             try:
