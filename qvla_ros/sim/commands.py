@@ -127,6 +127,8 @@ def _eval(args) -> int:
                        seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log)
     results.save(args.out)
     print(results.table())
+    if results.settings.get("forward_modes"):
+        print(f"policy forward: {'; '.join(results.settings['forward_modes'])}")
     print(f"wall time {results.settings['wall_time_s']:.0f} s on {results.settings['cpu']} "
           f"({args.workers} workers); results in {results_path}")
     return 0
