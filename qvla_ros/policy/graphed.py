@@ -23,8 +23,10 @@ than the tolerance) switches this runner to the eager forward for good, logs why
 and keeps the reason in `eager_reason`. The eager forward is the policy's own `__call__`, so the
 eager path gives exactly what the policy gives.
 
-The graphs hold the addresses of the weights: move the policy with `runner.to(...)` (which drops
-the graphs), never by replacing its parameters or modules behind the runner's back.
+The graphs hold the addresses of the weights and the kernels chosen at capture (the kernel
+switches of qvla_ros.kernels are read then): move the policy with `runner.to(...)` (which drops
+the graphs), never replace its parameters or modules behind the runner's back, and build a new
+runner after changing a kernel switch.
 """
 from __future__ import annotations
 
