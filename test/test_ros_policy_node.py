@@ -201,6 +201,7 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
                 break
             time.sleep(0.1)
         assert values["plan_id"] == "" and values["chunks_total"] == "2", values
+        assert values["forward_mode"].startswith("eager: the policy runs on cpu"), values
         assert values["rejected_proprio_nan"] == "1" and values["rejected_proprio_names"] == "2"
         assert values["rejected_image_encoding"] == "1" and values["rejected_image_size"] == "1"
         assert values["rejected_image_short_data"] == "1" and values["rejected_no_instruction"] == "1"

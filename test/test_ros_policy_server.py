@@ -108,3 +108,95 @@ def test_two_reloads_at_once_one_is_refused(files):
     assert len(won) == 1 and len(refused) == 1, outcomes
     assert "is in progress; ask again when it has finished" in refused[0]
     assert server.active.plan_id == won[0]
+
+
+class EmulatedGraphs:
+    """Stands in for the CUDA backend of GraphedForward on CPU: a "graph" re-runs the captured
+    function on its static buffers. Counts captures; `corrupt` is added to replays."""
+
+    captures = 0
+    corrupt = 0.0
+    frozen = False  # replays give the capture's result whatever the inputs
+
+    def unavailable(self, inputs):
+        return None
+
+    def capture(self, fn, warmup):
+        type(self).captures += 1
+        eager = fn().clone()
+        out = fn()
+        return {"fn": fn, "out": out, "first": out.clone()}, out, eager
+
+    def replay(self, graph):
+        result = graph["first"] if type(self).frozen else graph["fn"]()
+        graph["out"].copy_(result + type(self).corrupt)
+
+    def after_failure(self):
+        pass
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    import qvla_ros.policy.graphed as graphed
+
+    class Backend(EmulatedGraphs):
+        captures = 0
+        corrupt = 0.0
+        frozen = False
+
+    monkeypatch.setattr(graphed, "CudaGraphBackend", Backend)
+    return Backend
+
+
+def test_on_cpu_the_server_says_it_runs_eagerly(files):
+    server = PolicyServer(checkpoint=files["checkpoint"])
+    assert server.forward_mode == "eager: the policy runs on cpu; CUDA graphs need a CUDA device"
+    assert PolicyServer(checkpoint=files["checkpoint"], cuda_graph=False).forward_mode == \
+        "eager: CUDA graphs turned off by the caller"
+
+
+def test_the_build_captures_and_a_reload_captures_before_it_swaps(files, emulated):
+    server = PolicyServer(checkpoint=files["checkpoint"])
+    assert server.forward_mode == "cuda-graph" and emulated.captures == 1
+    obs = observation(server.config)
+    for _ in range(2):
+        np.testing.assert_allclose(server.infer(*obs).actions,
+                                   reference(files["checkpoint"], None, obs), atol=1e-6)
+    assert emulated.captures == 1  # frames replay, they never capture
+
+    old = server.active
+    captured_before_swap = []
+    real_check = server._check
+
+    def check(served, reference_policy):
+        real_check(served, reference_policy)
+        captured_before_swap.append((emulated.captures, server.active is old))
+
+    server._check = check
+    served = server.reload(files["w4"])
+    assert captured_before_swap == [(2, True)] and server.active is served
+    assert served.forward_mode == "cuda-graph" and old.forward_mode == "cuda-graph"
+    np.testing.assert_allclose(server.infer(*obs).actions,
+                               reference(files["checkpoint"], files["w4"], obs), atol=1e-6)
+    assert emulated.captures == 2
+
+
+def test_a_graph_that_fails_its_check_serves_eagerly(files, emulated):
+    emulated.corrupt = 0.25
+    server = PolicyServer(checkpoint=files["checkpoint"], plan_path=files["w8"])
+    assert server.active.plan_id == files["w8_id"]
+    assert server.forward_mode.startswith("eager: replay does not match eager: graph output differs")
+    obs = observation(server.config)
+    np.testing.assert_allclose(server.infer(*obs).actions,
+                               reference(files["checkpoint"], files["w8"], obs), atol=1e-6)
+
+
+def test_a_graph_blind_to_its_inputs_is_caught_on_fresh_inputs(files, emulated):
+    # its replay of the probe matches eager; only another observation shows it
+    emulated.frozen = True
+    server = PolicyServer(checkpoint=files["checkpoint"])
+    assert server.forward_mode.startswith("eager: check on fresh inputs failed: graph output "
+                                          "differs from eager")
+    obs = observation(server.config)
+    np.testing.assert_allclose(server.infer(*obs).actions,
+                               reference(files["checkpoint"], None, obs), atol=1e-6)

@@ -212,3 +212,47 @@ def test_workers_die_with_a_killed_evaluation(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_graphed_policy_evaluates_as_the_eager_one(tmp_path, monkeypatch):
+    # `qvla eval --device cuda` wraps the policy in GraphedForward (the factory below); here a
+    # stand-in backend replays the captured forward on CPU: one graph per batch size (2, then 1),
+    # the mode in the results' settings. (That replays equal the eager forward is
+    # test_policy_graphed.py's; the episodes here only show the plumbing changes nothing.)
+    from qvla_ros.policy import make_policy
+    import qvla_ros.policy.graphed as graphed
+    import qvla_ros.sim.factories as factories
+
+    class Replay:
+        captures = []
+
+        def unavailable(self, inputs):
+            return None
+
+        def capture(self, fn, warmup):
+            Replay.captures.append(fn().shape[0])
+            out = fn()
+            return {"fn": fn, "out": out}, out, out.clone()
+
+        def replay(self, graph):
+            graph["out"].copy_(graph["fn"]())
+
+        def after_failure(self):
+            pass
+
+    policy = make_policy("micro", seed=0)
+    policy.save_pretrained(tmp_path / "ckpt")
+    kwargs = dict(tasks="drawer-close", episodes_per_task=3, batch_size=2, max_steps=6, progress=False)
+    plain = evaluate(factories.CheckpointPolicyFactory(tmp_path / "ckpt"), **kwargs)
+    assert "forward_modes" not in plain.settings
+
+    monkeypatch.setattr(graphed, "CudaGraphBackend", Replay)
+    monkeypatch.setattr(factories, "_is_cuda", lambda device: True)  # as if --device cuda
+    factory = factories.CheckpointPolicyFactory(tmp_path / "ckpt")
+    assert isinstance(factory(), graphed.GraphedForward) and factory.describe()["cuda_graph"] is True
+    assert not isinstance(factories.CheckpointPolicyFactory(tmp_path / "ckpt", cuda_graph=False)(),
+                          graphed.GraphedForward)
+    Replay.captures.clear()
+    run = evaluate(factory, **kwargs)
+    assert run.episodes == plain.episodes
+    assert Replay.captures == [2, 1] and run.settings["forward_modes"] == ["cuda-graph"]

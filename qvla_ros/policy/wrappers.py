@@ -13,7 +13,8 @@ import torch
 class InstructionSwap:
     """Calls `policy` with `mapping[text]` in place of each instruction text it knows.
 
-    Keeps the policy contract (same inputs, same outputs, `.config`).
+    Keeps the policy contract (same inputs, same outputs, `.config`), and the split into
+    preprocessing and forward that GraphedForward captures (prepare_inputs swaps the texts).
     """
 
     def __init__(self, policy, mapping: Mapping[str, str]):
@@ -22,7 +23,26 @@ class InstructionSwap:
         self.config = policy.config
 
     def __call__(self, images: torch.Tensor, instruction: Sequence[str], proprio: torch.Tensor) -> torch.Tensor:
-        return self.policy(images, [self.mapping.get(t, t) for t in instruction], proprio)
+        return self.policy(images, self._swap(instruction), proprio)
+
+    def _swap(self, instruction: Sequence[str]) -> list[str]:
+        if isinstance(instruction, str):  # let the policy refuse it with its own message
+            return instruction
+        return [self.mapping.get(t, t) for t in instruction]
+
+    # The split GraphedForward captures; each is missing (AttributeError) when the policy lacks it.
+    @property
+    def prepare_inputs(self):
+        prepare = self.policy.prepare_inputs
+        return lambda images, instruction, proprio: prepare(images, self._swap(instruction), proprio)
+
+    @property
+    def predict_normalized(self):
+        return self.policy.predict_normalized
+
+    @property
+    def unnormalize_actions(self):
+        return self.policy.unnormalize_actions
 
     def eval(self) -> "InstructionSwap":
         self.policy.eval()

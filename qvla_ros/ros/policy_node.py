@@ -406,7 +406,7 @@ class PolicyNode(Node):
             status.level = DiagnosticStatus.OK
             status.message = f"serving {active.label} at {snapshot['chunk_rate_hz']:.1f} Hz"
         values = {"plan_id": active.plan_id, "plan_path": active.plan_path,
-                  "instruction": self.sync.instruction or ""}
+                  "forward_mode": active.forward_mode, "instruction": self.sync.instruction or ""}
         values.update({k: f"{v:.4g}" if isinstance(v, float) else str(v)
                        for k, v in snapshot.items()})
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]

@@ -5,7 +5,13 @@ One `ServedPolicy` (weights + the id of the plan that made them) is active at a 
 reads the active one ONCE and uses it to the end, so a chunk always comes from one plan and
 names it. A reload builds the new ServedPolicy beside the serving one (load, quantize, check its
 shapes against the serving one, one probe forward) and only then replaces the reference; a
-forward already running finishes on the old weights. The build steps aside while a forward runs
+forward already running finishes on the old weights.
+
+On a CUDA device the forward is a CUDA graph (qvla_ros.policy.graphed.GraphedForward), float
+and quantized plans alike: the probe forward of the build IS the capture (a reload captures
+before it swaps, so no frame pays for it), followed by a check of the graph against the eager
+forward on another observation. A graph that cannot be captured or does not match is not an
+error: that plan serves eagerly and `forward_mode` says why. The build steps aside while a forward runs
 (forward_priority), so serving keeps its pace during a reload. One reload at a time; a second one
 asked for meanwhile is refused, not queued.
 """
@@ -42,6 +48,16 @@ class ServedPolicy:
     plan_id: str  # FULL_PRECISION_ID for the unquantized checkpoint
     plan_path: str  # "" for the unquantized checkpoint
     load_seconds: float
+    runner: Any = None  # what infer calls: GraphedForward(policy); None = the policy itself
+
+    @property
+    def forward(self):
+        return self.policy if self.runner is None else self.runner
+
+    @property
+    def forward_mode(self) -> str:
+        """"cuda-graph" or "eager: <reason>"."""
+        return getattr(self.runner, "forward_mode", "eager: not graphed")
 
     @property
     def config(self):
@@ -74,16 +90,18 @@ class PolicyServer:
     """Runs the active policy on one observation at a time and swaps plans between forwards.
 
     checkpoint: policy checkpoint directory ("" = the shipped default); device: torch device;
-    plan_path: BitPlan file to start with ("" = full precision). Raises PlanRejected when the
-    starting plan cannot be served.
+    plan_path: BitPlan file to start with ("" = full precision); cuda_graph: False serves every
+    plan eagerly. Raises PlanRejected when the starting plan cannot be served.
     """
 
-    def __init__(self, checkpoint: str = "", device: str = "cpu", plan_path: str = ""):
+    def __init__(self, checkpoint: str = "", device: str = "cpu", plan_path: str = "",
+                 cuda_graph: bool = True):
         # Imported before the first load is timed (torch and transformers take seconds).
         import qvla_ros.quant.api  # noqa: F401
 
         self.checkpoint = checkpoint
         self.device = device
+        self.cuda_graph = cuda_graph
         self._reload_lock = threading.Lock()
         self._reloading = ""
         self._priority = ForwardPriority()
@@ -97,26 +115,38 @@ class PolicyServer:
     def config(self):
         return self._active.config
 
+    @property
+    def forward_mode(self) -> str:
+        """How the serving plan's forward runs: "cuda-graph" or "eager: <reason>"."""
+        return self._active.forward_mode
+
     # Inference ----------------------------------------------------------------------------------
     def infer(self, images: np.ndarray, instruction: str, proprio: np.ndarray) -> Inference:
         """Chunk for one observation: images uint8 [n_cams, H, W, 3], proprio float32 [P]."""
         served = self._active  # one read: this forward uses one plan from start to end
         start = time.perf_counter()
         with self._priority.forward():
-            actions = self._forward(served.policy, images, instruction, proprio)
+            actions = self._forward(served.forward, images, instruction, proprio)
         return Inference(actions=actions, plan_id=served.plan_id,
                          seconds=time.perf_counter() - start)
 
     def _forward(self, policy, images: np.ndarray, instruction: str,
                  proprio: np.ndarray) -> np.ndarray:
+        """policy (or a call with its arguments: GraphedForward.capture) on one observation, as
+        numpy [horizon, action_dim]."""
         import torch
 
         with torch.inference_mode():
-            image_batch = torch.from_numpy(np.ascontiguousarray(images))[None].to(self.device)
-            proprio_batch = torch.from_numpy(
-                np.asarray(proprio, dtype=np.float32))[None].to(self.device)
-            out = policy(image_batch, [instruction], proprio_batch)
+            out = policy(*self._batch(images, instruction, proprio))
         return out[0].float().cpu().numpy()
+
+    def _batch(self, images: np.ndarray, instruction: str, proprio: np.ndarray):
+        """The policy contract's arguments for one observation: a batch of one, on the device."""
+        import torch
+
+        image_batch = torch.from_numpy(np.ascontiguousarray(images))[None].to(self.device)
+        proprio_batch = torch.from_numpy(np.asarray(proprio, dtype=np.float32))[None].to(self.device)
+        return image_batch, [instruction], proprio_batch
 
     # Reload -------------------------------------------------------------------------------------
     def reload(self, plan_path: str) -> ServedPolicy:
@@ -152,14 +182,20 @@ class PolicyServer:
         except Exception as exc:  # any loader failure is a refused plan, with its reason
             what = f"plan {plan_path!r}" if plan_path else "the full-precision checkpoint"
             raise PlanRejected(f"{what} cannot be loaded: {exc}") from exc
+        from qvla_ros.policy.graphed import GraphedForward
+
+        # lazy=False: only the probe below captures; a frame never does.
+        runner = GraphedForward(policy, enabled=self.cuda_graph, lazy=False)
         served = ServedPolicy(policy=policy, plan_id=plan_id, plan_path=plan_path,
-                              load_seconds=time.perf_counter() - start)
+                              load_seconds=time.perf_counter() - start, runner=runner)
         self._check(served, reference)
         return served
 
     def _check(self, served: ServedPolicy, reference: ServedPolicy | None) -> None:
         """Refuse weights whose interface differs from the serving ones, or whose probe forward
-        gives a chunk of the wrong shape or non-finite values."""
+        gives a chunk of the wrong shape or non-finite values. The probe captures the CUDA graph
+        (its output is the eager forward's); the graph is then checked against eager on another
+        observation and, if it differs, dropped for the eager forward (forward_mode says why)."""
         cfg = served.config
         if reference is not None:
             changed = [f"{name} {getattr(reference.config, name)} -> {getattr(cfg, name)}"
@@ -171,7 +207,7 @@ class PolicyServer:
         probe_images = np.zeros((cfg.n_cams, cfg.image_size, cfg.image_size, 3), np.uint8)
         probe_proprio = np.zeros(cfg.proprio_dim, np.float32)
         try:
-            actions = self._forward(served.policy, probe_images, "probe", probe_proprio)
+            actions = self._forward(served.runner.capture, probe_images, "probe", probe_proprio)
         except Exception as exc:
             raise PlanRejected(f"{served.label}: probe forward failed: {exc}") from exc
         if actions.shape != (cfg.horizon, cfg.action_dim):
@@ -179,4 +215,12 @@ class PolicyServer:
                                f"{list(actions.shape)}, expected [{cfg.horizon}, {cfg.action_dim}]")
         if not np.isfinite(actions).all():
             raise PlanRejected(f"{served.label}: probe forward returned non-finite actions")
+        if served.runner.graphed:
+            rng = np.random.default_rng(0)
+            images = rng.integers(0, 256, probe_images.shape, dtype=np.uint8)
+            proprio = rng.standard_normal(cfg.proprio_dim).astype(np.float32)
+            try:
+                served.runner.verify(*self._batch(images, "check the graph", proprio))
+            except Exception as exc:  # the graph is at fault, not the plan: serve eagerly
+                served.runner.fall_back(f"check on fresh inputs raised {type(exc).__name__}: {exc}")
 

@@ -64,6 +64,9 @@ def register(subparsers) -> None:
     ev.add_argument("--seed-offset", type=_non_negative, default=0,
                     help="use another block of held-out seeds")
     ev.add_argument("--device", default="cpu", help="torch device of the policy")
+    ev.add_argument("--eager", action="store_true",
+                    help="on a CUDA device, run the forward eagerly (default: as CUDA graphs, one "
+                         "per batch size, eager with a logged reason where capture fails)")
     ev.add_argument("--force", action="store_true", help="overwrite results already in --out")
     ev.set_defaults(func=_eval)
 
@@ -102,7 +105,7 @@ def _eval(args) -> int:
         resolve_tasks(args.tasks)  # unknown task names fail before anything starts
         if results_path.exists() and not args.force:
             raise ValueError(f"{results_path} exists; pass --force to overwrite or pick another --out")
-        factory = make_factory(args.policy, args.plan, args.device)
+        factory = make_factory(args.policy, args.plan, args.device, cuda_graph=not args.eager)
         if args.plan is not None:
             import qvla_ros.quant as quant
             try:
@@ -124,6 +127,8 @@ def _eval(args) -> int:
                        seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log)
     results.save(args.out)
     print(results.table())
+    if results.settings.get("forward_modes"):
+        print(f"policy forward: {'; '.join(results.settings['forward_modes'])}")
     print(f"wall time {results.settings['wall_time_s']:.0f} s on {results.settings['cpu']} "
           f"({args.workers} workers); results in {results_path}")
     return 0

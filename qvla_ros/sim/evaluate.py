@@ -144,6 +144,10 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
     def on_batch(results, info):
         episodes.extend(results)
         info_seen.update(image_size=info["image_size"], cameras=info["cameras"])
+        if "forward_mode" in info:  # each mode a worker reported (graphs, or eager and why)
+            modes = info_seen.setdefault("forward_modes", [])
+            if info["forward_mode"] not in modes:
+                modes.append(info["forward_mode"])
         if log is not None:
             log.write("".join(json.dumps(r) + "\n" for r in results))
             log.flush()

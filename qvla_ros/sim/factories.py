@@ -25,12 +25,16 @@ class CheckpointPolicyFactory:
             policy package's shipped default.
         plan: BitPlan file to quantize with (requires qvla_ros.quant.load_quantized_policy).
         device: torch device the policy runs on.
+        cuda_graph: on a CUDA device, run the forward as CUDA graphs (GraphedForward, one per
+            batch size, eager with a logged reason where capture fails); False: eagerly.
     """
 
-    def __init__(self, path: str | Path | None, plan: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path | None, plan: str | Path | None = None, device: str = "cpu",
+                 cuda_graph: bool = True):
         self.path = None if path is None else str(path)
         self.plan = None if plan is None else str(plan)
         self.device = device
+        self.cuda_graph = cuda_graph
 
     def __call__(self):
         if self.plan is not None:
@@ -48,16 +52,26 @@ class CheckpointPolicyFactory:
         eval_ = getattr(policy, "eval", None)
         if eval_ is not None:
             eval_()
+        if self.cuda_graph and _is_cuda(self.device):
+            policy = importlib.import_module("qvla_ros.policy.graphed").GraphedForward(policy)
         return policy
 
     def describe(self) -> dict:
-        return {"kind": "checkpoint", "path": self.path, "plan": self.plan, "device": self.device}
+        out = {"kind": "checkpoint", "path": self.path, "plan": self.plan, "device": self.device}
+        if _is_cuda(self.device):
+            out["cuda_graph"] = self.cuda_graph
+        return out
 
     def __repr__(self) -> str:
-        return f"CheckpointPolicyFactory({self.path!r}, plan={self.plan!r}, device={self.device!r})"
+        extra = "" if self.cuda_graph else ", cuda_graph=False"
+        return f"CheckpointPolicyFactory({self.path!r}, plan={self.plan!r}, device={self.device!r}{extra})"
 
 
-def make_factory(policy: str, plan: str | None = None, device: str = "cpu"):
+def _is_cuda(device) -> bool:
+    return str(device).split(":", 1)[0] == "cuda"
+
+
+def make_factory(policy: str, plan: str | None = None, device: str = "cpu", cuda_graph: bool = True):
     """Factory for the CLI's --policy: "expert" or a checkpoint directory."""
     if policy == "expert":
         if plan is not None:
@@ -67,4 +81,4 @@ def make_factory(policy: str, plan: str | None = None, device: str = "cpu"):
         raise ValueError(f"--policy {policy!r} is neither 'expert' nor a checkpoint directory")
     if plan is not None and not Path(plan).is_file():
         raise ValueError(f"--plan {plan!r}: no such file")
-    return CheckpointPolicyFactory(policy, plan=plan, device=device)
+    return CheckpointPolicyFactory(policy, plan=plan, device=device, cuda_graph=cuda_graph)

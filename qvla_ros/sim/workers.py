@@ -150,6 +150,9 @@ def _run_batch(task: str, seeds: Sequence[int]) -> tuple[list[dict], dict]:
     except Exception as exc:
         raise WorkerError(f"task {task}, seeds {list(seeds)}: {type(exc).__name__}: {exc}") from exc
     info = {"image_size": _STATE["image_size"], "cameras": list(_STATE["cameras"]), "pid": os.getpid()}
+    mode = getattr(_STATE["policy"], "forward_mode", None)  # GraphedForward: graph or eager, why
+    if mode is not None:
+        info["forward_mode"] = mode
     return [r.to_dict() for r in results], info
 
 
