@@ -111,3 +111,43 @@ def test_ragged_and_small_layers():
     for name, bits in a.bits.items():
         check_row_tile(bit_counts(bits), len(bits), 16)
     assert a.bits_per_param <= 3.5
+
+
+def test_whole_policy_budget_is_converted_exactly(table):
+    """scope='whole': the budget counts every weight of the policy; the rest (unallocated layers,
+    biases, norms... at their stored width) is charged first, the layers get what is left."""
+    planned = sum(c.shape[0] * table.in_features[n] for n, c in table.costs.items())
+    widths = {name: 16 for name in table.costs}
+    widths["head"] = 32  # a Linear the table does not hold (kept float32)
+    extra_params = 20_000  # head, embeddings, norms, biases, ...
+    storage = {"params": planned + extra_params, "bits": 16 * planned + 32 * extra_params,
+               "linear_weight_bits": widths}
+    rest = 32 * extra_params
+    for budget in (4.0, 5.0, 6.0):
+        a = allocate(table, budget, scope="whole", storage=storage)
+        assert a.budget_scope == "whole" and a.whole == {"params": storage["params"], "rest_bits": rest}
+        whole = (a.memory_bits + rest) / storage["params"]
+        assert a.whole_bits_per_param == pytest.approx(whole) and budget - 0.15 < whole <= budget + 1e-9
+        # the same as the planned-layers budget the whole one converts to
+        same = allocate(table, (budget * storage["params"] - rest) / planned)
+        assert all((same.bits[n] == a.bits[n]).all() for n in a.bits)
+        plan = a.to_plan(table)
+        assert plan.budget_scope == "whole" and plan.whole_bits_per_param() == pytest.approx(whole)
+        assert BitPlan.from_json(plan.to_json()).whole == a.whole
+    # the storage record can come with the table (calibration writes it)
+    with_meta = SensitivityTable(table.bits, table.costs, table.in_features, {**table.meta, "storage": storage})
+    assert allocate(with_meta, 8.0, scope="whole").bits_per_param == allocate(
+        table, 8.0, scope="whole", storage=storage).bits_per_param
+    # the planned scope still reports the whole figure when the record is known
+    assert allocate(with_meta, 3.0).whole_bits_per_param == pytest.approx(
+        (allocate(table, 3.0).memory_bits + rest) / storage["params"])
+    with pytest.raises(BudgetError, match="unquantized remainder alone costs"):
+        allocate(table, rest / storage["params"], scope="whole", storage=storage)
+    with pytest.raises(BudgetError, match="over the whole policy that pruning"):
+        allocate(table, rest / storage["params"] + 0.01, scope="whole", storage=storage)
+    with pytest.raises(BudgetError, match="storage record"):
+        allocate(table, 8.0, scope="whole")  # an old table: no record
+    with pytest.raises(BudgetError, match="no Linear 'layer0'"):
+        allocate(table, 8.0, scope="whole", storage={**storage, "linear_weight_bits": {"head": 32}})
+    with pytest.raises(BudgetError, match="scope"):
+        allocate(table, 8.0, scope="everything", storage=storage)

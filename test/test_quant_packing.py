@@ -138,15 +138,37 @@ def test_small_layer_allows_any_counts_and_tile_is_enforced_otherwise():
         MixedBitLinear.from_linear(nn.Linear(8, 16), torch.full((12,), 4))
 
 
-def test_packed_bytes_are_real_and_predicted():
+def storage_nbytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`: what the allocator really holds for them
+    (a view into a larger buffer counts the whole buffer)."""
+    held = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        held[storage.data_ptr()] = storage.nbytes()
+    return sum(held.values())
+
+
+def test_packed_bytes_are_real_and_predicted(tmp_path):
+    from safetensors.torch import save_file
+
+    from qvla_ros.quant.api import safetensors_tensor_nbytes
+
     gen = torch.Generator().manual_seed(3)
     n, k = 128, 100
     linear = nn.Linear(k, n)
     bits = _random_bits(n, [0, 2, 3, 4, 8, 16], 16, gen)
     module = MixedBitLinear.from_linear(linear, bits)
-    measured = sum(b.numel() * b.element_size() for name, b in module.named_buffers() if name != "bias")
-    assert module.packed_nbytes() == measured == module.packed_weight().nbytes()
-    assert measured == predicted_nbytes(bit_counts(bits), k)
+    packed = {name: b for name, b in module.state_dict().items() if name != "bias"}
+    # real bytes, two ways: the storages the module holds, and the bytes a file of them takes
+    held = storage_nbytes(packed.values())
+    path = tmp_path / "packed.safetensors"
+    save_file(packed, str(path))
+    on_disk = sum(safetensors_tensor_nbytes(path).values())
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert on_disk == path.stat().st_size - 8 - header  # the header's spans cover the file's data
+    assert module.packed_nbytes() == held == on_disk == module.packed_weight().nbytes()
+    # ... and what the layout's formula (packing.row_bits) predicts from the row counts alone
+    assert held == predicted_nbytes(bit_counts(bits), k)
 
 
 def test_state_dict_roundtrip_into_empty_module():

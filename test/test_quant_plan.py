@@ -2,15 +2,13 @@
 import base64
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-try:  # the policy stage lands separately; without it these tests have nothing to quantize
-    from qvla_ros.policy import make_policy
-except ImportError:
-    pytest.skip("qvla_ros.policy.make_policy is not available", allow_module_level=True)
+from qvla_ros.policy import make_policy
 from qvla_ros.quant.api import (disk_weight_nbytes, load_quantized, load_quantized_policy, quantize_,
                                 quantized_weight_nbytes, save_quantized)
 from qvla_ros.quant.mixed_linear import MixedBitLinear
@@ -224,3 +222,56 @@ def test_a_plan_cannot_declare_unbounded_channels_in_all(policy, monkeypatch):
     with pytest.raises(PlanError, match="output channels in all"):
         BitPlan.from_document(doc)
     assert len(decoded) == 2  # the third layer was refused before its bits were inflated
+
+
+def _whole_by_state_dict(model, plan):
+    """(every weight, stored bits of all but the planned weights) of a float model, from its
+    state_dict: what the whole-policy record must say."""
+    state = model.state_dict()
+    params = sum(t.numel() for t in state.values())
+    bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
+    planned = sum(state[f"{name}.weight"].numel() * state[f"{name}.weight"].element_size() * 8 for name in plan.layers)
+    return params, bits - planned
+
+
+def test_whole_policy_record(policy, tmp_path):
+    plan = _mixed_plan(policy, budget_bits_per_param=4.0)
+    params, rest = _whole_by_state_dict(policy, plan)
+    assert plan.version == 2 and plan.whole == {"params": params, "rest_bits": rest}
+    assert plan.whole_bits_per_param() == pytest.approx((plan.weight_bits() + rest) / params)
+    assert plan.whole_bits_per_param() > plan.bits_per_param()  # micro keeps ~30% of its weights fp32
+    doc = json.loads(plan.to_json())
+    assert doc["version"] == 2 and doc["whole"]["rest_bits"] == rest and doc["budget"]["scope"] == "planned"
+    assert doc["predicted"]["whole_bytes"] == (plan.weight_bits() + rest + 7) // 8
+    loaded = BitPlan.load(plan.save(tmp_path / "p.json"), model=policy)
+    assert loaded.whole == plan.whole and loaded.plan_id == plan.plan_id
+    assert "over the whole policy" in loaded.summary()
+    # the record is part of the content: an edit is caught
+    doc["whole"]["rest_bits"] += 8
+    with pytest.raises(PlanError, match="plan_id"):
+        BitPlan.from_document(doc)
+    doc["whole"] = {"params": 10, "rest_bits": 0}
+    with pytest.raises(PlanError, match="whole"):
+        BitPlan.from_document(doc)
+    del doc["whole"]
+    with pytest.raises(PlanError, match="lacks 'whole'"):
+        BitPlan.from_document(doc)
+
+
+@pytest.mark.parametrize("budget", ["2.5", "3.0", "4.0", "6.0"])
+def test_shipped_version1_plans_load_unchanged(budget):
+    """config/plans/ holds version 1 plans (no whole-policy record): they load, keep their id, are
+    written back byte for byte the same content, and get their whole figure from the model."""
+    from qvla_ros.policy import load_policy
+
+    path = Path(__file__).resolve().parents[1] / "config" / "plans" / f"tiny_qvla_{budget}.json"
+    doc = json.loads(path.read_text())
+    policy = load_policy(None)
+    plan = BitPlan.load(path, model=policy)
+    assert plan.version == 1 and plan.whole is None and plan.plan_id == doc["plan_id"]
+    assert json.loads(plan.to_json()) == doc
+    assert plan.whole_bits_per_param() is None and "unknown" in plan.summary()
+    params, rest = _whole_by_state_dict(policy, plan)
+    assert plan.whole_record(policy) == {"params": params, "rest_bits": rest}
+    assert plan.whole_bits_per_param(policy) == pytest.approx((plan.weight_bits() + rest) / params)
+    assert plan.bits_per_param() == pytest.approx(float(budget))

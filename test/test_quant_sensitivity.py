@@ -7,16 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from qvla_ros.policy import make_policy
 from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
 from qvla_ros.quant.quantizer import fake_quantize_rows
 from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
                                         exact_sensitivity, jacobian_sensitivity, layer_local_sensitivity,
                                         rescale_to_exact)
 
-try:
-    from qvla_ros.policy import make_policy
-except ImportError:
-    pytest.skip("qvla_ros.policy.make_policy is not available", allow_module_level=True)
 
 LAYERS = ["vision.0.encoder.layers.0.mlp.fc1", "decoder.layers.1.self_attn.v_proj", "decoder.layers.0.mlp.down_proj"]
 

@@ -38,7 +38,7 @@ from qvla_ros.quant.api import quantize_, save_quantized  # noqa: E402
 from qvla_ros.quant.baselines.gptq import apply_gptq  # noqa: E402
 from qvla_ros.quant.calibration import synthetic_frames  # noqa: E402
 from qvla_ros.quant.sensitivity import jacobian_sensitivity  # noqa: E402
-from qvla_ros.quant.accounting import planned_budget, whole_policy_bits  # noqa: E402
+from qvla_ros.quant.accounting import policy_storage, resident_nbytes  # noqa: E402
 
 # The fresh process: load the saved checkpoint onto the device, measure, run one forward.
 LOADER = r"""
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     result["build_s"] = time.perf_counter() - t
     result["bf16_vram_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     result["params"] = sum(p.numel() for p in policy.parameters())
+    result["weights"] = policy_storage(policy)["params"]   # parameters + persistent buffers
     print(f"[chain] built {args.config}: {result['params'] / 1e9:.2f} B params in {result['build_s']:.1f} s", flush=True)
 
     # 2. calibration: streaming action-space Jacobian sensitivity
@@ -152,15 +153,15 @@ def main(argv=None) -> int:
     result["allocate_s"] = 0.0
     for b in budgets:
         t = time.perf_counter()
-        planned = planned_budget(policy, table, b)
-        alloc = allocate(table, planned)
-        plan = alloc.to_plan(table, provenance={"whole_policy_budget_bits_per_param": b})
+        alloc = allocate(table, b, scope="whole", storage=table.meta["storage"])
+        planned = alloc.bits_per_param
+        plan = alloc.to_plan(table)
         result["allocate_s"] += time.perf_counter() - t
         plans[b] = plan
         if args.stage == "plan":
             plan.save(args.out.parent / "plans" / f"plan_{b}.json")
-        result["budgets"][str(b)] = {"planned_budget_bits_per_param": planned,
-                                     "planned_bits_per_param": alloc.bits_per_param,
+        result["budgets"][str(b)] = {"planned_bits_per_param": planned,
+                                     "predicted_whole_bits_per_param": alloc.whole_bits_per_param,
                                      "action_cost": alloc.cost, "allocate_s": time.perf_counter() - t}
         print(f"[chain] allocated {b} whole-policy bits ({planned:.3f} over the planned layers)", flush=True)
     del table
@@ -197,7 +198,8 @@ def _quantize_save_load(args, dev, work, policy, plan, b, rounding, result) -> N
     result["quantize_s"] = result.get("quantize_s", 0.0) + q_s
     entry = result["budgets"].setdefault(str(b), {})
     entry[f"{rounding}_quantize_s"] = q_s
-    entry["whole_policy_bits_per_param"] = whole_policy_bits(policy)
+    # measured: every weight the quantized policy holds, over the float policy's weight count
+    entry["whole_policy_bits_per_param"] = resident_nbytes(policy) * 8 / result["weights"]
     entry[f"{rounding}_inprocess_vram_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     t = time.perf_counter()
     out_dir = save_quantized(policy, plan, work / f"q{b}_{rounding}")

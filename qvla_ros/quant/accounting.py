@@ -1,64 +1,120 @@
-"""Bits per parameter over the WHOLE policy, not only over the layers a plan quantizes.
+"""Whole-policy accounting: bits per parameter over every weight of the policy.
 
-A plan's budget counts the planned Linears' weights (scales, zeros and row indices included).
-What a robot's GPU holds is everything: the planned layers' packed bytes plus every other tensor
-(embeddings, norms, biases, projectors, the action head) at the width it is stored in. These
-functions convert between the two, from the tensors themselves.
+A plan's own figure (`BitPlan.bits_per_param`) counts only the planned layers' weights. What a
+user deploys is the whole policy: the planned layers packed, and everything else at the width it
+is stored in (32 bits for float32, 16 for bfloat16): the Linears left unquantized (action head,
+projectors), embeddings, norms, biases, normalization statistics. So
+
+    whole bits/param = (bits of the planned layers' packed weights + rest_bits) / params
+
+with `params` every weight of the float policy and `rest_bits` the stored bits of every weight the
+plan does not pack. A policy's weights are its parameters and persistent buffers, i.e. what its
+checkpoint stores; non-persistent buffers (rotary frequencies, position ids) are functions of the
+config, rebuilt on load, and are not weights. Tied parameters count once.
+
+`policy_storage(model)` records what this needs of a float policy (calibration stores it in the
+sensitivity table's meta, so `allocate` can turn a whole-policy budget into a planned-layers
+budget exactly, without the model); `rest_of_policy` derives a plan's remainder from it;
+`resident_nbytes` measures a (quantized or float) policy's weight bytes from its tensors.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterator, Mapping
 
+import torch
 from torch import nn
 
+#: what BitPlan's "whole" record and the whole-policy figures count
+WHOLE_COUNTS = ("every weight of the policy (parameters and persistent buffers, tied ones once): the "
+                "planned layers' packed weights as in the plan's budget, every other weight (other "
+                "layers, biases, embeddings, norms, action head, statistics) at its stored width")
 
-def _stored_bits(tensors: Iterable) -> int:
-    return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+def _own_weights(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The module's own parameters and persistent buffers (no children)."""
+    yield from module.named_parameters(recurse=False)
+    transient = module._non_persistent_buffers_set
+    for name, buf in module.named_buffers(recurse=False):
+        if name not in transient:
+            yield name, buf
 
 
-def rest_of_policy(policy: nn.Module, planned: Iterable[str]) -> tuple[int, int]:
-    """(parameters, stored bits) of the float policy outside the planned layers' weight matrices."""
-    planned = set(planned)
-    modules = dict(policy.named_modules())
-    missing = [n for n in planned if not isinstance(modules.get(n), nn.Linear)]
+def _tensor_bits(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size() * 8
+
+
+def policy_storage(model: nn.Module) -> dict[str, Any]:
+    """What a float policy stores: {"params": weights, "bits": their stored bits,
+    "linear_weight_bits": {Linear name: stored bits per element of its weight}}."""
+    seen: set[int] = set()
+    params = bits = 0
+    linear: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        for _, t in _own_weights(module):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            params += t.numel()
+            bits += _tensor_bits(t)
+        if isinstance(module, nn.Linear):
+            linear[module_name] = module.weight.element_size() * 8
+    return {"params": int(params), "bits": int(bits), "linear_weight_bits": linear}
+
+
+def check_storage(storage: Any, where: str = "storage record") -> dict[str, Any]:
+    """`storage` if it is a well-formed policy_storage record, else ValueError naming the problem."""
+    if not isinstance(storage, Mapping):
+        raise ValueError(f"{where} is not an object")
+    for key in ("params", "bits"):
+        value = storage.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    widths = storage.get("linear_weight_bits")
+    if not isinstance(widths, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64
+            for k, v in widths.items()):
+        raise ValueError(f"{where}: 'linear_weight_bits' must map Linear names to stored bits per weight")
+    return dict(storage)
+
+
+def rest_of_policy(storage: Mapping[str, Any], layer_params: Mapping[str, int]) -> dict[str, int]:
+    """{"params": every weight of the policy, "rest_bits": stored bits of all but the weights of
+    the given layers ({Linear name: weight count})}. ValueError if the record does not cover them."""
+    storage = check_storage(storage)
+    widths = storage["linear_weight_bits"]
+    missing = [name for name in layer_params if name not in widths]
     if missing:
-        raise ValueError(f"planned layers {missing[:3]} are not Linear layers of the policy")
-    skip = {id(modules[n].weight) for n in planned}
-    rest = [p for p in policy.parameters() if id(p) not in skip]
-    return sum(p.numel() for p in rest), _stored_bits(rest)
+        raise ValueError(f"the storage record has no Linear {missing[0]!r} ({len(missing)} layers missing); "
+                         "it was made for another model")
+    planned_bits = sum(int(n) * widths[name] for name, n in layer_params.items())
+    planned_params = sum(int(n) for n in layer_params.values())
+    rest = storage["bits"] - planned_bits
+    if rest < 0 or planned_params > storage["params"]:
+        raise ValueError(f"the storage record ({storage['params']} weights, {storage['bits']} bits) is smaller "
+                         f"than the layers it should hold ({planned_params} weights, {planned_bits} bits)")
+    return {"params": storage["params"], "rest_bits": int(rest)}
 
 
-def planned_budget(policy: nn.Module, table, whole_bits_per_param: float) -> float:
-    """The planned layers' bits per parameter that makes the whole float policy `whole_bits_per_param`
-    once its planned layers (the sensitivity table's) are quantized; ValueError when the rest of
-    the policy alone already costs more."""
-    planned = {name: policy.get_submodule(name) for name in table.costs}
-    planned_params = sum(m.weight.numel() for m in planned.values())
-    rest_params, rest_bits = rest_of_policy(policy, planned)
-    total = planned_params + rest_params
-    budget = (whole_bits_per_param * total - rest_bits) / planned_params
-    if budget <= 0:
-        raise ValueError(f"{whole_bits_per_param:g} whole-policy bits/param is below what the unquantized "
-                         f"rest of the policy alone costs ({rest_bits / total:.3f} bits/param)")
-    return budget
-
-
-def whole_policy_bits(policy: nn.Module) -> float:
-    """Stored bits per parameter of a (possibly quantized) policy: packed layers at their real
-    bytes over their float parameter count, every other parameter at its stored width."""
-    from .mixed_linear import MixedBitLinear
-
-    bits, params = 0, 0
-    packed = set()
-    for module in policy.modules():
-        if isinstance(module, MixedBitLinear):
-            bits += module.packed_nbytes() * 8
-            params += module.in_features * module.out_features
+def resident_nbytes(model: nn.Module) -> int:
+    """Bytes of every weight of `model` as it is held now, measured on the tensors: a packed layer
+    (anything with `packed_nbytes()`, e.g. MixedBitLinear, resident kernel layout included) counts
+    its packed bytes plus its bias; everything else its parameters and persistent buffers."""
+    seen: set[int] = set()
+    total = 0
+    packed_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in packed_prefixes):
+            continue
+        if hasattr(module, "packed_nbytes"):
+            total += int(module.packed_nbytes())
             bias = getattr(module, "bias", None)
-            if bias is not None:
-                bits += _stored_bits([bias])
-                params += bias.numel()
-                packed.add(id(bias))
-            packed.update(id(t) for t in module.buffers())
-    rest = [p for p in policy.parameters() if id(p) not in packed]
-    return (bits + _stored_bits(rest)) / (params + sum(p.numel() for p in rest))
+            if isinstance(bias, torch.Tensor) and id(bias) not in seen:
+                seen.add(id(bias))
+                total += bias.numel() * bias.element_size()
+            packed_prefixes.append(f"{name}.")
+            continue
+        for _, t in _own_weights(module):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total

@@ -15,6 +15,13 @@ Solved in three steps:
 3. Greedy in tile-sized moves: first demote (least cost per bit saved) while over the budget, then
    promote (most cost saved per bit spent) while anything fits.
 The reported duality gap (primal cost - dual bound) says how far from optimal the result can be.
+
+Budget scope: scope="planned" counts bits per weight of the allocated layers only (the knapsack's
+own units); scope="whole" counts them over the WHOLE policy (accounting.py): with P every weight of
+the policy and R the stored bits of everything not allocated (other layers, biases, embeddings,
+norms, action head, at their stored width), a whole budget B becomes exactly B * P - R bits for the
+allocated layers. P and R come from the policy's storage record, which calibration writes into the
+sensitivity table's meta ("storage"), or from `storage=` (accounting.policy_storage(policy)).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .accounting import check_storage, rest_of_policy
 from .packing import DEFAULT_ROW_TILE, row_bits
 from .plan import BitPlan, LayerPlan
 from .quantizer import ALL_BITS, check_bits
@@ -73,10 +81,22 @@ class Allocation:
     row_tile: int
     candidate_bits: tuple[int, ...]
     max_prune_fraction: float
+    #: what budget_bits_per_param counts: "planned" layers or "whole" policy
+    budget_scope: str = "planned"
+    #: the rest of the policy {"params", "rest_bits"} (accounting.rest_of_policy), None if unknown
+    whole: dict[str, int] | None = None
 
     @property
     def bits_per_param(self) -> float:
+        """Bits per weight of the allocated layers."""
         return self.memory_bits / self.params
+
+    @property
+    def whole_bits_per_param(self) -> float | None:
+        """Bits per weight of the whole policy (None when the rest of the policy is unknown)."""
+        if self.whole is None:
+            return None
+        return (self.memory_bits + self.whole["rest_bits"]) / self.whole["params"]
 
     @property
     def duality_gap(self) -> float:
@@ -87,7 +107,10 @@ class Allocation:
         return self.duality_gap / self.cost if self.cost > 0 else 0.0
 
     def report(self) -> dict[str, Any]:
-        return {"budget_bits_per_param": self.budget_bits_per_param, "bits_per_param": round(self.bits_per_param, 6),
+        whole = self.whole_bits_per_param
+        return {"budget_bits_per_param": self.budget_bits_per_param, "budget_scope": self.budget_scope,
+                "bits_per_param": round(self.bits_per_param, 6),
+                "whole_bits_per_param": None if whole is None else round(whole, 6),
                 "action_cost": self.cost, "dual_bound": self.dual_bound, "duality_gap": self.duality_gap,
                 "relative_gap": self.relative_gap, "lagrange_multiplier": self.lagrange_multiplier,
                 "seconds": round(self.seconds, 3), "row_tile": self.row_tile,
@@ -103,12 +126,13 @@ class Allocation:
         for name, bits in self.bits.items():
             a = act_bits[name] if isinstance(act_bits, Mapping) else act_bits
             layers[name] = LayerPlan(name, self.in_features[name], len(bits), bits, int(a))
-        prov = {"calibration": {k: v for k, v in table.meta.items() if k != "policy"},
+        prov = {"calibration": {k: v for k, v in table.meta.items() if k not in ("policy", "storage")},
                 "allocation": self.report()}
         prov.update(provenance or {})
         return BitPlan(layers=layers, model=fingerprint, budget_bits_per_param=self.budget_bits_per_param,
                        row_tile=self.row_tile, candidate_bits=self.candidate_bits,
-                       action_cost=float(self.cost), provenance=prov)
+                       action_cost=float(self.cost), provenance=prov, whole=self.whole,
+                       budget_scope=self.budget_scope)
 
 
 # ---- problem setup ----------------------------------------------------------------------------
@@ -290,8 +314,11 @@ def _greedy(layers: list[_Layer], budget: float, promote: bool) -> None:
 def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
              candidate_bits: Sequence[int] = ALL_BITS, row_tile: int = DEFAULT_ROW_TILE,
              max_prune_fraction: float = 0.5, layers: Sequence[str] | None = None,
-             iterations: int = 60) -> Allocation:
-    """Widths for every channel of the table's layers under `budget_bits_per_param`."""
+             iterations: int = 60, scope: str = "planned",
+             storage: Mapping[str, Any] | None = None) -> Allocation:
+    """Widths for every channel of the table's layers under `budget_bits_per_param`, counted over
+    the allocated layers (scope="planned") or over the whole policy (scope="whole"; needs the
+    policy's storage record: the table's meta["storage"] or `storage`). See the module docstring."""
     started = time.time()
     try:
         budget_bpp = float(budget_bits_per_param)
@@ -307,14 +334,38 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
         raise BudgetError("candidate widths must include at least one kept width (2, 3, 4, 8 or 16)")
     if not 0.0 <= max_prune_fraction <= 1.0:
         raise BudgetError(f"max_prune_fraction must be in [0, 1], got {max_prune_fraction}")
+    if scope not in ("planned", "whole"):
+        raise BudgetError(f"budget scope must be 'planned' or 'whole', got {scope!r}")
     work = _build_layers(table, candidate_bits, row_tile, max_prune_fraction, layers)
     params = sum(l.n * l.in_features for l in work)
-    budget = budget_bpp * params
+    record = storage if storage is not None else table.meta.get("storage")
+    whole = None
+    if record is not None:
+        try:
+            whole = rest_of_policy(check_storage(record), {l.name: l.n * l.in_features for l in work})
+        except ValueError as exc:
+            raise BudgetError(f"the policy's storage record does not fit the table: {exc}") from None
+    if scope == "whole":
+        if whole is None:
+            raise BudgetError("a whole-policy budget needs the policy's storage record, which this sensitivity "
+                              "table lacks (calibrated before it was recorded): re-run calibrate, give the "
+                              "policy (qvla allocate --policy), or budget the planned layers (--budget-scope planned)")
+        rest_bpp = whole["rest_bits"] / whole["params"]
+        if budget_bpp * whole["params"] <= whole["rest_bits"]:
+            raise BudgetError(
+                f"budget {budget_bpp:g} bits/param over the whole policy is below the {rest_bpp:.4f} bits/param "
+                f"that the unquantized remainder alone costs ({whole['params'] - params} of {whole['params']} "
+                f"weights, at their stored width)")
+        budget = budget_bpp * whole["params"] - whole["rest_bits"]
+    else:
+        budget = budget_bpp * params
     floor_bits = minimum_bits(work)
     if budget < floor_bits:
+        lowest = (f"{(floor_bits + whole['rest_bits']) / whole['params']:.4f} bits/param over the whole policy"
+                  if scope == "whole" else f"{floor_bits / params:.4f} bits/param")
         raise BudgetError(
-            f"budget {budget_bpp:g} bits/param is below the {floor_bits / params:.4f} bits/param that "
-            f"pruning {max_prune_fraction:.0%} of the rows and storing the rest at "
+            f"budget {budget_bpp:g} bits/param{' over the whole policy' if scope == 'whole' else ''} is below "
+            f"the {lowest} that pruning {max_prune_fraction:.0%} of the rows and storing the rest at "
             f"{min(b for b in candidate_bits if b != 0)} bits reaches (scales, zeros and row indices included)")
 
     def solve(lam: float) -> float:
@@ -350,14 +401,15 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
     _greedy(work, budget, promote=True)
     used = sum(l.memory() for l in work)
     if used > budget * (1 + 1e-12):
-        raise BudgetError(f"could not fit {budget_bpp:g} bits/param with the row tile {row_tile} "
-                          f"(best found {used / params:.4f})")
+        raise BudgetError(f"could not fit {budget_bpp:g} bits/param ({scope}) with the row tile {row_tile} "
+                          f"(best found {used / params:.4f} over the planned layers)")
     bits = {l.name: np.asarray(l.widths, dtype=np.uint8)[l.assign] for l in work}
     cost = sum(l.total_cost() for l in work)
     return Allocation(bits=bits, in_features={l.name: l.in_features for l in work}, cost=cost,
                       memory_bits=used, params=params, budget_bits_per_param=budget_bpp,
                       lagrange_multiplier=lam_hi, dual_bound=min(dual, cost), seconds=time.time() - started,
-                      row_tile=row_tile, candidate_bits=candidate_bits, max_prune_fraction=max_prune_fraction)
+                      row_tile=row_tile, candidate_bits=candidate_bits, max_prune_fraction=max_prune_fraction,
+                      budget_scope=scope, whole=whole)
 
 
 def uniform_bits(table: SensitivityTable, bits: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,8 @@
 
     qvla calibrate --policy default --data demos/ --frames 64 --estimator jacobian --out S.safetensors
     qvla allocate  --sensitivity S.safetensors --budget 4.0 --out plan.json      (+ plan.png)
+                   (4.0 bits per parameter of the WHOLE policy; --budget-scope planned: of the
+                   quantized layers only)
     qvla quantize  --policy default --plan plan.json --out tiny_q4/
 """
 from __future__ import annotations
@@ -85,7 +87,17 @@ def register(subparsers) -> None:
                               formatter_class=fmt)
     a.add_argument("--sensitivity", required=True, help="table written by qvla calibrate")
     a.add_argument("--budget", type=float, required=True,
-                   help="bits per weight parameter of the quantized layers, scales/zeros/indices included")
+                   help="bits per parameter of the WHOLE policy: the quantized layers packed (scales, zeros, "
+                        "row indices included) plus every other weight (unquantized layers, embeddings, norms, "
+                        "biases, action head) at its stored width, over all its parameters; with "
+                        "--budget-scope planned: bits per weight parameter of the quantized layers only")
+    a.add_argument("--budget-scope", choices=("whole", "planned"), default="whole",
+                   help="what --budget counts: the whole policy, or only the quantized layers "
+                        "(how plans of version 1, e.g. config/plans/, were budgeted)")
+    a.add_argument("--policy", default=None,
+                   help="the float policy the table was measured on ('default' or a checkpoint directory): "
+                        "only needed for a whole-policy budget from a table calibrated before the policy's "
+                        "storage was recorded in it")
     a.add_argument("--bits", type=_bits, default=DEFAULT_BITS, help="candidate widths")
     a.add_argument("--row-tile", type=int, default=16, help="row groups are multiples of this (kernel tile)")
     a.add_argument("--max-prune", type=float, default=0.5, help="largest share of a layer's rows that may be pruned")
@@ -177,8 +189,19 @@ def allocate_command(args) -> int:
     from .sensitivity import SensitivityTable
 
     table = SensitivityTable.load(args.sensitivity)
+    storage = None
+    if args.policy is not None:
+        from ..policy import load_policy
+        from .accounting import policy_storage
+        from .plan import PlanError, model_fingerprint
+
+        policy = load_policy(_policy_path(args.policy))
+        fingerprint = model_fingerprint(policy)
+        if fingerprint["architecture"] != (table.meta.get("policy") or {}).get("architecture", fingerprint["architecture"]):
+            raise PlanError(f"--policy {args.policy} is not the policy the sensitivity table was measured on")
+        storage = policy_storage(policy)
     result = allocate(table, args.budget, candidate_bits=args.bits, row_tile=args.row_tile,
-                      max_prune_fraction=args.max_prune)
+                      max_prune_fraction=args.max_prune, scope=args.budget_scope, storage=storage)
     plan = result.to_plan(table, act_bits=args.act_bits,
                           provenance={"sensitivity_file": str(args.sensitivity)})
     path = plan.save(args.out)
@@ -192,7 +215,9 @@ def allocate_command(args) -> int:
 
 def quantize_command(args) -> int:
     from ..policy import load_policy
-    from .api import disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized
+    from .accounting import resident_nbytes
+    from .api import (WEIGHTS_FILE, disk_weight_nbytes, quantize_, quantized_weight_nbytes, safetensors_tensor_nbytes,
+                      save_quantized)
     from .plan import BitPlan
 
     if args.rounding == "gptq" and not args.data:
@@ -203,6 +228,8 @@ def quantize_command(args) -> int:
         return 2
     policy = load_policy(_policy_path(args.policy))
     plan = BitPlan.load(args.plan, model=policy)
+    whole = plan.whole_record(policy)  # version 1 plans: measured on the float policy
+    summary = plan.summary(policy)
     if args.rounding == "gptq":
         plan = _round_rows_with_gptq(policy, plan, args)
         quantize_(policy, plan, check_weights=False)  # the weights are GPTQ's now, on the plan's grid
@@ -212,9 +239,17 @@ def quantize_command(args) -> int:
     predicted = plan.weight_nbytes()
     memory = quantized_weight_nbytes(policy)
     disk = disk_weight_nbytes(out, plan)
-    print(plan.summary())
+    memory_policy = resident_nbytes(policy)
+    disk_policy = sum(safetensors_tensor_nbytes(out / WEIGHTS_FILE).values())
+    print(summary)
     print(json.dumps({"plan_id": plan.plan_id, "rounding": args.rounding, "predicted_weight_bytes": predicted, "memory_weight_bytes": memory,
-                      "disk_weight_bytes": disk, "out": str(out)}))
+                      "disk_weight_bytes": disk,
+                      "planned_params": plan.params, "planned_bits_per_param": round(plan.bits_per_param(), 6),
+                      "whole_params": whole["params"],
+                      "predicted_policy_bytes": (plan.weight_bits() + whole["rest_bits"] + 7) // 8,
+                      "memory_policy_bytes": memory_policy, "disk_policy_bytes": disk_policy,
+                      "whole_bits_per_param": round(8 * memory_policy / whole["params"], 6),
+                      "out": str(out)}))
     return 0
 
 

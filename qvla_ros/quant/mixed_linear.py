@@ -16,9 +16,10 @@ scatter the results to their original channels; pruned channels output the bias 
 
 One copy of the weights: once the kernels' layout of a layer lives on a CUDA device (the module was
 moved there, or a CUDA input arrived), it is the only copy. The packed buffers above become
-meta-device placeholders (same names, shapes and dtypes, so state_dict keys, packed_nbytes and
-repr do not change) and are rebuilt bit for bit from the kernel layout whenever something needs
-them: state_dict, load_state_dict, groups()/dequantize(), or moving the module elsewhere.
+meta-device placeholders (same names, shapes and dtypes, so state_dict keys and repr do not
+change; packed_nbytes then reports the kernel layout's bytes, what is resident) and are rebuilt
+bit for bit from the kernel layout whenever something needs them: state_dict, load_state_dict,
+groups()/dequantize(), or moving the module elsewhere.
 `to_kernel_layout()` does the same on any device (CPU included).
 """
 from __future__ import annotations
@@ -211,8 +212,14 @@ class MixedBitLinear(nn.Module):
         return self.packed_weight().bits_per_row()
 
     def packed_nbytes(self) -> int:
-        """Bytes of the packed weight buffers (codes, scales, zeros, dense rows, row_index), measured
-        from the tensors themselves; the bias is not counted (it is not quantized)."""
+        """Bytes of the weights as they are resident, measured from the tensors themselves: the
+        kernel layout's tensors while that is the only copy (`kernel_resident`: after a move to a
+        GPU or `to_kernel_layout()`; its fp32 scales/zeros and [N] output index take more than the
+        packed buffers), else the packed buffers (codes, scales, zeros, dense rows, row_index).
+        The bias is not counted (it is not quantized)."""
+        if self.kernel_resident:
+            weights = self._kernel_weights
+            return sum(t.numel() * t.element_size() for t in vars(weights).values() if isinstance(t, torch.Tensor))
         return sum(buf.numel() * buf.element_size() for name, buf in self.named_buffers(recurse=False)
                    if name != "bias")
 

@@ -4,19 +4,28 @@ One JSON document, readable by people except for the per-channel widths, which a
 zlib-compressed base64 of a uint8 array (1.4 M channels of a 7B model take well under 1 MB):
 
     {
-      "format": "qvla-bitplan", "version": 1,
+      "format": "qvla-bitplan", "version": 2,
       "plan_id": "<16 hex digits: sha256 of everything else but 'created'>",
       "created": "<UTC time>",
       "model": {"class": ..., "config": ..., "architecture": "<sha256>", "weights": "<sha256>",
                 "params": ...},
-      "budget": {"bits_per_param": 4.0, "counts": "<what a bit is counted for>"},
+      "budget": {"bits_per_param": 4.0, "scope": "whole" | "planned", "counts": "<what a bit is counted for>"},
+      "whole": {"params": ..., "rest_bits": ..., "counts": ...} | null,
       "candidate_bits": [0, 2, 3, 4, 8, 16], "row_tile": 16,
-      "predicted": {"action_cost": ..., "weight_bytes": ..., "bits_per_param": ..., "params": ...},
+      "predicted": {"action_cost": ..., "weight_bytes": ..., "bits_per_param": ..., "params": ...,
+                    "whole_bits_per_param": ..., "whole_bytes": ...},
       "provenance": {"calibration": {...}, "allocation": {...}},
       "totals": {"16": rows, "8": rows, ...},
       "layers": [{"name": ..., "in_features": K, "out_features": N, "act_bits": 16,
                   "counts": {"16": rows, ...}, "bits": "<zlib+base64 uint8 [N]>"}, ...]
     }
+
+"bits_per_param" figures without "whole" count the planned layers only. "whole" records the rest of
+the policy (accounting.py): every weight of the float policy ("params") and the stored bits of
+all weights the plan does not pack ("rest_bits"), so the plan alone gives its bits per parameter
+over the WHOLE policy; "budget.scope" says which of the two the budget was given in. Version 1
+files (no "whole", budgets over the planned layers) still load, keep their plan id, and are
+written back unchanged; their whole-policy figures need the model (`whole_record(model)`).
 
 Loading checks everything and raises PlanError naming the problem: truncated or edited files
 (the plan id is a hash of the content), unknown widths, wrong channel counts, row groups that break
@@ -42,14 +51,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from .accounting import WHOLE_COUNTS, policy_storage, rest_of_policy
 from .packing import DEFAULT_ROW_TILE, check_row_tile, predicted_nbytes, row_bits
 from .quantizer import ACT_BITS, ALL_BITS
 
 PLAN_FORMAT = "qvla-bitplan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+#: versions this library reads (version 1: no whole-policy record, budgets over the planned layers)
+READ_VERSIONS = (1, 2)
 BITS_ENCODING = "zlib+base64:uint8"
 BUDGET_COUNTS = ("bits of every stored byte of the quantized Linear weights (codes, fp16 scale and zero, "
                  "int32 row_index, bf16 rows) per weight parameter of those layers; biases excluded")
+#: what a budget counts, by scope (version 2 files)
+SCOPE_COUNTS = {
+    "planned": BUDGET_COUNTS,
+    "whole": ("bits of every stored byte of the policy's weights per weight parameter of the whole policy: "
+              "the quantized Linears packed (codes, fp16 scale and zero, int32 row_index, bf16 rows), "
+              "every other weight (other layers, biases, embeddings, norms, action head) at its stored width"),
+}
+BUDGET_SCOPES = tuple(SCOPE_COUNTS)
 # Plans larger than this are refused before parsing (a 7B plan is < 2 MB).
 MAX_PLAN_BYTES = 256 * 2 ** 20
 _CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -168,8 +188,31 @@ class BitPlan:
     action_cost: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    #: the rest of the policy, {"params": every weight, "rest_bits": stored bits of what the plan
+    #: does not pack} (accounting.rest_of_policy), or None when unknown
+    whole: dict[str, int] | None = None
+    #: what budget_bits_per_param counts: "whole" policy or "planned" layers
+    budget_scope: str = "planned"
+    version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
+        if self.version not in READ_VERSIONS:
+            raise PlanError(f"plan version {self.version!r}; this library reads versions {list(READ_VERSIONS)}")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise PlanError(f"budget scope {self.budget_scope!r} is not one of {list(BUDGET_SCOPES)}")
+        if self.version == 1 and (self.whole is not None or self.budget_scope != "planned"):
+            raise PlanError("a version 1 plan has no whole-policy record and budgets over the planned layers only")
+        if self.whole is not None:
+            whole = self.whole
+            if not isinstance(whole, Mapping) or any(
+                    isinstance(whole.get(k), bool) or not isinstance(whole.get(k), int) for k in ("params", "rest_bits")):
+                raise PlanError(f"'whole' must hold integer 'params' and 'rest_bits', got {whole!r}")
+            if whole["rest_bits"] < 0 or whole["params"] < self.params:
+                raise PlanError(f"'whole' says the policy has {whole['params']} weights and {whole['rest_bits']} "
+                                f"other bits, but the planned layers alone have {self.params} weights")
+            self.whole = {"params": int(whole["params"]), "rest_bits": int(whole["rest_bits"])}
+        elif self.budget_scope == "whole":
+            raise PlanError("a budget over the whole policy needs the plan's whole-policy record ('whole')")
         for layer in self.layers.values():
             try:
                 check_row_tile(layer.counts, layer.out_features, self.row_tile)
@@ -189,8 +232,36 @@ class BitPlan:
         """Predicted bytes of the packed weights of all planned layers (biases excluded)."""
         return sum(l.weight_nbytes() for l in self.layers.values())
 
+    def weight_bits(self) -> int:
+        """Stored bits of the planned layers' packed weights."""
+        return sum(l.weight_bits() for l in self.layers.values())
+
     def bits_per_param(self) -> float:
-        return sum(l.weight_bits() for l in self.layers.values()) / max(self.params, 1)
+        """Bits per weight parameter of the PLANNED layers (see whole_bits_per_param)."""
+        return self.weight_bits() / max(self.params, 1)
+
+    def whole_record(self, model: nn.Module | None = None) -> dict[str, int] | None:
+        """The rest of the policy: the plan's own record, else (version 1 plans) measured on the
+        float `model` the plan was made for; None when neither is there."""
+        if self.whole is not None:
+            return dict(self.whole)
+        if model is None:
+            return None
+        try:
+            return rest_of_policy(policy_storage(model), {n: l.params for n, l in self.layers.items()})
+        except ValueError as exc:
+            raise PlanError(f"bit plan {self.plan_id}: {exc}") from None
+
+    def whole_bits_per_param(self, model: nn.Module | None = None) -> float | None:
+        """Bits per weight parameter of the WHOLE policy: the planned layers packed, every other
+        weight at its stored width (accounting.py); None when the rest of the policy is unknown."""
+        whole = self.whole_record(model)
+        return None if whole is None else (self.weight_bits() + whole["rest_bits"]) / whole["params"]
+
+    def whole_nbytes(self, model: nn.Module | None = None) -> int | None:
+        """Predicted bytes of every weight of the quantized policy (None when unknown)."""
+        whole = self.whole_record(model)
+        return None if whole is None else (self.weight_bits() + whole["rest_bits"] + 7) // 8
 
     def totals(self) -> dict[int, int]:
         out = {b: 0 for b in ALL_BITS}
@@ -209,15 +280,27 @@ class BitPlan:
 
     # ---- serialization ------------------------------------------------------------------------
     def _document(self, with_id: bool = True) -> dict[str, Any]:
+        predicted = {"action_cost": self.action_cost, "weight_bytes": self.weight_nbytes(),
+                     "bits_per_param": round(self.bits_per_param(), 6), "params": self.params}
+        if self.version == 1:  # written back exactly as read: same content, same plan id
+            budget = {"bits_per_param": self.budget_bits_per_param, "counts": BUDGET_COUNTS}
+            extra: dict[str, Any] = {}
+        else:
+            budget = {"bits_per_param": self.budget_bits_per_param, "scope": self.budget_scope,
+                      "counts": SCOPE_COUNTS[self.budget_scope]}
+            extra = {"whole": None if self.whole is None else {**self.whole, "counts": WHOLE_COUNTS}}
+            whole_bpp = self.whole_bits_per_param()
+            predicted.update({"whole_bits_per_param": None if whole_bpp is None else round(whole_bpp, 6),
+                              "whole_bytes": self.whole_nbytes()})
         doc: dict[str, Any] = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": self.version,
             "model": self.model,
-            "budget": {"bits_per_param": self.budget_bits_per_param, "counts": BUDGET_COUNTS},
+            "budget": budget,
+            **extra,
             "candidate_bits": list(self.candidate_bits),
             "row_tile": self.row_tile,
-            "predicted": {"action_cost": self.action_cost, "weight_bytes": self.weight_nbytes(),
-                          "bits_per_param": round(self.bits_per_param(), 6), "params": self.params},
+            "predicted": predicted,
             "provenance": self.provenance,
             "totals": {str(b): n for b, n in self.totals().items()},
             "layers": [{"name": l.name, "in_features": l.in_features, "out_features": l.out_features,
@@ -226,7 +309,7 @@ class BitPlan:
         }
         if not with_id:
             return doc
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "plan_id": _content_id(doc),
+        return {"format": PLAN_FORMAT, "version": self.version, "plan_id": _content_id(doc),
                 "created": self.created or _now(), **{k: v for k, v in doc.items() if k not in ("format", "version")}}
 
     def to_json(self) -> str:
@@ -268,10 +351,23 @@ class BitPlan:
     def from_document(cls, doc: Any, source: str = "plan") -> "BitPlan":
         if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source} is not a {PLAN_FORMAT} file")
-        if doc.get("version") != PLAN_VERSION:
-            raise PlanError(f"{source} has plan version {doc.get('version')!r}; this library reads version {PLAN_VERSION}")
+        version = doc.get("version")
+        if isinstance(version, bool) or version not in READ_VERSIONS:
+            raise PlanError(f"{source} has plan version {version!r}; this library reads versions {list(READ_VERSIONS)}")
         _require(doc, {"plan_id": str, "model": dict, "budget": dict, "candidate_bits": list, "row_tile": int,
                        "predicted": dict, "provenance": dict, "layers": list}, source)
+        whole, scope = None, "planned"
+        if version >= 2:
+            if "whole" not in doc:
+                raise PlanError(f"{source} lacks 'whole'")
+            whole = doc["whole"]
+            if whole is not None and not isinstance(whole, dict):
+                raise PlanError(f"{source}: 'whole' must be an object or null, got {type(whole).__name__}")
+            if whole is not None:
+                whole = {k: v for k, v in whole.items() if k != "counts"}
+            scope = doc["budget"].get("scope")
+            if scope not in BUDGET_SCOPES:
+                raise PlanError(f"{source}: 'budget.scope' must be one of {list(BUDGET_SCOPES)}, got {scope!r}")
         candidates = tuple(doc["candidate_bits"])
         unknown = [b for b in candidates if b not in ALL_BITS]
         if unknown or not candidates:
@@ -314,7 +410,7 @@ class BitPlan:
             plan = cls(layers=layers, model=doc["model"], budget_bits_per_param=budget,
                        row_tile=doc["row_tile"], candidate_bits=candidates,
                        action_cost=cost, provenance=doc["provenance"],
-                       created=str(doc.get("created", "")))
+                       created=str(doc.get("created", "")), whole=whole, budget_scope=scope, version=version)
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None
         created = doc.get("created", "")
@@ -380,15 +476,25 @@ class BitPlan:
                                 f"the model {shape[0]} x {shape[1]}")
 
     # ---- people -------------------------------------------------------------------------------
-    def summary(self) -> str:
+    def summary(self, model: nn.Module | None = None) -> str:
+        """One line for people; `model` (the float policy) gives a version 1 plan its whole-policy figure."""
         totals = self.totals()
         n = sum(totals.values())
         widths = ", ".join(f"{b}b {100 * totals[b] / max(n, 1):.1f}%" for b in sorted(totals, reverse=True))
         cost = "n/a" if self.action_cost is None else f"{self.action_cost:.4g}"
-        budget = "n/a" if self.budget_bits_per_param is None else f"{self.budget_bits_per_param:g}"
+        budget = ("n/a" if self.budget_bits_per_param is None
+                  else f"{self.budget_bits_per_param:g} over the {'whole policy' if self.budget_scope == 'whole' else 'planned layers'}")
+        whole = self.whole_record(model)
+        if whole is None:
+            overall = "whole policy: unknown (no record of the rest of the policy)"
+        else:
+            overall = (f"{self.whole_bits_per_param(model):.3f} bits/param over the whole policy "
+                       f"({whole['params']} params, the rest at its stored width; "
+                       f"{self.whole_nbytes(model) / 2 ** 20:.3f} MiB)")
         return (f"BitPlan {self.plan_id}: {len(self.layers)} layers, {n} channels, "
-                f"{self.bits_per_param():.3f} bits/param (budget {budget}), "
-                f"{self.weight_nbytes() / 2 ** 20:.3f} MiB packed; rows: {widths}; predicted action cost {cost}")
+                f"{self.bits_per_param():.3f} bits/param over the planned layers ({self.params} params, "
+                f"{self.weight_nbytes() / 2 ** 20:.3f} MiB packed), {overall}; budget {budget}; "
+                f"rows: {widths}; predicted action cost {cost}")
 
 
 def _require(doc: Mapping[str, Any], keys: Mapping[str, type], where: str) -> None:
@@ -413,8 +519,9 @@ def plan_from_bits(model: nn.Module, bits: Mapping[str, Iterable[int] | np.ndarr
                    act_bits: int | Mapping[str, int] = 16, row_tile: int = DEFAULT_ROW_TILE,
                    budget_bits_per_param: float | None = None, action_cost: float | None = None,
                    candidate_bits: tuple[int, ...] = ALL_BITS, provenance: Mapping[str, Any] | None = None,
-                   fingerprint: Mapping[str, Any] | None = None) -> BitPlan:
-    """A BitPlan for `model` from {layer name: per-channel widths} (e.g. a uniform baseline)."""
+                   fingerprint: Mapping[str, Any] | None = None, budget_scope: str = "planned") -> BitPlan:
+    """A BitPlan for `model` (the float policy) from {layer name: per-channel widths} (e.g. a
+    uniform baseline), with its whole-policy record measured on `model`."""
     modules = dict(model.named_modules())
     layers = {}
     for name, b in bits.items():
@@ -426,7 +533,8 @@ def plan_from_bits(model: nn.Module, bits: Mapping[str, Iterable[int] | np.ndarr
             arr = np.full(module.out_features, int(arr))
         layer_act = act_bits[name] if isinstance(act_bits, Mapping) else act_bits
         layers[name] = LayerPlan(name, module.in_features, module.out_features, arr, int(layer_act))
+    whole = rest_of_policy(policy_storage(model), {n: l.params for n, l in layers.items()})
     return BitPlan(layers=layers, model=dict(fingerprint or model_fingerprint(model)),
                    budget_bits_per_param=budget_bits_per_param, row_tile=row_tile,
                    candidate_bits=tuple(candidate_bits), action_cost=action_cost,
-                   provenance=dict(provenance or {}))
+                   provenance=dict(provenance or {}), whole=whole, budget_scope=budget_scope)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .accounting import policy_storage
 from .calibration import CalibrationFrames
 from .quantizer import ALL_BITS, check_bits, fake_quantize_rows
 from .targets import QuantTargets, quantizable_linears
@@ -430,7 +431,8 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
     bar.close()
     meta = {"estimator": "exact", "frames": f, "calibration": frames.source, "replicas": r_max,
             "seconds": round(time.time() - started, 2), "replay_max_abs_error": max(checks.values(), default=0.0),
-            "policy": _policy_fingerprint(policy)}
+            "policy": _policy_fingerprint(policy),
+            "storage": policy_storage(policy)}
     return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
 
 
@@ -624,7 +626,8 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
             "projections": "unit vectors (exact first order)" if basis else f"{p} gaussian",
             "replicas": r, "calls_per_forward": {n: c for n, c in calls_per_forward.items() if c != 1},
             "device": str(probe.device), "dtype": str(store).replace("torch.", ""),
-            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy)}
+            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy),
+            "storage": policy_storage(policy)}
     return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
 
 
@@ -761,5 +764,6 @@ def layer_local_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bit
         deltas = weight_deltas(module.weight, bits).double()
         costs[name] = (torch.einsum("bnk,kj,bnj->nb", deltas, grams[name], deltas) / len(frames)).numpy()
     meta = {"estimator": "layer-local", "frames": len(frames), "calibration": frames.source,
-            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy)}
+            "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy),
+            "storage": policy_storage(policy)}
     return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)

@@ -24,6 +24,7 @@ from .awq import apply_awq
 from .calibration import check_batches
 from .gptq import apply_gptq
 from .groupwise import GroupWiseLinear
+from ..accounting import policy_storage
 from .memory import WeightMemory, weight_memory
 from .methods import MethodSpec, parse_method
 from .smoothing import set_submodule, wrap_input_scales
@@ -79,6 +80,7 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
     """
     spec = parse_method(method) if isinstance(method, str) else method
     names = list(names) if names is not None else list(quantizable_linears(policy))
+    whole_params = policy_storage(policy)["params"]  # the float policy's weights, before any swap
     if spec.family not in ("fp", "rtn", "rtn-group"):
         batches = check_batches(batches)
     start = time.perf_counter()
@@ -118,5 +120,5 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
         plan = info.pop("plan", None)
     elif spec.family != "fp":
         raise ValueError(f"no baseline implements family {spec.family!r}")
-    return QuantResult(policy=policy, spec=spec, memory=weight_memory(policy, names), info=info,
+    return QuantResult(policy=policy, spec=spec, memory=weight_memory(policy, names, whole_params), info=info,
                        plan=plan, seconds=time.perf_counter() - start)

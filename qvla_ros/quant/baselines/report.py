@@ -43,10 +43,12 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         "",
         "Success in %; the average carries its Wilson 95% interval. Memory is measured from the "
         "stored tensors of the quantized Linears (codes, scales, zero-points, row indices, group "
-        "scales, explicit input scales), relative to the same weights in bf16.",
+        "scales, explicit input scales), relative to the same weights in bf16; 'bits/param' counts "
+        "those Linears' weights, 'whole bits/param' every weight of the policy (the rest at its "
+        "stored width).",
         "",
     ]
-    head = (["method", "W/A", "bits/param", "mem % bf16", "offline L1", "dev. from fp (MSE)"]
+    head = (["method", "W/A", "bits/param", "whole bits/param", "mem % bf16", "offline L1", "dev. from fp (MSE)"]
             + tasks + ["average [95% CI]"])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
@@ -58,7 +60,9 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         per_task = cl.get("per_task", {})
         wa = ("fp" if spec["family"] == "fp" else
               f"{'mixed' if spec['wbits'] is None else spec['wbits']}/{spec['abits']}")
-        cells = [spec["name"], wa, f"{mem['bits_per_param']:.3f}", f"{mem['percent_of_bf16']:.1f}",
+        whole = mem.get("policy_bits_per_param")
+        cells = [spec["name"], wa, f"{mem['bits_per_param']:.3f}", "–" if whole is None else f"{whole:.3f}",
+                 f"{mem['percent_of_bf16']:.1f}",
                  _sci(off.get("l1")), _sci(off.get("action_mse_vs_fp"))]
         cells += [_pct(per_task[t]["rate"]) if t in per_task else "–" for t in tasks]
         cells.append(_ci(cl.get("overall")))
