@@ -132,3 +132,22 @@ def test_bad_device_and_no_layers_are_clear_errors(micro, micro_frames):
         jacobian_sensitivity(micro, micro_frames, device="gpu0", progress=False)
     with pytest.raises(SensitivityError, match="no quantizable Linear"):
         jacobian_sensitivity(micro, micro_frames, layers=[], progress=False)
+
+
+def test_bf16_policy_quantizes_saves_and_loads_in_bf16(tmp_path):
+    """A policy calibrated and quantized in bf16 (as a 7B one is on a GPU) saves its unplanned
+    weights in bf16 and loads back with the same actions."""
+    from qvla_ros.quant.allocate import allocate
+    from qvla_ros.quant.api import load_quantized, quantize_, save_quantized
+
+    policy = make_policy("micro", dtype=torch.bfloat16)
+    frames = synthetic_frames(policy.config, 1, seed=3)
+    table = jacobian_sensitivity(policy, frames, progress=False)
+    assert table.meta["dtype"] == "bfloat16"
+    plan = allocate(table, 6.0, scope="whole", storage=table.meta["storage"]).to_plan(table)
+    quantize_(policy, plan)
+    save_quantized(policy, plan, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.action_queries.dtype == torch.bfloat16 and loaded.action_std.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(loaded(*frames.inputs()), policy(*frames.inputs()))

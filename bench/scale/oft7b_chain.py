@@ -101,7 +101,11 @@ def main(argv=None) -> int:
     p.add_argument("--gptq-frames", type=int, default=64)
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stage", choices=("all", "plan", "gptq"), default="all")
+    p.add_argument("--stage", choices=("all", "plan", "quantize", "gptq"), default="all",
+                   help="quantize: the plan stage's plans (--plans) quantized with RTN rows, saved and "
+                        "loaded fresh, after a --probe-frames calibration that measures its peak memory "
+                        "and per-frame time and times allocation on the same shapes")
+    p.add_argument("--probe-frames", type=int, default=2)
     p.add_argument("--plans", type=Path, default=None, help="gptq stage: the folder the plan stage wrote plans to")
     args = p.parse_args(argv)
     if args.smoke:
@@ -123,6 +127,9 @@ def main(argv=None) -> int:
               "gptq_frames": args.gptq_frames, "torch": torch.__version__, "budgets": {}}
     if args.stage == "plan":
         gptq_budgets = set()
+    if args.stage == "quantize":
+        gptq_budgets = set()
+        result["calibration_frames_run"] = args.probe_frames
     t_total = time.perf_counter()
 
     # 1. the float policy, and what it holds on the device
@@ -137,13 +144,16 @@ def main(argv=None) -> int:
     print(f"[chain] built {args.config}: {result['params'] / 1e9:.2f} B params in {result['build_s']:.1f} s", flush=True)
 
     # 2. calibration: streaming action-space Jacobian sensitivity
-    frames = synthetic_frames(policy.config, args.frames, seed=args.seed)
+    frames = synthetic_frames(policy.config, args.probe_frames if args.stage == "quantize" else args.frames,
+                              seed=args.seed)
     t = time.perf_counter()
     table = jacobian_sensitivity(policy, frames, replicas=args.replicas, progress=True)
     _sync(dev)
     result["calibrate_s"] = time.perf_counter() - t
+    result["calibrate_s_per_frame"] = result["calibrate_s"] / len(frames)
     result["calibrate_peak_gpu_bytes"] = torch.cuda.max_memory_reserved(dev) if dev.type == "cuda" else None
     result["layers"] = len(table.costs)
+    _save_partial(args, result)
     result["channels"] = int(sum(c.shape[0] for c in table.costs.values()))
     print(f"[chain] calibrated {result['layers']} layers, {result['channels']} channels in "
           f"{result['calibrate_s']:.1f} s", flush=True)
@@ -157,13 +167,19 @@ def main(argv=None) -> int:
         planned = alloc.bits_per_param
         plan = alloc.to_plan(table)
         result["allocate_s"] += time.perf_counter() - t
-        plans[b] = plan
         if args.stage == "plan":
             plan.save(args.out.parent / "plans" / f"plan_{b}.json")
+        elif args.stage == "quantize":   # quantize what the full calibration allocated
+            from qvla_ros.quant.plan import BitPlan
+            plan = BitPlan.load((args.plans or args.out.parent / "plans") / f"plan_{b}.json", model=policy)
+            planned = plan.bits_per_param()
+        plans[b] = plan
         result["budgets"][str(b)] = {"planned_bits_per_param": planned,
                                      "predicted_whole_bits_per_param": alloc.whole_bits_per_param,
                                      "action_cost": alloc.cost, "allocate_s": time.perf_counter() - t}
-        print(f"[chain] allocated {b} whole-policy bits ({planned:.3f} over the planned layers)", flush=True)
+        print(f"[chain] allocated {b} whole-policy bits ({planned:.3f} over the planned layers) in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
+        _save_partial(args, result)
     del table
     gc.collect()
 
@@ -182,6 +198,12 @@ def main(argv=None) -> int:
     result["total_s"] = time.perf_counter() - t_total
     _finish(args, dev, result, budgets)
     return 0
+
+
+def _save_partial(args, result) -> None:
+    """What is measured so far, so a run stopped at the device's time limit leaves its figures."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=1))
 
 
 def _quantize_save_load(args, dev, work, policy, plan, b, rounding, result) -> None:
@@ -210,6 +232,7 @@ def _quantize_save_load(args, dev, work, policy, plan, b, rounding, result) -> N
     entry[f"{rounding}_fresh"] = loaded
     if loaded["vram_bytes"] is not None and result.get("bf16_vram_bytes"):
         entry[f"{rounding}_vram_ratio"] = loaded["vram_bytes"] / result["bf16_vram_bytes"]
+    _save_partial(args, result)
     print(f"[chain] {b} bits {rounding}: quantize {q_s:.1f} s, save {s_s:.1f} s, fresh load "
           f"{loaded['load_s']:.1f} s, vram {loaded['vram_bytes']}, forward ok {loaded['actions_finite']}",
           flush=True)

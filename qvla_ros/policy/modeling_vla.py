@@ -278,7 +278,7 @@ def stored_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionTokenizer,
-                  stored_tensors: int) -> "VLAPolicy":
+                  stored_tensors: int, dtype: torch.dtype | None = None) -> "VLAPolicy":
     """The policy config.json describes, on the meta device (no storage), for checking a
     checkpoint's tensors before anything is allocated. `stored_tensors` (how many the weights
     file holds) bounds the build: every layer stores at least one tensor, and the skeleton's cost
@@ -288,8 +288,11 @@ def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionToke
         raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
                               f"{WEIGHTS_FILE} holds only {stored_tensors} tensors")
     try:
-        with torch.device("meta"):
-            return VLAPolicy(config, tokenizer=tokenizer)
+        with torch.device("meta"), _default_dtype(dtype):
+            policy = VLAPolicy(config, tokenizer=tokenizer)
+        for name in STAT_NAMES:   # statistics stay float32 whatever the weights' dtype (make_policy)
+            setattr(policy, name, getattr(policy, name).float())
+        return policy
     except ValueError as exc:
         raise CheckpointError(f"{directory}: {exc}") from None
     except RuntimeError as exc:  # sizes whose element count overflows even without storage

@@ -152,7 +152,10 @@ def _float_skeleton(directory: Path, config, tokenizer, stored: dict[str, tuple[
     """The float policy config.json describes, on the meta device (no storage)."""
     from ..policy.modeling_vla import meta_skeleton
 
-    return meta_skeleton(directory, config, tokenizer, len(stored))
+    # The weights' dtype as stored (a bf16 policy saved on a GPU stays bf16), read off one tensor
+    # every policy has and no plan packs.
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.get("action_queries", ((), "F32"))[1])
+    return meta_skeleton(directory, config, tokenizer, len(stored), dtype=dtype)
 
 
 def _check_header(skeleton: nn.Module, stored: dict[str, tuple[tuple[int, ...], str]], path: Path,
