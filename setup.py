@@ -46,7 +46,8 @@ setup(
         ("share/qvla_ros", ["package.xml"]),
         # data_files must be relative to setup.py.
         ("share/qvla_ros/launch", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "launch").glob("*.py"))]),
-        ("share/qvla_ros/config", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "config").glob("*.yaml"))]),
+        ("share/qvla_ros/config", [p.relative_to(HERE).as_posix() for p in sorted(
+            [*(HERE / "config").glob("*.yaml"), *(HERE / "config").glob("*.xml")])]),
         # The shipped bit plans, found by the nodes under share/qvla_ros/config/plans.
         ("share/qvla_ros/config/plans", [p.relative_to(HERE).as_posix() for p in sorted((HERE / "config" / "plans").glob("*"))
                                          if p.is_file()]),

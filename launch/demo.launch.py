@@ -15,6 +15,8 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from qvla_ros.ros.transport import transport_environment
+
 
 def config(name):
     return PathJoinSubstitution([FindPackageShare("qvla_ros"), "config", name])
@@ -33,10 +35,10 @@ def nodes(context):
     policy = Node(package="qvla_ros", executable="qvla_policy_node", name="qvla_policy_node",
                   parameters=[config("policy_node.yaml"), config("demo.yaml")]
                   + ([policy_overrides] if policy_overrides else []),
-                  output="screen")
+                  additional_env=transport_environment(), output="screen")
     bridge = Node(package="qvla_ros", executable="qvla_sim_bridge", name="qvla_sim_bridge",
                   parameters=[config("sim_bridge.yaml"), config("demo.yaml"), bridge_overrides],
-                  output="screen")
+                  additional_env=transport_environment(), output="screen")
     stop_with_bridge = RegisterEventHandler(OnProcessExit(
         target_action=bridge, on_exit=[Shutdown(reason="the bridge ran its episodes")]))
     return [policy, bridge, stop_with_bridge]

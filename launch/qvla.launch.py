@@ -14,6 +14,8 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from qvla_ros.ros.transport import transport_environment
+
 OVERRIDES = ("checkpoint", "plan", "device")
 TOPICS = ("image", "image2", "instruction", "proprio", "action_chunk", "diagnostics")
 
@@ -29,6 +31,9 @@ def policy_node(context):
         namespace=LaunchConfiguration("namespace"),
         parameters=[LaunchConfiguration("params_file")] + ([overrides] if overrides else []),
         remappings=[(topic, LaunchConfiguration(topic)) for topic in TOPICS],
+        # config/fastdds_large_frames.xml (camera frames over ~512 KiB), unless the environment
+        # names a Fast DDS profile or transport; the camera driver needs the same file.
+        additional_env=transport_environment(),
         output="screen",
     )]
 

@@ -34,6 +34,10 @@ def ros_env(tmp_path, monkeypatch):
         # Subprocesses import this checkout, exactly as the test process does.
         "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
     }
+    # The transport the nodes ship with (config/fastdds_large_frames.xml), as the harness, the
+    # launch files and `qvla demo` set it.
+    from qvla_ros.ros.transport import transport_environment
+    env.update(transport_environment({**os.environ, **env}))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     full = dict(os.environ)

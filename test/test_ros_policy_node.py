@@ -122,7 +122,10 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
 
     diagnostics = []
     feeder.create_subscription(DiagnosticArray, "diagnostics", diagnostics.append, 10)
-    node = start_policy_node(ros_env, checkpoint=micro["checkpoint"], diagnostics_period=0.2)
+    # image_resize refuse: frames of another size are one more kind of bad input here (the
+    # default, fit, is tested in test_ros_camera_inputs.py).
+    node = start_policy_node(ros_env, checkpoint=micro["checkpoint"], diagnostics_period=0.2,
+                             image_resize="refuse")
     try:
         feeder.wait_for_policy_node()
         # The parameter file sets exactly the parameters the node declares (no typo is ignored).

@@ -190,6 +190,8 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("ROS_DOMAIN_ID", "87")
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    from qvla_ros.ros.transport import apply_transport
+    apply_transport(env)
     os.environ.update(env)
 
     import rclpy

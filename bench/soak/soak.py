@@ -247,7 +247,10 @@ def soak(duration: float, policy: str = "micro", rate: float = 30.0, reload_peri
     phases["prepare_s"] = time.monotonic() - mark
     mark = time.monotonic()
     overrides = {"plan": files.plans["a"], "image_qos": "reliable", "image_qos_depth": 100,
-                 "torch_threads": torch_threads, "diagnostics_period": 1.0}
+                 "torch_threads": torch_threads, "diagnostics_period": 1.0,
+                 # A frame of another size is one of the malformed kinds sent here (the node's
+                 # default, fit, would answer it with a resized frame).
+                 "image_resize": "refuse"}
     if files.checkpoint:
         overrides["checkpoint"] = files.checkpoint
     node = NodeProcess.start("qvla_policy_node", [config_file("policy_node.yaml")],

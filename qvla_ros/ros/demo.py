@@ -83,6 +83,7 @@ def _choose_plan(asked: str | None, configured: str, role: str) -> str:
 
 def run(args) -> int:
     from qvla_ros.ros.harness import NodeProcess
+    from qvla_ros.ros.transport import apply_transport
     from qvla_ros.ros.paths import config_file
     from qvla_ros.sim.suite import resolve_tasks
 
@@ -102,8 +103,11 @@ def run(args) -> int:
         env["ROS_DOMAIN_ID"] = str(args.domain_id)
     # Both nodes run on this machine: discover on it only, unless the user chose otherwise.
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")
-                       if k in env})
+    # Camera frames over ~512 KiB need the shipped transport profile (qvla_ros/ros/transport.py);
+    # this process's monitor node uses it too, so it goes into os.environ before rclpy.init.
+    apply_transport(env)
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+                                           "FASTDDS_DEFAULT_PROFILES_FILE") if k in env})
     print(f"qvla demo: {total} episode(s) of {', '.join(tasks)} through ROS 2 "
           f"(ROS_DOMAIN_ID={env.get('ROS_DOMAIN_ID', '0')}); policy "
           f"{args.checkpoint or 'shipped'}, plan {_label(plan)}"

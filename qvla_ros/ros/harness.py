@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from qvla_ros.ros.transport import apply_transport
+
 EXECUTABLES = {
     "qvla_policy_node": "qvla_ros.ros.policy_node",
     "qvla_sim_bridge": "qvla_ros.ros.sim_bridge",
@@ -76,6 +78,8 @@ class NodeProcess:
               echo: bool = False) -> "NodeProcess":
         command = executable_command(executable) + ros_arguments(params_files, overrides, remaps)
         env = dict(os.environ if env is None else env)
+        # The shipped DDS transport profile (large camera frames), unless the caller chose one.
+        apply_transport(env)
         # The node imports the same qvla_ros as its caller (a source checkout or an install).
         package_root = str(Path(__file__).resolve().parents[2])
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]

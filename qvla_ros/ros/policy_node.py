@@ -5,7 +5,12 @@ parameter.
 Topics (all relative, so they remap):
     image, image2      sensor_msgs/Image   cameras, in the policy's camera order (image2 only when
                                            the policy takes two; with one camera, remap both to
-                                           it); QoS from `image_qos`
+                                           it); QoS from `image_qos`. Any size: fitted to the
+                                           policy's input as `image_resize` says
+    image/compressed, image2/compressed
+                       sensor_msgs/CompressedImage  instead, when `image_transport` is
+                                           'compressed' (JPEG/PNG; the names image_transport
+                                           uses: the remapped camera topic + /compressed)
     instruction        std_msgs/String     reliable + transient local: a node started late still
                                            gets the instruction that is in force
     proprio            sensor_msgs/JointState
@@ -49,15 +54,22 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
 from rclpy.signals import uninstall_signal_handlers
-from sensor_msgs.msg import Image, JointState
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String
 
 from qvla_ros.msg import ActionChunk
 from qvla_ros.ros import paths
-from qvla_ros.ros.image_conversion import ENCODINGS, ImageConversionError, image_to_rgb8
+from qvla_ros.ros.image_conversion import (
+    ENCODINGS,
+    RESIZE_MODES,
+    ImageConversionError,
+    compressed_to_rgb8,
+    image_to_rgb8,
+)
 from qvla_ros.ros.observation_sync import Dropped, ObservationSync, Stamped
 from qvla_ros.ros.policy_server import PlanRejected, PolicyServer
 from qvla_ros.ros.topics import CHUNK_QOS, INSTRUCTION_QOS, STATE_SUBSCRIBER_QOS, image_qos
+from qvla_ros.ros.transport import describe_transport
 from qvla_ros.srv import ReloadPlan
 
 try:  # ros-diagnostic-msgs: the standard diagnostics channel (rqt_robot_monitor, aggregators)
@@ -68,6 +80,9 @@ except ImportError:  # pragma: no cover - depends on the install
 NODE_NAME = "qvla_policy_node"
 TRIGGERS = ("image", "rate")
 IMAGE_QOS = ("sensor_data", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")
+# Seconds between checks of the graph (silent cameras, another node with this node's name).
+WATCH_PERIOD = 0.5
 # Far beyond any task sentence; bounds the tokenizer's work on a malformed message.
 MAX_INSTRUCTION_CHARS = 4096
 
@@ -89,6 +104,10 @@ class PolicyNode(Node):
 
         p = self.get_parameter
         plan = paths.resolve(p("plan").value)
+        self.max_plan_bytes = p("max_plan_bytes").value
+        problem = self._plan_file_problem(plan)
+        if problem:
+            raise ValueError(f"parameter plan: {problem}")
         self.get_logger().info(
             f"loading {p('checkpoint').value or 'the shipped policy'} with "
             f"{plan or 'no plan (full precision)'} on {p('device').value}")
@@ -102,6 +121,11 @@ class PolicyNode(Node):
         self.image_size = (p("image_height").value or cfg.image_size,
                            p("image_width").value or cfg.image_size)
         self.encodings = tuple(p("expected_encodings").value)
+        self.image_resize = p("image_resize").value
+        self.crop_scale = p("center_crop_scale").value
+        self.image_transport = p("image_transport").value
+        self.image_timeout = p("image_timeout").value
+        self.max_plan_bytes = p("max_plan_bytes").value
         # Unset (a typed parameter nobody set): positions in the order they come.
         self.proprio_names = tuple(self.get_parameter_or("proprio_names").value or ())
         self.proprio_dim = cfg.proprio_dim
@@ -120,14 +144,27 @@ class PolicyNode(Node):
         inputs = MutuallyExclusiveCallbackGroup()
         control = ReentrantCallbackGroup()
         camera_qos = self._image_qos()
-        topics = ["image", "image2"][: self.n_cams]
-        for cam, topic in enumerate(topics):
-            self.create_subscription(Image, topic, lambda msg, cam=cam: self._on_image(msg, cam),
-                                     camera_qos, callback_group=inputs)
-        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
-                                 callback_group=inputs)
-        self.create_subscription(JointState, "proprio", self._on_proprio, STATE_SUBSCRIBER_QOS,
-                                 callback_group=inputs)
+        self._last_image = [-math.inf] * self.n_cams  # arrival of each camera's last message
+        self._camera_subs = []
+        for cam, topic in enumerate(["image", "image2"][: self.n_cams]):
+            if self.image_transport == "compressed":
+                # image_transport's naming: the (remapped) camera topic + "/compressed".
+                name = self.resolve_topic_name(topic).rstrip("/") + "/compressed"
+                sub = self.create_subscription(
+                    CompressedImage, name, lambda msg, cam=cam: self._on_compressed(msg, cam),
+                    camera_qos, callback_group=inputs)
+            else:
+                sub = self.create_subscription(
+                    Image, topic, lambda msg, cam=cam: self._on_image(msg, cam), camera_qos,
+                    callback_group=inputs)
+            self._camera_subs.append(sub)
+        self._camera_watch = [_CameraWatch() for _ in self._camera_subs]
+        self._name_clash = False
+        self._last_clash_check = -math.inf
+        instruction_sub = self.create_subscription(
+            String, "instruction", self._on_instruction, INSTRUCTION_QOS, callback_group=inputs)
+        proprio_sub = self.create_subscription(
+            JointState, "proprio", self._on_proprio, STATE_SUBSCRIBER_QOS, callback_group=inputs)
         self.chunk_pub = self.create_publisher(ActionChunk, "action_chunk", CHUNK_QOS)
         self.create_service(ReloadPlan, "~/reload_plan", self._on_reload_plan,
                             callback_group=control)
@@ -140,14 +177,27 @@ class PolicyNode(Node):
             self.get_logger().warning("diagnostic_msgs is not installed (pip install "
                                       "ros-diagnostic-msgs): no diagnostics published")
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.transport = describe_transport()
+        self.create_timer(WATCH_PERIOD, self._watch_graph, callback_group=control)
 
         self._worker = threading.Thread(target=self._work, name="qvla-inference", daemon=True)
         self._worker.start()
+        # Names as resolved (namespace and remapping applied): what `ros2 topic` shows.
+        cameras = ", ".join(s.topic_name for s in self._camera_subs)
+        fitted = ("only frames of that size" if self.image_resize == "refuse" else
+                  f"other sizes {self.image_resize}"
+                  + (f" after a centre crop of {self.crop_scale:g} of the area"
+                     if self.crop_scale < 1 else ""))
+        formats = ("JPEG/PNG" if self.image_transport == "compressed"
+                   else "/".join(self.encodings))
         self.get_logger().info(
             f"ready: serving {self.server.active.label} (loaded in "
-            f"{self.server.active.load_seconds:.1f} s); cameras {', '.join(topics)} at "
-            f"{self.image_size[1]}x{self.image_size[0]} {'/'.join(self.encodings)}, trigger "
-            f"{self.trigger}{f' at {self.rate_hz} Hz' if self.trigger == 'rate' else ''}")
+            f"{self.server.active.load_seconds:.1f} s); cameras {cameras} ({formats}, "
+            f"{self._qos_phrase()}) into {self.image_size[1]}x{self.image_size[0]}, {fitted}; "
+            f"instruction {instruction_sub.topic_name}, proprio {proprio_sub.topic_name}, "
+            f"chunks on {self.chunk_pub.topic_name}; trigger "
+            f"{self.trigger}{f' at {self.rate_hz} Hz' if self.trigger == 'rate' else ''}; "
+            f"transport: {self.transport}")
 
     # Parameters ---------------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
@@ -176,11 +226,31 @@ class PolicyNode(Node):
         self.declare_parameter("expected_encodings", ["rgb8", "bgr8"], d(
             f"image encodings accepted, among {', '.join(ENCODINGS)}", read_only=True))
         self.declare_parameter("image_height", 0, d(
-            "required image height in pixels; 0 = the policy's image size", read_only=True,
+            "height in pixels frames are brought to; 0 = the policy's image size", read_only=True,
             integer_range=[IntegerRange(from_value=0, to_value=8192, step=1)]))
         self.declare_parameter("image_width", 0, d(
-            "required image width in pixels; 0 = the policy's image size", read_only=True,
+            "width in pixels frames are brought to; 0 = the policy's image size", read_only=True,
             integer_range=[IntegerRange(from_value=0, to_value=8192, step=1)]))
+        self.declare_parameter("image_resize", "fit", d(
+            "frames of another size: 'fit' (scaled whole, aspect ratio not kept), 'crop' (the "
+            "largest centred region of the policy's aspect ratio, scaled) or 'refuse' (dropped "
+            "and counted); cv2 INTER_AREA", read_only=True))
+        self.declare_parameter("center_crop_scale", 1.0, d(
+            "fraction of the frame's area kept by a centred crop before scaling (OpenVLA-OFT: "
+            "0.9 for policies trained with random crops); 1.0 = none", read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1.0)]))
+        self.declare_parameter("image_transport", "raw", d(
+            "'raw': sensor_msgs/Image on image, image2; 'compressed': "
+            "sensor_msgs/CompressedImage (JPEG/PNG) on image/compressed, image2/compressed",
+            read_only=True))
+        self.declare_parameter("image_timeout", 3.0, d(
+            "seconds a camera topic may have publishers but deliver nothing before the node "
+            "warns (naming QoS and transport) and diagnostics turn ERROR", read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.5, to_value=3600.0)]))
+        self.declare_parameter("max_plan_bytes", 16 * 2 ** 20, d(
+            "plan files larger than this are refused before they are read (a plan for a "
+            "7B policy is a few MiB)", read_only=True,
+            integer_range=[IntegerRange(from_value=1024, to_value=256 * 2 ** 20, step=1)]))
         # A string array with no default: an empty list literal would be typed as a byte array.
         self.declare_parameter("proprio_names", Parameter.Type.STRING_ARRAY, d(
             "names of the JointState entries that form the policy's proprio vector, in order; "
@@ -197,17 +267,22 @@ class PolicyNode(Node):
             floating_point_range=[FloatingPointRange(from_value=0.05, to_value=3600.0)]))
         self._declared = {name: self.get_parameter_or(name, Parameter(name)) for name in (
             "checkpoint", "plan", "device", "torch_threads", "trigger", "rate_hz", "image_qos", "image_qos_depth",
-            "expected_encodings", "image_height", "image_width", "proprio_names",
+            "expected_encodings", "image_height", "image_width", "image_resize",
+            "center_crop_scale", "image_transport", "image_timeout", "max_plan_bytes",
+            "proprio_names",
             "sync_tolerance", "sync_timeout", "diagnostics_period")}
 
-    @staticmethod
-    def _invalid(param: Parameter) -> str | None:
+    def _invalid(self, param: Parameter) -> str | None:
         """Why `param` cannot be used, or None. Ranges are checked by rclpy from descriptors."""
         value = param.value
         if param.name == "trigger" and value not in TRIGGERS:
             return f"must be one of {', '.join(TRIGGERS)}, got {value!r}"
         if param.name == "image_qos" and value not in IMAGE_QOS:
             return f"must be one of {', '.join(IMAGE_QOS)}, got {value!r}"
+        if param.name == "image_resize" and value not in RESIZE_MODES:
+            return f"must be one of {', '.join(RESIZE_MODES)}, got {value!r}"
+        if param.name == "image_transport" and value not in IMAGE_TRANSPORTS:
+            return f"must be one of {', '.join(IMAGE_TRANSPORTS)}, got {value!r}"
         if param.name == "device":
             if not (value == "cpu" or value == "cuda" or
                     (value.startswith("cuda:") and value[5:].isdigit())):
@@ -218,6 +293,21 @@ class PolicyNode(Node):
                 return (f"must list encodings among {', '.join(ENCODINGS)}, got {list(value)!r}")
         if param.name == "plan" and value and not os.path.isfile(paths.resolve(value)):
             return f"no plan file at {value!r}"
+        if param.name == "plan" and hasattr(self, "max_plan_bytes"):
+            return self._plan_file_problem(paths.resolve(value))
+        return None
+
+    def _plan_file_problem(self, path: str) -> str | None:
+        """Why the plan file at `path` is refused before it is read (its size), or None."""
+        if not path:
+            return None
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return None  # the loader names a missing or unreadable file
+        if size > self.max_plan_bytes:
+            return (f"plan file {path!r} is {size} bytes, over max_plan_bytes "
+                    f"({self.max_plan_bytes}): no bit plan is that large; refused unread")
         return None
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
@@ -246,15 +336,34 @@ class PolicyNode(Node):
         return image_qos(self.get_parameter("image_qos").value,
                          self.get_parameter("image_qos_depth").value)
 
+    def _qos_phrase(self) -> str:
+        kind = self.get_parameter("image_qos").value
+        return (f"QoS {'best effort' if kind == 'sensor_data' else 'reliable'} "
+                f"(image_qos {kind}), depth {self.get_parameter('image_qos_depth').value}")
+
     # Input callbacks: check, convert, keep the newest ------------------------------------------
     def _on_image(self, msg: Image, cam: int) -> None:
-        arrival = time.monotonic()
+        arrival = self._last_image[cam] = time.monotonic()
         topic = "image2" if cam else "image"
         try:
-            rgb = image_to_rgb8(msg, self.encodings, self.image_size)
+            rgb = image_to_rgb8(msg, self.encodings, self.image_size, self.image_resize,
+                                self.crop_scale)
         except ImageConversionError as exc:
             self._reject(f"{topic}_{exc.kind}", f"{topic} dropped: {exc}")
             return
+        self._keep_image(msg, rgb, cam, arrival)
+
+    def _on_compressed(self, msg: CompressedImage, cam: int) -> None:
+        arrival = self._last_image[cam] = time.monotonic()
+        topic = "image2" if cam else "image"
+        try:
+            rgb = compressed_to_rgb8(msg, self.image_size, self.image_resize, self.crop_scale)
+        except ImageConversionError as exc:
+            self._reject(f"{topic}_compressed_{exc.kind}", f"{topic} dropped: {exc}")
+            return
+        self._keep_image(msg, rgb, cam, arrival)
+
+    def _keep_image(self, msg, rgb: np.ndarray, cam: int, arrival: float) -> None:
         if cam == 0:
             self._stats.frames += 1
         self.sync.put_image(cam, Stamped(stamp=_seconds(msg.header.stamp), value=rgb,
@@ -286,6 +395,12 @@ class PolicyNode(Node):
 
     def _on_proprio(self, msg: JointState) -> None:
         position = np.asarray(msg.position, dtype=np.float64)
+        if len(set(msg.name)) != len(msg.name):
+            # Which value is meant is unknowable (a dict would silently keep the last one).
+            twice = sorted({n for n in msg.name if list(msg.name).count(n) > 1})
+            self._reject("proprio_duplicate_names", f"proprio dropped: joint name(s) {twice} "
+                                                    f"appear more than once in {list(msg.name)}")
+            return
         if self.proprio_names:
             index = {name: i for i, name in enumerate(msg.name)}
             missing = [n for n in self.proprio_names if n not in index]
@@ -377,6 +492,12 @@ class PolicyNode(Node):
 
     def _reload(self, path: str, via: str) -> tuple[bool, str]:
         old = self.server.active
+        problem = self._plan_file_problem(path)
+        if problem:
+            self._stats.reloads_refused += 1
+            message = f"{problem}; still serving {old.label}"
+            self.get_logger().error(f"reload ({via}) refused: {message}")
+            return False, message
         self.get_logger().info(f"reload ({via}): loading {path or 'full precision'} beside "
                                f"{old.label}")
         try:
@@ -392,6 +513,46 @@ class PolicyNode(Node):
         self.get_logger().info(f"reload ({via}): {message}")
         return True, message
 
+    # Graph watch: silent cameras, a name clash --------------------------------------------------
+    def _watch_graph(self) -> None:
+        now = time.monotonic()
+        for cam, (sub, watch) in enumerate(zip(self._camera_subs, self._camera_watch)):
+            publishers = self.count_publishers(sub.topic_name)
+            watch.publishers = publishers
+            if publishers == 0:
+                if watch.silent:
+                    self.get_logger().info(f"{sub.topic_name}: no publisher any more")
+                watch.since, watch.silent = None, False
+                continue
+            if watch.since is None:
+                watch.since = now
+            quiet = now - max(watch.since, self._last_image[cam])
+            silent = quiet > self.image_timeout
+            if silent and not watch.silent:
+                self.get_logger().warning(
+                    f"{sub.topic_name} has {publishers} publisher(s) but no message arrived for "
+                    f"{quiet:.1f} s; subscribed with {self._qos_phrase()}; transport: "
+                    f"{self.transport}. Over Fast DDS's builtin transports a best-effort "
+                    f"subscription gets no message larger than ~512 KiB (640x480 rgb8 is 900 "
+                    f"KiB): run the camera and this node with FASTDDS_DEFAULT_PROFILES_FILE="
+                    f"config/fastdds_large_frames.xml (the launch files set it), or image_qos "
+                    f"'reliable', or compressed frames. A reliable subscription to a best-effort "
+                    f"camera shows the same silence (QoS mismatch).")
+            elif watch.silent and not silent:
+                self.get_logger().info(f"{sub.topic_name}: messages arrive again")
+            watch.silent, watch.quiet = silent, quiet
+        if now - self._last_clash_check >= 2.0:
+            self._last_clash_check = now
+            me = (self.get_name(), self.get_namespace())
+            same = sum(1 for entry in self.get_node_names_and_namespaces() if tuple(entry) == me)
+            if same > 1 and not self._name_clash:
+                self.get_logger().warning(
+                    f"{same} nodes named {self.get_fully_qualified_name()} in ROS_DOMAIN_ID "
+                    f"{os.environ.get('ROS_DOMAIN_ID', '0')}: their services (reload_plan), "
+                    f"parameters and diagnostics are mixed up; give each its own name "
+                    f"(--ros-args -r __node:=<name>) or namespace")
+            self._name_clash = same > 1
+
     # Diagnostics --------------------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
         snapshot = self._stats.snapshot(dropped=self.sync.dropped)
@@ -399,9 +560,21 @@ class PolicyNode(Node):
         status = DiagnosticStatus()
         status.name = f"{self.get_name()}: policy"
         status.hardware_id = self.get_parameter("device").value
-        if snapshot["chunks"] == 0 and snapshot["frames"] > 0:
+        silent = [(s.topic_name, w) for s, w in zip(self._camera_subs, self._camera_watch)
+                  if w.silent]
+        if silent:
+            status.level = DiagnosticStatus.ERROR
+            status.message = "; ".join(
+                f"{name}: {w.publishers} publisher(s), no message for {w.quiet:.0f} s"
+                for name, w in silent) + f" ({self._qos_phrase()}; transport: {self.transport})"
+        elif snapshot["chunks"] == 0 and snapshot["frames"] > 0:
             status.level = DiagnosticStatus.WARN
             status.message = f"frames arrive but no chunk was published ({active.label})"
+        elif snapshot["chunks"] == 0:
+            status.level = DiagnosticStatus.WARN
+            waiting = ", ".join(f"{s.topic_name} ({w.publishers} publisher(s))"
+                                for s, w in zip(self._camera_subs, self._camera_watch))
+            status.message = f"0 Hz: no frame accepted from {waiting} ({active.label})"
         else:
             status.level = DiagnosticStatus.OK
             status.message = f"serving {active.label} at {snapshot['chunk_rate_hz']:.1f} Hz"
@@ -420,6 +593,16 @@ class PolicyNode(Node):
         if self._worker.is_alive():
             self._worker.join(timeout=10.0)
         super().destroy_node()
+
+
+class _CameraWatch:
+    """What the graph watch knows of one camera topic."""
+
+    def __init__(self):
+        self.since: float | None = None  # when publishers were first seen (monotonic)
+        self.publishers = 0
+        self.silent = False
+        self.quiet = 0.0
 
 
 class _Stats:
@@ -496,6 +679,9 @@ def main(args: list[str] | None = None) -> int:
     # gives the GIL up at every torch op; at the default 5 ms switch interval it waits that long to
     # get it back each time, and a forward of a few hundred ops stalls for a second or more.
     sys.setswitchinterval(0.0005)
+    # A compressed frame claiming billions of pixels must not be decoded (OpenCV's own limit is
+    # 2^30 pixels, 3 GiB); 2^26 is 8192 x 8192, the largest size the image parameters allow.
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(2 ** 26))
     rclpy.init(args=args if args is not None else sys.argv)
     node = executor = None
     code = 0
