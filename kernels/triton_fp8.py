@@ -215,6 +215,14 @@ def prepare_fp8(layer, bias: torch.Tensor | None = None, device=None) -> Fp8Weig
                       rows=tuple(rows), bias=bias, **parts)
 
 
+def random_fp8_layer(out_features: int, in_features: int, counts: Mapping[int, int], device,
+                     seed: int = 0, bias: bool = True):
+    """layer(x) = fp8_mixed_linear(x, random weights of these widths): a timing stand-in for a
+    quantized Linear of this shape (bench/serve/serve.py's A8 fp8 variant)."""
+    prepared = random_fp8_weights(out_features, in_features, counts, device, seed=seed, bias=bias)
+    return lambda x: fp8_mixed_linear(x, prepared)
+
+
 def random_fp8_weights(out_features: int, in_features: int, counts: Mapping[int, int], device,
                        seed: int = 0, bias: bool = True) -> Fp8Weights:
     """A layer with random contract bytes drawn on `device` (for timing layers of Llama-2-7B's size

@@ -121,9 +121,15 @@ def mixed_layer(linear: nn.Linear, mix: str, act_bits: int, seed: int) -> MixedB
     return mod
 
 
+def _dump(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".partial.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
 def optional_kernel_factory(module: str, function: str):
     """factory(linear, mix, act_bits, seed) for a kernel module that may not exist yet: `function`
-    (KernelWeights, bias float32 or None) -> callable layer(x). None when the module or the function
+    (out_features, in_features, counts per width, device, seed=, bias=) -> callable layer(x) with
+    random weights of that mix drawn on the device. None when the module or the function
     is missing (the variant is then skipped and the reason recorded)."""
     try:
         mod = importlib.import_module(module)
@@ -135,9 +141,8 @@ def optional_kernel_factory(module: str, function: str):
 
     def factory(linear, mix, act_bits, seed):
         n, k = linear.out_features, linear.in_features
-        kw = random_kernel_weights(n, k, mix_counts(n, MIXES[mix]), linear.weight.device, seed=seed)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        return KernelLinear(fn(kw, bias), n)
+        layer = fn(n, k, mix_counts(n, MIXES[mix]), linear.weight.device, seed=seed, bias=linear.bias is not None)
+        return KernelLinear(layer, n)
     return factory
 
 
@@ -164,7 +169,7 @@ VARIANTS = [
 #: in the results) while the module or function does not exist. Colleague h5's fp8 kernel: put its
 #: entry point's name here.
 OPTIONAL_VARIANTS = [
-    ("A8 avg4 fp8", "avg4", 8, "qvla_ros.kernels.triton_fp8", "prepare_fp8_linear"),
+    ("A8 avg4 fp8", "avg4", 8, "qvla_ros.kernels.triton_fp8", "random_fp8_layer"),
 ]
 
 
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
                 result["vram_bytes"][v.name] = torch.cuda.memory_allocated() - (0 if v.kind == "bf16" else aside)
             result["policy_ms"][v.name] = time_policy(policy, graphs)
             apply_variant(policy, originals, VARIANTS[0])  # back to bf16; the variant's layers are freed
+            print(json.dumps({v.name: result["policy_ms"][v.name], "vram": result["vram_bytes"].get(v.name)}), flush=True)
+            _dump(args.out, result)   # a run cut short keeps what it measured
         del policy, originals
         gc.collect()
         if DEVICE == "cuda":
