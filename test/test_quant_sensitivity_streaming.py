@@ -151,3 +151,23 @@ def test_bf16_policy_quantizes_saves_and_loads_in_bf16(tmp_path):
     assert loaded.action_queries.dtype == torch.bfloat16 and loaded.action_std.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(loaded(*frames.inputs()), policy(*frames.inputs()))
+
+
+def test_calibrate_command_refuses_bad_device_and_reports_oom(tmp_path, monkeypatch, capsys):
+    """qvla calibrate: a device that does not exist is one line, not a traceback; running out of
+    GPU memory part-way is one line and leaves no table behind."""
+    import torch as _torch
+
+    from qvla_ros import cli
+    from qvla_ros.quant import sensitivity
+
+    out = tmp_path / "s.safetensors"
+    assert cli.main(["calibrate", "--synthetic", "--frames", "1", "--device", "cuda:7", "--out", str(out)]) == 2
+    assert "cuda" in capsys.readouterr().err and not out.exists()
+
+    def oom(*args, **kwargs):
+        raise _torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(sensitivity, "jacobian_sensitivity", oom)
+    assert cli.main(["calibrate", "--synthetic", "--frames", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ran out of device memory" in err and "nothing was written" in err and not out.exists()

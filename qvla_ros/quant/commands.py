@@ -121,6 +121,32 @@ def register(subparsers) -> None:
 
 
 def calibrate_command(args) -> int:
+    """qvla calibrate; a GPU running out of memory part-way is a one-line error, and the table is
+    only ever written whole (SensitivityTable.save replaces the file atomically at the end)."""
+    import torch
+
+    try:
+        return _calibrate(args)
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        print(f"qvla calibrate: ran out of device memory while calibrating ({first}); nothing was written "
+              f"to {args.out}. Try --replicas 1 and --dtype bfloat16.", file=sys.stderr)
+        return 2
+
+
+def _check_frames_fit(frames, config) -> None:
+    from .sensitivity import SensitivityError
+
+    got = tuple(frames.images.shape[1:])
+    if frames.images.shape[1] != config.n_cams or frames.images.shape[-1] != 3:
+        raise SensitivityError(f"calibration frames hold images of shape {got} per frame; the policy takes "
+                               f"{config.n_cams} RGB cameras")
+    if frames.proprio.shape[1] != config.proprio_dim:
+        raise SensitivityError(f"calibration frames hold {frames.proprio.shape[1]}-d proprio; the policy "
+                               f"takes {config.proprio_dim}")
+
+
+def _calibrate(args) -> int:
     from ..policy import load_policy
     from .calibration import frames_from_demos, synthetic_frames
     from .sensitivity import exact_sensitivity, jacobian_sensitivity, rescale_to_exact
@@ -147,6 +173,7 @@ def calibrate_command(args) -> int:
         frames = synthetic_frames(policy.config, args.frames, seed=args.seed)
     else:
         frames = frames_from_demos(args.data, args.frames, split=args.split, seed=args.seed)
+    _check_frames_fit(frames, policy.config)
     targets = QuantTargets(exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE)
     if args.rounding == "gptq":
         if args.estimator != "jacobian":
