@@ -137,3 +137,11 @@ def test_bad_chunks_are_refused():
     q.add(np.zeros((3, 4)), start=0, now=0)
     with pytest.raises(ValueError):
         q.add(np.zeros((3, 5)), start=0, now=0)
+
+
+def test_clear_forgets_chunks_and_the_last_action():
+    q = ActionQueue(RATE, "temporal_ensemble", stale_after=10)
+    q.add(chunk(0), start=0.0, now=0.0)
+    assert q.next(0.0) is not None
+    q.clear()
+    assert q.next(0.1) is None and not q.stale

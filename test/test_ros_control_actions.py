@@ -128,8 +128,11 @@ def test_latest_at_the_control_rate_then_hold(ros_env, feeder, micro):
 
     # Every fresh action is a row of the chunk whose image stamp it carries; one chunk's rows
     # come in order, one step a tick; a new chunk starts within two periods of its image.
+    # A chunk's first step is the one of the control period its age falls in (the latency
+    # skipped). On a loaded machine a chunk can come later than its predecessor's last step: then
+    # that step is held (counted; a few at most).
     previous = None
-    switches = 0
+    switches = held_fresh = 0
     for _, stamp, values, msg in fresh:
         assert stamp in chunks, stamp
         r = row_of(values, chunks[stamp])
@@ -137,12 +140,18 @@ def test_latest_at_the_control_rate_then_hold(ros_env, feeder, micro):
         assert msg.horizon == 1 and msg.action_dim == 4 and msg.plan_id == ""
         assert msg.instruction == INSTRUCTION
         if previous is not None and previous[0] == stamp:
-            assert r == previous[1] + 1
+            if r == previous[1] == 3:
+                held_fresh += 1
+            else:
+                assert r == previous[1] + 1
         else:
             switches += 1
-            assert r <= 2 and msg.latency < 3 / rate
+            age_in_periods = msg.latency * rate
+            assert r <= age_in_periods + 1e-3 and r > age_in_periods - 1.001, (r, msg.latency)
         previous = (stamp, r)
+    print(f"{switches} chunks used, {held_fresh} last step(s) held while fed")
     assert switches >= n_obs - 10  # nearly every chunk was used
+    assert held_fresh <= 0.1 * len(fresh)
 
     # Stale: the last chunk's rows to its end, then its last row held (horizon 4 at 50 Hz runs
     # out 80 ms after it came), with its stamp, the age growing.

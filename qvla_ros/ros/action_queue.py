@@ -96,6 +96,12 @@ class ActionQueue:
         self.ticks = 0
         self.stale_ticks = 0
 
+    def clear(self) -> None:
+        """Forget every chunk and the last action (a node that stops serving): the next tick
+        gives None until a chunk comes."""
+        with self._lock:
+            self._chunks, self._last, self.stale = [], None, False
+
     def add(self, actions: np.ndarray, start: float, now: float, header: Any = None,
             plan_id: str = "", instruction: str = "", inference_time: float = 0.0) -> None:
         """A chunk [horizon, action_dim] whose image arrived at `start` (monotonic seconds)."""
