@@ -594,9 +594,10 @@ class PolicyNodeCore:
                 f"({how}; {q.on_stale} after {q.stale_after:g} s without a fresh chunk)")
 
     def _control_tick(self) -> None:
-        if not self._serving:
-            return
-        action = self.action_queue.next(time.monotonic())
+        queue = self.action_queue
+        if queue is None or not self._serving:
+            return  # inactive, or being released
+        action = queue.next(time.monotonic())
         if action is None:
             return  # no chunk yet: nothing to command
         if action.stale != self._action_stale_logged:
@@ -604,8 +605,8 @@ class PolicyNodeCore:
             if action.stale:
                 self.get_logger().warning(
                     f"actions stale: no chunk fresher than stale_after_s "
-                    f"({self.action_queue.stale_after:g} s) with a step left; "
-                    f"{'holding the last action' if self.action_queue.on_stale == 'hold' else 'publishing zeros'}")
+                    f"({queue.stale_after:g} s) with a step left; "
+                    f"{'holding the last action' if queue.on_stale == 'hold' else 'publishing zeros'}")
             else:
                 self.get_logger().info("actions fresh again")
         msg = ActionChunk()
