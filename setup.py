@@ -56,6 +56,7 @@ setup(
         "console_scripts": [
             "qvla = qvla_ros.cli:main",
             "qvla_policy_node = qvla_ros.ros.policy_node:main",
+            "qvla_managed_policy_node = qvla_ros.ros.managed_policy_node:main",
             "qvla_sim_bridge = qvla_ros.ros.sim_bridge:main",
         ],
     },

@@ -17,7 +17,7 @@ from launch_ros.substitutions import FindPackageShare
 from qvla_ros.ros.transport import transport_environment
 
 OVERRIDES = ("checkpoint", "plan", "device")
-TOPICS = ("image", "image2", "instruction", "proprio", "action_chunk", "diagnostics")
+TOPICS = ("image", "image2", "instruction", "proprio", "action_chunk", "action", "diagnostics")
 
 
 def policy_node(context):

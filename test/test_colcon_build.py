@@ -38,6 +38,8 @@ def test_colcon_build_installs_a_working_package(tmp_path):
 
     install = tmp_path / "install" / "qvla_ros"
     assert (install / "lib" / "qvla_ros" / "qvla_policy_node").is_file()
+    assert (install / "lib" / "qvla_ros" / "qvla_managed_policy_node").is_file()
+    assert (install / "share" / "qvla_ros" / "launch" / "qvla_managed.launch.py").is_file()
     assert (install / "lib" / "qvla_ros" / "qvla_sim_bridge").is_file()
     assert (install / "share" / "qvla_ros" / "package.xml").is_file()
     site = next((install / "lib").glob("python3*/site-packages"))

@@ -131,6 +131,8 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
         # The parameter file sets exactly the parameters the node declares (no typo is ignored).
         declared = list_parameters(feeder)
         assert declared == yaml_parameters("policy_node.yaml", "qvla_policy_node")
+        # Single actions are off by default (control_rate_hz 0): chunks only.
+        assert feeder.count_publishers("action") == 0 and "no single actions" in node.output
         images, proprio = micro["images"], micro["proprio"]
 
         # No instruction yet: the frame is dropped, with a line naming the topic.

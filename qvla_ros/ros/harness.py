@@ -27,6 +27,7 @@ from qvla_ros.ros.transport import apply_transport
 
 EXECUTABLES = {
     "qvla_policy_node": "qvla_ros.ros.policy_node",
+    "qvla_managed_policy_node": "qvla_ros.ros.managed_policy_node",
     "qvla_sim_bridge": "qvla_ros.ros.sim_bridge",
 }
 

@@ -20,6 +20,13 @@ Topics (all relative, so they remap):
                        and a robot's joint_states publisher can be remapped onto it as is.
     action_chunk       qvla_ros/ActionChunk header = the image's header; plan_id = the plan that
                                            produced it
+    action             qvla_ros/ActionChunk with horizon 1: one action per control period, only
+                                           when control_rate_hz > 0; from the chunk queue as
+                                           `action_aggregation` says (latest | temporal_ensemble),
+                                           held or zeroed (`on_stale`) when chunks stop. header =
+                                           the header of the image of the newest chunk that
+                                           contributed; latency = its age (image arrival ->
+                                           this action), growing while stale
     diagnostics        diagnostic_msgs/DiagnosticArray, every `diagnostics_period` seconds
 Service:
     ~/reload_plan      qvla_ros/srv/ReloadPlan
@@ -59,6 +66,7 @@ from std_msgs.msg import String
 
 from qvla_ros.msg import ActionChunk
 from qvla_ros.ros import paths
+from qvla_ros.ros.action_queue import AGGREGATIONS, ON_STALE, ActionQueue
 from qvla_ros.ros.image_conversion import (
     ENCODINGS,
     RESIZE_MODES,
@@ -91,17 +99,40 @@ def _descriptor(description: str, read_only: bool = False, **ranges) -> Paramete
     return ParameterDescriptor(description=description, read_only=read_only, **ranges)
 
 
-class PolicyNode(Node):
-    """The policy node; see the module docstring for its interface."""
+class PolicyNodeCore:
+    """The policy node's work, shared by PolicyNode (a plain rclpy Node: serves from start to
+    stop) and qvla_ros.ros.managed_policy_node.ManagedPolicyNode (a lifecycle node). A mixin:
+    the class it is combined with must be an rclpy Node.
 
-    def __init__(self, **kwargs):
-        super().__init__(NODE_NAME, **kwargs)
+    _setup_parameters() declares the parameters; _configure() checks them, loads and checks the
+    policy and plan and creates every topic, service, timer and the worker; _release() undoes
+    _configure(). Frames are used only while `_serving`."""
+
+    _serving = True
+    server = None
+    action_queue = None
+
+    def _publisher(self, msg_type, topic: str, qos):
+        """A publisher of the node's outputs (the managed node makes lifecycle publishers)."""
+        return self.create_publisher(msg_type, topic, qos)
+
+    def _setup_parameters(self) -> None:
         self._declare_parameters()
-        for param in self._declared.values():
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    def _check_parameters(self) -> None:
+        """ValueError naming the first parameter whose value cannot be used."""
+        for name in self._declared:
+            param = self.get_parameter_or(name, Parameter(name))
             error = self._invalid(param)
             if error:
                 raise ValueError(f"parameter {param.name}: {error}")
 
+    def _configure(self) -> None:
+        """Load and check the policy and plan; create the node's entities; start the worker.
+        Raises ValueError, PlanRejected or FileNotFoundError (nothing is left created then)."""
+        self._check_parameters()
+        self._entities = []
         p = self.get_parameter
         plan = paths.resolve(p("plan").value)
         self.max_plan_bytes = p("max_plan_bytes").value
@@ -116,6 +147,7 @@ class PolicyNode(Node):
             torch.set_num_threads(p("torch_threads").value)
         self.server = PolicyServer(checkpoint=paths.resolve(p("checkpoint").value),
                                    device=p("device").value, plan_path=plan)
+        # From here on, each entity is recorded for _release().
         cfg = self.server.config
         self.n_cams = cfg.n_cams
         self.image_size = (p("image_height").value or cfg.image_size,
@@ -158,6 +190,7 @@ class PolicyNode(Node):
                     Image, topic, lambda msg, cam=cam: self._on_image(msg, cam), camera_qos,
                     callback_group=inputs)
             self._camera_subs.append(sub)
+            self._entities.append(sub)
         self._camera_watch = [_CameraWatch() for _ in self._camera_subs]
         self._name_clash = False
         self._last_clash_check = -math.inf
@@ -165,20 +198,34 @@ class PolicyNode(Node):
             String, "instruction", self._on_instruction, INSTRUCTION_QOS, callback_group=inputs)
         proprio_sub = self.create_subscription(
             JointState, "proprio", self._on_proprio, STATE_SUBSCRIBER_QOS, callback_group=inputs)
-        self.chunk_pub = self.create_publisher(ActionChunk, "action_chunk", CHUNK_QOS)
-        self.create_service(ReloadPlan, "~/reload_plan", self._on_reload_plan,
-                            callback_group=control)
+        self.chunk_pub = self._publisher(ActionChunk, "action_chunk", CHUNK_QOS)
+        self._entities += [instruction_sub, proprio_sub, self.chunk_pub]
+        self.action_queue = self.action_pub = None
+        self.control_rate_hz = p("control_rate_hz").value
+        if self.control_rate_hz > 0:
+            self.action_queue = ActionQueue(
+                self.control_rate_hz, p("action_aggregation").value, p("ensemble_m").value,
+                p("stale_after_s").value, p("on_stale").value)
+            self.action_pub = self._publisher(ActionChunk, "action", CHUNK_QOS)
+            self._action_stale_logged = False
+            # A group of its own: the control tick never waits behind inputs or a reload.
+            self._entities += [self.action_pub, self.create_timer(
+                1.0 / self.control_rate_hz, self._control_tick,
+                callback_group=MutuallyExclusiveCallbackGroup())]
+        self._entities.append(self.create_service(
+            ReloadPlan, "~/reload_plan", self._on_reload_plan, callback_group=control))
         self.diagnostics_pub = None
         if DiagnosticArray is not None:
+            # A plain publisher, also in the managed node: diagnostics say when it is inactive.
             self.diagnostics_pub = self.create_publisher(DiagnosticArray, "diagnostics", 10)
-            self.create_timer(p("diagnostics_period").value, self._publish_diagnostics,
-                              callback_group=control)
+            self._entities += [self.diagnostics_pub, self.create_timer(
+                p("diagnostics_period").value, self._publish_diagnostics, callback_group=control)]
         else:
             self.get_logger().warning("diagnostic_msgs is not installed (pip install "
                                       "ros-diagnostic-msgs): no diagnostics published")
-        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.transport = describe_transport()
-        self.create_timer(WATCH_PERIOD, self._watch_graph, callback_group=control)
+        self._entities.append(self.create_timer(WATCH_PERIOD, self._watch_graph,
+                                                callback_group=control))
 
         self._worker = threading.Thread(target=self._work, name="qvla-inference", daemon=True)
         self._worker.start()
@@ -191,13 +238,39 @@ class PolicyNode(Node):
         formats = ("JPEG/PNG" if self.image_transport == "compressed"
                    else "/".join(self.encodings))
         self.get_logger().info(
-            f"ready: serving {self.server.active.label} (loaded in "
+            f"{self._ready_word()} {self.server.active.label} (loaded in "
             f"{self.server.active.load_seconds:.1f} s); cameras {cameras} ({formats}, "
             f"{self._qos_phrase()}) into {self.image_size[1]}x{self.image_size[0]}, {fitted}; "
             f"instruction {instruction_sub.topic_name}, proprio {proprio_sub.topic_name}, "
-            f"chunks on {self.chunk_pub.topic_name}; trigger "
+            f"chunks on {self.chunk_pub.topic_name}; {self._actions_phrase()}; trigger "
             f"{self.trigger}{f' at {self.rate_hz} Hz' if self.trigger == 'rate' else ''}; "
             f"transport: {self.transport}")
+
+    def _ready_word(self) -> str:
+        return "ready: serving"
+
+    def _release(self) -> None:
+        """Undo _configure(): stop the worker, destroy the entities, drop the policy."""
+        if getattr(self, "sync", None) is not None:
+            self.sync.stop()
+        worker = getattr(self, "_worker", None)
+        if worker is not None and worker.is_alive():
+            worker.join(timeout=10.0)
+        for entity in reversed(getattr(self, "_entities", [])):
+            kind = type(entity).__name__
+            if kind == "LifecyclePublisher":
+                self.destroy_lifecycle_publisher(entity)
+            elif kind == "Publisher":
+                self.destroy_publisher(entity)
+            elif kind == "Subscription":
+                self.destroy_subscription(entity)
+            elif kind == "Service":
+                self.destroy_service(entity)
+            elif kind == "Timer":
+                self.destroy_timer(entity)
+        self._entities = []
+        self.server = self.action_queue = self.action_pub = self.diagnostics_pub = None
+        self._worker = None
 
     # Parameters ---------------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
@@ -262,6 +335,24 @@ class PolicyNode(Node):
             "seconds the worker waits for image2/proprio/instruction before dropping a frame",
             read_only=True,
             floating_point_range=[FloatingPointRange(from_value=0.0, to_value=60.0)]))
+        self.declare_parameter("control_rate_hz", 0.0, d(
+            "single actions published on `action` this many times a second from the chunk "
+            "queue; 0 = off (chunks only)", read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.0, to_value=1000.0)]))
+        self.declare_parameter("action_aggregation", "latest", d(
+            "how chunks make the action of a control tick: 'latest' (the newest chunk, step by "
+            "step) or 'temporal_ensemble' (every live chunk's step for this tick, weights "
+            "exp(-ensemble_m * i), i = 0 the oldest: ACT / LeRobot)", read_only=True))
+        self.declare_parameter("ensemble_m", 0.01, d(
+            "temporal ensembling's m: > 0 favours older predictions (ACT), 0 = mean, < 0 newer",
+            read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=-10.0, to_value=10.0)]))
+        self.declare_parameter("stale_after_s", 0.5, d(
+            "a chunk older than this (or with no step left) is not used; with none left the "
+            "action is as on_stale says", read_only=True,
+            floating_point_range=[FloatingPointRange(from_value=0.001, to_value=3600.0)]))
+        self.declare_parameter("on_stale", "hold", d(
+            "action when no chunk is fresh: 'hold' (repeat the last) or 'zero'", read_only=True))
         self.declare_parameter("diagnostics_period", 1.0, d(
             "seconds between diagnostics messages", read_only=True,
             floating_point_range=[FloatingPointRange(from_value=0.05, to_value=3600.0)]))
@@ -270,7 +361,8 @@ class PolicyNode(Node):
             "expected_encodings", "image_height", "image_width", "image_resize",
             "center_crop_scale", "image_transport", "image_timeout", "max_plan_bytes",
             "proprio_names",
-            "sync_tolerance", "sync_timeout", "diagnostics_period")}
+            "sync_tolerance", "sync_timeout", "control_rate_hz", "action_aggregation",
+            "ensemble_m", "stale_after_s", "on_stale", "diagnostics_period")}
 
     def _invalid(self, param: Parameter) -> str | None:
         """Why `param` cannot be used, or None. Ranges are checked by rclpy from descriptors."""
@@ -281,6 +373,10 @@ class PolicyNode(Node):
             return f"must be one of {', '.join(IMAGE_QOS)}, got {value!r}"
         if param.name == "image_resize" and value not in RESIZE_MODES:
             return f"must be one of {', '.join(RESIZE_MODES)}, got {value!r}"
+        if param.name == "action_aggregation" and value not in AGGREGATIONS:
+            return f"must be one of {', '.join(AGGREGATIONS)}, got {value!r}"
+        if param.name == "on_stale" and value not in ON_STALE:
+            return f"must be one of {', '.join(ON_STALE)}, got {value!r}"
         if param.name == "image_transport" and value not in IMAGE_TRANSPORTS:
             return f"must be one of {', '.join(IMAGE_TRANSPORTS)}, got {value!r}"
         if param.name == "device":
@@ -318,7 +414,7 @@ class PolicyNode(Node):
                 return SetParametersResult(successful=False, reason=error)
         # The plan first: if it is refused, nothing of this request is applied.
         for param in params:
-            if param.name == "plan":
+            if param.name == "plan" and self.server is not None:
                 path = paths.resolve(param.value)
                 if path != self.server.active.plan_path:
                     ok, message = self._reload(path, via="parameter")
@@ -329,7 +425,8 @@ class PolicyNode(Node):
                 self.trigger = param.value
             elif param.name == "rate_hz":
                 self.rate_hz = param.value
-        self.sync.wake()
+        if getattr(self, "sync", None) is not None:
+            self.sync.wake()
         return SetParametersResult(successful=True)
 
     def _image_qos(self) -> QoSProfile:
@@ -343,6 +440,8 @@ class PolicyNode(Node):
 
     # Input callbacks: check, convert, keep the newest ------------------------------------------
     def _on_image(self, msg: Image, cam: int) -> None:
+        if not self._serving:
+            return
         arrival = self._last_image[cam] = time.monotonic()
         topic = "image2" if cam else "image"
         try:
@@ -354,6 +453,8 @@ class PolicyNode(Node):
         self._keep_image(msg, rgb, cam, arrival)
 
     def _on_compressed(self, msg: CompressedImage, cam: int) -> None:
+        if not self._serving:
+            return
         arrival = self._last_image[cam] = time.monotonic()
         topic = "image2" if cam else "image"
         try:
@@ -475,7 +576,55 @@ class PolicyNode(Node):
             if self.context.ok():
                 raise
             return
+        if self.action_queue is not None:
+            self.action_queue.add(result.actions, start=obs.primary.arrival,
+                                  now=time.monotonic(), header=obs.primary.header,
+                                  plan_id=result.plan_id, instruction=obs.instruction,
+                                  inference_time=result.seconds)
         self._stats.record(result.seconds, latency)
+
+    # Actions at the control rate ----------------------------------------------------------------
+    def _actions_phrase(self) -> str:
+        if self.action_queue is None:
+            return "no single actions (control_rate_hz 0)"
+        q = self.action_queue
+        how = (f"temporal_ensemble m={q.m:g}" if q.aggregation == "temporal_ensemble"
+               else "latest")
+        return (f"actions on {self.action_pub.topic_name} at {self.control_rate_hz:g} Hz "
+                f"({how}; {q.on_stale} after {q.stale_after:g} s without a fresh chunk)")
+
+    def _control_tick(self) -> None:
+        queue = self.action_queue
+        if queue is None or not self._serving:
+            return  # inactive, or being released
+        action = queue.next(time.monotonic())
+        if action is None:
+            return  # no chunk yet: nothing to command
+        if action.stale != self._action_stale_logged:
+            self._action_stale_logged = action.stale
+            if action.stale:
+                self.get_logger().warning(
+                    f"actions stale: no chunk fresher than stale_after_s "
+                    f"({queue.stale_after:g} s) with a step left; "
+                    f"{'holding the last action' if queue.on_stale == 'hold' else 'publishing zeros'}")
+            else:
+                self.get_logger().info("actions fresh again")
+        msg = ActionChunk()
+        if action.header is not None:
+            msg.header = action.header
+        msg.horizon, msg.action_dim = 1, int(action.values.shape[0])
+        msg.actions = array.array("f", action.values.astype(np.float32).tobytes())
+        msg.instruction = action.instruction
+        msg.plan_id = action.plan_id
+        msg.inference_time = float(action.inference_time)
+        msg.latency = float(action.age)
+        try:
+            self.action_pub.publish(msg)
+        except Exception:
+            if self.context.ok():
+                raise
+            return
+        self._stats.actions += 1
 
     # Reload -------------------------------------------------------------------------------------
     def _on_reload_plan(self, request: ReloadPlan.Request,
@@ -562,7 +711,10 @@ class PolicyNode(Node):
         status.hardware_id = self.get_parameter("device").value
         silent = [(s.topic_name, w) for s, w in zip(self._camera_subs, self._camera_watch)
                   if w.silent]
-        if silent:
+        if not self._serving:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"inactive (lifecycle): {active.label} loaded, not serving"
+        elif silent:
             status.level = DiagnosticStatus.ERROR
             status.message = "; ".join(
                 f"{name}: {w.publishers} publisher(s), no message for {w.quiet:.0f} s"
@@ -582,11 +734,25 @@ class PolicyNode(Node):
                   "forward_mode": active.forward_mode, "instruction": self.sync.instruction or ""}
         values.update({k: f"{v:.4g}" if isinstance(v, float) else str(v)
                        for k, v in snapshot.items()})
+        if self.action_queue is not None:
+            values["actions_stale"] = str(self.action_queue.stale)
+            values["actions_stale_ticks"] = str(self.action_queue.stale_ticks)
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray()
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.status = [status]
         self.diagnostics_pub.publish(msg)
+
+
+
+class PolicyNode(PolicyNodeCore, Node):
+    """The policy node; see the module docstring for its interface. Serves from construction to
+    destruction (the managed variant: qvla_ros.ros.managed_policy_node)."""
+
+    def __init__(self, **kwargs):
+        Node.__init__(self, NODE_NAME, **kwargs)
+        self._setup_parameters()
+        self._configure()
 
     def destroy_node(self) -> None:
         self.sync.stop()
@@ -612,6 +778,7 @@ class _Stats:
         self._lock = threading.Lock()
         self.frames = 0
         self.chunks = 0
+        self.actions = 0
         self.reloads = 0
         self.reloads_refused = 0
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -641,6 +808,7 @@ class _Stats:
             "latency_ms_p50": float(np.median(latency)) if len(window) else 0.0,
             "latency_ms_max": float(latency.max()) if len(window) else 0.0,
             "chunks_total": self.chunks,
+            "actions_total": self.actions,
             "frames_total": self.frames,
             "frames_dropped_total": dropped,
             "reloads": self.reloads,
