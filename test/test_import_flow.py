@@ -3,7 +3,7 @@ imports only from its own layer or the layers below it, function-level imports i
 
 Layers, bottom to top (an import may only point down or sideways):
 
-    0  qvla_ros, qvla_ros.io            package root; helpers that import nothing from qvla_ros
+    0  qvla_ros, io, dataset            package root, atomic writes, the demonstration file format
     1  qvla_ros.policy                  the model: never knows it is quantized or simulated
     2  qvla_ros.kernels                 mixed-bit GEMMs the quantized layers call
     3  qvla_ros.quant                   sensitivity, allocation, plans, packing, quantize
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: (module prefix, rank); the longest matching prefix decides
 LAYERS = (
-    ("qvla_ros", 0), ("qvla_ros.io", 0),
+    ("qvla_ros", 0), ("qvla_ros.io", 0), ("qvla_ros.dataset", 0),
     ("qvla_ros.policy", 1),
     ("qvla_ros.kernels", 2),
     ("qvla_ros.quant", 3),
@@ -41,10 +41,6 @@ LAYERS = (
 
 #: known upward imports, (importer, imported) -> why it is still there
 ALLOWED = {
-    ("qvla_ros.quant.calibration", "qvla_ros.sim.dataset"):
-        "frames_from_demos reads the demonstration file format, which lives in sim/; move dataset.py down",
-    ("qvla_ros.quant.baselines.compare", "qvla_ros.sim.dataset"):
-        "the comparison harness reads held-out demonstrations; it is an evaluation driver kept in quant/",
     ("qvla_ros.quant.baselines.compare", "qvla_ros.sim.metrics"):
         "the comparison harness scores offline action error with sim's metric; an evaluation driver",
     ("qvla_ros.quant.baselines.compare", "qvla_ros.sim.evaluate"):

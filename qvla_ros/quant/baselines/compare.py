@@ -234,7 +234,7 @@ class Comparison:
         cached = _read_json(run / "offline.json")
         if cached is not None:
             return cached
-        from ...sim.dataset import DemoDataset
+        from ...dataset import DemoDataset
         from ...sim.metrics import offline_action_error
 
         policy = SavedPolicyFactory(run / POLICY_DIR)()

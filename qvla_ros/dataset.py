@@ -1,6 +1,6 @@
 """Demonstration datasets on disk: one compressed .npz per episode plus a manifest.json.
 
-    DIR/manifest.json                     how the dataset was made (see demos.py), and its episodes
+    DIR/manifest.json                     how the dataset was made (see sim/demos.py), and its episodes
     DIR/<task>/seed_0000012.npz           one successful episode:
         images       uint8   [T, n_cams, H, W, 3]   observation before each action (RGB)
         proprio      float32 [T, 4]                 end-effector xyz + gripper opening
@@ -10,6 +10,9 @@
 Files are written to a temporary name and renamed, so a file that exists is complete; a crash
 leaves at most a stray `.tmp`. `DemoDataset` streams episodes one file at a time (a training loop
 never holds the dataset in memory) and checks each file, naming the file that is damaged.
+
+The format sits below every stage (it imports nothing from qvla_ros but io): the simulation stage
+writes it (sim/demos.py), training, calibration and the baseline comparison read it.
 
 Held-out frames: episodes whose seed % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 form the "val"
 split (10%); the rest are "train". Training uses split="train", offline metrics split="val".
@@ -23,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text
 
 __all__ = ["DemoFileError", "DemoDataset", "write_episode", "read_episode", "episode_path",
            "MANIFEST", "FORMAT_VERSION", "HELD_OUT_EVERY", "is_held_out", "write_json_atomic"]
