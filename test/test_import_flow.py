@@ -10,7 +10,7 @@ Layers, bottom to top (an import may only point down or sideways):
     4  qvla_ros.quant.baselines         RTN/GPTQ/AWQ/SmoothQuant behind QVLA's interface
     5  qvla_ros.sim                     benchmark, demonstrations, closed-loop evaluation of a policy
     6  qvla_ros.ros (+ msg, srv)        the nodes
-    7  qvla_ros.cli, qvla_ros.*.commands  the verbs: wiring stages together is their job
+    7  qvla_ros.cli, every */commands.py  the verbs: wiring stages together is their job
 
 The pipeline's data run sim (demonstrations) -> policy -> quant -> kernels -> ros; the imports
 differ where a stage consumes another's code: evaluation (sim) runs policies, so sim sits above
@@ -35,9 +35,10 @@ LAYERS = (
     ("qvla_ros.quant.baselines", 4),
     ("qvla_ros.sim", 5),
     ("qvla_ros.ros", 6), ("qvla_ros.msg", 6), ("qvla_ros.srv", 6),
-    ("qvla_ros.cli", 7), ("qvla_ros.policy.commands", 7), ("qvla_ros.quant.commands", 7),
-    ("qvla_ros.sim.commands", 7),
+    ("qvla_ros.cli", 7),
 )
+#: the verb modules (policy/commands.py, quant/commands.py, ...) wire stages together: layer 7
+VERBS = "commands"
 
 #: known upward imports, (importer, imported) -> why it is still there
 ALLOWED = {
@@ -55,6 +56,8 @@ ALLOWED = {
 
 
 def rank(module: str) -> int:
+    if module.rsplit(".", 1)[-1] == VERBS:
+        return 7
     best = max((p for p, _ in LAYERS if module == p or module.startswith(p + ".")), key=len)
     return dict(LAYERS)[best]
 
@@ -135,6 +138,7 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     found = [name for _, name in imports(source, "qvla_ros.policy.mod", False)]
     assert found == ["qvla_ros.policy.x", "qvla_ros.sim.suite", "qvla_ros.ros.demo"]
     assert rank("qvla_ros.sim.suite") > rank("qvla_ros.policy.mod") > rank("qvla_ros.io")
+    assert rank("qvla_ros.quant.baselines.commands") == rank("qvla_ros.cli") > rank("qvla_ros.ros.demo")
 
 
 if __name__ == "__main__":
