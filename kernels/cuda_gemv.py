@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qvla_ros.io import atomic_write
 
 from .layout import QUANT_WIDTHS, SLOT_BITS, KernelWeights, num_k_blocks, slot_table
 from .launch_common import check_small_m_input, output_tensor, split_scratch
@@ -146,17 +147,13 @@ def build_library(arch: str, nvcc: str | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename: processes building at once each finish with a whole file
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(nvcc_command(nvcc, arch, tmp), capture_output=True, text=True)
+
+    def build(tmp: Path) -> None:
+        done = subprocess.run(nvcc_command(nvcc, arch, str(tmp)), capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"nvcc failed to build {SOURCE.name} for sm_{arch}:\n{done.stderr[-4000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+
+    return atomic_write(target, build, keep_mode=True)
 
 
 class _Params(ctypes.Structure):

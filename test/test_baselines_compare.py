@@ -7,7 +7,7 @@ import pytest
 
 from qvla_ros.cli import main
 from qvla_ros.policy import make_policy
-from qvla_ros.sim.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
+from qvla_ros.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
 from qvla_ros.sim.suite import TASKS
 
 

@@ -119,7 +119,7 @@ def test_train_config_validation():
 
 def test_qvla_train_verb_on_a_demonstration_folder(tmp_path, one_thread):
     from qvla_ros.cli import main
-    from qvla_ros.sim.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
+    from qvla_ros.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
 
     data = tmp_path / "demos"
     entries = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qvla_ros.quant.calibration import CalibrationFrames, frames_from_demos
-from qvla_ros.sim.dataset import episode_path, write_episode
+from qvla_ros.dataset import episode_path, write_episode
 
 
 def _demo_folder(root, seeds=range(12), t=6):

@@ -99,7 +99,7 @@ def _demos(root, config):
     """A small demonstration folder in the benchmark's format (train seeds only)."""
     import numpy as np
 
-    from qvla_ros.sim.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
+    from qvla_ros.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
     from qvla_ros.sim.suite import TASKS
 
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvla_ros.sim.dataset import (MANIFEST, DemoDataset, DemoFileError, read_episode,
+from qvla_ros.dataset import (MANIFEST, DemoDataset, DemoFileError, read_episode,
                                   write_episode)
 from qvla_ros.sim.demos import generate_demos
 from qvla_ros.sim.metrics import offline_action_error

@@ -27,6 +27,13 @@ def test_instructions_are_language_worlds_sentence_for_each_task():
         assert len(sentences) == len(pair)
 
 
+def test_the_policys_default_vocabulary_is_the_suites_instructions():
+    # policy/ keeps its own copy (the policy must not import the simulation stage)
+    from qvla_ros.policy.processing_vla import DEFAULT_INSTRUCTIONS
+
+    assert DEFAULT_INSTRUCTIONS == tuple(t.instruction for t in TASKS)
+
+
 def test_at_least_three_same_scene_pairs():
     assert sum(len(p) >= 2 for p in SCENE_PAIRS) >= 3
     assert ("faucet-open", "faucet-close") in SCENE_PAIRS

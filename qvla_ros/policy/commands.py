@@ -47,7 +47,7 @@ def _read_all(dataset, limit: int | None, desc: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from qvla_ros.sim.dataset import DemoDataset
+    from qvla_ros.dataset import DemoDataset
 
     from .training import TrainConfig, train
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
+from ..io import atomic_write, atomic_write_text
 from .configuration_vla import CONFIG_FORMAT, CONFIG_VERSION, VLAConfig, get_config
 from .processing_vla import InstructionTokenizer, default_instructions, images_to_pixels
 
@@ -207,33 +206,14 @@ class VLAPolicy(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "config": self.config.to_dict()}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
-        _atomic_write(out / TOKENIZER_FILE, lambda p: Path(p).write_text(self.tokenizer.to_str()))
-        _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
+        atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(out / TOKENIZER_FILE, self.tokenizer.to_str())
+        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
             state, p, metadata={"format": CONFIG_FORMAT, "version": str(CONFIG_VERSION)}))
         return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) into a private temporary folder beside `path`, then rename the result into place.
-
-    A folder, not a temporary file: safetensors' writer makes its own temporary file beside the
-    name it is given, so a save killed mid-way must leave its debris under one dotted name that
-    nothing reads (".model.safetensors.XXXX.tmp/"), never a loose ".tmpXXXX" in the checkpoint."""
-    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        tmp = tmp_dir / path.name
-        write(tmp)
-        # mkstemp/mkdtemp make things private; a checkpoint gets the permissions of any new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def read_checkpoint_config(directory: Path) -> tuple[VLAConfig, InstructionTokenizer]:

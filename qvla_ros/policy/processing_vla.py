@@ -129,10 +129,19 @@ def compute_norm_stats(proprio: np.ndarray, actions: np.ndarray) -> dict[str, np
     }
 
 
+#: The benchmark suite's ten instructions (language-world's sentences, in qvla_ros.sim.suite's task
+#: order), the default tokenizer's vocabulary. Policy data, kept here so a policy's vocabulary (and
+#: its fingerprint) never depends on whether the simulation stage imports; test_sim_suite checks
+#: that they are the suite's.
+DEFAULT_INSTRUCTIONS: tuple[str, ...] = (
+    "pull the drawer open", "push the drawer close",
+    "slide the window open", "slide the window closed",
+    "turn the faucet left", "turn the faucet right",
+    "pull the door open", "push the door closed to the target location",
+    "push down the handle", "pull up the handle",
+)
+
+
 def default_instructions() -> list[str]:
-    """The benchmark suite's instructions, when the simulation stage is installed (else none)."""
-    try:
-        from qvla_ros.sim.suite import TASKS
-    except Exception:  # noqa: BLE001 - MetaWorld missing or broken: an all-[UNK] vocabulary still works
-        return []
-    return [t.instruction for t in TASKS]
+    """The benchmark suite's instructions: the default tokenizer's vocabulary."""
+    return list(DEFAULT_INSTRUCTIONS)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .configuration_vla import get_config
-from .modeling_vla import VLAPolicy, _atomic_write, load_policy, make_policy
+from ..io import atomic_write, atomic_write_text
+from .modeling_vla import VLAPolicy, load_policy, make_policy
 from .processing_vla import InstructionTokenizer, compute_norm_stats, default_instructions, images_to_pixels
 
 STATE_FILE = "training_state.safetensors"
@@ -198,7 +199,7 @@ def _save_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer, gener
     tensors["rng.sampler"] = generator.get_state()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
     meta = {"info": json.dumps(info), "param_groups": json.dumps(groups)}
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
 def _load_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer,
@@ -330,7 +331,7 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
             "torch": torch.__version__, "wall_s": round(wall, 1), "losses": losses,
             "init_from": init_record,
         })
-        _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(record, indent=1) + "\n"))
+        atomic_write_text(out / META_FILE, json.dumps(record, indent=1) + "\n")
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     window: list[torch.Tensor] = []

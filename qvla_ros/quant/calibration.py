@@ -1,6 +1,6 @@
 """Calibration frames: observations (images, instruction, proprio) the sensitivity is averaged over.
 
-They come from the benchmark's demonstrations (`qvla_ros.sim.dataset.DemoDataset`, "train" split
+They come from the benchmark's demonstrations (`qvla_ros.dataset.DemoDataset`, "train" split
 by default, so held-out "val" frames stay unseen for the offline evaluation), sampled across
 episodes and tasks with a fixed seed.
 """
@@ -59,7 +59,7 @@ class CalibrationFrames:
 def frames_from_demos(path: str | Path, n_frames: int, split: str = "train", seed: int = 0) -> CalibrationFrames:
     """`n_frames` frames sampled from a demonstration folder: distinct episodes first (spread over
     tasks), then more frames per episode when there are fewer episodes than frames."""
-    from ..sim.dataset import DemoDataset
+    from ..dataset import DemoDataset
 
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")

@@ -28,7 +28,7 @@ def _bits(text: str) -> tuple[int, ...]:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (a file, a budget), reported as one line instead of a traceback."""
     from ..policy import CheckpointError
-    from ..sim.dataset import DemoFileError
+    from ..dataset import DemoFileError
     from .allocate import BudgetError
     from .plan import PlanError
     from .sensitivity import SensitivityError

@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import atomic_write_text
 from .accounting import WHOLE_COUNTS, policy_storage, rest_of_policy
 from .packing import DEFAULT_ROW_TILE, check_row_tile, predicted_nbytes, row_bits
 from .quantizer import ACT_BITS, ALL_BITS
@@ -317,24 +317,7 @@ class BitPlan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            # mkstemp makes the file private; a plan is read by other processes (the ROS node).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "BitPlan":

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import atomic_write
 from .accounting import policy_storage
 from .calibration import CalibrationFrames
 from .quantizer import ALL_BITS, check_bits, fake_quantize_rows
@@ -79,12 +80,10 @@ class SensitivityTable:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         meta = {"format": SENS_FORMAT, "version": str(SENS_VERSION), "bits": json.dumps(list(self.bits)),
                 "in_features": json.dumps(self.in_features), "layers": json.dumps(list(self.costs)),
                 "meta": json.dumps(self.meta)}
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.costs.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in self.costs.items()}, str(tmp), metadata=meta))
         return path
 
     @classmethod

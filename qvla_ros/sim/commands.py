@@ -77,7 +77,7 @@ def _cameras(args):
 
 
 def _demos(args) -> int:
-    from .dataset import DemoFileError
+    from ..dataset import DemoFileError
     from .demos import generate_demos
     from .suite import resolve_tasks
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .dataset import FORMAT_VERSION, MANIFEST, DemoFileError, episode_path, write_json_atomic
+from ..dataset import FORMAT_VERSION, MANIFEST, DemoFileError, episode_path, write_json_atomic
 from .env import ACTION_DIM, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, PROPRIO_DIM
 from .evaluate import cpu_model
 from .expert import ExpertFactory

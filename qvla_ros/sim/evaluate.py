@@ -18,7 +18,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .dataset import write_json_atomic
+from ..dataset import write_json_atomic
 from .env import DEFAULT_CAMERAS
 from .metrics import wilson_interval
 from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks

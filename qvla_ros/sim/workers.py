@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .dataset import episode_path, write_episode, write_json_atomic
+from ..dataset import episode_path, write_episode, write_json_atomic
 from .env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, SuiteEnv
 from .rollout import EpisodeResult, run_lockstep
 from .suite import DEFAULT_MAX_STEPS

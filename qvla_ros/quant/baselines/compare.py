@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ...io import atomic_write_text
 from .api import quantize_baseline
 from .calibration import batches_from_frames, run_policy
 from .methods import MethodSpec, resolve_order
@@ -122,10 +123,7 @@ def _slug(name: str) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, default=str))
 
 
 def _read_json(path: Path):
@@ -236,7 +234,7 @@ class Comparison:
         cached = _read_json(run / "offline.json")
         if cached is not None:
             return cached
-        from ...sim.dataset import DemoDataset
+        from ...dataset import DemoDataset
         from ...sim.metrics import offline_action_error
 
         policy = SavedPolicyFactory(run / POLICY_DIR)()

@@ -1,8 +1,9 @@
 """The comparison table (markdown) and plot (success vs. bits/param, one line per method)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ...io import atomic_write, atomic_write_text
 
 
 def _pct(x: float | None) -> str:
@@ -67,11 +68,7 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         cells += [_pct(per_task[t]["rate"]) if t in per_task else "–" for t in tasks]
         cells.append(_ci(cl.get("overall")))
         lines.append("| " + " | ".join(cells) + " |")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_comparison(doc: dict, path: str | Path) -> Path:
@@ -125,9 +122,7 @@ def plot_comparison(doc: dict, path: str | Path) -> Path:
     s = doc["settings"]
     fig.suptitle(f"{s['episodes_per_task']} episodes/task, {doc['machine']['cpu']}", y=0.02, fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 0.9))
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

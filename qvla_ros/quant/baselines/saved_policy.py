@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...io import atomic_write_text
 from ..api import (CONFIG_FILE, WEIGHTS_FILE, _check_header, _float_skeleton, _materialize, _read_config,
                    _set_module, _stored_tensors)
 from ..mixed_linear import MixedBitLinear
@@ -163,9 +164,7 @@ def save_policy(policy: nn.Module, float_policy: nn.Module, directory: str | os.
     _check_header(_skeleton(out, modules, stored), stored, out / WEIGHTS_FILE, f"{CONFIG_FILE} and {MODULES_FILE}")
     doc = {"format": MODULES_FORMAT, "version": MODULES_VERSION,
            "qvla_plan_id": getattr(policy, "qvla_plan_id", None), "modules": modules}
-    tmp = out / f".{MODULES_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out / MODULES_FILE)
+    atomic_write_text(out / MODULES_FILE, json.dumps(doc, indent=1) + "\n")
     return out
 
 

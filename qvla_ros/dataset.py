@@ -1,6 +1,6 @@
 """Demonstration datasets on disk: one compressed .npz per episode plus a manifest.json.
 
-    DIR/manifest.json                     how the dataset was made (see demos.py), and its episodes
+    DIR/manifest.json                     how the dataset was made (see sim/demos.py), and its episodes
     DIR/<task>/seed_0000012.npz           one successful episode:
         images       uint8   [T, n_cams, H, W, 3]   observation before each action (RGB)
         proprio      float32 [T, 4]                 end-effector xyz + gripper opening
@@ -11,19 +11,22 @@ Files are written to a temporary name and renamed, so a file that exists is comp
 leaves at most a stray `.tmp`. `DemoDataset` streams episodes one file at a time (a training loop
 never holds the dataset in memory) and checks each file, naming the file that is damaged.
 
+The format sits below every stage (it imports nothing from qvla_ros but io): the simulation stage
+writes it (sim/demos.py), training, calibration and the baseline comparison read it.
+
 Held-out frames: episodes whose seed % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 form the "val"
 split (10%); the rest are "train". Training uses split="train", offline metrics split="val".
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from .io import atomic_write, atomic_write_text
 
 __all__ = ["DemoFileError", "DemoDataset", "write_episode", "read_episode", "episode_path",
            "MANIFEST", "FORMAT_VERSION", "HELD_OUT_EVERY", "is_held_out", "write_json_atomic"]
@@ -46,32 +49,8 @@ def episode_path(root: str | Path, task: str, seed: int) -> Path:
     return Path(root) / task / f"seed_{seed:07d}.npz"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: str | Path, obj) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_episode(path: str | Path, images, proprio, actions, instruction: str, task: str,
@@ -86,9 +65,14 @@ def write_episode(path: str | Path, images, proprio, actions, instruction: str, 
     if proprio.shape[0] != t or actions.ndim != 2:
         raise ValueError(f"proprio {proprio.shape} and actions {actions.shape} must share T")
     path = Path(path)
-    _atomic_write(path, lambda f: np.savez_compressed(
-        f, images=images, proprio=proprio, actions=actions, instruction=np.array(instruction),
-        task=np.array(task), seed=np.array(seed, np.int64), format=np.array(FORMAT_VERSION, np.int64)))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file, not a name: savez would append ".npz" to a name
+            np.savez_compressed(
+                f, images=images, proprio=proprio, actions=actions, instruction=np.array(instruction),
+                task=np.array(task), seed=np.array(seed, np.int64), format=np.array(FORMAT_VERSION, np.int64))
+
+    atomic_write(path, write)
     return path
 
 
