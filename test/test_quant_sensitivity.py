@@ -11,6 +11,7 @@ from qvla_ros.policy import make_policy
 from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
 from qvla_ros.quant.quantizer import fake_quantize_rows
 from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
+                                        rank_agreement,
                                         exact_sensitivity, jacobian_sensitivity, layer_local_sensitivity,
                                         rescale_to_exact)
 
@@ -57,23 +58,59 @@ def test_exact_matches_brute_force(policy, frames):
         assert np.isnan(table.costs[layer][unmeasured]).all()
 
 
-def test_jacobian_ranks_like_exact_and_table_roundtrips(policy, frames, tmp_path):
+def assert_cells_agree(agreement, min_spearman, min_overlap):
+    """Inside EVERY (layer, width) cell: Spearman and top-10% overlap with exact at least these,
+    and above the 95th percentile of a random channel order of that cell. A random order does not
+    pass (test_proxy_bounds_fail_for_a_random_channel_order); a pooled Spearman over layers and
+    widths would (the scale between them alone gives ~0.9)."""
+    assert agreement["summary"]["cells"] > 0
+    for name, per in agreement["cells"].items():
+        for b, c in per.items():
+            assert c["spearman"] >= min_spearman and c["spearman_beats_null"], (name, b, c["spearman"])
+            assert c["overlap"] >= min_overlap and c["overlap_beats_null"], (name, b, c["overlap"])
+
+
+@pytest.fixture(scope="module")
+def exact_sample(policy, frames):
     layers = LAYERS[1:]
-    channels = {name: np.arange(0, 32, 4) for name in layers}
-    exact = exact_sensitivity(policy, frames, bits=(0, 2, 4, 16), layers=layers, channels=channels,
-                              progress=False)
-    jac = jacobian_sensitivity(policy, frames, bits=(0, 2, 4, 8, 16), layers=layers, progress=False)
+    channels = {name: np.arange(32) for name in layers}
+    return exact_sensitivity(policy, frames, bits=(0, 2, 4, 16), layers=layers, channels=channels,
+                             progress=False)
+
+
+def shuffled_channels(table, exact, rng):
+    """`table` with its channel order randomized inside each layer among the channels `exact`
+    measured (the scale of each layer and width kept): the null the bounds must reject."""
+    costs = {}
+    for name, t in table.costs.items():
+        out = t.copy()
+        if name in exact.costs:
+            idx = np.flatnonzero(exact.measured(name))
+            out[idx] = t[rng.permutation(idx)]
+        costs[name] = out
+    return SensitivityTable(table.bits, costs, dict(table.in_features), {})
+
+
+@pytest.fixture(scope="module")
+def jacobian_table(policy, frames):
+    return jacobian_sensitivity(policy, frames, bits=(0, 2, 4, 8, 16), layers=LAYERS[1:], progress=False)
+
+
+def test_jacobian_ranks_like_exact_and_table_roundtrips(policy, frames, exact_sample, jacobian_table, tmp_path):
+    layers = LAYERS[1:]
+    exact, jac = exact_sample, jacobian_table
     assert np.isfinite(jac.costs[layers[0]]).all()
     assert (jac.costs[layers[0]][:, jac.column(16)] == 0).all()
     # the cost falls with the width for (nearly) every channel
     c = jac.costs[layers[0]]
     assert np.mean(c[:, jac.column(2)] > c[:, jac.column(4)]) > 0.9
-    agreement = compare_tables(exact, jac)
-    assert agreement["overall"] > 0.9
-    assert agreement["entries"] == 2 * 8 * 3
-    # random projections estimate the same quantity
+    agreement = rank_agreement(exact, jac, null_draws=400)
+    assert agreement["summary"]["cells"] == 2 * 3          # 2 layers x widths 0, 2, 4
+    assert compare_tables(exact, jac)["entries"] == 2 * 32 * 3
+    assert_cells_agree(agreement, min_spearman=0.95, min_overlap=0.75)
+    # random projections estimate the same quantity, less precisely
     rnd = jacobian_sensitivity(policy, frames, bits=(2, 4), layers=layers[:1], projections=8, progress=False)
-    assert compare_tables(exact, rnd)["overall"] > 0.7
+    assert_cells_agree(rank_agreement(exact, rnd, null_draws=400), min_spearman=0.85, min_overlap=0.75)
     path = jac.save(tmp_path / "s.safetensors")
     back = SensitivityTable.load(path)
     assert back.bits == jac.bits and back.meta["estimator"] == "jacobian"
@@ -146,3 +183,25 @@ def test_layer_local_proxy_is_the_channels_own_output_error():
         dw = fake_quantize_rows(model.mix.weight, bits) - model.mix.weight.detach() if bits != 16 else torch.zeros(32, 32)
         expected = (x @ dw.T).pow(2).sum(dim=1).mean(dim=0).double().numpy()
         assert np.allclose(table.costs["mix"][:, j], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_proxy_bounds_fail_for_a_random_channel_order(exact_sample, jacobian_table):
+    """The bounds of the test above, run against the jacobian table with its channels shuffled
+    inside each layer: every shuffle fails them, and no cell of any shuffle reaches them, while
+    the pooled Spearman (compare_tables' "overall") stays far above zero for them."""
+    jac = jacobian_table
+    rng = np.random.default_rng(0)
+    best_rho, passing, pooled, within = -1.0, 0, [], []
+    for draw in range(10):
+        shuffled = shuffled_channels(jac, exact_sample, rng)
+        agreement = rank_agreement(exact_sample, shuffled, null_draws=100, seed=draw)
+        with pytest.raises(AssertionError):
+            assert_cells_agree(agreement, min_spearman=0.85, min_overlap=0.75)
+        for per in agreement["cells"].values():
+            for c in per.values():
+                best_rho = max(best_rho, c["spearman"])
+                passing += c["spearman"] >= 0.85 and c["overlap"] >= 0.75
+                within.append(c["spearman"])
+        pooled.append(compare_tables(exact_sample, shuffled)["overall"])
+    assert best_rho < 0.85 and passing == 0
+    assert abs(np.median(within)) < 0.2 and np.mean(pooled) > 0.5

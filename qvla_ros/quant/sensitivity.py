@@ -766,3 +766,118 @@ def layer_local_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bit
             "seconds": round(time.time() - started, 2), "policy": _policy_fingerprint(policy),
             "storage": policy_storage(policy)}
     return SensitivityTable(bits, costs, {n: m.in_features for n, m in chosen.items()}, meta)
+
+
+# ---- validation that can fail: rank agreement inside each layer and width, against a null ------
+def _ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values).astype(np.float64)
+
+
+def _top_mask(values: np.ndarray, k: int) -> np.ndarray:
+    """bool mask of the k largest entries (ties broken by position, so exactly k are True)."""
+    order = np.argsort(-values, kind="stable")
+    mask = np.zeros(values.shape[0], dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of a [n] with each row of b [draws, n] (NaN where a row is constant)."""
+    a = a - a.mean()
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum() * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (b @ a) / den, np.nan)
+
+
+def rank_agreement(reference: SensitivityTable, estimate: SensitivityTable, *, top: float = 0.10,
+                   null_draws: int = 200, seed: int = 0, min_channels: int = 8) -> dict[str, Any]:
+    """How well `estimate` orders the channels of each layer at each width like `reference` does,
+    beside what a random channel order scores (the null).
+
+    Per (layer, width) cell, over the channels both tables measured there (at least
+    `min_channels`, else the cell is left out):
+      spearman: rank correlation of the two cost columns;
+      overlap: |top_ref & top_est| / k, the share of the reference's k = ceil(top * n) costliest
+        channels that the estimate also puts in its top k;
+      null: the same two statistics for `null_draws` random permutations of the estimate's values
+        over those channels (seeded): mean, 95th percentile, and the permutation p-value
+        (1 + #draws scoring at least the observed) / (1 + draws);
+      beats_null: the statistic is strictly above the null's 95th percentile (a random order does
+        this in at most ~5% of cells).
+    Widths at 16 bits (cost 0 by definition) are skipped. Pooling channels of different layers
+    and widths into one Spearman is NOT a check: the scale between layers and widths alone makes a
+    random within-cell order score high, so the summary reports the pooled figure beside its null
+    (channel order randomized inside every cell, scales kept) only to show that.
+    """
+    if not 0 < top <= 1:
+        raise SensitivityError(f"top must be in (0, 1], got {top}")
+    if null_draws < 1:
+        raise SensitivityError(f"null_draws must be >= 1, got {null_draws}")
+    rng = np.random.default_rng(seed)
+    common = [b for b in reference.bits if b in estimate.bits and b != 16]
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    pooled_ref, pooled_est, pooled_null = [], [], []
+    for name in reference.costs:
+        if name not in estimate.costs:
+            continue
+        for b in common:
+            ref = reference.costs[name][:, reference.column(b)]
+            est = estimate.costs[name][:, estimate.column(b)]
+            keep = np.isfinite(ref) & np.isfinite(est)
+            n = int(keep.sum())
+            if n < max(min_channels, 3):
+                continue
+            ref, est = ref[keep], est[keep]
+            k = max(1, math.ceil(top * n))
+            perms = np.argsort(rng.random((null_draws, n)), axis=1)
+            r_ref, r_est = _ranks(ref), _ranks(est)
+            rho = float(_row_pearson(r_ref, r_est[None, :])[0])
+            rho_null = _row_pearson(r_ref, r_est[perms])
+            top_ref, top_est = _top_mask(ref, k), _top_mask(est, k)
+            overlap = float((top_ref & top_est).sum() / k)
+            overlap_null = (top_ref[None, :] & top_est[perms]).sum(axis=1) / k
+            cell = {"channels": n, "top_k": k}
+            for stat, value, null in (("spearman", rho, rho_null), ("overlap", overlap, overlap_null)):
+                null = null[np.isfinite(null)]
+                p95 = float(np.percentile(null, 95)) if null.size else math.nan
+                cell[stat] = value
+                cell[f"{stat}_null_mean"] = float(null.mean()) if null.size else math.nan
+                cell[f"{stat}_null_p95"] = p95
+                cell[f"{stat}_p"] = float((1 + (null >= value - 1e-12).sum()) / (1 + null.size))
+                cell[f"{stat}_beats_null"] = bool(np.isfinite(value) and value > p95)
+            cells.setdefault(name, {})[b] = cell
+            pooled_ref.append(ref)
+            pooled_est.append(est)
+            pooled_null.append(est[perms[: min(null_draws, 50)]])
+
+    def summarize(chosen: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"cells": len(chosen)}
+        if not chosen:
+            return out
+        for stat in ("spearman", "overlap"):
+            values = np.array([c[stat] for c in chosen], dtype=float)
+            out[f"{stat}_median"] = float(np.nanmedian(values))
+            out[f"{stat}_min"] = float(np.nanmin(values))
+            out[f"{stat}_null_p95_median"] = float(np.nanmedian([c[f"{stat}_null_p95"] for c in chosen]))
+            out[f"{stat}_null_mean_median"] = float(np.nanmedian([c[f"{stat}_null_mean"] for c in chosen]))
+            out[f"{stat}_beats_null"] = float(np.mean([c[f"{stat}_beats_null"] for c in chosen]))
+        out["both_beat_null"] = float(np.mean([c["spearman_beats_null"] and c["overlap_beats_null"]
+                                               for c in chosen]))
+        return out
+
+    flat = [c for per in cells.values() for c in per.values()]
+    per_bits = {b: summarize([per[b] for per in cells.values() if b in per]) for b in common}
+    per_layer = {name: summarize(list(per.values())) for name, per in cells.items()}
+    summary = summarize(flat)
+    if pooled_ref:
+        ref_all, est_all = np.concatenate(pooled_ref), np.concatenate(pooled_est)
+        null_all = np.concatenate(pooled_null, axis=1)
+        pooled_null_rho = np.array([spearman(ref_all, row) for row in null_all])
+        summary["pooled_spearman"] = spearman(ref_all, est_all)
+        summary["pooled_spearman_null_mean"] = float(np.nanmean(pooled_null_rho))
+        summary["pooled_spearman_null_p95"] = float(np.nanpercentile(pooled_null_rho, 95))
+    return {"top": top, "null_draws": null_draws, "seed": seed, "min_channels": min_channels,
+            "bits": common, "cells": cells, "per_bits": per_bits, "per_layer": per_layer, "summary": summary}
