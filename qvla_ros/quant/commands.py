@@ -180,9 +180,13 @@ def _calibrate(args) -> int:
             print("qvla calibrate: --rounding gptq needs --estimator jacobian", file=sys.stderr)
             return 2
         from .baselines.gptq import gptq_weight_deltas
+        from .sensitivity import SensitivityError
         from .targets import quantizable_linears
 
-        modules = quantizable_linears(policy, targets)
+        try:
+            modules = quantizable_linears(policy, targets)
+        except ValueError as exc:
+            raise SensitivityError(f"no quantizable Linear layer: {exc}") from None
         deltas = gptq_weight_deltas(policy, modules, frames, args.bits)
         table = jacobian_sensitivity(policy, frames, bits=args.bits, layers=list(modules), deltas=deltas,
                                      projections=args.projections, seed=args.seed, **on)
