@@ -37,6 +37,7 @@ from qvla_ros.policy import load_policy  # noqa: E402
 from qvla_ros.quant.allocate import allocate, assignment_cost, uniform_bits  # noqa: E402
 from qvla_ros.quant.api import (disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized,  # noqa: E402
                                 set_dequant_cache)
+from qvla_ros.quant.action_error import action_error_per_frame  # noqa: E402
 from qvla_ros.quant.refine import DEFAULT_VARIANTS, select_allocation  # noqa: E402
 from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402
 from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
@@ -65,14 +66,13 @@ def predict(policy, frames, batch=32) -> torch.Tensor:
 
 def action_errors(policy, frames, reference: torch.Tensor) -> dict:
     pred = predict(policy, frames)
-    per_frame = (pred - reference).pow(2).sum(dim=(1, 2)).double().numpy()
+    per_frame = action_error_per_frame(pred, reference).numpy()
     kept = np.sort(per_frame)[: int(np.ceil(0.99 * len(per_frame)))]
     # The mean is dominated by a few frames where the policy sits on a decision boundary (a tiny
     # change flips the chunk); the median, p90 and the 1%-trimmed mean show the typical frame.
     out = {"mse_chunk_vs_fp": float(per_frame.mean()), "median_chunk_vs_fp": float(np.median(per_frame)),
            "p90_chunk_vs_fp": float(np.quantile(per_frame, 0.9)), "trimmed_mean_chunk_vs_fp": float(kept.mean()),
-           "top5_share": float(np.sort(per_frame)[-5:].sum() / max(per_frame.sum(), 1e-30)),
-           "rms_vs_fp": float((pred - reference).pow(2).mean().sqrt())}
+           "top5_share": float(np.sort(per_frame)[-5:].sum() / max(per_frame.sum(), 1e-30))}
     if frames.actions is not None:
         out["l1_first_vs_demo"] = float((pred[:, 0] - frames.actions).abs().mean())
     return out
