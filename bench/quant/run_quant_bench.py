@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from qvla_ros.policy import load_policy  # noqa: E402
 from qvla_ros.quant.allocate import allocate, assignment_cost, uniform_bits  # noqa: E402
-from qvla_ros.quant.api import (disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized,  # noqa: E402
-                                set_dequant_cache)
+from qvla_ros.quant.api import quantize_, quantized_weight_nbytes, set_dequant_cache  # noqa: E402
+from qvla_ros.quant.checkpoint import disk_weight_nbytes, save_quantized  # noqa: E402
 from qvla_ros.quant.action_error import action_error_per_frame  # noqa: E402
 from qvla_ros.quant.refine import DEFAULT_VARIANTS, select_allocation  # noqa: E402
 from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402

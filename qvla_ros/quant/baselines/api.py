@@ -23,7 +23,7 @@ from ..targets import quantizable_linears
 from .awq import apply_awq
 from .calibration import check_batches
 from .gptq import apply_gptq
-from .groupwise import GroupWiseLinear
+from ..groupwise_linear import GroupWiseLinear
 from ..accounting import policy_storage
 from .memory import WeightMemory, weight_memory
 from .methods import MethodSpec, parse_method
