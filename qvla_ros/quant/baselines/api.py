@@ -27,7 +27,8 @@ from ..groupwise_linear import GroupWiseLinear
 from ..accounting import policy_storage
 from .memory import WeightMemory, weight_memory
 from .methods import MethodSpec, parse_method
-from .smoothing import set_submodule, wrap_input_scales
+from ..checkpoint import set_submodule
+from .smoothing import wrap_input_scales
 from .smoothquant import DEFAULT_ALPHAS, apply_smoothquant
 
 

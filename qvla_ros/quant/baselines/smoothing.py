@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoint import set_submodule
 from ..input_scaled import InputScaled
 
 # (suffix of a Linear's dotted name, name of the norm beside its parent block that feeds it)
@@ -40,12 +41,6 @@ def _get(root: nn.Module, name: str) -> nn.Module | None:
         return root.get_submodule(name)
     except AttributeError:
         return None
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def feeding_norm(root: nn.Module, linear_name: str) -> str | None:
