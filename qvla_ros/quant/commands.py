@@ -247,8 +247,8 @@ def allocate_command(args) -> int:
 def quantize_command(args) -> int:
     from ..policy import load_policy
     from .accounting import resident_nbytes
-    from .api import (WEIGHTS_FILE, disk_weight_nbytes, quantize_, quantized_weight_nbytes, safetensors_tensor_nbytes,
-                      save_quantized)
+    from .api import quantize_, quantized_weight_nbytes
+    from .checkpoint import WEIGHTS_FILE, disk_weight_nbytes, safetensors_tensor_nbytes, save_quantized
     from .plan import BitPlan
 
     if args.rounding == "gptq" and not args.data:
