@@ -657,8 +657,11 @@ class PolicyNodeCore:
             self.get_logger().error(f"reload ({via}) refused: {message}")
             return False, message
         self._stats.reloads += 1
+        waited, turns = self.server.last_reload_waits
         message = (f"now serving {new.label} (was {old.label}); loaded and checked in "
                    f"{new.load_seconds:.2f} s")
+        if turns:  # forwards ran meanwhile, each followed by a turn of the build
+            message += f" ({waited:.2f} s of it letting {turns} forwards run first)"
         self.get_logger().info(f"reload ({via}): {message}")
         return True, message
 
