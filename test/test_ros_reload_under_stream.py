@@ -22,12 +22,21 @@ pytestmark = [pytest.mark.ros, pytest.mark.slow]
 
 rclpy = pytest.importorskip("rclpy")
 
+from qvla_ros.ros.forward_priority import SHARE  # noqa: E402
 from qvla_ros.ros.harness import NodeProcess  # noqa: E402
 from qvla_ros.ros.paths import config_file  # noqa: E402
 
 FRAME_PERIOD = 1 / 30
 RELOAD_LIMIT_S = 3.0
 PLANS = ("config/plans/tiny_qvla_4.0.json", "config/plans/tiny_qvla_3.0.json")
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot: steal is time the hypervisor gave this
+    machine's virtual cores to others, which slows every process here without showing in the
+    load average."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
 @pytest.fixture
@@ -73,6 +82,7 @@ def test_reload_under_a_30hz_stream_is_quick_and_leaves_no_gap(ros_env, feeder):
         streamer.start()
         feeder.wait_chunks(20, timeout=60)
         first = len(feeder.received)
+        steal_before = cpu_ticks()
         assert feeder.reload_client.wait_for_service(timeout_sec=10)
         for path in (other_plan, start_plan):
             time.sleep(0.5)
@@ -83,6 +93,7 @@ def test_reload_under_a_30hz_stream_is_quick_and_leaves_no_gap(ros_env, feeder):
         stop.set()
         streamer.join()
         load_average = os.getloadavg()[0]
+        steal_after = cpu_ticks()
         time.sleep(0.3)
     finally:
         gc.unfreeze()
@@ -97,30 +108,43 @@ def test_reload_under_a_30hz_stream_is_quick_and_leaves_no_gap(ros_env, feeder):
     changes = [ids[i] for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
     assert len(changes) == 3 and changes[0] == changes[2] != changes[1], changes
 
-    arrivals = [r.arrival for r in chunks]
-    during, away = [], []
-    for t0, t1 in zip(arrivals, arrivals[1:]):
-        overlaps = any(t0 <= end and start <= t1 for start, end in windows)
-        (during if overlaps else away).append(t1 - t0)
+    during, away = [], []  # (gap s, forward s of the chunk that ended the gap)
+    for previous, r in zip(chunks, chunks[1:]):
+        overlaps = any(previous.arrival <= end and start <= r.arrival for start, end in windows)
+        (during if overlaps else away).append((r.arrival - previous.arrival,
+                                               r.chunk.inference_time))
     assert len(during) > 5 and len(away) > 5
-    forward = float(np.median([r.chunk.inference_time for r in chunks]))
+    forward = float(np.median([f for _, f in away]))
+    forward_during = float(np.median([f for _, f in during]))
     reload_s = [end - start for start, end in windows]
-    # Chunks cannot come faster than one per forward. With a forward shorter than a frame period,
-    # "no gap over two frame periods" is the bound as the issue states it. With a longer one (this
-    # policy on this CPU), forwards run back to back and the stream's own gap is one forward; a
-    # reload may add one turn of its build after a forward, at most half a forward long
-    # (forward_priority.SHARE), so the bound is two forwards. Before the turns, gaps of 2.4
-    # forwards (95 ms at a 40 ms forward) and reloads of 4.7-5.7 s were measured here.
-    gap_bound = max(2 * FRAME_PERIOD, 2 * forward)
+    # The issue's bound is two frame periods. Chunks cannot come faster than one per forward,
+    # though, and this policy's forward on this CPU (36-90 ms: the cores are shared with other
+    # machines) is longer than a frame period: forwards run back to back, the stream's own gap is
+    # one forward, and even away from reloads single forwards take up to twice the median. So each
+    # gap during a reload is bounded by two frame periods or, where longer, by the forward that
+    # ended it (measured in the node) plus one turn of the build (forward_priority: SHARE of a
+    # typical forward) plus 25 ms for the node's work between forwards, publishing and DDS. And
+    # the forwards during reloads must not be slower than elsewhere: a build running beside them
+    # made each three times slower (115-120 ms for 36 ms). Before the turns, a build that stepped
+    # aside for every forward kept the gaps but took 7-15 s here.
+    turn = SHARE * forward
+    worst_gap, worst_forward = max(during)
+    over = [(g, f) for g, f in during if g > max(2 * FRAME_PERIOD, f + turn + 0.025)]
+    steal = ((steal_after[0] - steal_before[0])
+             / max(1, steal_after[1] - steal_before[1]))
     report = (f"reloads {[f'{s:.2f}' for s in reload_s]} s; max chunk gap during reloads "
-              f"{1e3 * max(during):.0f} ms (bound {1e3 * gap_bound:.0f}), elsewhere "
-              f"{1e3 * max(away):.0f} ms; forward p50 {1e3 * forward:.0f} ms; load average "
-              f"{load_average:.1f} on {os.cpu_count()} cores")
-    if load_average > 2 * os.cpu_count():
-        # Other processes oversubscribe the cores: the stream itself stutters and a build's CPU
-        # time stretches with the load; what a reload costs cannot be told apart from that.
+              f"{1e3 * worst_gap:.0f} ms (its forward {1e3 * worst_forward:.0f} ms), elsewhere "
+              f"{1e3 * max(away)[0]:.0f} ms; forward p50 {1e3 * forward:.0f} ms away from "
+              f"reloads, {1e3 * forward_during:.0f} ms during; gaps over the bound (gap, forward)"
+              f" {[(round(1e3 * g), round(1e3 * f)) for g, f in over]}; load average "
+              f"{load_average:.1f} on {os.cpu_count()} cores, CPU steal {100 * steal:.0f}%")
+    if load_average > 2 * os.cpu_count() or steal > 0.25:
+        # Other processes (or other machines on the host) oversubscribe the cores: the stream
+        # itself stutters and a build's CPU time stretches; what a reload costs cannot be told
+        # apart from that.
         warnings.warn(f"machine oversubscribed: not judging reload times and gaps; {report}")
     else:
         assert max(reload_s) <= RELOAD_LIMIT_S, report
-        assert max(during) <= gap_bound, report
+        assert not over, report
+        assert forward_during <= 1.25 * forward + 0.005, report
     assert "Traceback" not in node.output

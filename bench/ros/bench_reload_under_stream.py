@@ -121,12 +121,22 @@ def run(args) -> dict:
         chunks = feeder.received[first:]
         during, away = chunk_gaps([r.arrival for r in chunks], windows)
         forward = np.array([r.chunk.inference_time for r in chunks]) * 1e3
+        # The worst gap during a reload: the forward and node latency of the chunk that ended it.
+        worst = max(range(1, len(chunks)), key=lambda i: (
+            any(chunks[i - 1].arrival <= end and start <= chunks[i].arrival
+                for start, end in windows), chunks[i].arrival - chunks[i - 1].arrival))
+        after = chunks[worst].chunk
+        worst_gap = {"gap_ms": 1e3 * (chunks[worst].arrival - chunks[worst - 1].arrival),
+                     "forward_ms": 1e3 * after.inference_time,
+                     "previous_forward_ms": 1e3 * chunks[worst - 1].chunk.inference_time,
+                     "node_latency_ms": 1e3 * after.latency}
         result["streaming"] = {
             "reload_s": stream_s, "messages": messages, "chunks": len(chunks),
             "max_gap_ms_during_reload": 1e3 * max(during) if during else None,
             "max_gap_ms_away": 1e3 * max(away) if away else None,
             "gap_ms_p50_away": 1e3 * float(np.median(away)) if away else None,
             "forward_ms_p50": float(np.median(forward)), "forward_ms_max": float(forward.max()),
+            "worst_gap_during_reload": worst_gap,
         }
     finally:
         gc.unfreeze()

@@ -107,7 +107,8 @@ class PolicyServer:
         self._reload_lock = threading.Lock()
         self._reloading = ""
         self._priority = ForwardPriority()
-        self.last_reload_waits = (0.0, 0)  # (s waited for forwards, turns) of the last reload
+        # Of the last reload: (s waited for forwards, turns, s the longest forward waited for one)
+        self.last_reload_waits = (0.0, 0, 0.0)
         self._active = self._build(plan_path, reference=None)
 
     @property
@@ -164,6 +165,7 @@ class PolicyServer:
         try:
             self._reloading = plan_path
             waited, turns = self._priority.waited, self._priority.turns
+            self._priority.forward_delay_max = 0.0
             try:
                 with self._priority.background():
                     candidate = self._build(plan_path, reference=self._active)
@@ -173,8 +175,10 @@ class PolicyServer:
                 raise PlanRejected(f"plan {plan_path!r} could not be prepared: "
                                    f"{type(exc).__name__}: {exc}") from exc
             self._active = candidate  # the swap: one reference assignment, atomic for readers
-            # Of the build's load_seconds, this long went to forwards it let run first.
-            self.last_reload_waits = (self._priority.waited - waited, self._priority.turns - turns)
+            # Of the build's load_seconds, this long went to forwards it let run first; and the
+            # longest a forward waited for one of its turns.
+            self.last_reload_waits = (self._priority.waited - waited, self._priority.turns - turns,
+                                      self._priority.forward_delay_max)
             return candidate
         finally:
             self._reloading = ""
