@@ -12,8 +12,8 @@ and quantized plans alike: the probe forward of the build IS the capture (a relo
 before it swaps, so no frame pays for it), followed by a check of the graph against the eager
 forward on another observation. A graph that cannot be captured or does not match is not an
 error: that plan serves eagerly and `forward_mode` says why. The build takes turns with
-forwards (forward_priority: a slice between two forwards, at most half a forward long), so a
-reload delays no chunk by more than that and still ends in a few times its idle time when
+forwards (forward_priority: a turn between two forwards, half a typical forward long), so a
+reload delays no chunk by more than that and still ends in about three times its idle time when
 forwards run back to back. One reload at a time; a second one asked for meanwhile is refused,
 not queued.
 """
