@@ -199,10 +199,16 @@ class KernelWeights:
                              integer_zero=self.integer_zero, **moved)
 
     def nbytes(self) -> int:
-        """Bytes of the buffers the kernel reads for this layer (what sits in device memory)."""
-        tensors = [self.qwords, self.scale, self.zero, self.out_index, self.meta]
+        """Bytes of the buffers the kernel reads for this layer (what sits in device memory).
+        The one-element placeholders of absent groups (no dense rows, no quantized rows, no kept
+        rows) hold no weight and are not counted, so this equals resident_layer_bytes()."""
+        tensors = [self.out_index, self.meta]
         if self.group_rows[0]:
             tensors.append(self.w16)
+        if any(self.group_rows[1:5]):
+            tensors.append(self.qwords)
+        if self.kept_rows:
+            tensors += [self.scale, self.zero]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def slot(self, bits: int) -> SlotMeta:
@@ -220,6 +226,33 @@ class KernelWeights:
             h16 = self.qwords.view(torch.int16)
             high = h16[s.high_offset:s.high_offset + s.rows * per_row].view(s.rows, per_row)
         return words_to_codes(words, high, bits, self.in_features if columns is None else columns)
+
+
+def resident_row_bits(bits: int, in_features: int) -> int:
+    """Bits one output row at `bits` takes in this layout (what a GPU holds; the allocator's price).
+
+    Quantized rows: their codes over whole K-blocks (the padding is real memory: 2.3% of a 2- or
+    3-bit row at K = 11008, 33% at K = 1152), a float32 scale and zero-point and their out_index
+    entry; dense rows: bfloat16 K, scale 1 and zero 0 (float32) and out_index; a pruned row: its
+    out_index entry. Larger than the contract layout's row (quant.packing.row_bits) for every
+    width, so a budget met here is met by the packed buffers too.
+    """
+    per_row_tables = 32 + 32 + 32  # scale, zero (float32), out_index (int32)
+    if bits == 0:
+        return 32
+    if bits == 16:
+        return 16 * int(in_features) + per_row_tables
+    return bits * num_k_blocks(bits, in_features) * k_block(bits) + per_row_tables
+
+
+#: bytes of a layer's slot table (`meta`), whatever its rows
+LAYER_TABLE_BYTES = len(SLOT_BITS) * META_FIELDS * 4
+
+
+def resident_layer_bytes(counts, in_features: int) -> int:
+    """Bytes of a layer in this layout ({width: rows} counts), equal to KernelWeights.nbytes()."""
+    bits = sum(resident_row_bits(int(b), in_features) * int(n) for b, n in counts.items())
+    return bits // 8 + LAYER_TABLE_BYTES
 
 
 def slot_table(group_rows: Sequence[int], in_features: int) -> dict[str, int]:

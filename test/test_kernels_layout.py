@@ -359,3 +359,30 @@ def test_the_lean_forward_matches_the_op_and_follows_a_replaced_bias_or_act_bits
     mod.act_bits = other
     assert torch.equal(mod(x), mixed_bit_linear(x, mod._kernel_weights, mod.bias, other))
     assert mod._prepared.act_bits == other
+
+
+@pytest.mark.parametrize("k", [64, 300, 1152, 4096])
+@pytest.mark.parametrize("counts", [{16: 16, 8: 16, 4: 32, 3: 16, 2: 16, 0: 16}, {16: 48}, {2: 32, 0: 16},
+                                    {3: 48}])
+def test_resident_layer_bytes_is_what_the_kernel_layout_holds(k, counts):
+    from qvla_ros.kernels.layout import resident_layer_bytes
+
+    n = sum(counts.values())
+    packed, _ = random_packed(n, k, counts, seed=k + n)
+    kw = prepare_packed(packed)
+    assert resident_layer_bytes(counts, k) == kw.nbytes()
+    # the module reports the same once the kernel layout is its only copy
+    layer = MixedBitLinear.from_packed(packed).to_kernel_layout()
+    assert layer.kernel_resident and layer.packed_nbytes() == kw.nbytes()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, 0])
+def test_a_kernel_row_never_takes_less_than_a_packed_row(bits):
+    from qvla_ros.kernels.layout import resident_row_bits
+    from qvla_ros.quant.packing import row_bits
+
+    for k in (8, 64, 300, 1152, 4096, 11008):
+        assert resident_row_bits(bits, k) >= row_bits(bits, k)
+    # K-block padding: a 2-bit row at K = 1152 holds 1536 codes (three blocks of 512)
+    if bits == 2:
+        assert resident_row_bits(2, 1152) == 2 * 1536 + 96

@@ -151,3 +151,37 @@ def test_whole_policy_budget_is_converted_exactly(table):
         allocate(table, 8.0, scope="whole", storage={**storage, "linear_weight_bits": {"head": 32}})
     with pytest.raises(BudgetError, match="scope"):
         allocate(table, 8.0, scope="everything", storage=storage)
+
+
+def test_kernel_layout_budget_holds_on_the_gpu_layout_where_a_packed_one_overshoots(tmp_path):
+    import torch
+
+    from qvla_ros.kernels import prepare_packed
+    from qvla_ros.quant.packing import PackedWeight
+
+    # K = 1152 and 300 are not whole K-blocks: the kernel layout pads their rows (SigLIP's width)
+    table = synthetic_table({"a": (128, 1152), "b": (64, 300), "c": (96, 4096)}, seed=3)
+    params = sum(n * k for n, k in [(128, 1152), (64, 300), (96, 4096)])
+
+    def resident_bits(allocation):
+        total = 0
+        for name, bits in allocation.bits.items():
+            weight = torch.randn(len(bits), table.in_features[name]) * 0.05
+            packed = PackedWeight.from_weight(weight, torch.from_numpy(bits.astype("int64")))
+            total += prepare_packed(packed).nbytes() * 8
+        return total
+
+    for budget in (2.5, 3.0, 4.0):
+        kernel = allocate(table, budget, layout="kernel")
+        packed = allocate(table, budget)
+        assert kernel.memory_bits <= budget * params
+        assert resident_bits(kernel) == kernel.memory_bits  # priced exactly as the GPU holds it
+        assert resident_bits(packed) > budget * params       # the packed pricing overshoots there
+        plan = kernel.to_plan(table)
+        assert plan.version == 3 and plan.layout == "kernel"
+        assert plan.weight_bits() == kernel.memory_bits
+        loaded = BitPlan.load(plan.save(tmp_path / f"k{budget}.json"))
+        assert loaded.plan_id == plan.plan_id and loaded.layout == "kernel"
+        assert packed.to_plan(table).version == 2
+    with pytest.raises(BudgetError, match="layout must be one of"):
+        allocate(table, 3.0, layout="gpu")

@@ -59,6 +59,18 @@ def test_calibrate_allocate_quantize(tmp_path, capsys):
     assert plan.whole_bits_per_param() == pytest.approx(whole) and 11.5 < whole <= 12
     assert plan.bits_per_param() < 4  # the planned layers get what the remainder leaves
     assert "over the whole policy" in capsys.readouterr().out
+    # --layout kernel prices rows as the GPU kernels hold them: micro's K < 512 pads every low-bit
+    # row to a whole K-block, so 12 bits/param cannot be met there at all, and 20 buys fewer packed bits
+    assert main(["allocate", "--sensitivity", str(sens), "--budget", "12", "--layout", "kernel",
+                 "--out", str(tmp_path / "kernel.json")]) == 2
+    assert "below the" in capsys.readouterr().err
+    assert main(["allocate", "--sensitivity", str(sens), "--budget", "20", "--layout", "kernel",
+                 "--out", str(tmp_path / "kernel.json")]) == 0
+    kernel = BitPlan.load(tmp_path / "kernel.json")
+    assert kernel.version == 3 and kernel.layout == "kernel" and plan.layout == "packed"
+    assert 19 < kernel.whole_bits_per_param() <= 20
+    packed_bits = sum(layer.weight_nbytes() * 8 for layer in kernel.layers.values())
+    assert packed_bits < kernel.weight_bits()
     # --budget-scope planned: the old units (bits per weight of the quantized layers)
     assert main(["allocate", "--sensitivity", str(sens), "--budget", "3.5", "--budget-scope", "planned",
                  "--out", str(tmp_path / "planned.json")]) == 0

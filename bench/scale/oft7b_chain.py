@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="4.0,3.0", help="whole-policy bits per parameter")
     p.add_argument("--gptq-budgets", default="4.0", help="budgets also quantized with GPTQ rows")
     p.add_argument("--gptq-frames", type=int, default=64)
+    p.add_argument("--layout", choices=("kernel", "packed"), default="kernel",
+                   help="how the allocator prices rows: as the GPU kernels hold them (what this chain "
+                        "serves) or as the packed checkpoint buffers")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage", choices=("all", "plan", "quantize", "gptq"), default="all",
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     if args.stage == "gptq":
         return _gptq_stage(args, dev, work, gptq_budgets)
     result = {"card": card, "config": args.config, "frames": args.frames, "replicas": args.replicas,
-              "gptq_frames": args.gptq_frames, "torch": torch.__version__, "budgets": {}}
+              "gptq_frames": args.gptq_frames, "layout": args.layout, "torch": torch.__version__, "budgets": {}}
     if args.stage == "plan":
         gptq_budgets = set()
     if args.stage == "quantize":
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     result["allocate_s"] = 0.0
     for b in budgets:
         t = time.perf_counter()
-        alloc = allocate(table, b, scope="whole", storage=table.meta["storage"])
+        alloc = allocate(table, b, scope="whole", storage=table.meta["storage"], layout=args.layout)
         planned = alloc.bits_per_param
         plan = alloc.to_plan(table)
         result["allocate_s"] += time.perf_counter() - t

@@ -1,7 +1,10 @@
 """Global bit allocation: a multiple-choice knapsack over every channel of every layer.
 
     minimise   sum_c S[c, b_c]                      (action cost, from sensitivity.py)
-    subject to sum_c mem(b_c, K_c) <= budget * P    (bits, every stored byte counted; see packing.row_bits)
+    subject to sum_c mem(b_c, K_c) <= budget * P    (bits, every stored byte counted in the chosen
+                                                     layout: packing.row_bits, or with
+                                                     layout="kernel" kernels.layout.resident_row_bits
+                                                     plus each layer's slot table)
                per layer: rows at each width a multiple of the row tile (the kernels' granularity)
                per layer: at most max_prune_fraction of the rows pruned
 
@@ -33,8 +36,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .accounting import check_storage, rest_of_policy
+from ..kernels.layout import LAYER_TABLE_BYTES, resident_row_bits
 from .packing import DEFAULT_ROW_TILE, row_bits
-from .plan import BitPlan, LayerPlan
+from .plan import KERNEL_LAYOUT_VERSION, LAYOUTS, PLAN_VERSION, BitPlan, LayerPlan
 from .quantizer import ALL_BITS, check_bits
 from .sensitivity import SensitivityTable
 
@@ -85,6 +89,8 @@ class Allocation:
     budget_scope: str = "planned"
     #: the rest of the policy {"params", "rest_bits"} (accounting.rest_of_policy), None if unknown
     whole: dict[str, int] | None = None
+    #: the layout memory_bits prices rows in: "packed" or "kernel" (plan.LAYOUTS)
+    layout: str = "packed"
 
     @property
     def bits_per_param(self) -> float:
@@ -114,7 +120,8 @@ class Allocation:
                 "action_cost": self.cost, "dual_bound": self.dual_bound, "duality_gap": self.duality_gap,
                 "relative_gap": self.relative_gap, "lagrange_multiplier": self.lagrange_multiplier,
                 "seconds": round(self.seconds, 3), "row_tile": self.row_tile,
-                "candidate_bits": list(self.candidate_bits), "max_prune_fraction": self.max_prune_fraction}
+                "candidate_bits": list(self.candidate_bits), "max_prune_fraction": self.max_prune_fraction,
+                **({"layout": "kernel"} if self.layout == "kernel" else {})}
 
     def to_plan(self, table: SensitivityTable, act_bits: int | Mapping[str, int] = 16,
                 model: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None) -> BitPlan:
@@ -132,12 +139,13 @@ class Allocation:
         return BitPlan(layers=layers, model=fingerprint, budget_bits_per_param=self.budget_bits_per_param,
                        row_tile=self.row_tile, candidate_bits=self.candidate_bits,
                        action_cost=float(self.cost), provenance=prov, whole=self.whole,
-                       budget_scope=self.budget_scope)
+                       budget_scope=self.budget_scope,
+                       version=KERNEL_LAYOUT_VERSION if self.layout == "kernel" else PLAN_VERSION)
 
 
 # ---- problem setup ----------------------------------------------------------------------------
 def _build_layers(table: SensitivityTable, candidate_bits: Sequence[int], row_tile: int,
-                  max_prune_fraction: float, layers: Sequence[str] | None) -> list[_Layer]:
+                  max_prune_fraction: float, layers: Sequence[str] | None, layout: str = "packed") -> list[_Layer]:
     names = list(table.costs) if layers is None else list(layers)
     out = []
     for name in names:
@@ -145,7 +153,10 @@ def _build_layers(table: SensitivityTable, candidate_bits: Sequence[int], row_ti
             raise BudgetError(f"the sensitivity table has no layer {name!r}")
         full = table.costs[name]
         k = table.in_features[name]
-        widths = sorted(candidate_bits, key=lambda b: row_bits(b, k))
+        # "kernel": priced as a GPU holds the row (K-block padding included), larger than the
+        # packed buffers for every width, so the budget then holds on both
+        price = resident_row_bits if layout == "kernel" else row_bits
+        widths = sorted(candidate_bits, key=lambda b: price(b, k))
         cost = np.stack([full[:, table.column(b)] if b != 16 or 16 in table.bits else np.zeros(full.shape[0])
                          for b in widths], axis=1).astype(np.float64)
         if not np.isfinite(cost).all():
@@ -161,7 +172,7 @@ def _build_layers(table: SensitivityTable, candidate_bits: Sequence[int], row_ti
         if not small and n % row_tile:
             kept = [j for j, b in enumerate(widths) if b != 0]
             ragged = kept[0]  # the narrowest kept width absorbs the remainder
-        out.append(_Layer(name, k, cost, np.array([row_bits(b, k) for b in widths], dtype=np.float64),
+        out.append(_Layer(name, k, cost, np.array([price(b, k) for b in widths], dtype=np.float64),
                           tuple(widths), cap, 1 if small else row_tile, ragged))
     return out
 
@@ -173,6 +184,8 @@ def minimum_bits(layers: Sequence[_Layer]) -> float:
         kept = [j for j, b in enumerate(layer.widths) if b != 0]
         pruned = layer.prune_cap if 0 in layer.widths else 0
         total += (layer.n - pruned) * layer.mem[kept[0]]
+        if pruned:
+            total += pruned * layer.mem[layer.widths.index(0)]  # a pruned row keeps its output index
     return total
 
 
@@ -315,10 +328,12 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
              candidate_bits: Sequence[int] = ALL_BITS, row_tile: int = DEFAULT_ROW_TILE,
              max_prune_fraction: float = 0.5, layers: Sequence[str] | None = None,
              iterations: int = 60, scope: str = "planned",
-             storage: Mapping[str, Any] | None = None) -> Allocation:
+             storage: Mapping[str, Any] | None = None, layout: str = "packed") -> Allocation:
     """Widths for every channel of the table's layers under `budget_bits_per_param`, counted over
     the allocated layers (scope="planned") or over the whole policy (scope="whole"; needs the
-    policy's storage record: the table's meta["storage"] or `storage`). See the module docstring."""
+    policy's storage record: the table's meta["storage"] or `storage`). layout: price rows as the
+    packed buffers hold them ("packed": CPU, checkpoint) or as the GPU kernels do ("kernel"; the
+    plan is then a version 3 plan). See the module docstring."""
     started = time.time()
     try:
         budget_bpp = float(budget_bits_per_param)
@@ -336,7 +351,9 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
         raise BudgetError(f"max_prune_fraction must be in [0, 1], got {max_prune_fraction}")
     if scope not in ("planned", "whole"):
         raise BudgetError(f"budget scope must be 'planned' or 'whole', got {scope!r}")
-    work = _build_layers(table, candidate_bits, row_tile, max_prune_fraction, layers)
+    if layout not in LAYOUTS:
+        raise BudgetError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    work = _build_layers(table, candidate_bits, row_tile, max_prune_fraction, layers, layout)
     params = sum(l.n * l.in_features for l in work)
     record = storage if storage is not None else table.meta.get("storage")
     whole = None
@@ -359,10 +376,15 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
         budget = budget_bpp * whole["params"] - whole["rest_bits"]
     else:
         budget = budget_bpp * params
+    # every layer's slot table (kernel layout) costs the same whatever its rows get: out of the
+    # budget up front
+    tables = len(work) * LAYER_TABLE_BYTES * 8 if layout == "kernel" else 0
+    budget -= tables
     floor_bits = minimum_bits(work)
     if budget < floor_bits:
-        lowest = (f"{(floor_bits + whole['rest_bits']) / whole['params']:.4f} bits/param over the whole policy"
-                  if scope == "whole" else f"{floor_bits / params:.4f} bits/param")
+        lowest_bits = floor_bits + tables
+        lowest = (f"{(lowest_bits + whole['rest_bits']) / whole['params']:.4f} bits/param over the whole policy"
+                  if scope == "whole" else f"{lowest_bits / params:.4f} bits/param")
         raise BudgetError(
             f"budget {budget_bpp:g} bits/param{' over the whole policy' if scope == 'whole' else ''} is below "
             f"the {lowest} that pruning {max_prune_fraction:.0%} of the rows and storing the rest at "
@@ -402,14 +424,15 @@ def allocate(table: SensitivityTable, budget_bits_per_param: float, *,
     used = sum(l.memory() for l in work)
     if used > budget * (1 + 1e-12):
         raise BudgetError(f"could not fit {budget_bpp:g} bits/param ({scope}) with the row tile {row_tile} "
-                          f"(best found {used / params:.4f} over the planned layers)")
+                          f"(best found {(used + tables) / params:.4f} over the planned layers)")
+    used += tables
     bits = {l.name: np.asarray(l.widths, dtype=np.uint8)[l.assign] for l in work}
     cost = sum(l.total_cost() for l in work)
     return Allocation(bits=bits, in_features={l.name: l.in_features for l in work}, cost=cost,
                       memory_bits=used, params=params, budget_bits_per_param=budget_bpp,
                       lagrange_multiplier=lam_hi, dual_bound=min(dual, cost), seconds=time.time() - started,
                       row_tile=row_tile, candidate_bits=candidate_bits, max_prune_fraction=max_prune_fraction,
-                      budget_scope=scope, whole=whole)
+                      budget_scope=scope, whole=whole, layout=layout)
 
 
 def uniform_bits(table: SensitivityTable, bits: int) -> dict[str, np.ndarray]:

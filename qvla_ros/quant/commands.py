@@ -3,7 +3,7 @@
     qvla calibrate --policy default --data demos/ --frames 64 --estimator jacobian --out S.safetensors
     qvla allocate  --sensitivity S.safetensors --budget 4.0 --out plan.json      (+ plan.png)
                    (4.0 bits per parameter of the WHOLE policy; --budget-scope planned: of the
-                   quantized layers only)
+                   quantized layers only; --layout kernel: priced as the GPU kernels hold it)
     qvla quantize  --policy default --plan plan.json --out tiny_q4/
 """
 from __future__ import annotations
@@ -94,6 +94,11 @@ def register(subparsers) -> None:
     a.add_argument("--budget-scope", choices=("whole", "planned"), default="whole",
                    help="what --budget counts: the whole policy, or only the quantized layers "
                         "(how plans of version 1, e.g. config/plans/, were budgeted)")
+    a.add_argument("--layout", choices=("packed", "kernel"), default="packed",
+                   help="how a row is priced: as the packed buffers of the checkpoint and the CPU path hold it "
+                        "(packed), or as the GPU kernels keep it resident (kernel: K padded to the kernel's "
+                        "k-block, per-row scale/zero/index words, per-layer slot tables; writes a version 3 "
+                        "plan). Use kernel when the budget is the robot GPU's memory")
     a.add_argument("--policy", default=None,
                    help="the float policy the table was measured on ('default' or a checkpoint directory): "
                         "only needed for a whole-policy budget from a table calibrated before the policy's "
@@ -232,7 +237,8 @@ def allocate_command(args) -> int:
             raise PlanError(f"--policy {args.policy} is not the policy the sensitivity table was measured on")
         storage = policy_storage(policy)
     result = allocate(table, args.budget, candidate_bits=args.bits, row_tile=args.row_tile,
-                      max_prune_fraction=args.max_prune, scope=args.budget_scope, storage=storage)
+                      max_prune_fraction=args.max_prune, scope=args.budget_scope, storage=storage,
+                      layout=args.layout)
     plan = result.to_plan(table, act_bits=args.act_bits,
                           provenance={"sensitivity_file": str(args.sensitivity)})
     path = plan.save(args.out)

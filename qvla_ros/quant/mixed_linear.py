@@ -218,8 +218,7 @@ class MixedBitLinear(nn.Module):
         packed buffers), else the packed buffers (codes, scales, zeros, dense rows, row_index).
         The bias is not counted (it is not quantized)."""
         if self.kernel_resident:
-            weights = self._kernel_weights
-            return sum(t.numel() * t.element_size() for t in vars(weights).values() if isinstance(t, torch.Tensor))
+            return self._kernel_weights.nbytes()
         return sum(buf.numel() * buf.element_size() for name, buf in self.named_buffers(recurse=False)
                    if name != "bias")
 

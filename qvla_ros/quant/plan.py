@@ -4,7 +4,7 @@ One JSON document, readable by people except for the per-channel widths, which a
 zlib-compressed base64 of a uint8 array (1.4 M channels of a 7B model take well under 1 MB):
 
     {
-      "format": "qvla-bitplan", "version": 2,
+      "format": "qvla-bitplan", "version": 2 | 3,
       "plan_id": "<16 hex digits: sha256 of everything else but 'created'>",
       "created": "<UTC time>",
       "model": {"class": ..., "config": ..., "architecture": "<sha256>", "weights": "<sha256>",
@@ -26,6 +26,17 @@ all weights the plan does not pack ("rest_bits"), so the plan alone gives its bi
 over the WHOLE policy; "budget.scope" says which of the two the budget was given in. Version 1
 files (no "whole", budgets over the planned layers) still load, keep their plan id, and are
 written back unchanged; their whole-policy figures need the model (`whole_record(model)`).
+
+What a bit is counted for (`layout`): versions 1 and 2 price every row in the packed (contract)
+layout (packing.row_bits), which is what the CPU holds and what a checkpoint stores. Version 3
+plans price it in the GPU kernels' layout (kernels.layout.resident_row_bits: codes over whole
+K-blocks, float32 scale and zero, an int32 output index for every row, plus each layer's slot
+table), which is larger for every width, so a version 3 budget holds on the GPU and on the CPU
+alike. A packed-priced plan resident on a GPU comes out over its budget by the kernels' padding:
+4.030 whole-policy bits for a 4.0 budget on oft-7b (bench/scale/oft7b_chain.json), and several
+times the packed size for 2-bit rows of layers with K < 512 (a K-block is 512 two-bit codes).
+"predicted.weight_bytes" is always the packed buffers' size; version 3 adds
+"predicted.kernel_layout_bytes".
 
 Loading checks everything and raises PlanError naming the problem: truncated or edited files
 (the plan id is a hash of the content), unknown widths, wrong channel counts, row groups that break
@@ -52,13 +63,19 @@ from torch import nn
 
 from ..io import atomic_write_text
 from .accounting import WHOLE_COUNTS, policy_storage, rest_of_policy
+from ..kernels.layout import resident_layer_bytes
 from .packing import DEFAULT_ROW_TILE, check_row_tile, predicted_nbytes, row_bits
 from .quantizer import ACT_BITS, ALL_BITS
 
 PLAN_FORMAT = "qvla-bitplan"
 PLAN_VERSION = 2
-#: versions this library reads (version 1: no whole-policy record, budgets over the planned layers)
-READ_VERSIONS = (1, 2)
+#: plans whose rows are priced in the GPU kernels' layout (PLAN_VERSION: the packed layout)
+KERNEL_LAYOUT_VERSION = 3
+#: versions this library reads (version 1: no whole-policy record, budgets over the planned layers;
+#: versions 1-2: rows priced in the packed layout, version 3: in the kernels' layout)
+READ_VERSIONS = (1, 2, 3)
+#: what a plan's figures price its rows in: "packed" (versions 1-2) or "kernel" (version 3)
+LAYOUTS = ("packed", "kernel")
 BITS_ENCODING = "zlib+base64:uint8"
 BUDGET_COUNTS = ("bits of every stored byte of the quantized Linear weights (codes, fp16 scale and zero, "
                  "int32 row_index, bf16 rows) per weight parameter of those layers; biases excluded")
@@ -70,6 +87,15 @@ SCOPE_COUNTS = {
               "every other weight (other layers, biases, embeddings, norms, action head) at its stored width"),
 }
 BUDGET_SCOPES = tuple(SCOPE_COUNTS)
+#: what a budget counts, by scope (version 3 files: rows priced in the kernels' layout)
+KERNEL_LAYOUT_COUNTS = ("bits of every byte the quantized Linear weights take in the GPU kernels' layout (codes "
+                        "over whole K-blocks, float32 scale and zero, int32 output index for every row, bf16 "
+                        "rows, the layer's slot table)")
+SCOPE_COUNTS_V3 = {
+    "planned": KERNEL_LAYOUT_COUNTS + " per weight parameter of those layers; biases excluded",
+    "whole": (KERNEL_LAYOUT_COUNTS + " plus every other weight of the policy (other layers, biases, embeddings, "
+              "norms, action head) at its stored width, per weight parameter of the whole policy"),
+}
 # Plans larger than this are refused before parsing (a 7B plan is < 2 MB).
 MAX_PLAN_BYTES = 256 * 2 ** 20
 _CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -146,6 +172,9 @@ class LayerPlan:
     out_features: int
     bits: np.ndarray
     act_bits: int = 16
+    #: how weight_bits prices the rows: "packed" (the contract layout, plan versions 1-2) or
+    #: "kernel" (kernels.layout, version 3); set by the BitPlan holding the layer
+    layout: str = "packed"
 
     def __post_init__(self) -> None:
         self.bits = np.asarray(self.bits)
@@ -170,7 +199,9 @@ class LayerPlan:
         return self.in_features * self.out_features
 
     def weight_bits(self) -> int:
-        """Stored bits of this layer's weights (see packing.row_bits)."""
+        """Bits of this layer's weights as its plan prices them (see `layout`)."""
+        if self.layout == "kernel":
+            return resident_layer_bytes(self.counts, self.in_features) * 8
         return sum(row_bits(b, self.in_features) * n for b, n in self.counts.items())
 
     def weight_nbytes(self) -> int:
@@ -214,6 +245,7 @@ class BitPlan:
         elif self.budget_scope == "whole":
             raise PlanError("a budget over the whole policy needs the plan's whole-policy record ('whole')")
         for layer in self.layers.values():
+            layer.layout = self.layout
             try:
                 check_row_tile(layer.counts, layer.out_features, self.row_tile)
             except ValueError as exc:
@@ -225,6 +257,11 @@ class BitPlan:
 
     # ---- derived figures ----------------------------------------------------------------------
     @property
+    def layout(self) -> str:
+        """What the plan's figures price rows in: "packed" (CPU, checkpoint) or "kernel" (GPU)."""
+        return "kernel" if self.version >= KERNEL_LAYOUT_VERSION else "packed"
+
+    @property
     def params(self) -> int:
         return sum(l.params for l in self.layers.values())
 
@@ -233,7 +270,7 @@ class BitPlan:
         return sum(l.weight_nbytes() for l in self.layers.values())
 
     def weight_bits(self) -> int:
-        """Stored bits of the planned layers' packed weights."""
+        """Bits of the planned layers' weights in the plan's layout (see `layout`)."""
         return sum(l.weight_bits() for l in self.layers.values())
 
     def bits_per_param(self) -> float:
@@ -286,12 +323,16 @@ class BitPlan:
             budget = {"bits_per_param": self.budget_bits_per_param, "counts": BUDGET_COUNTS}
             extra: dict[str, Any] = {}
         else:
-            budget = {"bits_per_param": self.budget_bits_per_param, "scope": self.budget_scope,
-                      "counts": SCOPE_COUNTS[self.budget_scope]}
+            counts = (SCOPE_COUNTS if self.version == 2 else SCOPE_COUNTS_V3)[self.budget_scope]
+            budget = {"bits_per_param": self.budget_bits_per_param, "scope": self.budget_scope, "counts": counts}
+            if self.layout == "kernel":
+                budget["layout"] = "kernel"
             extra = {"whole": None if self.whole is None else {**self.whole, "counts": WHOLE_COUNTS}}
             whole_bpp = self.whole_bits_per_param()
             predicted.update({"whole_bits_per_param": None if whole_bpp is None else round(whole_bpp, 6),
                               "whole_bytes": self.whole_nbytes()})
+            if self.version >= 3:
+                predicted["kernel_layout_bytes"] = self.weight_bits() // 8
         doc: dict[str, Any] = {
             "format": PLAN_FORMAT,
             "version": self.version,
