@@ -23,7 +23,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=packages,
-    # Kernel sources live at the top level (the design card's layout) and import as qvla_ros.kernels.
+    # Kernel sources live at the top level (the design card's layout) and import as qvla_ros.kernels:
+    # the one mapping (qvla_ros/__init__.py says how a checkout and colcon follow it).
     package_dir={"qvla_ros.kernels": "kernels"},
     package_data={"qvla_ros.kernels": ["*.cu", "*.cpp", "*.h", "*.cuh"], **{name: ["*"] for name in assets}},
     include_package_data=True,

@@ -22,7 +22,8 @@ if __name__ == "kernels":
     # would register the qvla::mixed_bit_linear operator again, bound to its own settings, so
     # set_small_m_kernel() and tile overrides made through qvla_ros.kernels would stop reaching the
     # operator (seen on the H200 as the small-M switch test failing after a checkpoint test). The
-    # name therefore resolves to the one package.
+    # name therefore resolves to the one package. (A guard against a second copy, not a way in: the
+    # package is reached only as qvla_ros.kernels, see qvla_ros/__init__.py.)
     import sys as _sys
 
     import qvla_ros.kernels as _package

@@ -78,10 +78,11 @@ def compiled_tiles() -> frozenset[tuple[int, int, int]]:
     return frozenset(tuple(int(v) for v in m) for m in re.findall(r"QVLA_TILE\((\d+), (\d+), (\d+)\)", block))
 
 
-#: per token bucket (H200, bench_mma.py over tiles and run lengths, bench/kernels/NOTES.md): one token
-#: the tile of the fastest decoder in run 10 (4.56 ms); 9-16 tokens the least time summed over the
-#: OFT-7B shapes (avg4 and all-4-bit layers) in run 11's sweep; 2-8 tokens were not timed and take the
-#: one-token tile
+#: per token bucket (H200, bench_mma.py over tiles and run lengths): one token the tile of the fastest
+#: decoder in bench/kernels/results/run10_mma/sweep2/mma_nvidia_h200.json (4.56 ms); 9-16 tokens the
+#: least time summed over the OFT-7B shapes in bench/kernels/results/run11/c1/mma_nvidia_h200.json
+#: (gate/up 31.99 us); the decoder with these tiles: bench/kernels/results/run11/c3/bench.log, 4.59 ms
+#: at 1 token, 7.47 at 8, 9.31 at 16. 2-8 tokens were not swept and take the one-token tile
 _MMA_CONFIGS: dict[str, MmaConfig] = {}
 
 

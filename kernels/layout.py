@@ -36,10 +36,36 @@ import torch
 SLOT_BITS = (16, 8, 4, 3, 2, 0)
 #: words per K-block of every quantized row (one K-block = 32 * fields-per-word features)
 WORDS_PER_BLOCK = 32
-#: int32 entries per slot in the `meta` table: rows, first packed row, word offset (int32 units),
-#: high-plane offset (int16 units), K-blocks per row, then padding
+#: int32 entries per slot in the `meta` table: the SlotMeta fields in their order, then padding
+#: (the Triton grouped GEMM reads field f of slot s at meta[s * META_FIELDS + f])
 META_FIELDS = 8
 QUANT_WIDTHS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class SlotMeta:
+    """One slot's row of the `meta` table, by name (the device table keeps these in field order).
+
+    rows: rows in the slot (slot 0 bits: the pruned channels); start: its first packed row (the
+    pruned slot: the kept-row count, where its channels start in out_index); word_offset: first
+    word of its codes in qwords (int32 units); high_offset: the 3-bit high plane's first half-word
+    (int16 units); k_blocks: K-blocks per row. Dense and pruned slots leave the last three 0.
+    """
+    rows: int
+    start: int
+    word_offset: int = 0
+    high_offset: int = 0
+    k_blocks: int = 0
+
+    def as_row(self) -> torch.Tensor:
+        """The slot's int32 [META_FIELDS] row of the device table."""
+        row = torch.zeros(META_FIELDS, dtype=torch.int32)
+        row[:5] = torch.tensor([self.rows, self.start, self.word_offset, self.high_offset, self.k_blocks])
+        return row
+
+    @classmethod
+    def from_row(cls, row: torch.Tensor) -> "SlotMeta":
+        return cls(*(int(v) for v in row[:5].tolist()))
 
 
 def fields_per_word(bits: int) -> int:
@@ -141,7 +167,7 @@ class KernelWeights:
         w16: bfloat16 [R16, K] the dense rows (a [1, 1] placeholder when there are none).
         scale, zero: float32 [N_kept] per packed row (1 and 0 for dense rows).
         out_index: int32 [N] output channel of each packed row, then the pruned channels.
-        meta: int32 [6, META_FIELDS] per slot of SLOT_BITS (see META_FIELDS).
+        meta: int32 [6, META_FIELDS], one SlotMeta row per slot of SLOT_BITS (read it with slot(bits)).
         group_rows: rows per slot, on the host (sizes the launch grid without a device sync).
         integer_zero: every zero-point is an integer inside its row's code range, so q - zero is
             exact in 16-bit floating point and the kernel subtracts it while decoding instead of
@@ -179,21 +205,20 @@ class KernelWeights:
             tensors.append(self.w16)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def slot(self, bits: int) -> dict[str, int]:
+    def slot(self, bits: int) -> SlotMeta:
         """The meta entries of the slot holding `bits`-wide rows."""
-        row = self.meta[SLOT_BITS.index(bits)].tolist()
-        return {"rows": row[0], "start": row[1], "word_offset": row[2], "high_offset": row[3], "nkb": row[4]}
+        return SlotMeta.from_row(self.meta[SLOT_BITS.index(bits)])
 
     def group_codes(self, bits: int, columns: int | None = None) -> torch.Tensor:
         """Codes uint8 [R, columns] of the `bits`-wide group, read back from the kernel words
         (columns: default K; more reads the padding codes after K too)."""
         s = self.slot(bits)
-        per_row = s["nkb"] * WORDS_PER_BLOCK
-        words = self.qwords[s["word_offset"]:s["word_offset"] + s["rows"] * per_row].view(s["rows"], per_row)
+        per_row = s.k_blocks * WORDS_PER_BLOCK
+        words = self.qwords[s.word_offset:s.word_offset + s.rows * per_row].view(s.rows, per_row)
         high = None
         if bits == 3:
             h16 = self.qwords.view(torch.int16)
-            high = h16[s["high_offset"]:s["high_offset"] + s["rows"] * per_row].view(s["rows"], per_row)
+            high = h16[s.high_offset:s.high_offset + s.rows * per_row].view(s.rows, per_row)
         return words_to_codes(words, high, bits, self.in_features if columns is None else columns)
 
 
@@ -275,7 +300,7 @@ def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
             w16 = w.detach().to(device=device, dtype=torch.bfloat16).contiguous()
             scales.append(torch.ones(rows, dtype=torch.float32, device=device))
             zeros.append(torch.zeros(rows, dtype=torch.float32, device=device))
-            meta[slot, :5] = torch.tensor([rows, start, 0, 0, 0])
+            meta[slot] = SlotMeta(rows, start).as_row()
         else:
             for part in ("scale", "zero"):
                 t = getattr(g, part)
@@ -298,7 +323,7 @@ def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
                 high_offset = 2 * words_used
                 word_chunks.append(high.flatten().view(torch.int32))
                 words_used += high.numel() // 2
-            meta[slot, :5] = torch.tensor([rows, start, word_offset, high_offset, nkb])
+            meta[slot] = SlotMeta(rows, start, word_offset, high_offset, nkb).as_row()
             scales.append(g.scale.detach().to(device=device, dtype=torch.float32).flatten())
             zeros.append(g.zero.detach().to(device=device, dtype=torch.float32).flatten())
             z = zeros[-1]
@@ -310,12 +335,12 @@ def prepare_groups(out_features: int, in_features: int, row_index: torch.Tensor,
     pruned_mask = torch.ones(n, dtype=torch.bool, device=device)
     pruned_mask[row_index] = False
     pruned = torch.nonzero(pruned_mask).flatten()
-    meta[5, :2] = torch.tensor([pruned.numel(), kept])
+    meta[SLOT_BITS.index(0)] = SlotMeta(pruned.numel(), kept).as_row()
     out_index = torch.cat([row_index, pruned]).to(torch.int32)
     qwords = torch.cat(word_chunks) if word_chunks else torch.zeros(1, dtype=torch.int32, device=device)
     scale = torch.cat(scales) if scales else torch.ones(1, dtype=torch.float32, device=device)
     zero = torch.cat(zeros) if zeros else torch.zeros(1, dtype=torch.float32, device=device)
-    group_rows = tuple(int(v) for v in meta[:, 0].tolist())
+    group_rows = tuple(SlotMeta.from_row(row).rows for row in meta)
     return KernelWeights(n, k, qwords.contiguous(), w16, scale.contiguous(), zero.contiguous(),
                          out_index.contiguous(), meta.to(device), group_rows, integer_zero)
 
@@ -344,7 +369,7 @@ def contract_tensors(kw: KernelWeights) -> dict[str, torch.Tensor]:
         if bits == 16:
             out["g16_weight"] = kw.w16.clone()
             continue
-        lo = kw.slot(bits)["start"]
+        lo = kw.slot(bits).start
         hi = lo + rows
         codes = kw.group_codes(bits, kp)
         if bits == 3:

@@ -79,8 +79,9 @@ class GemmConfig:
             raise ValueError(f"the FMA path computes one token per program (bm=1), got bm={self.bm}")
 
 
-#: chosen per number of tokens M and activation width: the fastest correct tiles of the benchmark's
-#: run 2 on an H200 (bench/kernels/results_nvidia_h200.md); `override_configs` replaces entries
+#: chosen per number of tokens M and activation width: the fastest correct tiles of bench_kernels.py on
+#: an H200, bench/kernels/results_nvidia_h200.md (its "config" column; e.g. q/k/v/o avg4 at 1 token
+#: 11.54 us); `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
     ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=8, bk16=128),
     ("m16", 16): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=3, split_k=4, bk16=128),
@@ -205,11 +206,12 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 #: which kernel runs layers with M <= SMALL_M tokens and 16-bit activations: "auto", the default (the
 #: Triton small-M kernel for one token, the grouped GEMM for 2-16), "gemv" (the Triton small-M kernel,
 #: triton_gemv.py, for 1-16) or "mma" (the tensor-core CUDA kernel, cuda_gemv.py, for 1-16 where it
-#: builds and runs; else the Triton small-M kernel). H200, bench/kernels/NOTES.md run 11, 32-block
+#: builds and runs; else the Triton small-M kernel). H200, bench/kernels/results/run11/c3/bench.log, 32-block
 #: decoder: one token mma 4.59 ms, Triton 4.89, bf16 6.24; 8 tokens mma 7.47, grouped GEMM 9.24; 16
 #: tokens mma 9.31, grouped GEMM 9.80. "mma" stays opt-in: its 5-19% needs nvcc on the robot and a
 #: first call that builds for 40-90 s. The former choice "gemm" (the grouped GEMM at one token too)
-#: is gone: it lost to the Triton small-M kernel on every layer shape and mix (run 7) and on the
+#: is gone: it lost to the Triton small-M kernel on every layer shape and mix
+#: (bench/kernels/results/run7/results_nvidia_h200_small_m.md) and on the
 #: decoder (runs 5-11; NOTES "One routing table"). The environment variable QVLA_SMALL_M_KERNEL sets
 #: it per process; set_small_m_kernel() at run time.
 SMALL_M = 16
@@ -322,8 +324,10 @@ class GemvConfig:
 
 
 #: one token: the software-pipelined tile with the least time summed over the OFT-7B shapes and the
-#: avg8/avg4/avg3 mixes in run 7 (H200, bench/kernels/NOTES.md), also the best on q/k/v/o and down
-#: there. 2-16 tokens: first guesses from an offline sm_90 compile ("Run 3"), and "auto" sends those
+#: avg8/avg4/avg3 mixes in bench/kernels/results/run7/results_nvidia_h200_small_m.md (H200; avg4 best
+#: per shape there 9.41 / 16.85 / 18.37 us); the decoder with it: 4.89 ms at one token
+#: (bench/kernels/results/run11/c3/bench.log). 2-16 tokens: first guesses from an offline sm_90 compile
+#: (bench/kernels/NOTES.md "Run 3", not timed as chosen), and "auto" sends those
 #: token counts to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles compiled to 80-243
 #: registers)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
@@ -432,12 +436,13 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 # ---- many tokens: decode once, then cuBLAS (triton_dequant.py) -------------------------------------
 
 #: layers with 16-bit activations and at least DEQUANT_MIN_TOKENS tokens decode the layer to a
-#: transient dense matrix, then cuBLAS multiplies. H200, bench/kernels/NOTES.md "Run 10": the 32-block
+#: transient dense matrix, then cuBLAS multiplies. H200, bench/kernels/results/dequant2/results_nvidia_h200.md: the 32-block
 #: decoder at 590 tokens 21.2 ms against 17.6 ms in bf16 (0.83x) and about 92 ms for the grouped GEMM;
 #: decoding gate/up alone 34 us, 68% of its byte floor. The transient matrix adds one layer's dense
 #: weight to peak memory (3.15 GiB against 2.95 GiB of packed weights for the decoder).
 #: DEQUANT_MIN_TOKENS: each OFT-7B layer shape, the grouped GEMM faster at 16 tokens and slower at every
-#: count timed from 24 to 64 and at 590 (dequant_crossover.py; 17-23 tokens were not timed). So the
+#: count timed from 24 to 64 and at 590 (bench/kernels/results/dequant2/crossover/crossover.json: the three
+#: shapes summed, 109.6 / 146.6 us at 16 tokens, 163.3 / 147.4 at 24; 17-23 tokens were not timed). So the
 #: former switch QVLA_LARGE_M_KERNEL=gemm (the grouped GEMM from 24 tokens on) is gone (NOTES "One
 #: routing table").
 DEQUANT_MIN_TOKENS = 24

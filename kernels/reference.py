@@ -41,7 +41,7 @@ def dequantize_kernel_weights(kw: KernelWeights, dtype: torch.dtype = torch.floa
         if rows == 0:
             continue
         s = kw.slot(bits)
-        lo, hi = s["start"], s["start"] + rows
+        lo, hi = s.start, s.start + rows
         if bits == 16:
             part = kw.w16.to(dtype)
         else:
@@ -70,7 +70,7 @@ def mixed_bit_linear_reference(x: torch.Tensor, kw: KernelWeights, bias: torch.T
         if rows == 0:
             continue
         s = kw.slot(bits)
-        lo, hi = s["start"], s["start"] + rows
+        lo, hi = s.start, s.start + rows
         if bits == 16:
             w = kw.w16.to(torch.float32)
             part = xin @ w.T

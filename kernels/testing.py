@@ -10,7 +10,7 @@ from typing import Mapping
 
 import torch
 
-from .layout import SLOT_BITS, WORDS_PER_BLOCK, KernelWeights, META_FIELDS, num_k_blocks
+from .layout import SLOT_BITS, WORDS_PER_BLOCK, KernelWeights, META_FIELDS, SlotMeta, num_k_blocks
 
 #: realistic mixes of widths (fractions of a layer's rows, 0 = pruned) at three budgets;
 #: average bits over all rows (16-bit rows included, pruned rows as 0): about 7.95, 3.9 and 2.95
@@ -121,7 +121,7 @@ def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[i
             w16 = (torch.randn(rows, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
             scales.append(torch.ones(rows, device=device))
             zeros.append(torch.zeros(rows, device=device))
-            meta[slot, :5] = torch.tensor([rows, start, 0, 0, 0])
+            meta[slot] = SlotMeta(rows, start).as_row()
         else:
             nkb = num_k_blocks(bits, k)
             words = rows * nkb * WORDS_PER_BLOCK
@@ -130,7 +130,7 @@ def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[i
             chunk = torch.randint(-2 ** 31, 2 ** 31 - 1, (words,), generator=gen, device=device, dtype=torch.int64)
             chunks.append(chunk.to(torch.int32))
             high = 2 * (used + rows * nkb * WORDS_PER_BLOCK) if bits == 3 else 0
-            meta[slot, :5] = torch.tensor([rows, start, used, high, nkb])
+            meta[slot] = SlotMeta(rows, start, used, high, nkb).as_row()
             used += words
             scales.append(torch.full((rows,), 0.02 / 2 ** bits, device=device))
             zeros.append(torch.full((rows,), float(2 ** (bits - 1)), device=device))
@@ -139,13 +139,13 @@ def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[i
     pruned = perm[start:]
     if counts.get(0, 0) != pruned.numel():
         raise ValueError(f"counts {dict(counts)} do not add up to out_features={n}")
-    meta[5, :2] = torch.tensor([pruned.numel(), start])
+    meta[SLOT_BITS.index(0)] = SlotMeta(pruned.numel(), start).as_row()
     return KernelWeights(
         n, k, torch.cat(chunks) if chunks else torch.zeros(1, dtype=torch.int32, device=device), w16,
         torch.cat(scales).float() if scales else torch.ones(1, device=device),
         torch.cat(zeros).float() if zeros else torch.zeros(1, device=device),
         torch.cat([kept, pruned]).to(torch.int32).to(device), meta.to(device),
-        tuple(int(v) for v in meta[:, 0].tolist()), True)
+        tuple(SlotMeta.from_row(row).rows for row in meta), True)
 
 
 def replayed_in_a_cuda_graph(call):

@@ -11,8 +11,11 @@ or the lifecycle_msgs/srv/ChangeState service /qvla_policy_node/change_state.
 
 Same arguments as qvla.launch.py. Written against the documented launch / launch_ros API
 (LifecycleNode, EmitEvent(ChangeState), OnStateTransition); `launch` and `launch_ros` are not on
-PyPI, so this file is not run by the test suite (test/test_ros_lifecycle.py drives the same
-transitions through the services).
+PyPI, so this file is not run by the test suite. test/test_ros_launch_files.py checks its
+structure against recorders of those classes (the node, its parameters and remappings, configure
+at start, activate on configuring -> inactive, nothing with autostart:=false) and the handler's
+state labels against the real node's transition events; test/test_ros_lifecycle.py drives the
+same transitions through the services.
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler

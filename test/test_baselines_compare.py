@@ -56,7 +56,7 @@ def test_compare_writes_table_plot_and_resumes(setup, capsys):
         assert np.isfinite(row["offline"]["l1"]) and row["offline"]["frames"] > 0
         if name != "fp":
             assert row["memory"]["bits_per_param"] < 16
-            assert row["offline"]["action_mse_vs_fp"] > 0
+            assert row["offline"]["action_error_vs_fp"] > 0
     # QVLA got the baseline's measured memory as its budget and stays within it.
     assert rows["qvla@rtn-w4"]["budget"] == pytest.approx(rows["rtn-w4"]["memory"]["bits_per_param"])
     assert rows["qvla@rtn-w4"]["memory"]["nbytes"] <= rows["rtn-w4"]["memory"]["nbytes"]
@@ -84,7 +84,7 @@ def test_qvla_with_gptq_rows(setup):
     assert gptq["info"]["rounding"] == "gptq" and plain["info"]["rounding"] == "rtn"
     assert gptq["memory"]["nbytes"] <= rows["rtn-w3"]["memory"]["nbytes"]
     assert gptq["plan_id"] != plain["plan_id"]  # the plan records how its rows were rounded
-    assert gptq["offline"]["action_mse_vs_fp"] != plain["offline"]["action_mse_vs_fp"]
+    assert gptq["offline"]["action_error_vs_fp"] != plain["offline"]["action_error_vs_fp"]
     assert 0 < gptq["info"]["mean_relative_layer_error"] < 1
     tables = sorted((out / "sensitivity").glob("sensitivity-*.safetensors"))
     assert len(tables) == 2  # one per rounding, each measured with 4 random projections

@@ -169,12 +169,12 @@ def test_slot_table_from_host_counts_matches_the_prepared_meta(n, k, counts):
     for kw in (prepare_packed(random_packed(n, k, counts, seed=3)[0]), random_kernel_weights(n, k, counts, "cpu")):
         table = slot_table(kw.group_rows, k)
         for slot, bits in enumerate(SLOT_BITS):
-            rows, _, word_offset, high_offset, nkb = kw.meta[slot, :5].tolist()
-            assert table[f"r{bits}"] == rows
-            if bits in (8, 4, 3, 2) and rows:
-                assert table[f"o{bits}"] * 16 == word_offset and table[f"n{bits}"] == nkb
+            s = kw.slot(bits)
+            assert table[f"r{bits}"] == s.rows
+            if bits in (8, 4, 3, 2) and s.rows:
+                assert table[f"o{bits}"] * 16 == s.word_offset and table[f"n{bits}"] == s.k_blocks
         if kw.group_rows[3]:
-            assert table["h3"] * 32 == kw.slot(3)["high_offset"]
+            assert table["h3"] * 32 == kw.slot(3).high_offset
 
 
 def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):

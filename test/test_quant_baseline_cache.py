@@ -1,5 +1,5 @@
-"""`qvla compare`'s cached quantized policies (quant/baselines/saved_policy.py): safetensors + JSON,
-never pickle. Every baseline's modules (MixedBitLinear, GroupWiseLinear, InputScaled around a
+"""`qvla compare`'s cached quantized policies, in the one quantized-checkpoint format
+(quant/checkpoint.py): safetensors + JSON, never pickle. Every baseline's modules (MixedBitLinear, GroupWiseLinear, InputScaled around a
 packed layer) round-trip to bit-identical actions; damaged or edited folders are refused with an
 error naming the file; a cache in the old pickle format is never read but re-quantized."""
 import copy
@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file
 from qvla_ros.policy import CheckpointError, make_policy
 from qvla_ros.quant.baselines import GroupWiseLinear, InputScaled, quantize_baseline
 from qvla_ros.quant.baselines.compare import Comparison, CompareSettings, SavedPolicyFactory
-from qvla_ros.quant.baselines.saved_policy import (MODULES_FILE, SavedPolicyError, is_saved_policy,
-                                                   load_policy, save_policy)
+from qvla_ros.quant.checkpoint import MODULES_FILE, is_quantized_checkpoint, load_quantized, save_quantized
 from qvla_ros.quant.mixed_linear import MixedBitLinear
 
 
@@ -50,11 +49,11 @@ def test_every_baseline_round_trips_to_identical_actions(micro, tmp_path, method
     quantized = copy.deepcopy(policy)
     result = quantize_baseline(quantized, method, batches, alphas=(0.5,), awq_grid=4, progress=False)
     quantized.qvla_plan_id = None if result.plan is None else result.plan.plan_id
-    directory = save_policy(quantized, policy, tmp_path / "policy")
-    assert is_saved_policy(directory)
+    directory = save_quantized(quantized, None, tmp_path / "policy")
+    assert is_quantized_checkpoint(directory)
     assert sorted(p.name for p in directory.iterdir()) == sorted(["config.json", MODULES_FILE, "model.safetensors",
                                                                  "tokenizer.json"])
-    loaded = load_policy(directory)
+    loaded = load_quantized(directory)
     assert {type(m) for m in loaded.modules()} >= kinds
     assert {n: type(m) for n, m in loaded.named_modules()} == {n: type(m) for n, m in quantized.named_modules()}
     assert loaded.qvla_plan_id == quantized.qvla_plan_id
@@ -75,7 +74,7 @@ def saved(micro, tmp_path_factory):
     policy, batches = micro
     quantized = copy.deepcopy(policy)
     quantize_baseline(quantized, "awq-w4", batches, awq_grid=4, progress=False)
-    return save_policy(quantized, policy, tmp_path_factory.mktemp("cache") / "policy")
+    return save_quantized(quantized, None, tmp_path_factory.mktemp("cache") / "policy")
 
 
 def _copy(directory: Path, to: Path) -> Path:
@@ -99,40 +98,40 @@ def test_edited_or_damaged_folders_are_refused(saved, tmp_path):
 
     cases = [
         # only the listed classes can be built, whatever the file names
-        ("class", lambda d: d["modules"][packed].update({"class": "builtins.eval"}), SavedPolicyError,
+        ("class", lambda d: d["modules"][packed].update({"class": "builtins.eval"}), CheckpointError,
          r"unknown module class 'builtins.eval'"),
-        ("nowhere", lambda d: d["modules"].update({"decoder.nowhere": d["modules"][packed]}), SavedPolicyError,
+        ("nowhere", lambda d: d["modules"].update({"decoder.nowhere": d["modules"][packed]}), CheckpointError,
          r"the policy has no module 'decoder.nowhere'"),
         ("counts", lambda d: d["modules"][packed]["counts"].update({"4": 0, "8": d["modules"][packed]["out_features"]}),
          CheckpointError, rf"does not match config.json and modules.json: missing \['{re.escape(packed)}.g8_qweight'"),
         ("scale", lambda d: d["modules"][scaled].update({"in_features": 1}), CheckpointError,
          rf"tensor {scaled}.scale is F16 \(\d+,\), config.json and modules.json imply F16 \(1,\)"),
-        ("flag", lambda d: d["modules"][packed].update({"bias": "yes"}), SavedPolicyError, "'bias' must be true or false"),
-        ("format", lambda d: d.update({"format": "other"}), SavedPolicyError, "is not a qvla-baseline-modules"),
+        ("flag", lambda d: d["modules"][packed].update({"bias": "yes"}), CheckpointError, "'bias' must be true or false"),
+        ("format", lambda d: d.update({"format": "other"}), CheckpointError, "is not a qvla-quantized-modules"),
     ]
     for label, change, error, message in cases:
         with pytest.raises(error, match=message):
-            load_policy(edited(label, change))
+            load_quantized(edited(label, change))
     broken = _copy(saved, tmp_path / "missing")
     state = load_file(saved / "model.safetensors")
     save_file({k: v for k, v in state.items() if k != f"{scaled}.scale"}, broken / "model.safetensors")
     with pytest.raises(CheckpointError, match=rf"missing \['{scaled}.scale'\]"):
-        load_policy(broken)
+        load_quantized(broken)
     raw = (saved / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_policy(broken)
+        load_quantized(broken)
     (broken / MODULES_FILE).unlink()
-    with pytest.raises(SavedPolicyError, match="not a saved baseline policy"):
-        load_policy(broken)
+    with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
+        load_quantized(broken)
 
 
 def test_a_module_the_format_cannot_describe_fails_at_save_time(micro, tmp_path):
     policy, _ = micro
     odd = copy.deepcopy(policy)
     odd.decoder.layers[0].mlp.up_proj = torch.nn.Sequential(odd.decoder.layers[0].mlp.up_proj)
-    with pytest.raises(SavedPolicyError, match=r"decoder.layers.0.mlp.up_proj: cannot save a Sequential"):
-        save_policy(odd, policy, tmp_path / "odd")
+    with pytest.raises(CheckpointError, match=r"decoder.layers.0.mlp.up_proj: cannot save a Sequential"):
+        save_quantized(odd, None, tmp_path / "odd")
     assert not (tmp_path / "odd" / MODULES_FILE).exists()
 
 

@@ -1,5 +1,6 @@
-"""Quantized checkpoints (save_quantized / load_quantized) read as untrusted files: every tensor
-the safetensors header names is checked against the skeleton that config.json and plan.json imply
+"""Quantized checkpoints (quant/checkpoint.py: save_quantized / load_quantized) read as untrusted
+files: every tensor the safetensors header names is checked against the skeleton that config.json,
+modules.json and plan.json imply
 (built on the meta device) before anything is allocated, and the float Linears the plan replaces
 are never built, so loading takes the memory the file holds.
 
@@ -24,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from qvla_ros.policy import CheckpointError, make_policy
 from qvla_ros.policy.modeling_vla import VLAPolicy
 from qvla_ros.quant import quantizable_linears
-from qvla_ros.quant.api import (architecture_fingerprint, load_quantized, load_quantized_policy, quantize_,
-                                save_quantized)
+from qvla_ros.quant.api import load_quantized_policy, quantize_
+from qvla_ros.quant.checkpoint import architecture_fingerprint, load_quantized, save_quantized
 from qvla_ros.quant.mixed_linear import MixedBitLinear
 from qvla_ros.quant.plan import BitPlan, LayerPlan, PlanError, model_fingerprint, plan_from_bits
 
@@ -102,7 +103,7 @@ def test_a_missing_truncated_or_reshaped_tensor_is_refused(saved, tmp_path):
     cases = {
         "missing": ({k: v for k, v in state.items() if k != packed}, rf"missing \['{packed}'\]"),
         "extra": ({**state, "decoder.extra": torch.zeros(3)}, r"unexpected \['decoder.extra'\]"),
-        "reshaped": ({**state, packed: state[packed][:-1]}, rf"tensor {packed} is F16 \(\d+,\), config.json and plan.json imply F16"),
+        "reshaped": ({**state, packed: state[packed][:-1]}, rf"tensor {packed} is F16 \(\d+,\), config.json, modules.json and plan.json imply F16"),
         "dtype": ({**state, packed: state[packed].float()}, rf"tensor {packed} is F32 .* imply F16"),
         "row index": ({**state, f"{layer}.row_index": state[f"{layer}.row_index"] + 10 ** 6}, "row_index is not a set"),
     }
@@ -148,6 +149,31 @@ def test_config_and_plan_edits_are_named(saved, tmp_path):
         load_quantized(broken)
 
 
+def test_modules_and_plan_must_agree_and_an_older_folder_is_named(saved, tmp_path):
+    directory, plan, _ = saved
+    doc = json.loads((directory / "modules.json").read_text())
+    layer = next(iter(plan.layers))
+    edits = {
+        "plan id": (lambda d: d.update({"qvla_plan_id": "0" * 16}), "it names plan '0000000000000000'"),
+        "act bits": (lambda d: d["modules"][layer].update({"act_bits": 16 if d["modules"][layer]["act_bits"] == 8 else 8}),
+                     rf"layer '{layer}' is stored as"),
+        "unplanned": (lambda d: d["modules"].pop(layer), "the planned layers and the stored modules differ"),
+    }
+    for label, (change, message) in edits.items():
+        broken = _copy(directory, tmp_path / label.replace(" ", "_"))
+        edited = json.loads(json.dumps(doc))
+        change(edited)
+        (broken / "modules.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(broken)
+    # the format this one replaced: plan.json beside the weights, no modules.json
+    older = _copy(directory, tmp_path / "older")
+    (older / "modules.json").unlink()
+    for load in (load_quantized, load_quantized_policy):
+        with pytest.raises(CheckpointError, match="has plan.json but no modules.json"):
+            load(older)
+
+
 def _pruned_giant(tmp_path: Path) -> Path:
     """A consistent quantized checkpoint of a micro policy whose decoder MLPs are 2**21 wide
     (3 GiB as float Linears) but fully pruned by its plan: the file holds well under 1 MiB."""
@@ -175,7 +201,7 @@ def _pruned_giant(tmp_path: Path) -> Path:
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import torch
-    from qvla_ros.quant.api import load_quantized
+    from qvla_ros.quant.checkpoint import load_quantized
     good, headroom, edited = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     load_quantized(good)  # imports and first-call allocations happen before the cap
 
@@ -215,9 +241,9 @@ def test_checkpoints_claiming_huge_models_take_no_memory(saved, tmp_path):
     meta = json.loads((directory / "config.json").read_text())
     (paths["preset"] / "config.json").write_text(json.dumps(dict(meta, config="oft-7b")))
     paths["giant"] = _pruned_giant(tmp_path)
-    # config.json and plan.json of the giant (consistent with each other), the micro's weights
+    # config.json, modules.json and plan.json of the giant (consistent with each other), the micro's weights
     paths["mismatch"] = _copy(directory, tmp_path / "mismatch")
-    for name in ("config.json", "plan.json"):
+    for name in ("config.json", "modules.json", "plan.json"):
         (paths["mismatch"] / name).write_bytes((paths["giant"] / name).read_bytes())
     done = subprocess.run([sys.executable, "-c", CHILD, str(directory), str(HEADROOM),
                            *map(str, paths.values())],
@@ -229,7 +255,7 @@ def test_checkpoints_claiming_huge_models_take_no_memory(saved, tmp_path):
     for label, error, message in (("huge", "PlanError", "plan.json does not match config.json"),
                                   ("enormous", "PlanError", "plan.json does not match config.json"),
                                   ("preset", "CheckpointError", "must be read from a JSON object"),
-                                  ("mismatch", "CheckpointError", "does not match config.json and plan.json")):
+                                  ("mismatch", "CheckpointError", "does not match config.json, modules.json and plan.json")):
         row = rows[label]
         assert row["outcome"] == error and message in row["detail"], row
         assert row["seconds"] < 5, row

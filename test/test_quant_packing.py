@@ -151,7 +151,7 @@ def storage_nbytes(tensors) -> int:
 def test_packed_bytes_are_real_and_predicted(tmp_path):
     from safetensors.torch import save_file
 
-    from qvla_ros.quant.api import safetensors_tensor_nbytes
+    from qvla_ros.quant.checkpoint import safetensors_tensor_nbytes
 
     gen = torch.Generator().manual_seed(3)
     n, k = 128, 100

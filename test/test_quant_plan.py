@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qvla_ros.policy import make_policy
-from qvla_ros.quant.api import (disk_weight_nbytes, load_quantized, load_quantized_policy, quantize_,
-                                quantized_weight_nbytes, save_quantized)
+from qvla_ros.quant.api import load_quantized_policy, quantize_, quantized_weight_nbytes
+from qvla_ros.quant.checkpoint import disk_weight_nbytes, load_quantized, save_quantized
 from qvla_ros.quant.mixed_linear import MixedBitLinear
 from qvla_ros.quant.plan import BitPlan, PlanError, plan_from_bits
 from qvla_ros.quant.targets import quantizable_linears

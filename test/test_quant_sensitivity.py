@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qvla_ros.policy import make_policy
+from qvla_ros.quant.action_error import action_error
 from qvla_ros.quant.calibration import CalibrationFrames, synthetic_frames
 from qvla_ros.quant.quantizer import fake_quantize_rows
 from qvla_ros.quant.sensitivity import (SensitivityError, SensitivityTable, compare_tables,
@@ -39,7 +40,7 @@ def brute_force(policy, frames, layer, channel, bits):
         w = linear.weight[channel:channel + 1]
         linear.weight[channel] = fake_quantize_rows(w, bits)[0]
         out = perturbed(*frames.inputs())
-    return float((out - reference).pow(2).sum(dim=(-1, -2)).mean())
+    return action_error(out, reference)
 
 
 def test_exact_matches_brute_force(policy, frames):

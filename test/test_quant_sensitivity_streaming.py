@@ -138,7 +138,8 @@ def test_bf16_policy_quantizes_saves_and_loads_in_bf16(tmp_path):
     """A policy calibrated and quantized in bf16 (as a 7B one is on a GPU) saves its unplanned
     weights in bf16 and loads back with the same actions."""
     from qvla_ros.quant.allocate import allocate
-    from qvla_ros.quant.api import load_quantized, quantize_, save_quantized
+    from qvla_ros.quant.api import quantize_
+    from qvla_ros.quant.checkpoint import load_quantized, save_quantized
 
     policy = make_policy("micro", dtype=torch.bfloat16)
     frames = synthetic_frames(policy.config, 1, seed=3)

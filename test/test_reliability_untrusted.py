@@ -22,7 +22,7 @@ SOURCES = ["qvla_ros", "kernels", "scripts"]
 
 # (file, function call) -> why it is allowed. Keep this list short and honest. It is empty: the
 # last entry (`qvla compare` unpickling its own cached policies) went when that cache became
-# safetensors + JSON (quant/baselines/saved_policy.py).
+# safetensors + JSON (now the one quantized-checkpoint format, quant/checkpoint.py).
 ALLOWED: dict[tuple[str, str], str] = {}
 UNSAFE_MODULE_CALLS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
                        ("marshal", "load"), ("marshal", "loads"), ("shelve", "open"),

@@ -202,6 +202,48 @@ def test_silent_camera_is_reported(ros_env, feeder, micro):
         assert node.stop() == 0, node.output
 
 
+def test_sparse_camera_is_not_silent_until_it_stops(ros_env, feeder, micro):
+    """A camera publishing legitimately slowly (1 Hz, over DDS from this process) raises no
+    silent-camera warning and keeps diagnostics out of ERROR; its rate shows in diagnostics.
+    When it stops while its publisher stays, the warning comes after five of its periods (5 s,
+    image_timeout 1.5 s being shorter) and diagnostics turn ERROR. (A camera slower than
+    image_timeout, whose gaps only the learnt rate tells from a silence, is covered exactly in
+    test_ros_camera_watch.py: here its first gap would be one warning.)"""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    diagnostics = []
+    feeder.create_subscription(DiagnosticArray, "diagnostics", diagnostics.append, 10)
+    node = start_node(ros_env, checkpoint=micro["checkpoint"], image_timeout=1.5,
+                      diagnostics_period=0.3)
+    try:
+        feeder.wait_for_policy_node()
+        feeder.send_instruction("open the drawer")
+        images = np.stack([frame(32, 32, 1), frame(32, 32, 2)])
+        start = time.monotonic()
+        for i in range(7):
+            time.sleep(max(0.0, start + i - time.monotonic()))
+            feeder.send_observation(images, PROPRIO)
+        last_frame = time.monotonic()
+        feeder.wait_chunks(7)
+        status = diagnostics[-1].status[0]
+        values = {kv.key: kv.value for kv in status.values}
+        assert 0.8 < float(values["image_rate_hz"]) < 1.25, values
+        assert 4.0 < float(values["image_silent_after_s"]) < 6.25, values
+        assert "no message arrived" not in node.output
+        assert all(s.level != DiagnosticStatus.ERROR for m in diagnostics for s in m.status)
+        line = node.wait_for(r"/image has 1 publisher\(s\) but no message arrived", timeout=15)
+        took = time.monotonic() - last_frame
+        rate = re.search(r"it had delivered at ([\d.]+) Hz", line)
+        assert rate and 0.8 < float(rate.group(1)) < 1.25, line
+        assert "5 of its frame periods" in line, line
+        assert 4.0 < took < 8.0, took
+        status = diagnostics_status(diagnostics, lambda s: s.level == DiagnosticStatus.ERROR)
+        assert "/image: 1 publisher(s), no message for" in status.message
+        assert "Traceback" not in node.output
+    finally:
+        assert node.stop() == 0, node.output
+
+
 def test_input_defects(ros_env, feeder, micro, tmp_path):
     """Remapped names in the `ready:` line; duplicate joint names refused and counted; a plan
     file over max_plan_bytes refused unread (fast), by service and parameter; a second node with

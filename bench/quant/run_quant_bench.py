@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO))
 
 from qvla_ros.policy import load_policy  # noqa: E402
 from qvla_ros.quant.allocate import allocate, assignment_cost, uniform_bits  # noqa: E402
-from qvla_ros.quant.api import (disk_weight_nbytes, quantize_, quantized_weight_nbytes, save_quantized,  # noqa: E402
-                                set_dequant_cache)
-from qvla_ros.quant.refine import DEFAULT_VARIANTS, select_allocation  # noqa: E402
+from qvla_ros.quant.api import quantize_, quantized_weight_nbytes, set_dequant_cache  # noqa: E402
+from qvla_ros.quant.checkpoint import disk_weight_nbytes, save_quantized  # noqa: E402
+from qvla_ros.quant.action_error import action_error_per_frame  # noqa: E402
+from qvla_ros.quant.refine import DEFAULT_VARIANTS, predict_actions, select_allocation  # noqa: E402
 from qvla_ros.quant.calibration import frames_from_demos  # noqa: E402
 from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
 from qvla_ros.quant.plots import plot_allocation  # noqa: E402
@@ -55,24 +56,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def predict(policy, frames, batch=32) -> torch.Tensor:
-    outs = []
-    with torch.inference_mode():
-        for s in range(0, len(frames), batch):
-            outs.append(policy(*frames.select(range(s, min(s + batch, len(frames)))).inputs()).float())
-    return torch.cat(outs)
-
-
 def action_errors(policy, frames, reference: torch.Tensor) -> dict:
-    pred = predict(policy, frames)
-    per_frame = (pred - reference).pow(2).sum(dim=(1, 2)).double().numpy()
+    pred = predict_actions(policy, frames)
+    per_frame = action_error_per_frame(pred, reference).numpy()
     kept = np.sort(per_frame)[: int(np.ceil(0.99 * len(per_frame)))]
     # The mean is dominated by a few frames where the policy sits on a decision boundary (a tiny
     # change flips the chunk); the median, p90 and the 1%-trimmed mean show the typical frame.
     out = {"mse_chunk_vs_fp": float(per_frame.mean()), "median_chunk_vs_fp": float(np.median(per_frame)),
            "p90_chunk_vs_fp": float(np.quantile(per_frame, 0.9)), "trimmed_mean_chunk_vs_fp": float(kept.mean()),
-           "top5_share": float(np.sort(per_frame)[-5:].sum() / max(per_frame.sum(), 1e-30)),
-           "rms_vs_fp": float((pred - reference).pow(2).mean().sqrt())}
+           "top5_share": float(np.sort(per_frame)[-5:].sum() / max(per_frame.sum(), 1e-30))}
     if frames.actions is not None:
         out["l1_first_vs_demo"] = float((pred[:, 0] - frames.actions).abs().mean())
     return out
@@ -118,7 +110,7 @@ def main() -> int:
     calib = frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed)
     held_out = frames_from_demos(args.data, args.held_out_frames, split="val", seed=args.seed + 1)
     select_frames = frames_from_demos(args.data, args.select_frames, split="train", seed=args.seed + 3)
-    reference = predict(policy, held_out)
+    reference = predict_actions(policy, held_out)
     results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "policy": args.policy, "data": args.data, "calib_frames": len(calib),
                      "held_out_frames": len(held_out), "select_frames": len(select_frames),
@@ -158,7 +150,7 @@ def main() -> int:
     # ---- allocation at each budget -------------------------------------------------------------
     rows = []
     work = Path(tempfile.mkdtemp(prefix="qvla_bench_"))
-    select_reference = predict(policy, select_frames)
+    select_reference = predict_actions(policy, select_frames)
     selected_plans = {}
 
     def qvla_rows(budget, label, extra):

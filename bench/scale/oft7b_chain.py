@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from qvla_ros.policy import make_policy  # noqa: E402
 from qvla_ros.quant.allocate import allocate  # noqa: E402
-from qvla_ros.quant.api import quantize_, save_quantized  # noqa: E402
+from qvla_ros.quant.api import quantize_  # noqa: E402
+from qvla_ros.quant.checkpoint import save_quantized  # noqa: E402
 from qvla_ros.quant.baselines.gptq import apply_gptq  # noqa: E402
 from qvla_ros.quant.calibration import synthetic_frames  # noqa: E402
 from qvla_ros.quant.sensitivity import jacobian_sensitivity  # noqa: E402
@@ -44,7 +45,7 @@ from qvla_ros.quant.accounting import policy_storage, resident_nbytes  # noqa: E
 LOADER = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[3])
-from qvla_ros.quant.api import load_quantized
+from qvla_ros.quant.checkpoint import load_quantized
 from qvla_ros.quant.calibration import synthetic_frames
 dev = torch.device(sys.argv[2])
 t = time.perf_counter()

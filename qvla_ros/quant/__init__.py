@@ -4,6 +4,7 @@
            -> allocate.py    (global knapsack under a bits-per-parameter budget)
            -> plan.py        (BitPlan file)
            -> api.py         (quantize_(policy, plan): packed MixedBitLinear layers)
+           -> checkpoint.py  (save_quantized / load_quantized: the one quantized-checkpoint format)
 
 The packed layout (packing.py) and the one weight quantizer (quantizer.py) are shared with the
 baselines and the GPU kernels. Names are imported lazily so `import qvla_ros.quant` stays cheap.
@@ -20,8 +21,8 @@ _EXPORTS = {
     "MixedBitLinear": "mixed_linear",
     "BitPlan": "plan", "PlanError": "plan", "LayerPlan": "plan", "model_fingerprint": "plan",
     "QuantTargets": "targets", "quantizable_linears": "targets",
-    "quantize_": "api", "load_quantized_policy": "api", "save_quantized": "api",
-    "load_quantized": "api", "quantized_weight_nbytes": "api",
+    "quantize_": "api", "load_quantized_policy": "api", "save_quantized": "checkpoint",
+    "load_quantized": "checkpoint", "quantized_weight_nbytes": "api",
     "SensitivityTable": "sensitivity", "exact_sensitivity": "sensitivity",
     "jacobian_sensitivity": "sensitivity",
     "rescale_to_exact": "sensitivity", "compare_tables": "sensitivity",

@@ -180,9 +180,13 @@ def _calibrate(args) -> int:
             print("qvla calibrate: --rounding gptq needs --estimator jacobian", file=sys.stderr)
             return 2
         from .baselines.gptq import gptq_weight_deltas
+        from .sensitivity import SensitivityError
         from .targets import quantizable_linears
 
-        modules = quantizable_linears(policy, targets)
+        try:
+            modules = quantizable_linears(policy, targets)
+        except ValueError as exc:
+            raise SensitivityError(f"no quantizable Linear layer: {exc}") from None
         deltas = gptq_weight_deltas(policy, modules, frames, args.bits)
         table = jacobian_sensitivity(policy, frames, bits=args.bits, layers=list(modules), deltas=deltas,
                                      projections=args.projections, seed=args.seed, **on)
@@ -243,8 +247,8 @@ def allocate_command(args) -> int:
 def quantize_command(args) -> int:
     from ..policy import load_policy
     from .accounting import resident_nbytes
-    from .api import (WEIGHTS_FILE, disk_weight_nbytes, quantize_, quantized_weight_nbytes, safetensors_tensor_nbytes,
-                      save_quantized)
+    from .api import quantize_, quantized_weight_nbytes
+    from .checkpoint import WEIGHTS_FILE, disk_weight_nbytes, safetensors_tensor_nbytes, save_quantized
     from .plan import BitPlan
 
     if args.rounding == "gptq" and not args.data:

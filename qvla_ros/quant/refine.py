@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .action_error import action_error
 from .allocate import Allocation, allocate
 from .calibration import CalibrationFrames
 from .quantizer import fake_quantize_rows
@@ -57,11 +58,6 @@ def predict_actions(policy: nn.Module, frames: CalibrationFrames, batch: int = 3
     return torch.cat(outs)
 
 
-def action_error(policy: nn.Module, frames: CalibrationFrames, reference: torch.Tensor, batch: int = 32) -> float:
-    """E over frames of ||A - A_ref||^2 over the chunk (the quantity the table estimates)."""
-    return float((predict_actions(policy, frames, batch) - reference).pow(2).sum(dim=(1, 2)).mean())
-
-
 #: allocation variants compared by `select_allocation` (keyword arguments of `allocate`)
 DEFAULT_VARIANTS = {"all widths": {}, "no pruning": {"candidate_bits": (2, 3, 4, 8, 16)}}
 
@@ -78,6 +74,6 @@ def select_allocation(policy: nn.Module, frames: CalibrationFrames, table: Sensi
     for name, kwargs in variants.items():
         allocations[name] = allocate(table, budget, **kwargs)
         with stored_weights(policy, allocations[name].bits):
-            measured[name] = action_error(policy, frames, reference)
+            measured[name] = action_error(predict_actions(policy, frames), reference)
     best = min(measured, key=measured.get)
     return best, allocations[best], measured

@@ -126,7 +126,10 @@ def weight_deltas(weight: torch.Tensor, bits: Sequence[int],
 
 
 def _resolve_layers(policy: nn.Module, layers: Iterable[str] | None, targets: QuantTargets | None) -> dict[str, nn.Linear]:
-    candidates = quantizable_linears(policy, targets)
+    try:
+        candidates = quantizable_linears(policy, targets)
+    except ValueError as exc:       # no layer left to quantize: the table's own error, so the CLI's one line
+        raise SensitivityError(f"no quantizable Linear layer: {exc}") from None
     if layers is None:
         return candidates
     modules = dict(policy.named_modules())

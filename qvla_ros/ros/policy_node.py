@@ -67,6 +67,7 @@ from std_msgs.msg import String
 from qvla_ros.msg import ActionChunk
 from qvla_ros.ros import paths
 from qvla_ros.ros.action_queue import AGGREGATIONS, ON_STALE, ActionQueue
+from qvla_ros.ros.camera_watch import SILENT_PERIODS, CameraWatch
 from qvla_ros.ros.image_conversion import (
     ENCODINGS,
     RESIZE_MODES,
@@ -176,7 +177,8 @@ class PolicyNodeCore:
         inputs = MutuallyExclusiveCallbackGroup()
         control = ReentrantCallbackGroup()
         camera_qos = self._image_qos()
-        self._last_image = [-math.inf] * self.n_cams  # arrival of each camera's last message
+        # Each camera's arrivals and rate, for the silent-camera check (sparse cameras included).
+        self._camera_watch = [CameraWatch(self.image_timeout) for _ in range(self.n_cams)]
         self._camera_subs = []
         for cam, topic in enumerate(["image", "image2"][: self.n_cams]):
             if self.image_transport == "compressed":
@@ -191,7 +193,6 @@ class PolicyNodeCore:
                     callback_group=inputs)
             self._camera_subs.append(sub)
             self._entities.append(sub)
-        self._camera_watch = [_CameraWatch() for _ in self._camera_subs]
         self._name_clash = False
         self._last_clash_check = -math.inf
         instruction_sub = self.create_subscription(
@@ -318,7 +319,9 @@ class PolicyNodeCore:
             read_only=True))
         self.declare_parameter("image_timeout", 3.0, d(
             "seconds a camera topic may have publishers but deliver nothing before the node "
-            "warns (naming QoS and transport) and diagnostics turn ERROR", read_only=True,
+            "warns (naming QoS and transport) and diagnostics turn ERROR; once a camera has "
+            "delivered two frames, five of its own frame periods if longer (a sparse camera "
+            "is not silent between frames)", read_only=True,
             floating_point_range=[FloatingPointRange(from_value=0.5, to_value=3600.0)]))
         self.declare_parameter("max_plan_bytes", 16 * 2 ** 20, d(
             "plan files larger than this are refused before they are read (a plan for a "
@@ -442,7 +445,8 @@ class PolicyNodeCore:
     def _on_image(self, msg: Image, cam: int) -> None:
         if not self._serving:
             return
-        arrival = self._last_image[cam] = time.monotonic()
+        arrival = time.monotonic()
+        self._camera_watch[cam].arrived(arrival)
         topic = "image2" if cam else "image"
         try:
             rgb = image_to_rgb8(msg, self.encodings, self.image_size, self.image_resize,
@@ -455,7 +459,8 @@ class PolicyNodeCore:
     def _on_compressed(self, msg: CompressedImage, cam: int) -> None:
         if not self._serving:
             return
-        arrival = self._last_image[cam] = time.monotonic()
+        arrival = time.monotonic()
+        self._camera_watch[cam].arrived(arrival)
         topic = "image2" if cam else "image"
         try:
             rgb = compressed_to_rgb8(msg, self.image_size, self.image_resize, self.crop_scale)
@@ -657,39 +662,38 @@ class PolicyNodeCore:
             self.get_logger().error(f"reload ({via}) refused: {message}")
             return False, message
         self._stats.reloads += 1
+        waited, turns, delay = self.server.last_reload_waits
         message = (f"now serving {new.label} (was {old.label}); loaded and checked in "
                    f"{new.load_seconds:.2f} s")
+        if turns:  # forwards ran meanwhile, each followed by a turn of the build
+            message += (f" ({waited:.2f} s of it letting {turns} forwards run first, which "
+                        f"waited up to {1e3 * delay:.0f} ms for its turns)")
         self.get_logger().info(f"reload ({via}): {message}")
         return True, message
 
     # Graph watch: silent cameras, a name clash --------------------------------------------------
     def _watch_graph(self) -> None:
         now = time.monotonic()
-        for cam, (sub, watch) in enumerate(zip(self._camera_subs, self._camera_watch)):
-            publishers = self.count_publishers(sub.topic_name)
-            watch.publishers = publishers
-            if publishers == 0:
-                if watch.silent:
-                    self.get_logger().info(f"{sub.topic_name}: no publisher any more")
-                watch.since, watch.silent = None, False
-                continue
-            if watch.since is None:
-                watch.since = now
-            quiet = now - max(watch.since, self._last_image[cam])
-            silent = quiet > self.image_timeout
-            if silent and not watch.silent:
-                self.get_logger().warning(
-                    f"{sub.topic_name} has {publishers} publisher(s) but no message arrived for "
-                    f"{quiet:.1f} s; subscribed with {self._qos_phrase()}; transport: "
-                    f"{self.transport}. Over Fast DDS's builtin transports a best-effort "
-                    f"subscription gets no message larger than ~512 KiB (640x480 rgb8 is 900 "
-                    f"KiB): run the camera and this node with FASTDDS_DEFAULT_PROFILES_FILE="
-                    f"config/fastdds_large_frames.xml (the launch files set it), or image_qos "
-                    f"'reliable', or compressed frames. A reliable subscription to a best-effort "
-                    f"camera shows the same silence (QoS mismatch).")
-            elif watch.silent and not silent:
+        for sub, watch in zip(self._camera_subs, self._camera_watch):
+            change = watch.update(self.count_publishers(sub.topic_name), now)
+            if change == "gone":
+                self.get_logger().info(f"{sub.topic_name}: no publisher any more")
+            elif change == "again":
                 self.get_logger().info(f"{sub.topic_name}: messages arrive again")
-            watch.silent, watch.quiet = silent, quiet
+            elif change == "silent":
+                rhythm = (f"it had delivered at {watch.rate_hz:.2g} Hz, silent after "
+                          f"{watch.limit:.1f} s: image_timeout {self.image_timeout:g} s or "
+                          f"{SILENT_PERIODS} of its frame periods" if watch.period else
+                          f"image_timeout {self.image_timeout:g} s")
+                self.get_logger().warning(
+                    f"{sub.topic_name} has {watch.publishers} publisher(s) but no message arrived "
+                    f"for {watch.quiet:.1f} s ({rhythm}); subscribed with {self._qos_phrase()}; "
+                    f"transport: {self.transport}. Over Fast DDS's builtin transports a "
+                    f"best-effort subscription gets no message larger than ~512 KiB (640x480 "
+                    f"rgb8 is 900 KiB): run the camera and this node with "
+                    f"FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_large_frames.xml (the launch "
+                    f"files set it), or image_qos 'reliable', or compressed frames. A reliable "
+                    f"subscription to a best-effort camera shows the same silence (QoS mismatch).")
         if now - self._last_clash_check >= 2.0:
             self._last_clash_check = now
             me = (self.get_name(), self.get_namespace())
@@ -732,6 +736,9 @@ class PolicyNodeCore:
             status.message = f"serving {active.label} at {snapshot['chunk_rate_hz']:.1f} Hz"
         values = {"plan_id": active.plan_id, "plan_path": active.plan_path,
                   "forward_mode": active.forward_mode, "instruction": self.sync.instruction or ""}
+        for role, watch in zip(("image", "image2"), self._camera_watch):
+            snapshot[f"{role}_rate_hz"] = watch.rate_hz
+            snapshot[f"{role}_silent_after_s"] = watch.limit
         values.update({k: f"{v:.4g}" if isinstance(v, float) else str(v)
                        for k, v in snapshot.items()})
         if self.action_queue is not None:
@@ -759,16 +766,6 @@ class PolicyNode(PolicyNodeCore, Node):
         if self._worker.is_alive():
             self._worker.join(timeout=10.0)
         super().destroy_node()
-
-
-class _CameraWatch:
-    """What the graph watch knows of one camera topic."""
-
-    def __init__(self):
-        self.since: float | None = None  # when publishers were first seen (monotonic)
-        self.publishers = 0
-        self.silent = False
-        self.quiet = 0.0
 
 
 class _Stats:

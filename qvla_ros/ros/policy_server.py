@@ -11,9 +11,11 @@ On a CUDA device the forward is a CUDA graph (qvla_ros.policy.graphed.GraphedFor
 and quantized plans alike: the probe forward of the build IS the capture (a reload captures
 before it swaps, so no frame pays for it), followed by a check of the graph against the eager
 forward on another observation. A graph that cannot be captured or does not match is not an
-error: that plan serves eagerly and `forward_mode` says why. The build steps aside while a forward runs
-(forward_priority), so serving keeps its pace during a reload. One reload at a time; a second one
-asked for meanwhile is refused, not queued.
+error: that plan serves eagerly and `forward_mode` says why. The build takes turns with
+forwards (forward_priority: a turn between two forwards, half a typical forward long), so a
+reload delays no chunk by more than that and still ends in about three times its idle time when
+forwards run back to back. One reload at a time; a second one asked for meanwhile is refused,
+not queued.
 """
 from __future__ import annotations
 
@@ -105,6 +107,8 @@ class PolicyServer:
         self._reload_lock = threading.Lock()
         self._reloading = ""
         self._priority = ForwardPriority()
+        # Of the last reload: (s waited for forwards, turns, s the longest forward waited for one)
+        self.last_reload_waits = (0.0, 0, 0.0)
         self._active = self._build(plan_path, reference=None)
 
     @property
@@ -124,11 +128,12 @@ class PolicyServer:
     def infer(self, images: np.ndarray, instruction: str, proprio: np.ndarray) -> Inference:
         """Chunk for one observation: images uint8 [n_cams, H, W, 3], proprio float32 [P]."""
         served = self._active  # one read: this forward uses one plan from start to end
-        start = time.perf_counter()
         with self._priority.forward():
+            # Timed inside: `seconds` is the forward; a wait for a reload's turn is latency.
+            start = time.perf_counter()
             actions = self._forward(served.forward, images, instruction, proprio)
-        return Inference(actions=actions, plan_id=served.plan_id,
-                         seconds=time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+        return Inference(actions=actions, plan_id=served.plan_id, seconds=seconds)
 
     def _forward(self, policy, images: np.ndarray, instruction: str,
                  proprio: np.ndarray) -> np.ndarray:
@@ -159,6 +164,8 @@ class PolicyServer:
                 f"ask again when it has finished")
         try:
             self._reloading = plan_path
+            waited, turns = self._priority.waited, self._priority.turns
+            self._priority.forward_delay_max = 0.0
             try:
                 with self._priority.background():
                     candidate = self._build(plan_path, reference=self._active)
@@ -168,6 +175,10 @@ class PolicyServer:
                 raise PlanRejected(f"plan {plan_path!r} could not be prepared: "
                                    f"{type(exc).__name__}: {exc}") from exc
             self._active = candidate  # the swap: one reference assignment, atomic for readers
+            # Of the build's load_seconds, this long went to forwards it let run first; and the
+            # longest a forward waited for one of its turns.
+            self.last_reload_waits = (self._priority.waited - waited, self._priority.turns - turns,
+                                      self._priority.forward_delay_max)
             return candidate
         finally:
             self._reloading = ""

@@ -47,7 +47,9 @@ def _frames(dataset, horizon: int, stride: int, max_frames: int | None):
 
 def offline_action_error(policy, dataset, stride: int = 5, max_frames: int | None = 2000,
                          batch_size: int = 32) -> dict:
-    """Mean error of the policy's action chunks against the demonstrations' actions.
+    """Mean distance of the policy's action chunks to the demonstrations' actions (L1, what
+    training's loss measures). The deviation of one policy from another, e.g. a quantized one from
+    its float policy, is quant.action_error instead: another norm, for another question.
 
     Args:
         policy: object with the policy contract (`policy.config.horizon` sets the chunk length).

@@ -6,14 +6,14 @@
 Every method quantizes the same Linears (the QVLA core's `quantizable_linears`) with the
 project's one RTN quantizer and packer where its storage fits MixedBitLinear (per-channel RTN,
 SmoothQuant, GPTQ, AWQ), or its own documented packed format where it does not (group-wise RTN,
-groupwise.py). Memory is measured from the stored tensors (memory.py). `qvla compare`
+quant/groupwise_linear.py). Memory is measured from the stored tensors (memory.py). `qvla compare`
 (commands.py, compare.py) runs them and QVLA at matched memory through the closed-loop benchmark.
 """
 from .api import QuantResult, pack_group_wise, pack_per_channel, quantize_baseline
-from .groupwise import GroupWiseLinear
+from ..groupwise_linear import GroupWiseLinear
 from .memory import WeightMemory, weight_memory
 from .methods import DEFAULT_METHODS, MethodError, MethodSpec, parse_method, resolve_order
-from .smoothing import InputScaled
+from ..input_scaled import InputScaled
 
 __all__ = ["QuantResult", "quantize_baseline", "pack_per_channel", "pack_group_wise",
            "GroupWiseLinear", "InputScaled", "WeightMemory", "weight_memory", "DEFAULT_METHODS",

@@ -23,11 +23,12 @@ from ..targets import quantizable_linears
 from .awq import apply_awq
 from .calibration import check_batches
 from .gptq import apply_gptq
-from .groupwise import GroupWiseLinear
+from ..groupwise_linear import GroupWiseLinear
 from ..accounting import policy_storage
 from .memory import WeightMemory, weight_memory
 from .methods import MethodSpec, parse_method
-from .smoothing import set_submodule, wrap_input_scales
+from ..checkpoint import set_submodule
+from .smoothing import wrap_input_scales
 from .smoothquant import DEFAULT_ALPHAS, apply_smoothquant
 
 

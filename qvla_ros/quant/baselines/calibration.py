@@ -52,21 +52,10 @@ def run_policy(policy: nn.Module, batch: Mapping) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_actions(policy: nn.Module, batches: Sequence[Mapping]) -> list[torch.Tensor]:
-    return [run_policy(policy, b) for b in batches]
-
-
-@torch.no_grad()
-def action_error(policy: nn.Module, batches: Sequence[Mapping],
-                 reference: Sequence[torch.Tensor]) -> float:
-    """Mean squared action error of `policy` against reference actions on the same batches:
-    the calibration objective every tuned baseline (SmoothQuant's alpha) is chosen on."""
-    total, count = 0.0, 0
-    for batch, ref in zip(batches, reference):
-        diff = run_policy(policy, batch) - ref
-        total += float(diff.pow(2).sum())
-        count += diff.numel()
-    return total / max(count, 1)
+def calibration_actions(policy: nn.Module, batches: Sequence[Mapping]) -> torch.Tensor:
+    """Actions of `policy` on every batch, concatenated over frames [frames, horizon, action_dim]:
+    what quant.action_error compares (SmoothQuant's alpha is chosen on it)."""
+    return torch.cat([run_policy(policy, b) for b in batches])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

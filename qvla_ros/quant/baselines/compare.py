@@ -3,10 +3,10 @@
 For each method (QVLA after the baseline whose measured memory it matches):
 
 1. quantize a fresh copy of the float policy on the shared calibration frames; measure its weight
-   memory from the stored tensors; save the quantized policy (policy/: safetensors + JSON, no
-   pickle; saved_policy.py) and, for methods stored as MixedBitLinear, its BitPlan (plan.json);
+   memory from the stored tensors; save the quantized policy (policy/: the one quantized-checkpoint
+   format, quant/checkpoint.py) and, for methods stored as MixedBitLinear, its BitPlan (plan.json);
 2. offline: action error against held-out demonstrations (sim.metrics.offline_action_error) and
-   the deviation from the float policy's actions on the same frames;
+   the deviation from the float policy's actions on the same frames (quant.action_error);
 3. closed loop: sim.evaluate on every task, episodes on held-out seeds, Wilson 95% intervals.
 
 Everything lands under OUT/runs/<method>-<config id>/ and is reused when present: the config id
@@ -32,15 +32,16 @@ from tqdm.auto import tqdm
 
 from ...io import atomic_write_text
 from .api import quantize_baseline
-from .calibration import batches_from_frames, run_policy
+from ..action_error import action_error
+from ..checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from .calibration import batches_from_frames, calibration_actions
 from .methods import MethodSpec, resolve_order
 from .qvla_match import QvlaRunner
-from .saved_policy import is_saved_policy, save_policy
-from .saved_policy import load_policy as load_saved_policy
+from .report import DEVIATION_KEY
 from .smoothquant import DEFAULT_ALPHAS
 
 RUNS_DIR = "runs"
-POLICY_DIR = "policy"  # the quantized policy of one run (saved_policy.py)
+POLICY_DIR = "policy"  # the quantized policy of one run (quant/checkpoint.py)
 
 
 @dataclass
@@ -99,16 +100,15 @@ class CompareSettings:
 
 class SavedPolicyFactory:
     """Picklable zero-argument factory for rollout workers: loads a quantized policy folder
-    written by saved_policy.save_policy (baselines use storage formats beyond the packed
-    checkpoint) and keeps each layer's dequantized weights cached, which makes the CPU path fast
-    enough for rollouts."""
+    written by checkpoint.save_quantized and keeps each layer's dequantized weights cached, which
+    makes the CPU path fast enough for rollouts."""
 
     def __init__(self, path: str | Path, describe: dict | None = None):
         self.path = str(path)
         self._describe = dict(describe or {})
 
     def __call__(self):
-        policy = load_saved_policy(self.path)
+        policy = load_quantized(self.path)
         for module in policy.modules():
             if hasattr(module, "cache_dequantized"):
                 module.cache_dequantized = True
@@ -207,9 +207,10 @@ class Comparison:
     def quantize(self, spec: MethodSpec, budget: float | None) -> dict:
         run = self.run_dir(spec, budget)
         record = _read_json(run / "quant.json")
-        if record is not None and is_saved_policy(run / POLICY_DIR):
+        if record is not None and is_quantized_checkpoint(run / POLICY_DIR):
             return record
-        # A cache from before the pickle-free format (policy.pt) is never read: re-quantized.
+        # A cache from before the pickle-free format (policy.pt), or of an older checkpoint format, is
+        # never read: re-quantized.
         policy = copy.deepcopy(self.policy)
         batches = batches_from_frames(self.frames, self.settings.calib_batch)
         result = quantize_baseline(policy, spec, batches, alphas=self.settings.alphas, budget=budget,
@@ -217,7 +218,9 @@ class Comparison:
         run.mkdir(parents=True, exist_ok=True)
         if result.plan is not None:
             result.plan.save(run / "plan.json")
-        save_policy(policy, self.policy, run / POLICY_DIR)
+        # The run's plan (above) may describe layers a baseline wrapped (SmoothQuant's InputScaled),
+        # so the checkpoint itself records the modules only.
+        save_quantized(policy, None, run / POLICY_DIR)
         (run / "policy.pt").unlink(missing_ok=True)
         record = {"method": spec.to_dict(), "label": spec.label, "config_id": self.config_id(spec, budget),
                   "memory": result.memory.to_dict(), "info": result.info,
@@ -232,7 +235,9 @@ class Comparison:
             return None
         run = self.run_dir(spec, budget)
         cached = _read_json(run / "offline.json")
-        if cached is not None:
+        # A cache from before the one action-error metric holds only "action_mse_vs_fp" (per-element
+        # mean, another normalization): it is scored again rather than mixed into the table.
+        if cached is not None and DEVIATION_KEY in cached:
             return cached
         from ...dataset import DemoDataset
         from ...sim.metrics import offline_action_error
@@ -240,26 +245,21 @@ class Comparison:
         policy = SavedPolicyFactory(run / POLICY_DIR)()
         val = DemoDataset(self.settings.data, split="val")
         metrics = offline_action_error(policy, val, max_frames=self.settings.offline_frames)
-        metrics["action_mse_vs_fp"] = self._deviation_from_fp(policy)
+        metrics[DEVIATION_KEY] = self._deviation_from_fp(policy)
         _write_json(run / "offline.json", metrics)
         return metrics
 
     def _deviation_from_fp(self, policy) -> float:
-        """Mean squared difference from the float policy's actions on held-out frames."""
+        """quant.action_error of `policy` against the float policy's actions on held-out frames."""
         if self._offline_frames is None:
             from ..calibration import frames_from_demos
 
             frames = frames_from_demos(self.settings.data, min(self.settings.offline_frames, 128),
                                        split="val", seed=self.settings.seed + 1)
             batches = batches_from_frames(frames, 32)
-            self._offline_frames = (batches, [run_policy(self.policy, b) for b in batches])
+            self._offline_frames = (batches, calibration_actions(self.policy, batches))
         batches, reference = self._offline_frames
-        total = count = 0.0
-        for batch, ref in zip(batches, reference):
-            diff = run_policy(policy, batch) - ref
-            total += float(diff.pow(2).sum())
-            count += diff.numel()
-        return total / count
+        return action_error(calibration_actions(policy, batches), reference)
 
     def closed_loop(self, spec: MethodSpec, budget: float | None) -> dict | None:
         s = self.settings

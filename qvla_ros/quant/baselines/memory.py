@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..accounting import resident_nbytes
-from .smoothing import InputScaled
+from ..input_scaled import InputScaled
 
 
 @dataclass(frozen=True)

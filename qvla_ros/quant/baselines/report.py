@@ -5,6 +5,11 @@ from pathlib import Path
 
 from ...io import atomic_write, atomic_write_text
 
+#: offline metrics' key for quant.action_error against the float policy (the chunk's summed squared
+#: difference, averaged over frames). Tables written before it recorded "action_mse_vs_fp", the
+#: per-element mean (smaller by horizon x action_dim); those rows show no deviation here.
+DEVIATION_KEY = "action_error_vs_fp"
+
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}"
@@ -49,7 +54,7 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         "stored width).",
         "",
     ]
-    head = (["method", "W/A", "bits/param", "whole bits/param", "mem % bf16", "offline L1", "dev. from fp (MSE)"]
+    head = (["method", "W/A", "bits/param", "whole bits/param", "mem % bf16", "offline L1", "dev. from fp (action error)"]
             + tasks + ["average [95% CI]"])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
@@ -64,7 +69,7 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         whole = mem.get("policy_bits_per_param")
         cells = [spec["name"], wa, f"{mem['bits_per_param']:.3f}", "–" if whole is None else f"{whole:.3f}",
                  f"{mem['percent_of_bf16']:.1f}",
-                 _sci(off.get("l1")), _sci(off.get("action_mse_vs_fp"))]
+                 _sci(off.get("l1")), _sci(off.get(DEVIATION_KEY))]
         cells += [_pct(per_task[t]["rate"]) if t in per_task else "–" for t in tasks]
         cells.append(_ci(cl.get("overall")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -103,7 +108,7 @@ def plot_comparison(doc: dict, path: str | Path) -> Path:
             err = [[100 * (s["rate"] - s["ci95"][0]) for s in succ],
                    [100 * (s["ci95"][1] - s["rate"]) for s in succ]]
             ax_s.errorbar(x, y, yerr=err, capsize=3, **style)
-        dev = [(r.get("offline") or {}).get("action_mse_vs_fp") for r in rows]
+        dev = [(r.get("offline") or {}).get(DEVIATION_KEY) for r in rows]
         if all(d is not None for d in dev):
             ax_e.plot(x, [max(d, 1e-12) for d in dev], **style)
     ax_s.set_xlabel("measured weight memory (bits / param)")
@@ -111,7 +116,7 @@ def plot_comparison(doc: dict, path: str | Path) -> Path:
     ax_s.set_ylim(-2, 102)
     ax_s.grid(alpha=0.3)
     ax_e.set_xlabel("measured weight memory (bits / param)")
-    ax_e.set_ylabel("action MSE vs. float policy (held-out frames)")
+    ax_e.set_ylabel("action error vs. float policy (held-out frames)")
     ax_e.set_yscale("log")
     ax_e.grid(alpha=0.3)
     handles, labels = ax_s.get_legend_handles_labels()

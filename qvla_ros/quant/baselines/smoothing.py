@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoint import set_submodule
+from ..input_scaled import InputScaled
+
 # (suffix of a Linear's dotted name, name of the norm beside its parent block that feeds it)
 NORM_FEEDS = (
     ("self_attn.q_proj", "input_layernorm"),
@@ -38,12 +41,6 @@ def _get(root: nn.Module, name: str) -> nn.Module | None:
         return root.get_submodule(name)
     except AttributeError:
         return None
-
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def feeding_norm(root: nn.Module, linear_name: str) -> str | None:
@@ -80,28 +77,6 @@ def scale_groups(root: nn.Module, names: list[str]) -> list[ScaleGroup]:
             by_norm[norm] = [name]
             groups.append(ScaleGroup(by_norm[norm], norm))
     return groups
-
-
-class InputScaled(nn.Module):
-    """`inner(x / scale)`: the input rescaling of a Linear with no norm to fold it into.
-
-    scale is float16 [K] (the stored numbers; the weight was multiplied by exactly these values).
-    """
-
-    def __init__(self, inner: nn.Module, scale: torch.Tensor):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("scale", scale.detach().to(torch.float16).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x / self.scale.to(x.dtype))
-
-    @property
-    def in_features(self) -> int:
-        return int(self.scale.numel())
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}"
 
 
 @torch.no_grad()

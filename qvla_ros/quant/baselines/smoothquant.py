@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import InputStats, action_error, check_batches, collect_input_stats, reference_actions
+from ..action_error import action_error
+from .calibration import InputStats, calibration_actions, check_batches, collect_input_stats
 from .smoothing import apply_smoothing, scale_groups, wrap_input_scales
 
 DEFAULT_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -62,14 +63,14 @@ def apply_smoothquant(policy: nn.Module, names: Sequence[str], batches: Sequence
 
     pack(policy) quantizes the named Linears of a smoothed policy (weights and activations);
     it is called once per alpha candidate on a copy, then once on `policy`.
-    Returns {"alpha": chosen, "calibration_error": {alpha: action MSE}}.
+    Returns {"alpha": chosen, "calibration_error": {alpha: quant.action_error on the calibration frames}}.
     """
     batches = check_batches(batches)
     if not alphas:
         raise ValueError("SmoothQuant needs at least one alpha candidate")
     modules = {n: policy.get_submodule(n) for n in names}
     stats = collect_input_stats(policy, modules, batches)
-    reference = reference_actions(policy, batches)
+    reference = calibration_actions(policy, batches)
     errors: dict[float, float] = {}
     for alpha in tqdm(list(alphas), desc="SmoothQuant alpha", disable=not progress or len(alphas) == 1,
                       leave=False):
@@ -79,7 +80,7 @@ def apply_smoothquant(policy: nn.Module, names: Sequence[str], batches: Sequence
         explicit = smooth_(trial, names, stats, alpha)
         pack(trial)
         wrap_input_scales(trial, explicit)
-        errors[float(alpha)] = action_error(trial, batches, reference)
+        errors[float(alpha)] = action_error(calibration_actions(trial, batches), reference)
         del trial
     best = float(alphas[0]) if len(alphas) == 1 else min(errors, key=errors.get)
     explicit = smooth_(policy, names, stats, best)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import K_ALIGN, pack_codes, unpack_codes
-from ..quantizer import QUANT_BITS, check_bits, dequantize_rows, quantize_rows
+from .packing import K_ALIGN, pack_codes, unpack_codes
+from .quantizer import QUANT_BITS, check_bits, dequantize_rows, quantize_rows
 
 
 class GroupWiseLinear(nn.Module):
