@@ -231,12 +231,13 @@ class OFTConfig:
 
 
 def _oft_micro() -> OFTConfig:
-    # Every published structure at toy width: 2 images of 28 px (4 patches of 14 px each), both
+    # Every published structure at toy width: the published chunk (8 x 7 actions, 56 placeholders),
+    # 2 images of 28 px (4 patches of 14 px each), both
     # towers with their prefix tokens, LayerScale and MAP head, a 2-layer Llama with grouped KV.
     # The towers keep the published 16 heads: a checkpoint's shapes do not tell the head count, so
     # the importer takes it from the timm id, and an imported micro checkpoint is this preset.
     return OFTConfig(
-        name="oft-micro", n_cams=2, image_size=28, patch_size=14, proprio_dim=8, action_dim=7, horizon=2,
+        name="oft-micro", n_cams=2, image_size=28, patch_size=14, proprio_dim=8, action_dim=7, horizon=8,
         featurizer=dinov2_tower(embed_dim=32, depth=3, mlp_hidden=64),
         fused_featurizer=siglip_tower(embed_dim=48, depth=3, mlp_hidden=80),
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,

@@ -352,7 +352,8 @@ def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: in
     """
     from .configuration_oft import OFT_PRESETS
 
-    if isinstance(config_name_or_config, OFTConfig) or config_name_or_config in OFT_PRESETS:
+    if isinstance(config_name_or_config, OFTConfig) or (isinstance(config_name_or_config, str)
+                                                         and config_name_or_config in OFT_PRESETS):
         from .modeling_oft import make_oft_policy
 
         return make_oft_policy(config_name_or_config, seed=seed, device=device, dtype=dtype, tokenizer=tokenizer)
