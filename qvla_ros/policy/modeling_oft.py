@@ -256,24 +256,34 @@ class OFTPolicy(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, provenance: dict | None = None) -> Path:
         """config.json, tokenizer.json, model.safetensors (each atomically): the project's format,
         which load_policy, quantize and the node read."""
-        from safetensors.torch import save_file
-
-        from .modeling_vla import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"format": OFT_CONFIG_FORMAT, "version": OFT_CONFIG_VERSION, "config": self.config.to_dict()}
-        if provenance:
-            meta["provenance"] = provenance
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(out / TOKENIZER_FILE, self.tokenizer.to_str())
-        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
-            state, p, metadata={"format": OFT_CONFIG_FORMAT, "version": str(OFT_CONFIG_VERSION)}))
-        return out
+        return write_oft_checkpoint(directory, self.config, self.tokenizer, state, provenance)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def write_oft_checkpoint(directory: str | os.PathLike, config: OFTConfig, tokenizer: OFTTokenizer,
+                         state: dict[str, torch.Tensor], provenance: dict | None = None) -> Path:
+    """The one writer of the project's OFT checkpoint (OFTPolicy.save_pretrained and the importer,
+    which writes a published checkpoint's tensors without building the model): config.json,
+    tokenizer.json, model.safetensors, each atomically. `state`: OFTPolicy's state dict, CPU."""
+    from safetensors.torch import save_file
+
+    from .modeling_vla import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": OFT_CONFIG_FORMAT, "version": OFT_CONFIG_VERSION, "config": config.to_dict()}
+    if provenance:
+        meta["provenance"] = provenance
+    # Weights first, config last: a folder whose write was cut short has no config.json that
+    # describes weights it lacks.
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
+        state, p, metadata={"format": OFT_CONFIG_FORMAT, "version": str(OFT_CONFIG_VERSION)}))
+    atomic_write_text(out / TOKENIZER_FILE, tokenizer.to_str())
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 def oft_layer_count(config: OFTConfig) -> int:
