@@ -218,6 +218,23 @@ def out_file(tmp_path):
     return tmp_path / "imported" / "model.safetensors"
 
 
+def test_bf16_shards_stay_bf16(copy, tmp_path):
+    """The published weights are bf16: imported as stored, loaded in bf16 or float32 alike."""
+    index = json.loads((copy / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(copy / shard).items()}, copy / shard)
+    out = import_oft(copy, tmp_path / "imported", unnorm_key=UNNORM)
+    stored = load_file(out / "model.safetensors")
+    assert stored["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert stored["action_q01"].dtype == torch.float32 and stored["action_mask"].dtype == torch.bool
+    x = inputs(get_oft_config("oft-micro"), batch=1)
+    with torch.no_grad():
+        full = load_policy(out)(*x)
+        half = load_policy(out, dtype=torch.bfloat16)(*x)
+    assert torch.isfinite(half).all() and half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.1, atol=0.3)
+
+
 def test_the_cli_verb(published, tmp_path, capsys):
     from qvla_ros.cli import main
 
@@ -227,6 +244,26 @@ def test_the_cli_verb(published, tmp_path, capsys):
     assert main(["import-oft", str(folder), "--out", str(tmp_path / "b")]) == 2
     assert "name one with unnorm_key" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_imported_checkpoint_goes_through_calibrate_allocate_quantize(published, tmp_path, capsys):
+    """The verbs take the imported checkpoint unchanged (synthetic frames: a smoke of the chain)."""
+    from qvla_ros.cli import main
+    from qvla_ros.quant.api import load_quantized_policy, mixed_bit_layers
+
+    folder, _ = published
+    ckpt, table, plan, q = (str(tmp_path / n) for n in ("imported", "s.safetensors", "plan.json", "q"))
+    assert main(["import-oft", str(folder), "--out", ckpt, "--unnorm-key", UNNORM]) == 0
+    assert main(["calibrate", "--policy", ckpt, "--synthetic", "--frames", "2", "--out", table]) == 0
+    assert main(["allocate", "--sensitivity", table, "--budget", "4", "--budget-scope", "planned",
+                 "--policy", ckpt, "--out", plan]) == 0
+    assert main(["quantize", "--policy", ckpt, "--plan", plan, "--out", q]) == 0
+    capsys.readouterr()
+    policy = load_quantized_policy(q)
+    assert any(n.startswith("language_model.model.layers.") for n in mixed_bit_layers(policy))
+    with torch.no_grad():
+        actions = policy(*inputs(policy.config, batch=1))
+    assert actions.shape == (1, 8, 7) and torch.isfinite(actions).all()
 
 
 def test_7b_sizes_are_inferred_from_the_published_shapes():

@@ -32,8 +32,9 @@ files and are the run's settings (experiments/robot): the images per observation
 
 Not carried over, because an L1-regression forward never reads them: language_model.lm_head
 (the logits), each tower's last block and final norm (OFT reads the second-to-last block) and
-SigLIP's attention-pooling head. Their presence is required (they are the published layout);
-attn_pool's tensors are accepted by prefix, their names following timm's version.
+SigLIP's attention-pooling head. lm_head and the norms are required (they are the published
+layout); attn_pool's tensors are accepted by prefix and not required, their names following
+timm's version.
 """
 from __future__ import annotations
 
