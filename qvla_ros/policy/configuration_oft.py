@@ -241,7 +241,7 @@ def _oft_micro() -> OFTConfig:
         featurizer=dinov2_tower(embed_dim=32, depth=3, mlp_hidden=64),
         fused_featurizer=siglip_tower(embed_dim=48, depth=3, mlp_hidden=80),
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-        vocab_size=192, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=24,
+        vocab_size=192, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=32,
         head_hidden=64,
     )
 
