@@ -3,6 +3,7 @@
     qvla demos      scripted-expert demonstrations for the benchmark suite
     qvla eval       closed-loop success of a policy (optionally quantized by a plan)
     qvla train      train a policy from demonstrations
+    qvla import-oft import a published OpenVLA-OFT checkpoint into the project's format
     qvla calibrate  action-space sensitivity table of a policy
     qvla allocate   bit plan under a memory budget, from a sensitivity table
     qvla quantize   apply a bit plan: packed mixed-bit checkpoint
@@ -23,6 +24,7 @@ VERBS = {
     "demos": "qvla_ros.sim.commands",
     "eval": "qvla_ros.sim.commands",
     "train": "qvla_ros.policy.commands",
+    "import-oft": "qvla_ros.policy.import_oft",
     "calibrate": "qvla_ros.quant.commands",
     "allocate": "qvla_ros.quant.commands",
     "quantize": "qvla_ros.quant.commands",

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
 from ..io import atomic_write, atomic_write_text
+from .configuration_oft import OFT_CONFIG_FORMAT, OFTConfig
 from .configuration_vla import CONFIG_FORMAT, CONFIG_VERSION, VLAConfig, get_config
 from .processing_vla import InstructionTokenizer, default_instructions, images_to_pixels
 
@@ -216,14 +217,19 @@ class VLAPolicy(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def read_checkpoint_config(directory: Path) -> tuple[VLAConfig, InstructionTokenizer]:
+def read_checkpoint_config(directory: Path):
     """(config, tokenizer) from a checkpoint's config.json and tokenizer.json, checked: format and
     version, a config dict (a preset name in its place is refused: it would build whatever that
-    preset is, whatever the weights hold). CheckpointError names the file and the problem."""
+    preset is, whatever the weights hold). A config.json of format qvla-oft-policy gives
+    (OFTConfig, OFTTokenizer). CheckpointError names the file and the problem."""
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if isinstance(meta, dict) and meta.get("format") == OFT_CONFIG_FORMAT:
+        from .modeling_oft import read_oft_checkpoint_config  # the published OpenVLA-OFT architecture
+
+        return read_oft_checkpoint_config(directory, meta)
     if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config "
                               f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -263,14 +269,22 @@ def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionToke
     checkpoint's tensors before anything is allocated. `stored_tensors` (how many the weights
     file holds) bounds the build: every layer stores at least one tensor, and the skeleton's cost
     grows with the layer count even on the meta device."""
-    layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
+    if isinstance(config, OFTConfig):
+        from .modeling_oft import OFTPolicy as policy_class, oft_layer_count
+
+        layers = oft_layer_count(config)
+    else:
+        policy_class = VLAPolicy
+        layers = config.num_layers + config.head_layers + sum(v.num_layers for v in config.vision)
     if layers > stored_tensors:
         raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
                               f"{WEIGHTS_FILE} holds only {stored_tensors} tensors")
     try:
         with torch.device("meta"), _default_dtype(dtype):
-            policy = VLAPolicy(config, tokenizer=tokenizer)
-        for name in STAT_NAMES:   # statistics stay float32 whatever the weights' dtype (make_policy)
+            policy = policy_class(config, tokenizer=tokenizer)
+        for name in (STAT_NAMES if policy_class is VLAPolicy else ()):
+            # statistics stay float32 whatever the weights' dtype (make_policy); OFTPolicy's
+            # buffers are created with explicit dtypes
             setattr(policy, name, getattr(policy, name).float())
         return policy
     except ValueError as exc:
@@ -333,8 +347,16 @@ def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: in
     """A policy with random weights (seeded), built directly on `device` in `dtype`.
 
     Parameters are allocated on `device` as they are created (no CPU copy first), so `oft-7b`
-    can be built on a GPU in bf16. The normalization statistics stay float32.
+    can be built on a GPU in bf16. The normalization statistics stay float32. An OFT preset name
+    (`oft-micro`, `openvla-oft-7b`) or OFTConfig builds the published OpenVLA-OFT architecture.
     """
+    from .configuration_oft import OFT_PRESETS
+
+    if isinstance(config_name_or_config, OFTConfig) or (isinstance(config_name_or_config, str)
+                                                         and config_name_or_config in OFT_PRESETS):
+        from .modeling_oft import make_oft_policy
+
+        return make_oft_policy(config_name_or_config, seed=seed, device=device, dtype=dtype, tokenizer=tokenizer)
     config = get_config(config_name_or_config)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -370,7 +392,12 @@ def load_policy(path: str | os.PathLike | None = None, device: str | torch.devic
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{directory / WEIGHTS_FILE} is corrupt: {exc}") from None
     try:
-        policy = make_policy(config, device=device, dtype=dtype, tokenizer=tokenizer)
+        if isinstance(config, OFTConfig):
+            from .modeling_oft import make_oft_policy
+
+            policy = make_oft_policy(config, device=device, dtype=dtype, tokenizer=tokenizer)
+        else:
+            policy = make_policy(config, device=device, dtype=dtype, tokenizer=tokenizer)
     except ValueError as exc:
         raise CheckpointError(f"{directory}: {exc}") from None
     expected = policy.state_dict()

@@ -206,7 +206,9 @@ def _float_skeleton(directory: Path, stored: dict[str, tuple[tuple[int, ...], st
     config, tokenizer = read_checkpoint_config(directory)
     # The weights' dtype as stored (a bf16 policy saved on a GPU stays bf16), read off one tensor
     # every policy has and no quantizer replaces.
-    dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.get("action_queries", ((), "F32"))[1])
+    # (VLAPolicy: action_queries; OFTPolicy: projector.fc1.weight.)
+    probe = stored.get("action_queries") or stored.get("projector.fc1.weight") or ((), "F32")
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(probe[1])
     return meta_skeleton(directory, config, tokenizer, len(stored), dtype=dtype)
 
 
