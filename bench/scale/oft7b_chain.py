@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", type=int, default=2, help="projections per backward pass in calibration")
     p.add_argument("--budgets", default="4.0,3.0", help="whole-policy bits per parameter")
     p.add_argument("--gptq-budgets", default="4.0", help="budgets also quantized with GPTQ rows")
-    p.add_argument("--gptq-frames", type=int, default=64)
+    p.add_argument("--gptq-frames", type=int, default=64,
+                   help="frames GPTQ rounds on, all in ONE forward: this bounds its activation memory")
     p.add_argument("--layout", choices=("kernel", "packed"), default="kernel",
                    help="how the allocator prices rows: as the GPU kernels hold them (what this chain "
                         "serves) or as the packed checkpoint buffers")
@@ -219,15 +220,28 @@ def _quantize_save_load(args, dev, work, policy, plan, b, rounding, result) -> N
     if rounding == "gptq":
         modules = {name: policy.get_submodule(name) for name in plan.layers}
         gptq_frames = synthetic_frames(policy.config, args.gptq_frames, seed=args.seed + 1)
-        apply_gptq(policy, modules, gptq_frames, plan.row_bits(), progress=True)
+        forwards = [0]   # policy forwards GPTQ ran: 2 when every group was rounded in one pass
+        counter = policy.register_forward_pre_hook(lambda m, a: forwards.__setitem__(0, forwards[0] + 1))
+        t_gptq = time.perf_counter()
+        rel = apply_gptq(policy, modules, gptq_frames, plan.row_bits(), progress=True)
+        _sync(dev)
+        gptq_s = time.perf_counter() - t_gptq
+        counter.remove()
         quantize_(policy, plan, check_weights=False)
     else:
         quantize_(policy, plan)
     _sync(dev)
     q_s = time.perf_counter() - t
     result["quantize_s"] = result.get("quantize_s", 0.0) + q_s
-    entry = result["budgets"].setdefault(str(b), {})
+    entry = result.setdefault("budgets", {}).setdefault(str(b), {})
     entry[f"{rounding}_quantize_s"] = q_s
+    if rounding == "gptq":
+        # the GPTQ rounding alone (the rest of gptq_quantize_s is packing); frames in ONE batch
+        entry.update(gptq_s=gptq_s, gptq_frames=args.gptq_frames, gptq_layers=len(rel),
+                     gptq_policy_forwards=forwards[0],
+                     gptq_mean_relative_layer_error=sum(rel.values()) / max(len(rel), 1))
+        print(f"[chain] GPTQ {len(rel)} layers on {args.gptq_frames} frames in {gptq_s:.1f} s "
+              f"({forwards[0]} policy forwards)", flush=True)
     # measured: every weight the quantized policy holds, over the float policy's weight count
     entry["whole_policy_bits_per_param"] = resident_nbytes(policy) * 8 / result["weights"]
     entry[f"{rounding}_inprocess_vram_bytes"] = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
@@ -250,13 +264,20 @@ def _gptq_stage(args, dev, work, gptq_budgets) -> int:
     """GPTQ rows at the plan stage's plans, merged into the plan stage's JSON (--out)."""
     from qvla_ros.quant.plan import BitPlan
 
-    result = json.loads(args.out.read_text())
+    # Merged into the plan stage's record when --out holds one (copy it there first), else alone.
+    result = json.loads(args.out.read_text()) if args.out.exists() else {
+        "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "config": args.config,
+        "torch": torch.__version__}
     t_total = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     plans_dir = args.plans or args.out.parent / "plans"
     for b in sorted(gptq_budgets, reverse=True):
         policy = _build(args, dev)
+        # what a record composed by hand may lack: the float policy's weight count and VRAM
+        result.setdefault("weights", policy_storage(policy)["params"])
+        if dev.type == "cuda":
+            result.setdefault("bf16_vram_bytes", torch.cuda.memory_allocated(dev))
         plan = BitPlan.load(plans_dir / f"plan_{b}.json", model=policy)
         _quantize_save_load(args, dev, work, policy, plan, b, "gptq", result)
         del policy
@@ -265,14 +286,16 @@ def _gptq_stage(args, dev, work, gptq_budgets) -> int:
             torch.cuda.empty_cache()
     stage_s = time.perf_counter() - t_total
     result["gptq_stage_s"] = stage_s
-    result["total_s"] = result["total_s"] + stage_s
+    result["total_s"] = result.get("total_s", 0.0) + stage_s
     result["gptq_frames"] = args.gptq_frames
     if dev.type == "cuda":
-        result["peak_gpu_bytes"] = max(result["peak_gpu_bytes"] or 0, torch.cuda.max_memory_reserved(dev))
-        result["peak_gpu_allocated_bytes"] = max(result["peak_gpu_allocated_bytes"] or 0,
+        result["gptq_stage_peak_gpu_bytes"] = torch.cuda.max_memory_reserved(dev)
+        result["peak_gpu_bytes"] = max(result.get("peak_gpu_bytes") or 0, torch.cuda.max_memory_reserved(dev))
+        result["peak_gpu_allocated_bytes"] = max(result.get("peak_gpu_allocated_bytes") or 0,
                                                  torch.cuda.max_memory_allocated(dev))
     children = [e[k]["peak_rss_bytes"] for e in result["budgets"].values() for k in e if k.endswith("_fresh")]
-    result["peak_host_rss_bytes"] = max([result["peak_host_rss_bytes"], _rss(), *children])
+    result["gptq_stage_peak_host_rss_bytes"] = _rss()
+    result["peak_host_rss_bytes"] = max([result.get("peak_host_rss_bytes") or 0, _rss(), *children])
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "budgets"}, indent=1))
     return 0

@@ -46,6 +46,26 @@ def check_batches(batches) -> list[dict]:
     return [dict(b) for b in batches]
 
 
+def stack_batches(batches: Sequence[Mapping]) -> dict | None:
+    """All calibration batches as ONE batch (frames concatenated in order), or None when their
+    tensors cannot be stacked (different image sizes, say). Under the policy contract each
+    frame's actions depend on that frame alone, so one forward of the stacked batch gives every
+    Linear the same input rows as the batches' forwards together."""
+    if len(batches) == 1:
+        return dict(batches[0])
+    out = {}
+    for key in BATCH_KEYS:
+        parts = [b[key] for b in batches]
+        if isinstance(parts[0], torch.Tensor):
+            if any(not isinstance(t, torch.Tensor) or t.shape[1:] != parts[0].shape[1:]
+                   or t.dtype != parts[0].dtype for t in parts):
+                return None
+            out[key] = torch.cat(parts)
+        else:
+            out[key] = [item for part in parts for item in part]
+    return out
+
+
 def run_policy(policy: nn.Module, batch: Mapping) -> torch.Tensor:
     """Actions of `policy` on one batch (the policy contract), as float32."""
     return policy(batch["images"], batch["instruction"], batch["proprio"]).float()
@@ -175,9 +195,11 @@ def forward_order(policy: nn.Module, modules: Mapping[str, nn.Linear],
                   batch: Mapping) -> tuple[list[list[str]], dict[str, int]]:
     """(groups_by_shared_input, how many times each Linear runs in one forward)."""
     calls: dict[str, int] = {n: 0 for n in modules}
-    # The input tensors themselves are kept (not their id()), so a freed tensor's id cannot be
-    # reused by a later, unrelated input during the pass.
-    order: list[tuple[str, torch.Tensor]] = []
+    groups: list[list[str]] = []
+    # Only the latest first-call input is held (as the tensor itself, not its id(), so a freed
+    # tensor's id cannot be reused by a later, unrelated input): holding every layer's input
+    # would keep the whole forward's activations alive, tens of GB for a 7B policy.
+    last_input: list[torch.Tensor] = []
     seen: set[str] = set()
 
     def hook_for(name):
@@ -185,7 +207,11 @@ def forward_order(policy: nn.Module, modules: Mapping[str, nn.Linear],
             calls[name] += 1
             if name not in seen:
                 seen.add(name)
-                order.append((name, args[0]))
+                if groups and args[0] is last_input[0]:
+                    groups[-1].append(name)
+                else:
+                    groups.append([name])
+                last_input[:] = [args[0]]
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
@@ -194,14 +220,7 @@ def forward_order(policy: nn.Module, modules: Mapping[str, nn.Linear],
     finally:
         for h in handles:
             h.remove()
-    groups: list[list[str]] = []
-    last_input = None
-    for name, inp in order:
-        if groups and inp is last_input:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last_input = inp
+        last_input.clear()
     missing = [n for n in modules if n not in seen]
     if missing:
         raise ValueError(f"these Linears never ran on the calibration batch: {missing[:5]}")

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quantizer import ALL_BITS, QUANT_BITS, check_bits, dequantize_rows, quantize_rows
-from .calibration import check_batches, collect_input_stats, forward_order
+from ..quantizer import ALL_BITS, QUANT_BITS, check_bits, quantize_rows
+from .calibration import (_rows, _StopForward, check_batches, collect_input_stats, forward_order,
+                          run_policy, stack_batches)
 
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | torch.Tensor, *,
@@ -77,33 +78,54 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int 
     inv_perm = torch.argsort(perm)
     w = w[:, perm]
     h = h[perm][:, perm]
-    pos_lo = torch.where(pin_lo >= 0, inv_perm[pin_lo.clamp(min=0)], pin_lo)
-    pos_hi = torch.where(pin_hi >= 0, inv_perm[pin_hi.clamp(min=0)], pin_hi)
+    # The pinned codes as a mask and value per (row, permuted column), made once, so each column
+    # costs one torch.where instead of two comparisons and two selects (the loop below runs K
+    # times per layer and its cost is the per-op overhead, not the arithmetic).
+    pinned = torch.zeros(rows, k, dtype=torch.bool, device=dev)
+    pin_code = torch.zeros(rows, k, device=dev)
+    row_idx = torch.arange(rows, device=dev)
+    for pins, code in ((pin_lo, torch.zeros_like(maxq)), (pin_hi, maxq)):   # max after min: it wins
+        has = pins >= 0
+        cols = inv_perm[pins.clamp(min=0)]
+        pinned[row_idx[has], cols[has]] = True
+        pin_code[row_idx[has], cols[has]] = code[has]
 
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype, device=dev)
     hinv = _upper_cholesky_of_inverse(h).float()
+    del h
 
-    q_all = torch.zeros_like(w)
+    q_all = _gptq_columns(w, hinv, s32, z32, maxq, pinned, pin_code, block)
+    out[rounded] = q_all[:, inv_perm]
+    return out
+
+
+def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, s32: torch.Tensor, z32: torch.Tensor,
+                  maxq: torch.Tensor, pinned: torch.Tensor, pin_code: torch.Tensor, block: int
+                  ) -> torch.Tensor:
+    """GPTQ's column loop on rows `w` [R, K] (updated in place; columns already in act order):
+    each column is rounded on its row's grid (s32, z32, maxq [R]; `pinned` codes forced), and its
+    error spread over the later columns through the upper Cholesky factor of H^-1 `hinv`.
+    Returns the dequantized rows [R, K]. Lazy batch updates (the paper's blocks of `block`
+    columns) keep the big updates as matrix products; inside a block each column is ~10 ops."""
+    k = w.shape[1]
+    lo = torch.zeros_like(maxq)
+    q_all = torch.empty_like(w)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        q1 = q_all[:, i1:i2]
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            d = hinv1[i, i]
-            # The quantizer's grid rule with this row's fixed (scale, zero).
-            codes = torch.minimum(torch.clamp(torch.round(col / s32) + z32, min=0), maxq)
-            codes = torch.where(pos_lo == i1 + i, torch.zeros_like(codes), codes)
-            codes = torch.where(pos_hi == i1 + i, maxq, codes)
-            q = dequantize_rows(codes.unsqueeze(1), scale, zero).squeeze(1)
-            q_all[:, i1 + i] = q
-            e = (col - q) / d
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        for i, (col, h_row, pin, code, q, e) in enumerate(zip(
+                w1.unbind(1), hinv1.unbind(0), pinned[:, i1:i2].unbind(1), pin_code[:, i1:i2].unbind(1),
+                q1.unbind(1), err1.unbind(1))):
+            # The quantizer's grid rule with this row's fixed (scale, zero), then the pins.
+            codes = torch.where(pin, code, torch.clamp(torch.round(col / s32) + z32, min=lo, max=maxq))
+            torch.mul(codes - z32, s32, out=q)   # dequantize_rows' (codes - zero) * scale, in float32
+            torch.div(col - q, h_row[i], out=e)
+            w1[:, i:].addcmul_(e.unsqueeze(1), h_row[i:].unsqueeze(0), value=-1.0)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    out[rounded] = q_all[:, inv_perm]
-    return out
+    return q_all
 
 
 def _row_bits(bits: int | torch.Tensor, rows: int) -> torch.Tensor:
@@ -150,28 +172,138 @@ def apply_gptq(policy: nn.Module, modules: Mapping[str, nn.Linear], batches: Seq
     bits: one width for every layer, or per layer a width per output row (a QVLA allocation).
     The caller then packs them with the matching plan; the grid is the packer's own, so packing
     adds no further error. Returns each layer's relative objective error (for reporting).
+
+    Every group is quantized on the inputs the already-quantized groups before it produce. The
+    frames are stacked into ONE batch and the groups are quantized inside ONE forward of it: a
+    pre-hook on each group's first Linear takes the Hessian of its input, rounds the group and
+    lets the forward go on, so every later layer sees the quantized prefix. That is exactly what
+    `apply_gptq_per_group` computes with a prefix forward per group. A group whose Linear runs
+    several times per forward (one encoder per camera) cannot be rounded at its first call (its
+    Hessian needs every call), so it alone gets a per-group pass, and the next one-pass forward
+    resumes after it: mixing is exact, since neither pass touches a layer that has not yet been
+    reached. Memory: the forward holds the activations of every frame at once (bounded by the
+    number of frames given), plus one group's Hessian, freed after use.
     """
+    _check_bits_cover(modules, bits)
+    batches = check_batches(batches)
+    batch = stack_batches(batches)
+    if batch is None:   # frames that cannot share a forward
+        return apply_gptq_per_group(policy, modules, batches, bits, damp=damp, act_order=act_order,
+                                    progress=progress)
+    # The order and call counts of the very batch quantized (a policy may loop over frames).
+    groups, calls = forward_order(policy, modules, batch)
+    rel_err: dict[str, float] = {}
+    with tqdm(total=len(groups), desc=_desc(bits), disable=not progress, leave=False) as bar:
+        i = 0
+        while i < len(groups):
+            if _called_more_than_once(groups[i], calls):
+                _per_group(policy, modules, [batch], groups[i:i + 1], calls, bits, damp, act_order,
+                           rel_err, bar)
+                i += 1
+                continue
+            j = i
+            while j < len(groups) and not _called_more_than_once(groups[j], calls):
+                j += 1
+            _one_pass(policy, modules, batch, groups[i:j], bits, damp, act_order, rel_err, bar)
+            i = j
+    return rel_err
+
+
+@torch.no_grad()
+def apply_gptq_per_group(policy: nn.Module, modules: Mapping[str, nn.Linear], batches: Sequence[Mapping],
+                         bits: int | Mapping[str, torch.Tensor], *, damp: float = 0.01,
+                         act_order: bool = True, progress: bool = True) -> dict[str, float]:
+    """`apply_gptq` with one prefix forward over all `batches` per group (a forward stopped at the
+    group's last call): the reference the one-pass method is checked against, and the path for
+    batches that cannot be stacked. Slow at scale: a 7B policy's 332 groups take 332 forwards."""
+    _check_bits_cover(modules, bits)
+    batches = check_batches(batches)
+    groups, calls = forward_order(policy, modules, batches[0])
+    rel_err: dict[str, float] = {}
+    with tqdm(total=len(groups), desc=_desc(bits), disable=not progress, leave=False) as bar:
+        _per_group(policy, modules, batches, groups, calls, bits, damp, act_order, rel_err, bar)
+    return rel_err
+
+
+def _check_bits_cover(modules: Mapping[str, nn.Linear], bits) -> None:
     if isinstance(bits, Mapping):
         missing = [n for n in modules if n not in bits]
         if missing:
             raise ValueError(f"GPTQ: no per-row bits for {len(missing)} layers, e.g. {missing[0]!r}")
-    batches = check_batches(batches)
-    groups, calls = forward_order(policy, modules, batches[0])
-    rel_err: dict[str, float] = {}
-    desc = "GPTQ mixed rows" if isinstance(bits, Mapping) else f"GPTQ W{bits}"
-    for group in tqdm(groups, desc=desc, disable=not progress, leave=False):
+
+
+def _desc(bits) -> str:
+    return "GPTQ mixed rows" if isinstance(bits, Mapping) else f"GPTQ W{bits}"
+
+
+def _called_more_than_once(group: Sequence[str], calls: Mapping[str, int]) -> bool:
+    return any(calls[name] > 1 for name in group)
+
+
+def _per_group(policy, modules, batches, groups, calls, bits, damp, act_order, rel_err, bar) -> None:
+    """Each group in turn: its Hessian from a prefix forward over `batches`, then rounded."""
+    for group in groups:
         stats = collect_input_stats(policy, {group[0]: modules[group[0]]}, batches, hessian=True,
                                     stop_after_calls=calls[group[0]])
-        h = stats[group[0]].h
-        for name in group:
-            lin = modules[name]
-            row_bits = bits[name] if isinstance(bits, Mapping) else bits
-            q = gptq_quantize_weight(lin.weight, h, row_bits, damp=damp, act_order=act_order)
-            base = layer_objective(lin.weight, torch.zeros_like(lin.weight), h)
-            rel_err[name] = layer_objective(lin.weight, q, h) / max(base, 1e-30)
-            lin.weight.copy_(q.to(lin.weight.dtype))
-    return rel_err
+        h = stats.pop(group[0]).h
+        del stats
+        _quantize_group(modules, group, h, bits, damp, act_order, rel_err)
+        del h
+        bar.update(1)
 
+
+def _one_pass(policy, modules, batch, groups, bits, damp, act_order, rel_err, bar) -> None:
+    """Rounds `groups` (each run once per forward, in forward order) inside ONE forward of `batch`,
+    each in a pre-hook on its first Linear, before that Linear runs; the forward is stopped after
+    the last group (what follows is not needed)."""
+    done = [0]
+
+    def hook_for(index: int, group: Sequence[str]):
+        def hook(module, args):
+            if index != done[0]:
+                raise RuntimeError(f"GPTQ: {group[0]!r} ran before {groups[done[0]][0]!r} in the "
+                                   "quantizing forward, unlike in the forward that ordered the layers")
+            x = _rows(args[0])
+            # As collect_input_stats: float32 products, float64 Hessian, over the input rows.
+            h = (x.T @ x).double() / max(x.shape[0], 1)
+            del x
+            _quantize_group(modules, group, h, bits, damp, act_order, rel_err)
+            del h
+            done[0] += 1
+            bar.update(1)
+            if done[0] == len(groups):
+                raise _StopForward
+        return hook
+
+    handles = [modules[g[0]].register_forward_pre_hook(hook_for(i, g)) for i, g in enumerate(groups)]
+    try:
+        run_policy(policy, batch)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if done[0] != len(groups):
+        raise RuntimeError(f"GPTQ: {groups[done[0]][0]!r} never ran in the quantizing forward")
+
+
+def _quantize_group(modules, group, h, bits, damp, act_order, rel_err) -> None:
+    """GPTQ of the Linears of one group (one input, so one Hessian) in place, recording each
+    one's relative layer error. Their rows are rounded together as one matrix: GPTQ keeps rows
+    independent, so this is each layer's own GPTQ, with one column loop (the cost at scale)
+    instead of one per layer."""
+    lins = [modules[name] for name in group]
+    weights = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight
+    if isinstance(bits, Mapping):
+        row_bits = torch.cat([_row_bits(bits[name], lin.out_features) for name, lin in zip(group, lins)])
+    else:
+        row_bits = bits
+    q_all = gptq_quantize_weight(weights, h, row_bits, damp=damp, act_order=act_order)
+    del weights
+    for name, lin, q in zip(group, lins, q_all.split([lin.out_features for lin in lins])):
+        base = layer_objective(lin.weight, torch.zeros_like(lin.weight), h)
+        rel_err[name] = layer_objective(lin.weight, q, h) / max(base, 1e-30)
+        lin.weight.copy_(q.to(lin.weight.dtype))
 
 
 @torch.no_grad()
