@@ -182,6 +182,43 @@ def test_lifecycle_transitions_over_dds(ros_env, feeder, micro):
         node.wait_for(r"shutdown: policy freed")
         node.popen.wait(30)
         assert node.popen.returncode == 0, node.output
+    except AssertionError as exc:
+        # A service call that gets no answer says nothing of the node: show what it printed (a
+        # traceback there is why it stopped answering).
+        if node.output not in str(exc):
+            raise AssertionError(f"{exc}\n--- {node.name} output ---\n{node.output}") from exc
+        raise
     finally:
         node.stop()
     print(f"\nconfigure {configure_s:.2f} s, activate {activate_s * 1e3:.0f} ms (micro policy)")
+
+
+def test_spin_thread_calls_run_on_the_spinning_thread():
+    """The managed node destroys its entities on the thread that spins (between two spin_once()):
+    destroyed from a callback thread while that thread builds a wait set, rclpy raises
+    InvalidHandle out of spin_once() and the node dies (seen as get_state unanswered after
+    cleanup)."""
+    from qvla_ros.ros.managed_policy_node import SpinThreadCalls
+
+    calls = SpinThreadCalls()
+    calls.bind()
+    spinner = threading.get_ident()
+    got = {}
+
+    def from_callback():
+        got["thread"] = calls.call(threading.get_ident)
+        try:
+            calls.call(lambda: 1 / 0)
+        except ZeroDivisionError:
+            got["raised"] = True
+
+    worker = threading.Thread(target=from_callback)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while worker.is_alive() and time.monotonic() < deadline:
+        calls.run_pending()  # what main() does between two spin_once()
+        time.sleep(0.01)
+    worker.join(1)
+    assert got == {"thread": spinner, "raised": True}
+    calls.close()  # nothing spins any more: calls run on their caller
+    assert calls.call(threading.get_ident) == threading.get_ident()

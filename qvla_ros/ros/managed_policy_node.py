@@ -24,6 +24,7 @@ import faulthandler
 import gc
 import os
 import sys
+import threading
 import time
 import weakref
 
@@ -35,12 +36,73 @@ from qvla_ros.ros.policy_node import NODE_NAME, PolicyNodeCore, _shut_down
 from qvla_ros.ros.policy_server import PlanRejected
 
 
+class SpinThreadCalls:
+    """Runs calls on the thread that spins the executor, between two of its spin_once() calls.
+
+    The transitions run in executor callbacks, on MultiThreadedExecutor's pool threads, while the
+    spinning thread builds the next wait set from the node's entity lists. rclpy enters each
+    entity's handle, then enters an event handler (the QoS events every publisher and subscription
+    has) a second time to add it to the wait set; destroying the entity from another thread in
+    between (cleanup, shutdown, a failed configure) makes that second enter raise InvalidHandle
+    ("cannot use Destroyable because destruction was requested") out of spin_once(), and the node
+    process dies: no more get_state or change_state answers (ros2/rclpy#1142, #1206 report the
+    same race). On the spinning thread itself, between two spin_once() calls, nothing builds a
+    wait set: destroying there is safe (an entity still entered in a suspended wait is destroyed
+    when the executor lets it go).
+
+    Until bind() and after close() (no thread spins), calls run at once on the caller's thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._thread: int | None = None
+
+    def bind(self) -> None:
+        """The calling thread spins from now on and calls run_pending() between spin_once()s."""
+        with self._lock:
+            self._thread = threading.get_ident()
+
+    def call(self, fn, *args):
+        """fn(*args) on the spinning thread; waits for it and returns its result (or raises)."""
+        done = threading.Event()
+        outcome: dict = {}
+        with self._lock:
+            here = self._thread is None or self._thread == threading.get_ident()
+            if not here:
+                self._pending.append((fn, args, outcome, done))
+        if here:
+            return fn(*args)
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("result")
+
+    def run_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fn, args, outcome, done in pending:
+            try:
+                outcome["result"] = fn(*args)
+            except BaseException as exc:  # handed to the waiting caller
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        """No thread spins any more: run what is queued; later calls run on their caller."""
+        with self._lock:
+            self._thread = None
+        self.run_pending()
+
+
 class ManagedPolicyNode(PolicyNodeCore, LifecycleNode):
-    """See the module docstring."""
+    """See the module docstring. Its entities are destroyed on the spinning thread (main() binds
+    `spin_thread`): see SpinThreadCalls."""
 
     _serving = False
 
     def __init__(self, **kwargs):
+        self.spin_thread = SpinThreadCalls()
         LifecycleNode.__init__(self, NODE_NAME, **kwargs)
         self._setup_parameters()
         self.finalized = False
@@ -52,6 +114,10 @@ class ManagedPolicyNode(PolicyNodeCore, LifecycleNode):
 
     def _ready_word(self) -> str:
         return "configured (inactive): loaded"
+
+    def _release(self) -> None:
+        # Called from the transitions (executor callbacks): destroy on the spinning thread.
+        self.spin_thread.call(super()._release)
 
     # Transitions --------------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -131,17 +197,22 @@ def main(args: list[str] | None = None) -> int:
         executor = MultiThreadedExecutor(num_threads=4)
         node = ManagedPolicyNode()
         executor.add_node(node)
-        # Until the shutdown transition (or SIGINT): then the process exits.
+        node.spin_thread.bind()
+        # Until the shutdown transition (or SIGINT): then the process exits. Between two turns,
+        # what the transitions asked to run here (destroying entities; see SpinThreadCalls).
         while rclpy.ok() and not node.finalized:
             executor.spin_once(timeout_sec=0.2)
+            node.spin_thread.run_pending()
         if node.finalized:
             time.sleep(0.2)  # the change_state answer on its way out
             node.get_logger().info("finalized: exiting")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None and node.server is not None:
-            node._release()
+        if node is not None:
+            node.spin_thread.close()
+            if node.server is not None:
+                node._release()
         _shut_down(executor, node)
     return 0
 
