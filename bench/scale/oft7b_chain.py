@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         # ~18 (oft-micro: embedding, projector, head) bits/param, so higher budgets.
         oft = args.config in ("openvla-oft-7b", "oft-micro")
         args.config, args.device, args.frames, args.gptq_frames = ("oft-micro" if oft else "micro"), "cpu", 2, 4
-        args.budgets, args.gptq_budgets = ("24.0,22.0", "24.0") if oft else ("16.0,14.0", "16.0")
+        args.budgets, args.gptq_budgets = ("24.0,22.0", "24.0") if oft else ("18.0,16.0", "18.0")
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("oft7b_chain: no CUDA device (use --smoke on a CPU)", file=sys.stderr)
