@@ -302,14 +302,22 @@ def _smoke() -> None:
 
 
 def main(argv=None) -> int:
+    global POLICY
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve" / "results.json")
     ap.add_argument("--smoke", action="store_true", help="tiny policy and layers on the CPU (< 1 min)")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--policy", choices=("oft-7b", "openvla-oft-7b"), default=POLICY,
+                    help="openvla-oft-7b: the published OpenVLA-OFT architecture (--smoke: oft-micro)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variant names to run (default: all)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    POLICY = args.policy
     if args.smoke:
         _smoke()
+        if args.policy == "openvla-oft-7b":
+            POLICY = "oft-micro"
     elif not torch.cuda.is_available():
         print("serve.py: no CUDA device (use --smoke on a CPU)", file=sys.stderr)
         return 2
@@ -323,6 +331,12 @@ def main(argv=None) -> int:
             skipped[name] = f"{module}.{function} not found"
         else:
             variants.append(Variant(name, "mixed", mix, act_bits, factory))
+    if args.variants:
+        wanted = [w.strip() for w in args.variants.split(",")]
+        unknown = set(wanted) - {v.name for v in variants}
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}; known: {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in wanted or v.kind == "bf16"]
     graphs = DEVICE == "cuda"
     card = torch.cuda.get_device_name(0) if graphs else "cpu (smoke)"
     result = {"card": card, "torch": torch.__version__, "policy": POLICY, "policy_ms": {}, "layers_us": {},
