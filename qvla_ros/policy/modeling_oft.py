@@ -23,7 +23,6 @@ logits (the importer checks it is there and drops it, with the towers' unused la
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -33,8 +32,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from ..io import atomic_write, atomic_write_text
 from .configuration_oft import OFT_CONFIG_FORMAT, OFT_CONFIG_VERSION, OFTConfig, get_oft_config
+from .processing_vla import check_raw_inputs
 from .processing_oft import (OFTTokenizer, images_to_fused_pixels, normalize_bounds_q99, stand_in_tokenizer,
                              unnormalize_bounds_q99)
 from .vision_oft import FusedVisionBackbone
@@ -229,16 +228,7 @@ class OFTPolicy(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checks the contract's raw inputs; returns (pixels, token_ids, text_mask, proprio_norm)."""
         cfg = self.config
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 5 \
-                or images.shape[1] != cfg.n_cams or images.shape[-1] != 3:
-            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be uint8 [B, {cfg.n_cams}, H, W, 3], got {got}")
-        b = images.shape[0]
-        if isinstance(instruction, str) or len(instruction) != b:
-            raise ValueError(f"instruction must be a list of {b} strings")
-        if not isinstance(proprio, torch.Tensor) or proprio.shape != (b, cfg.proprio_dim):
-            got = tuple(proprio.shape) if isinstance(proprio, torch.Tensor) else type(proprio).__name__
-            raise ValueError(f"proprio must be a float tensor [{b}, {cfg.proprio_dim}], got {got}")
+        check_raw_inputs(images, instruction, proprio, cfg.n_cams, cfg.proprio_dim)
         dev = self.device
         ids, text_mask = self.tokenizer.encode(instruction, cfg.max_text_tokens)
         return (images_to_fused_pixels(images.to(dev), cfg), ids.to(dev), text_mask.to(dev),
@@ -265,25 +255,12 @@ class OFTPolicy(nn.Module):
 
 def write_oft_checkpoint(directory: str | os.PathLike, config: OFTConfig, tokenizer: OFTTokenizer,
                          state: dict[str, torch.Tensor], provenance: dict | None = None) -> Path:
-    """The one writer of the project's OFT checkpoint (OFTPolicy.save_pretrained and the importer,
-    which writes a published checkpoint's tensors without building the model): config.json,
-    tokenizer.json, model.safetensors, each atomically. `state`: OFTPolicy's state dict, CPU."""
-    from safetensors.torch import save_file
+    """The project's OFT checkpoint (OFTPolicy.save_pretrained and the importer, which writes a
+    published checkpoint's tensors without building the model). `state`: OFTPolicy's state dict, CPU."""
+    from .modeling_vla import write_checkpoint
 
-    from .modeling_vla import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": OFT_CONFIG_FORMAT, "version": OFT_CONFIG_VERSION, "config": config.to_dict()}
-    if provenance:
-        meta["provenance"] = provenance
-    # Weights first, config last: a folder whose write was cut short has no config.json that
-    # describes weights it lacks.
-    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
-        state, p, metadata={"format": OFT_CONFIG_FORMAT, "version": str(OFT_CONFIG_VERSION)}))
-    atomic_write_text(out / TOKENIZER_FILE, tokenizer.to_str())
-    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
-    return out
+    return write_checkpoint(directory, OFT_CONFIG_FORMAT, OFT_CONFIG_VERSION, config.to_dict(),
+                            tokenizer.to_str(), state, provenance)
 
 
 def oft_layer_count(config: OFTConfig) -> int:

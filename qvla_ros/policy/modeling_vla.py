@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisi
 from ..io import atomic_write, atomic_write_text
 from .configuration_oft import OFT_CONFIG_FORMAT, OFTConfig
 from .configuration_vla import CONFIG_FORMAT, CONFIG_VERSION, VLAConfig, get_config
-from .processing_vla import InstructionTokenizer, default_instructions, images_to_pixels
+from .processing_vla import InstructionTokenizer, check_raw_inputs, default_instructions, images_to_pixels
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -176,16 +176,7 @@ class VLAPolicy(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Checks the contract's raw inputs and returns (pixels, token_ids, text_mask, proprio_norm)."""
         cfg = self.config
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 5 \
-                or images.shape[1] != cfg.n_cams or images.shape[-1] != 3:
-            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be uint8 [B, {cfg.n_cams}, H, W, 3], got {got}")
-        b = images.shape[0]
-        if isinstance(instruction, str) or len(instruction) != b:
-            raise ValueError(f"instruction must be a list of {b} strings")
-        if not isinstance(proprio, torch.Tensor) or proprio.shape != (b, cfg.proprio_dim):
-            got = tuple(proprio.shape) if isinstance(proprio, torch.Tensor) else type(proprio).__name__
-            raise ValueError(f"proprio must be a float tensor [{b}, {cfg.proprio_dim}], got {got}")
+        check_raw_inputs(images, instruction, proprio, cfg.n_cams, cfg.proprio_dim)
         dev = self.device
         pixels = images_to_pixels(images.to(dev), cfg.image_size)
         ids, text_mask = self.tokenizer.encode(instruction, cfg.max_text_tokens)
@@ -201,20 +192,31 @@ class VLAPolicy(nn.Module):
     # Checkpoints --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Writes config.json, tokenizer.json and model.safetensors (each atomically) into directory."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "config": self.config.to_dict()}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        atomic_write_text(out / TOKENIZER_FILE, self.tokenizer.to_str())
-        atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
-            state, p, metadata={"format": CONFIG_FORMAT, "version": str(CONFIG_VERSION)}))
-        return out
+        return write_checkpoint(directory, CONFIG_FORMAT, CONFIG_VERSION, self.config.to_dict(),
+                                self.tokenizer.to_str(), state)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def write_checkpoint(directory: str | os.PathLike, fmt: str, version: int, config: dict, tokenizer_json: str,
+                     state: dict[str, torch.Tensor], provenance: dict | None = None) -> Path:
+    """The one writer of the project's checkpoint folder, for every architecture: model.safetensors,
+    tokenizer.json, config.json ({format, version, config[, provenance]}), each atomically.
+    Weights first, config last: a folder whose write was cut short has no config.json that
+    describes weights it lacks. `state`: the model's state dict, on the CPU."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": fmt, "version": version, "config": config}
+    if provenance:
+        meta["provenance"] = provenance
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": fmt, "version": str(version)}))
+    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    return out
 
 
 def read_checkpoint_config(directory: Path):

@@ -91,6 +91,22 @@ class InstructionTokenizer:
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])
 
 
+def check_raw_inputs(images, instruction, proprio, n_cams: int, proprio_dim: int) -> int:
+    """Checks the policy contract's raw inputs (images uint8 [B, n_cams, H, W, 3], B instruction
+    strings, proprio [B, proprio_dim]) and returns B; ValueError names what is wrong."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 5 \
+            or images.shape[1] != n_cams or images.shape[-1] != 3:
+        got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be uint8 [B, {n_cams}, H, W, 3], got {got}")
+    b = images.shape[0]
+    if isinstance(instruction, str) or len(instruction) != b:
+        raise ValueError(f"instruction must be a list of {b} strings")
+    if not isinstance(proprio, torch.Tensor) or proprio.shape != (b, proprio_dim):
+        got = tuple(proprio.shape) if isinstance(proprio, torch.Tensor) else type(proprio).__name__
+        raise ValueError(f"proprio must be a float tensor [{b}, {proprio_dim}], got {got}")
+    return b
+
+
 def images_to_pixels(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [B, n_cams, H, W, 3] RGB -> float [B * n_cams, 3, S, S] in [-1, 1] (S = image_size).
 
