@@ -238,16 +238,10 @@ if _HAVE_TRITON:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
-    # M is not specialised: one binary serves 1, 16 and 590 tokens (fewer compiles to tune)
-    @triton.jit(do_not_specialize=["M"])
-    def bf16_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """y = x @ W^T (+ bias); x bf16 [M, K], W bf16 [N, K]."""
-        pid_m, pid_n = _swizzle(M, N, BM, BN, GROUP_M)
-        # rows past M / N wrap to valid ones (loads need no mask; the store drops them)
-        rm = (pid_m * BM + tl.arange(0, BM)) % M
-        rn = (pid_n * BN + tl.arange(0, BN)) % N
+    @triton.jit
+    def _dense_main_loop(x_ptr, w_ptr, rm, rn, K, stride_xm, stride_wn, EVEN_K: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """sum_k x[rm, k] * W[rn, k] in float32 [BM, BN]: the ceilings' loop, no decoding."""
         rk = tl.arange(0, BK)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
         w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
@@ -262,6 +256,19 @@ if _HAVE_TRITON:
             acc = tl.dot(a, tl.trans(b), acc)
             x_ptrs += BK
             w_ptrs += BK
+        return acc
+
+    # M is not specialised: one binary serves 1, 16 and 590 tokens (fewer compiles to tune)
+    @triton.jit(do_not_specialize=["M"])
+    def bf16_gemm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """y = x @ W^T (+ bias); x bf16 [M, K], W bf16 [N, K]."""
+        pid_m, pid_n = _swizzle(M, N, BM, BN, GROUP_M)
+        # rows past M / N wrap to valid ones (loads need no mask; the store drops them)
+        rm = (pid_m * BM + tl.arange(0, BM)) % M
+        rn = (pid_n * BN + tl.arange(0, BN)) % N
+        acc = _dense_main_loop(x_ptr, w_ptr, rm, rn, K, stride_xm, stride_wn, EVEN_K, BM, BN, BK)
         _store(y_ptr, acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), M, N, stride_ym,
                bias_ptr, HAS_BIAS)
 
@@ -271,22 +278,10 @@ if _HAVE_TRITON:
                         BK: tl.constexpr, GROUP_M: tl.constexpr):
         """y = s_x[m] s_w[n] (xq @ Wq^T) (+ bias); xq e4m3 [M, K] (per token), Wq e4m3 [N, K] (per channel)."""
         pid_m, pid_n = _swizzle(M, N, BM, BN, GROUP_M)
+        # rows past M / N wrap to valid ones (loads need no mask; the store drops them)
         rm = (pid_m * BM + tl.arange(0, BM)) % M
         rn = (pid_n * BN + tl.arange(0, BN)) % N
-        rk = tl.arange(0, BK)
-        x_ptrs = xq_ptr + rm[:, None] * stride_xm + rk[None, :]
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            if EVEN_K:
-                a = tl.load(x_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                a = tl.load(x_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
-                b = tl.load(w_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
-            x_ptrs += BK
-            w_ptrs += BK
+        acc = _dense_main_loop(xq_ptr, w_ptr, rm, rn, K, stride_xm, stride_wn, EVEN_K, BM, BN, BK)
         sx = tl.load(sx_ptr + rm)
         sw = tl.load(sw_ptr + rn)
         _store(y_ptr, acc * sx[:, None] * sw[None, :], pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN),

@@ -10,8 +10,6 @@
 * the kernel compiled for sm_90 (Triton's ptxas): fp8 wgmma (QGMMA) in the SASS, no spills.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,9 @@ from qvla_ros.kernels.triton_fp8 import (Fp8Config, dequantize_fp8_weights, fake
                                          quantize_activations_fp8_reference)
 from qvla_ros.quant.quantizer import fake_quantize_activations
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from interpreter import run_interpreted  # noqa: E402
+
 EVERY = {16: 16, 8: 16, 4: 16, 3: 16, 2: 16, 0: 16}
 
 
@@ -174,11 +174,7 @@ def run_cases() -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -22,6 +22,8 @@ import torch
 from qvla_ros.kernels import triton_inloop as T
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from interpreter import run_interpreted  # noqa: E402
 
 
 def test_codes_as_bf16_mantissa_bits_are_exact():
@@ -142,11 +144,7 @@ def run_cases() -> dict:
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 def test_interpreted_decode_is_bit_exact(interpreted):

@@ -9,14 +9,13 @@ on before Triton compiles anything, so the cases run in a child process (this fi
 script). Skipped where Triton is not installed.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from interpreter import run_interpreted  # noqa: E402
 
 # (case, out_features, in_features, counts, tokens, config kwargs, act_bits, dtype, fractional zero, bias)
 EVERY = {16: 16, 8: 16, 4: 16, 3: 16, 2: 16, 0: 16}
@@ -190,12 +189,7 @@ def run_cases() -> dict:
 
 def _run_interpreted(*args) -> dict:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, *args)
 
 
 @pytest.fixture(scope="module")
