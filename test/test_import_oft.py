@@ -267,10 +267,10 @@ def test_imported_checkpoint_goes_through_calibrate_allocate_quantize(published,
 
 
 def test_7b_sizes_are_inferred_from_the_published_shapes():
-    """The shapes of the published 7B checkpoint (openvla-oft-7b on the meta device, plus the
+    """The shapes of the published 7B checkpoint (oft-7b on the meta device, plus the
     tensors the forward drops) and a config.json holding only what transformers writes."""
-    preset = get_oft_config("openvla-oft-7b")
-    skeleton = make_policy("openvla-oft-7b", device="meta")
+    preset = get_oft_config("oft-7b")
+    skeleton = make_policy("oft-7b", device="meta")
     model = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     specs = {k: (s, "BF16") for k, s in {**model, **dropped_published_specs(preset, model)}.items()
              if not k.startswith(("action_head.", "proprio_projector."))}

@@ -137,9 +137,11 @@ def test_mlp_resnet_head_shapes(micro):
 
 
 def test_published_7b_shapes():
-    """The openvla-oft-7b preset on the meta device: the published shapes of every part."""
-    policy = make_policy("openvla-oft-7b", device="meta", dtype=torch.bfloat16)
+    """The oft-7b preset on the meta device: the published shapes of every part."""
+    policy = make_policy("oft-7b", device="meta", dtype=torch.bfloat16)
     sd = policy.state_dict()
+    # 7,534,758,567 parameters, as built on an H200 (bench/policy/openvla_oft7b_memory_h200.json).
+    assert sum(p.numel() for p in policy.parameters()) == 7_534_758_567
     assert sd["projector.fc1.weight"].shape == (8704, 2176)
     assert sd["projector.fc2.weight"].shape == (4096, 8704)
     assert sd["projector.fc3.weight"].shape == (4096, 4096)

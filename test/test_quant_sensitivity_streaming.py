@@ -172,3 +172,12 @@ def test_calibrate_command_refuses_bad_device_and_reports_oom(tmp_path, monkeypa
     assert cli.main(["calibrate", "--synthetic", "--frames", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "ran out of device memory" in err and "nothing was written" in err and not out.exists()
+
+
+def test_progress_counts_layers_of_frames(micro, micro_frames, capsys):
+    """The bar's unit is one layer of one frame (a 7B frame takes seconds: frames alone give no
+    usable time left), and it ends at layers x frames."""
+    jacobian_sensitivity(micro, micro_frames, bits=BITS, layers=LAYERS, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    total = len(LAYERS) * len(micro_frames)
+    assert f"{total}/{total}" in bar and "layer" in bar and f"frame {len(micro_frames)}/{len(micro_frames)}" in bar, bar

@@ -1,7 +1,8 @@
-"""Builds the `oft-7b` policy with random weights directly on a GPU in bf16 and measures it:
-parameter count, weight bytes (sum of every parameter's and buffer's storage), CUDA memory after
-the build, build time, and the mean wall time of a full forward (synchronized) (two 224 px images, instruction,
-proprio, 8x7 action slots: 590 tokens) at batch 1 in eager PyTorch.
+"""Builds the `oft-7b` policy (the published OpenVLA-OFT architecture) with random weights
+directly on a GPU in bf16 and measures it: parameter count, weight bytes (sum of every parameter's
+and buffer's storage), CUDA memory after the build, build time, and the mean wall time of a full
+forward (synchronized) (two 224 px images, instruction, proprio, 56 action placeholders: 618
+tokens) at batch 1 in eager PyTorch.
 
     PYTHONPATH=. python bench/policy/oft7b_memory.py --out oft7b.json
 """
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--config", default="oft-7b", help="preset to build (micro: a CPU dry run of this script)")
+    p.add_argument("--config", default="oft-7b", help="preset to build (oft-micro: a CPU dry run of this script)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("oft7b_memory: no CUDA device", file=sys.stderr)

@@ -3,8 +3,7 @@ calibrate (streaming Jacobian sensitivity over N frames) -> allocate at whole-po
 quantize (rows rounded to nearest, and by GPTQ) -> save -> load in a FRESH process -> forward.
 
     PYTHONPATH=. python bench/scale/oft7b_chain.py --out bench/scale/oft7b_chain.json     # H200
-    PYTHONPATH=. python bench/scale/oft7b_chain.py --smoke --out /tmp/chain.json          # CPU, micro
-    PYTHONPATH=. python bench/scale/oft7b_chain.py --config openvla-oft-7b --out ...       # the OFT architecture
+    PYTHONPATH=. python bench/scale/oft7b_chain.py --smoke --out /tmp/chain.json          # CPU, oft-micro
 
 One device call may last 10 minutes, so the chain can run in two stages: `--stage plan` (build,
 calibrate, allocate, RTN rows, save, fresh load; writes the plans next to --out) and
@@ -115,12 +114,10 @@ def main(argv=None) -> int:
     p.add_argument("--plans", type=Path, default=None, help="gptq stage: the folder the plan stage wrote plans to")
     args = p.parse_args(argv)
     if args.smoke:
-        # Each 7B preset's micro sibling in float32 (--config openvla-oft-7b --smoke: oft-micro,
-        # the OpenVLA-OFT architecture). Their unquantized remainders alone are ~10 (micro) and
-        # ~18 (oft-micro: embedding, projector, head) bits/param, so higher budgets.
-        oft = args.config in ("openvla-oft-7b", "oft-micro")
-        args.config, args.device, args.frames, args.gptq_frames = ("oft-micro" if oft else "micro"), "cpu", 2, 4
-        args.budgets, args.gptq_budgets = ("24.0,22.0", "24.0") if oft else ("18.0,16.0", "18.0")
+        # oft-7b's micro sibling (the same architecture) in float32. Its unquantized remainder alone
+        # (embedding, projectors, head) is ~18 bits/param, so higher budgets.
+        args.config, args.device, args.frames, args.gptq_frames = "oft-micro", "cpu", 2, 4
+        args.budgets, args.gptq_budgets = "24.0,22.0", "24.0"
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("oft7b_chain: no CUDA device (use --smoke on a CPU)", file=sys.stderr)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/serve/serve.py --out bench/serve/results.json     # the H200 run (~5 min)
     PYTHONPATH=. python bench/serve/serve.py --smoke --out /tmp/serve_smoke.json # CPU check, < 1 min
 
-1. The whole policy (make_policy("oft-7b"), random weights, bf16 on cuda) at batch 1 and 4, as a
+1. The whole policy (make_policy("oft-7b"): the published OpenVLA-OFT architecture, random weights, bf16 on cuda) at batch 1 and 4, as a
    CUDA graph (torch.cuda.graph via bench_kernels.graph_time, L2 flushed before each timed replay)
    and eager (each call timed alone with CUDA events, L2 flushed before it), over the preprocessed
    inputs (predict_normalized: what the graph captures; tokenization and image conversion outside).
@@ -295,7 +295,7 @@ def _smoke() -> None:
     """CPU, tiny shapes, no graphs: every code path of this script but the GPU kernels and capture."""
     global LAYER_SHAPES, LAYER_TOKENS, POLICY, DEVICE, REPLAYS, EAGER_CALLS
     DEVICE = bk.DEVICE = "cpu"
-    POLICY = "micro"
+    POLICY = "oft-micro"
     LAYER_SHAPES = {"q/k/v/o": (64, 64), "gate/up": (160, 64), "down": (64, 160)}
     LAYER_TOKENS = (1, 16, 20)
     REPLAYS, EAGER_CALLS = 2, 2
@@ -307,8 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "serve" / "results.json")
     ap.add_argument("--smoke", action="store_true", help="tiny policy and layers on the CPU (< 1 min)")
     ap.add_argument("--skip-layers", action="store_true")
-    ap.add_argument("--policy", choices=("oft-7b", "openvla-oft-7b"), default=POLICY,
-                    help="openvla-oft-7b: the published OpenVLA-OFT architecture (--smoke: oft-micro)")
+    ap.add_argument("--policy", default=POLICY,
+                    help="random-weight preset to serve (default: oft-7b, the published OpenVLA-OFT; "
+                         "--smoke: oft-micro)")
     ap.add_argument("--variants", default=None,
                     help="comma-separated variant names to run (default: all)")
     args = ap.parse_args(argv)
@@ -316,8 +317,6 @@ def main(argv=None) -> int:
     POLICY = args.policy
     if args.smoke:
         _smoke()
-        if args.policy == "openvla-oft-7b":
-            POLICY = "oft-micro"
     elif not torch.cuda.is_available():
         print("serve.py: no CUDA device (use --smoke on a CPU)", file=sys.stderr)
         return 2

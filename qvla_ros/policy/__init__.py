@@ -1,6 +1,8 @@
-"""The VLA policy (OpenVLA-OFT recipe at any size): `actions = policy(images, instruction, proprio)`.
+"""The VLA policies: `actions = policy(images, instruction, proprio)`, two architectures:
+the project's small OFT-recipe policy (configuration_vla: micro, tiny) and the published
+OpenVLA-OFT (configuration_oft: oft-micro, oft-7b).
 
-    make_policy("tiny" | "oft-7b" | VLAConfig, seed=0)   random weights
+    make_policy("tiny" | "oft-7b" | VLAConfig | OFTConfig, seed=0)   random weights
     load_policy(path=None, device="cpu")                 a checkpoint directory (None: the shipped one)
     policy.save_pretrained(dir)                          config.json + tokenizer.json + model.safetensors
 """

@@ -5,7 +5,7 @@ small test model are the same code. `OFT_PRESETS` holds the named sizes:
 
 - ``oft-micro``: the smallest working model of this architecture, for unit tests (builds and runs
   a forward in well under a second on two CPU cores);
-- ``openvla-oft-7b``: the published OpenVLA-OFT on LIBERO: DINOv2 ViT-L/14 with 4 registers +
+- ``oft-7b``: the published OpenVLA-OFT on LIBERO: DINOv2 ViT-L/14 with 4 registers +
   SigLIP so400m/14 at 224 px, Llama-2-7B (vocabulary 32064), two images, proprio 8, chunks of
   8 x 7 actions. Random weights when built from the preset; real ones through `qvla import-oft`.
 
@@ -246,13 +246,13 @@ def _oft_micro() -> OFTConfig:
     )
 
 
-def _openvla_oft_7b() -> OFTConfig:
+def _oft_7b() -> OFTConfig:
     # The published LIBERO model. 1 + 2 * 256 + 1 + 47 + 56 + 1 = 618 decoder tokens at
     # max_text_tokens 48 (LIBERO's longest prompts are ~40 tokens; OFT itself runs 590-610 unpadded).
-    return OFTConfig(name="openvla-oft-7b")
+    return OFTConfig(name="oft-7b")
 
 
-OFT_PRESETS = {"oft-micro": _oft_micro, "openvla-oft-7b": _openvla_oft_7b}
+OFT_PRESETS = {"oft-micro": _oft_micro, "oft-7b": _oft_7b}
 
 
 def get_oft_config(name_or_config: str | OFTConfig | dict) -> OFTConfig:

@@ -5,11 +5,10 @@ through config.json exactly and names the model's size. `PRESETS` holds the name
 
 - ``micro``: the smallest working model, for unit tests (a forward takes a few milliseconds);
 - ``tiny``: the shipped, trained policy (every checkpoint file <= 16 MiB, a forward in tens of
-  milliseconds on two CPU cores);
-- ``oft-7b``: the shapes of OpenVLA-OFT on LIBERO (Llama-2-7B decoder, two 224 px cameras with
-  16x16 patches each through a fused SigLIP-so400m + DINOv2-L-sized encoder, proprio 8, an 8x7
-  action chunk with one slot token per action dimension: ~590 tokens). Random weights only, for
-  memory and speed work.
+  milliseconds on two CPU cores).
+
+The 7B model is the published OpenVLA-OFT architecture, `oft-7b` in configuration_oft.py; this
+recipe only serves the small trained policies.
 """
 from __future__ import annotations
 
@@ -219,23 +218,7 @@ def _tiny() -> VLAConfig:
     )
 
 
-def _oft_7b() -> VLAConfig:
-    # Llama-2-7B decoder; SigLIP-so400m + DINOv2-ViT-L shaped encoders at patch 14 on 224 px
-    # (16x16 = 256 patches per camera); OpenVLA-OFT's LIBERO setup: proprio 8, chunk 8 x 7 with
-    # one slot per action dimension (56 slots). 2*256 + 21 + 1 + 56 = 590 tokens.
-    return VLAConfig(
-        name="oft-7b", n_cams=2, image_size=224, proprio_dim=8, action_dim=7, horizon=8,
-        vision=(VisionEncoderConfig(hidden_size=1152, num_layers=27, num_heads=16,
-                                    intermediate_size=4304, patch_size=14),
-                VisionEncoderConfig(hidden_size=1024, num_layers=24, num_heads=16,
-                                    intermediate_size=4096, patch_size=14)),
-        projector_hidden=4 * 2176, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-        intermediate_size=11008, vocab_size=32000, max_text_tokens=21, slots_per_step=7,
-        head_hidden=4096, head_layers=2, prefix_attention="causal",
-    )
-
-
-PRESETS = {"micro": _micro, "tiny": _tiny, "oft-7b": _oft_7b}
+PRESETS = {"micro": _micro, "tiny": _tiny}
 
 
 def get_config(name_or_config: str | VLAConfig | dict) -> VLAConfig:

@@ -350,7 +350,7 @@ def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: in
 
     Parameters are allocated on `device` as they are created (no CPU copy first), so `oft-7b`
     can be built on a GPU in bf16. The normalization statistics stay float32. An OFT preset name
-    (`oft-micro`, `openvla-oft-7b`) or OFTConfig builds the published OpenVLA-OFT architecture.
+    (`oft-micro`, `oft-7b`) or OFTConfig builds the published OpenVLA-OFT architecture.
     """
     from .configuration_oft import OFT_PRESETS
 

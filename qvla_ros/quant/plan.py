@@ -33,7 +33,7 @@ plans price it in the GPU kernels' layout (kernels.layout.resident_row_bits: cod
 K-blocks, float32 scale and zero, an int32 output index for every row, plus each layer's slot
 table), which is larger for every width, so a version 3 budget holds on the GPU and on the CPU
 alike. A packed-priced plan resident on a GPU comes out over its budget by the kernels' padding:
-4.030 whole-policy bits for a 4.0 budget on oft-7b (bench/scale/oft7b_chain.json), and several
+4.030 whole-policy bits for a 4.0 budget on the earlier oft-7b (bench/scale/oft7b_chain.json), and several
 times the packed size for 2-bit rows of layers with K < 512 (a K-block is 512 two-bit codes).
 "predicted.weight_bytes" is always the packed buffers' size; version 3 adds
 "predicted.kernel_layout_bytes".

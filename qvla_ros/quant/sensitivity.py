@@ -472,6 +472,8 @@ class _JacobianTap:
         self.replicas = 1
         self.check_layout = True
         self.calls = 0
+        #: called once per frame, when this layer's weight changes for the frame are done (progress)
+        self.on_measured: Callable[[], None] = lambda: None
         self.handle = module.register_forward_hook(self.forward_hook)
 
     def forward_hook(self, module, inputs, output):
@@ -503,6 +505,8 @@ class _JacobianTap:
             self.linear = part if self.linear is None else self.linear + part
 
         output.register_hook(grad_hook)
+        if self.calls == 1:
+            self.on_measured()
         return output
 
     def end_projections(self) -> None:
@@ -587,8 +591,13 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
             prm.requires_grad_(False)
         r = max(1, min(p, replicas or 64))
         blocks = [(s, min(s + r, p)) for s in range(0, p, r)]
-        bar = tqdm(total=f_total, desc="jacobian sensitivity", unit="frame", disable=not progress)
+        # Counted in layers (one layer of one frame each), as each layer's weight changes are made
+        # inside the frame's forward: at 7B a frame takes seconds, and time left needs a finer unit.
+        bar = tqdm(total=f_total * len(taps), desc="jacobian sensitivity", unit="layer", disable=not progress)
+        for tap in taps.values():
+            tap.on_measured = lambda: bar.update(1)
         for f in range(f_total):
+            bar.set_postfix_str(f"frame {f + 1}/{f_total}", refresh=False)
             for tap in taps.values():
                 tap.calls, tap.replicas, tap.check_layout = 0, r, f == 0
             with torch.enable_grad():
@@ -610,7 +619,6 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
                 actions.backward(v, retain_graph=j < len(blocks) - 1)
                 for tap in taps.values():
                     tap.end_projections()
-            bar.update(1)
             del actions
         bar.close()
     finally:
