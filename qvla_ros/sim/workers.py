@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from ..dataset import episode_path, write_episode, write_json_atomic
 from .env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, SuiteEnv
+from .perturb import Perturbation, PerturbedPolicy
 from .rollout import EpisodeResult, run_lockstep
 from .suite import DEFAULT_MAX_STEPS
 
@@ -40,6 +41,7 @@ class RolloutSettings:
         record_dir: if set, each successful episode is written there as a demonstration and
             each failed one leaves a marker, so a resumed run skips both.
         torch_threads: torch intra-op threads per worker (None = cores / workers).
+        perturbation: what the policy sees changed (sim.perturb); the episodes stay the same.
     """
 
     image_size: int | None = None
@@ -48,6 +50,7 @@ class RolloutSettings:
     replan_steps: int | None = None
     record_dir: str | None = None
     torch_threads: int | None = None
+    perturbation: Perturbation | None = None
 
 
 class WorkerError(RuntimeError):
@@ -103,6 +106,8 @@ def _ensure_policy() -> None:
     n_cams = getattr(config, "n_cams", None) or len(settings.cameras)
     if n_cams > len(settings.cameras):
         raise ValueError(f"policy wants {n_cams} cameras, the benchmark has {len(settings.cameras)}")
+    if settings.perturbation is not None and not settings.perturbation.is_identity:
+        policy = PerturbedPolicy(policy, settings.perturbation)
     _STATE.update(policy=policy, image_size=int(image_size), cameras=tuple(settings.cameras[:n_cams]))
 
 
