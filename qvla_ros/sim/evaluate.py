@@ -101,7 +101,7 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
              cameras=DEFAULT_CAMERAS, seed_offset: int = 0, seeds=None,
              allow_demo_seeds: bool = False, progress: bool = True,
              episode_log: str | Path | None = None, describe: dict | None = None,
-             perturbation: Perturbation | None = None) -> EvalResults:
+             perturbation: Perturbation | None = None, ray_address: str | None = None) -> EvalResults:
     """Roll out the policy built by `policy_factory` on every task, `episodes_per_task` times.
 
     Args:
@@ -118,6 +118,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
         describe: what the policy is, recorded in the results' settings.
         perturbation: robustness runs (sim.perturb): images or instructions changed before the
             policy sees them; same seeds, so the episodes pair with an unperturbed run's.
+        ray_address: run the `workers` on a Ray cluster ('local', 'auto', an address) instead
+            of local processes; the same seeds give the same episodes.
     """
     specs = resolve_tasks(tasks)
     names = [s.name for s in specs]
@@ -161,7 +163,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
 
     start = time.perf_counter()
     try:
-        run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch)
+        run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch,
+                    ray_address=ray_address)
     finally:
         bar.close()
         if log is not None:
@@ -172,7 +175,7 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
         "tasks": {s.name: s.instruction for s in specs}, "episodes_per_task": len(seeds),
         "seeds": [seeds[0], seeds[-1]] if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,
         "replan_steps": replan_steps, "max_steps": max_steps, "batch_size": batch_size,
-        "workers": workers, "wall_time_s": round(wall, 2), "cpu": cpu_model(),
+        "workers": workers, "ray": ray_address, "wall_time_s": round(wall, 2), "cpu": cpu_model(),
         "perturbation": None if perturbation is None else perturbation.describe(),
         **info_seen,
     }
