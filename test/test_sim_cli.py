@@ -28,6 +28,8 @@ def test_eval_bad_inputs_fail_before_running(tmp_path, capsys):
     assert "neither 'expert' nor a checkpoint directory" in capsys.readouterr().err
     assert main(["eval", "--policy", "expert", "--plan", "p.json", "--out", str(out)]) == 2
     assert "--plan" in capsys.readouterr().err
+    assert main(["eval", "--policy", "expert", "--perturb", "blur=2", "--out", str(out)]) == 2
+    assert "bad perturbation 'blur=2'" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -67,6 +67,12 @@ def register(subparsers) -> None:
     ev.add_argument("--eager", action="store_true",
                     help="on a CUDA device, run the forward eagerly (default: as CUDA graphs, one "
                          "per batch size, eager with a logged reason where capture fails)")
+    ev.add_argument("--perturb", default=None, metavar="SPEC",
+                    help="robustness run: brightness=FACTOR, shift=PIXELS and/or rephrase (held-out "
+                         "instructions), comma-separated; same seeds as an unperturbed run")
+    ev.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="run the --workers as Ray actors: 'local' (a Ray instance here), 'auto' or a "
+                         "cluster address; every node needs this package installed")
     ev.add_argument("--force", action="store_true", help="overwrite results already in --out")
     ev.set_defaults(func=_eval)
 
@@ -98,6 +104,7 @@ def _demos(args) -> int:
 def _eval(args) -> int:
     from .evaluate import evaluate
     from .factories import make_factory
+    from .perturb import Perturbation
     from .suite import resolve_tasks
 
     results_path = args.out / "results.json"
@@ -105,6 +112,7 @@ def _eval(args) -> int:
         resolve_tasks(args.tasks)  # unknown task names fail before anything starts
         if results_path.exists() and not args.force:
             raise ValueError(f"{results_path} exists; pass --force to overwrite or pick another --out")
+        perturbation = Perturbation.parse(args.perturb)
         factory = make_factory(args.policy, args.plan, args.device, cuda_graph=not args.eager)
         if args.plan is not None:
             import qvla_ros.quant as quant
@@ -120,11 +128,16 @@ def _eval(args) -> int:
     if log.exists():  # an earlier (perhaps crashed) run's episodes: keep them aside, not lost
         import time
         log.rename(log.with_name(f"episodes.{time.strftime('%Y%m%d-%H%M%S', time.localtime(log.stat().st_mtime))}.jsonl"))
-    results = evaluate(factory, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
-                       workers=args.workers, batch_size=args.batch_size,
-                       replan_steps=args.replan_steps, max_steps=args.max_steps,
-                       image_size=args.image_size, cameras=_cameras(args),
-                       seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log)
+    try:
+        results = evaluate(factory, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
+                           workers=args.workers, batch_size=args.batch_size,
+                           replan_steps=args.replan_steps, max_steps=args.max_steps,
+                           image_size=args.image_size, cameras=_cameras(args),
+                           seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log,
+                           perturbation=perturbation, ray_address=args.ray)
+    except ValueError as exc:   # e.g. a Ray cluster that cannot be reached
+        print(f"qvla eval: {exc}", file=sys.stderr)
+        return 2
     results.save(args.out)
     print(results.table())
     if results.settings.get("forward_modes"):

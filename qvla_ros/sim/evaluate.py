@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..dataset import write_json_atomic
 from .env import DEFAULT_CAMERAS
 from .metrics import wilson_interval
+from .perturb import Perturbation
 from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks
 from .workers import RolloutSettings, run_batches
 
@@ -99,7 +100,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
              max_steps: int = DEFAULT_MAX_STEPS, image_size: int | None = None,
              cameras=DEFAULT_CAMERAS, seed_offset: int = 0, seeds=None,
              allow_demo_seeds: bool = False, progress: bool = True,
-             episode_log: str | Path | None = None, describe: dict | None = None) -> EvalResults:
+             episode_log: str | Path | None = None, describe: dict | None = None,
+             perturbation: Perturbation | None = None, ray_address: str | None = None) -> EvalResults:
     """Roll out the policy built by `policy_factory` on every task, `episodes_per_task` times.
 
     Args:
@@ -114,6 +116,10 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
         seeds: explicit seeds per task instead (must be evaluation seeds unless allow_demo_seeds).
         episode_log: append each finished episode as a JSON line here (survives a crash).
         describe: what the policy is, recorded in the results' settings.
+        perturbation: robustness runs (sim.perturb): images or instructions changed before the
+            policy sees them; same seeds, so the episodes pair with an unperturbed run's.
+        ray_address: run the `workers` on a Ray cluster ('local', 'auto', an address) instead
+            of local processes; the same seeds give the same episodes.
     """
     specs = resolve_tasks(tasks)
     names = [s.name for s in specs]
@@ -132,7 +138,7 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     settings = RolloutSettings(image_size=image_size, cameras=tuple(cameras), max_steps=max_steps,
-                               replan_steps=replan_steps)
+                               replan_steps=replan_steps, perturbation=perturbation)
     batches = [(name, seeds[i:i + batch_size]) for name in names
                for i in range(0, len(seeds), batch_size)]
 
@@ -157,7 +163,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
 
     start = time.perf_counter()
     try:
-        run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch)
+        run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch,
+                    ray_address=ray_address)
     finally:
         bar.close()
         if log is not None:
@@ -168,7 +175,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
         "tasks": {s.name: s.instruction for s in specs}, "episodes_per_task": len(seeds),
         "seeds": [seeds[0], seeds[-1]] if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,
         "replan_steps": replan_steps, "max_steps": max_steps, "batch_size": batch_size,
-        "workers": workers, "wall_time_s": round(wall, 2), "cpu": cpu_model(),
+        "workers": workers, "ray": ray_address, "wall_time_s": round(wall, 2), "cpu": cpu_model(),
+        "perturbation": None if perturbation is None else perturbation.describe(),
         **info_seen,
     }
     return EvalResults.from_episodes(names, episodes, run_settings)

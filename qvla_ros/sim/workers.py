@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from ..dataset import episode_path, write_episode, write_json_atomic
 from .env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, SuiteEnv
+from .perturb import Perturbation, PerturbedPolicy
 from .rollout import EpisodeResult, run_lockstep
 from .suite import DEFAULT_MAX_STEPS
 
@@ -40,6 +41,7 @@ class RolloutSettings:
         record_dir: if set, each successful episode is written there as a demonstration and
             each failed one leaves a marker, so a resumed run skips both.
         torch_threads: torch intra-op threads per worker (None = cores / workers).
+        perturbation: what the policy sees changed (sim.perturb); the episodes stay the same.
     """
 
     image_size: int | None = None
@@ -48,6 +50,7 @@ class RolloutSettings:
     replan_steps: int | None = None
     record_dir: str | None = None
     torch_threads: int | None = None
+    perturbation: Perturbation | None = None
 
 
 class WorkerError(RuntimeError):
@@ -103,6 +106,8 @@ def _ensure_policy() -> None:
     n_cams = getattr(config, "n_cams", None) or len(settings.cameras)
     if n_cams > len(settings.cameras):
         raise ValueError(f"policy wants {n_cams} cameras, the benchmark has {len(settings.cameras)}")
+    if settings.perturbation is not None and not settings.perturbation.is_identity:
+        policy = PerturbedPolicy(policy, settings.perturbation)
     _STATE.update(policy=policy, image_size=int(image_size), cameras=tuple(settings.cameras[:n_cams]))
 
 
@@ -158,18 +163,27 @@ def _run_batch(task: str, seeds: Sequence[int]) -> tuple[list[dict], dict]:
 
 def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[int]]],
                 settings: RolloutSettings, workers: int = 0,
-                on_batch: Callable[[list[dict], dict], None] | None = None) -> None:
+                on_batch: Callable[[list[dict], dict], None] | None = None,
+                ray_address: str | None = None) -> None:
     """Run every (task, seeds) batch; `on_batch(results, info)` is called in this process as each
-    batch finishes. The first failing batch stops the run and raises WorkerError."""
+    batch finishes. The first failing batch stops the run and raises WorkerError. With
+    ray_address ('local', 'auto' or a cluster address) the workers are Ray actors instead of
+    local processes (sim.ray_pool)."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    if workers > 0:
+    if workers > 0 or ray_address is not None:
         try:
             pickle.dumps(policy_factory)
         except Exception as exc:
             raise ValueError(f"policy_factory must be picklable to reach worker processes "
                              f"({type(exc).__name__}: {exc}); use a module-level class or "
                              "functools.partial of a module-level function") from exc
+    if ray_address is not None:
+        from .ray_pool import run_batches_on_ray
+
+        run_batches_on_ray(policy_factory, batches, settings, ray_address, workers,
+                           threads=settings.torch_threads or 1, on_batch=on_batch)
+        return
     cores = os.cpu_count() or 1
     threads = settings.torch_threads or max(1, cores // max(1, workers))
     if workers == 0:
