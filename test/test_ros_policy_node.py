@@ -210,6 +210,16 @@ def test_image_in_chunk_out_and_bad_inputs_are_logged(ros_env, feeder, micro):
         assert values["rejected_proprio_nan"] == "1" and values["rejected_proprio_names"] == "2"
         assert values["rejected_image_encoding"] == "1" and values["rejected_image_size"] == "1"
         assert values["rejected_image_short_data"] == "1" and values["rejected_no_instruction"] == "1"
+        # The forward time: each window that published chunks carries the median and the maximum
+        # of their forwards (ActionChunk.inference_time, printed to 4 significant digits).
+        forward_ms = [r.chunk.inference_time * 1e3 for r in feeder.received]
+        windows = [{kv.key: kv.value for s in d.status for kv in s.values} for d in diagnostics]
+        windows = [w for w in windows if w["chunks"] != "0"]
+        assert windows
+        for w in windows:
+            assert 0 < float(w["inference_ms_p50"]) <= float(w["inference_ms_max"]), w
+            assert any(float(w["inference_ms_max"]) == pytest.approx(f, rel=1e-3)
+                       for f in forward_ms), (w, forward_ms)
         assert "Traceback" not in node.output
         assert node.popen.poll() is None
     finally:
