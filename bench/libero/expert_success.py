@@ -4,7 +4,7 @@ Wilson 95% intervals.
     PYTHONPATH=. python bench/libero/expert_success.py --suites libero_object libero_spatial \
         --init-states 10 [--out bench/libero/expert.json]
 
-Runs every task of each suite from its first N bundled initial states, without rendering (the
+Runs every task of each suite from N of its bundled initial states, without rendering (the
 expert reads the simulator's state). Writes the figures with the command, the versions of the
 simulator stack and the machine's load, so a run on a shared machine can be judged.
 """
@@ -51,11 +51,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
     parser.add_argument("--init-states", type=int, default=10,
-                        help="initial states 0..N-1 of every task (each task bundles 50)")
+                        help="initial states per task (each task bundles 50)")
+    parser.add_argument("--first-init-state", type=int, default=0,
+                        help="run states FIRST..FIRST+N-1: states the expert was not tuned on")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("expert.json"))
     args = parser.parse_args()
 
     n_tasks = {s: suite_size(s) for s in args.suites}
+    states = range(args.first_init_state, args.first_init_state + args.init_states)
     total = sum(n_tasks.values()) * args.init_states
     expert = LiberoExpert()
     results, started = {}, time.perf_counter()
@@ -66,7 +69,7 @@ def main() -> int:
             for index in range(n_tasks[suite]):
                 with LiberoEnv(suite, index, cameras=()) as env:
                     instructions[env.task.name] = env.task.instruction
-                    for init_state in range(min(args.init_states, env.n_init_states)):
+                    for init_state in states:
                         episodes.append(run_expert_episode(env, expert, init_state))
                         won = sum(e["success"] for e in episodes)
                         bar.set_postfix_str(f"{suite} {won}/{len(episodes)}")
@@ -84,7 +87,7 @@ def main() -> int:
         "format": "qvla-libero-expert", "version": 1,
         "command": "PYTHONPATH=. python bench/libero/expert_success.py " + shlex.join(sys.argv[1:]),
         "suites": results,
-        "settings": {"init_states": list(range(args.init_states)), "rendering": False,
+        "settings": {"init_states": list(states), "rendering": False,
                      "max_steps": {s: SUITE_MAX_STEPS[s] for s in args.suites}},
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg(),

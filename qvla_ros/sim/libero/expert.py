@@ -36,6 +36,12 @@ _ROT_LIMIT = 0.4           # turns slowly enough that the arm does not swing obj
 _CLOSE_STEPS = 12          # the fingers need ~10 control steps to close on an object
 _OPEN_STEPS = 10
 _HOVER = 0.08              # above the grasp point before descending onto it
+_FINGERTIP_DEPTH = 0.015   # how far the fingertips reach below the end-effector site
+_ENOUGH_ROOM = 0.02        # clearance from obstacles for an open finger at a rim grasp
+# A held object's weight leaves the controller a steady lag of 1-2 cm (measured with a bowl held
+# by its rim): the carry counts as arrived within this, or after this many steps.
+_CARRY_TOL = 0.02
+_CARRY_STEPS = 80
 
 
 class UnsupportedTask(ValueError):
@@ -134,19 +140,28 @@ class LiberoExpert:
             # Too wide to take whole: pinch the rim, the wall between the fingers. Fingers close
             # along the radius, so the wall lies across their path.
             radius = float(min(world.size[0], world.size[1])) / 2 - 0.008
-            others = [collision_box(model, data, i) for name, i in lenv.obj_body_id.items()
-                      if name not in (obj,) and name in lenv.objects_dict]
+            grasp_z = top - 0.02
+            # Obstacles are everything else the open fingers could touch at the grasp height:
+            # objects and fixtures (cabinets, stoves) whose top reaches above the fingertips.
+            others = [box for name, i in lenv.obj_body_id.items() if name != obj
+                      for box in [_maybe_box(model, data, i)]
+                      if box is not None and box.hi[2] > grasp_z - _FINGERTIP_DEPTH]
+            # Enough room beats more room; among rim points with enough, the one nearest the
+            # robot's base: far points are at the edge of the arm's reach, where it sags.
+            base = data.xpos[model.body("robot0_base").id][:2]
             best = None
-            for angle in np.linspace(0, 2 * np.pi, 8, endpoint=False):
+            for angle in np.linspace(0, 2 * np.pi, 16, endpoint=False):
                 direction = np.array([np.cos(angle), np.sin(angle)])
                 point = grasp_xy + radius * direction
-                room = min((_box_distance_xy(b, point) for b in others), default=1.0)
-                if best is None or room > best[0]:
-                    best = (room, direction)
+                # Both open fingers, half the span either side of the grasp point, need room.
+                fingers = [point + sign * (_FINGER_SPAN / 2) * direction for sign in (-1, 1)]
+                room = min((_box_distance_xy(b, f) for b in others for f in fingers), default=1.0)
+                score = (min(room, _ENOUGH_ROOM), -float(np.linalg.norm(point - base)))
+                if best is None or score > best[0]:
+                    best = (score, direction)
             direction = best[1]
             grasp_xy = grasp_xy + radius * direction
             closing = np.array([direction[0], direction[1], 0.0])
-            grasp_z = top - 0.02
         grasp = np.array([grasp_xy[0], grasp_xy[1], grasp_z])
         below = grasp_z - float(world.lo[2])  # grasp point above the object's bottom
         offset_xy = grasp_xy - world.center[:2]
@@ -182,7 +197,7 @@ class LiberoExpert:
                 self._advance(plan, "carry")
         elif phase == "carry":
             goal = np.array([plan.place[0], plan.place[1], plan.carry_z])
-            if np.linalg.norm((goal - eef)[:2]) < 0.01:
+            if np.linalg.norm((goal - eef)[:2]) < _CARRY_TOL or plan.phase_steps > _CARRY_STEPS:
                 self._advance(plan, "lower")
         elif phase == "lower":
             goal = plan.place
@@ -219,6 +234,14 @@ class LiberoExpert:
     def _aligned(self, rot: np.ndarray, plan: _Plan) -> bool:
         err = rotation_vector(self._target_rotation(rot, plan) @ rot.T)
         return float(np.linalg.norm(err)) < 0.08
+
+
+def _maybe_box(model, data, body: int) -> Box | None:
+    """The body's collision box, or None for bodies that collide with nothing (markers)."""
+    try:
+        return collision_box(model, data, body)
+    except ValueError:
+        return None
 
 
 def _box_distance_xy(box: Box, point: np.ndarray) -> float:
