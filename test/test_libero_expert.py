@@ -47,7 +47,6 @@ def test_expert_contract_call_and_unsupported_goal():
             lenv.parsed_problem["goal_state"] = saved
 
 
-@pytest.mark.slow
 def test_expert_puts_the_bowl_on_the_plate():
     with LiberoEnv("libero_spatial", 0, cameras=()) as env:
         result = run_expert_episode(env, LiberoExpert(), init_state=0)
