@@ -1,6 +1,7 @@
 """The benchmark: a 10-task MetaWorld suite with language instructions (suite.py), an environment
 with two cheap offscreen cameras (env.py), scripted-expert demonstrations (demos.py, dataset.py)
 and closed-loop evaluation of any policy with the policy contract (evaluate.py, metrics.py).
+LIBERO, the paper's benchmark, lives in the libero/ subpackage (its own simulator, robosuite).
 
 MuJoCo picks its OpenGL backend from MUJOCO_GL when it is first imported, so the choice is made
 here, before any module of this package imports mujoco. Worker processes inherit it.
