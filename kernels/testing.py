@@ -1,8 +1,10 @@
-"""Random mixed-bit layers for the kernels' tests and benchmarks.
+"""Random mixed-bit layers in the kernel layout, for the kernels' tests and benchmarks.
 
-`random_packed(...)` quantizes a random weight with qvla_ros.quant.packing (the project's packer,
-whose CPU path is the oracle). `random_kernel_weights(...)` draws codes straight into the kernel
-layout on the device, for timing layers as large as Llama-2-7B's without a CPU round trip.
+`random_kernel_weights(...)` draws codes straight into the kernel layout on the device, for timing
+layers as large as Llama-2-7B's without a CPU round trip; MIXES and mix_counts say how many rows
+get each width. Layers quantized by the project's packer, and the float64 oracle the kernels are
+checked against, are one layer up (qvla_ros/quant/kernel_oracle.py): this package never imports
+quant/.
 """
 from __future__ import annotations
 
@@ -41,60 +43,6 @@ def bits_per_row(out_features: int, counts: Mapping[int, int], generator: torch.
     if bits.numel() != out_features:
         raise ValueError(f"counts {dict(counts)} hold {bits.numel()} rows, layer has {out_features}")
     return bits[torch.randperm(out_features, generator=generator)]
-
-
-def random_packed(out_features: int, in_features: int, counts: Mapping[int, int], seed: int = 0,
-                  fractional_zero: bool = False):
-    """(PackedWeight, dense float32 weight) for a random layer, packed by qvla_ros.quant.packing.
-
-    fractional_zero: move every zero-point by a fraction (still a valid layout: weight = (q - zero) *
-    scale), which sends the kernels down their folded-zero path.
-    """
-    from qvla_ros.quant.packing import PackedWeight
-
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
-    packed = PackedWeight.from_weight(weight, bits_per_row(out_features, counts, gen))
-    if fractional_zero:
-        for g in packed.groups:
-            if g.bits != 16:
-                g.zero = (g.zero.float() + 0.375).to(torch.float16)
-    return packed, weight
-
-
-def oracle(x: torch.Tensor, packed, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
-    """float64 y = fake_quant(x) @ dequantize(packed)^T + bias: what the kernels must reproduce."""
-    from qvla_ros.quant.quantizer import fake_quantize_activations
-
-    xq = fake_quantize_activations(x.to(torch.float32), act_bits).to(torch.float64)
-    y = xq @ packed.dequantize(torch.float64).to(x.device).T
-    if bias is not None:
-        y = y + bias.to(torch.float64)
-    return y
-
-
-_GPU_LAYERS: dict = {}
-
-
-def gpu_layer(n: int, k: int, counts: Mapping[int, int], frac: bool = False):
-    """(PackedWeight on CPU, KernelWeights on the GPU) of a random layer, built once per shape and mix
-    in a process (the GPU tests reuse a layer across many cases)."""
-    from .layout import prepare_packed
-    key = (n, k, tuple(sorted(counts.items())), frac)
-    if key not in _GPU_LAYERS:
-        packed, _ = random_packed(n, k, counts, seed=n + 3 * k, fractional_zero=frac)
-        _GPU_LAYERS[key] = (packed, prepare_packed(packed, device="cuda"))
-    return _GPU_LAYERS[key]
-
-
-def check_against_oracle(out: torch.Tensor, packed, x: torch.Tensor, bias: torch.Tensor | None, act_bits: int = 16,
-                         tol: float | None = None) -> None:
-    """Every output element written (the tests fill out with NaN first), and the relative error to
-    the CPU oracle under tol, by default x's rounding: 1e-2 for bfloat16, 2e-3 for float16."""
-    assert torch.isfinite(out).all(), "some output elements were never written"
-    ref = oracle(x.cpu(), packed, None if bias is None else bias.cpu(), act_bits)
-    err = float((out.cpu().to(torch.float64) - ref).norm() / ref.norm())
-    assert err < (tol or (1e-2 if x.dtype == torch.bfloat16 else 2e-3)), err
 
 
 def random_kernel_weights(out_features: int, in_features: int, counts: Mapping[int, int], device,

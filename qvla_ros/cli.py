@@ -2,12 +2,12 @@
 
     qvla demos      scripted-expert demonstrations for the benchmark suite
     qvla eval       closed-loop success of a policy (optionally quantized by a plan)
+    qvla compare    QVLA against the baselines, closed loop, one table + plot
     qvla train      train a policy from demonstrations
     qvla import-oft import a published OpenVLA-OFT checkpoint into the project's format
     qvla calibrate  action-space sensitivity table of a policy
     qvla allocate   bit plan under a memory budget, from a sensitivity table
     qvla quantize   apply a bit plan: packed mixed-bit checkpoint
-    qvla compare    QVLA against the baselines, closed loop, one table + plot
     qvla demo       the ROS 2 demo: sim bridge + policy node over DDS
 
 Each verb lives beside the stage it drives (a `register(subparsers)` function in the module named
@@ -23,12 +23,12 @@ import sys
 VERBS = {
     "demos": "qvla_ros.sim.commands",
     "eval": "qvla_ros.sim.commands",
+    "compare": "qvla_ros.sim.commands",
     "train": "qvla_ros.policy.commands",
     "import-oft": "qvla_ros.policy.import_oft",
     "calibrate": "qvla_ros.quant.commands",
     "allocate": "qvla_ros.quant.commands",
     "quantize": "qvla_ros.quant.commands",
-    "compare": "qvla_ros.quant.baselines.commands",
     "demo": "qvla_ros.ros.demo",
 }
 

@@ -136,7 +136,7 @@ def test_compare_rejects_bad_input(setup, capsys):
 
 
 def test_interrupted_closed_loop_log_is_read_back(tmp_path):
-    from qvla_ros.quant.baselines.compare import Comparison
+    from qvla_ros.sim.compare import Comparison
 
     log = tmp_path / "episodes.jsonl"
     lines = [{"task": "a", "seed": 1, "success": False}, {"task": "a", "seed": 2, "success": True},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvla_ros.kernels.testing import random_packed
+from qvla_ros.quant.kernel_oracle import random_packed
 from qvla_ros.kernels.triton_fp8 import (Fp8Config, dequantize_fp8_weights, fake_quantize_activations_fp8,
                                          fp8_mixed_linear, fp8_mixed_linear_reference, prepare_fp8,
                                          quantize_activations_fp8_reference)

@@ -4,7 +4,8 @@ K off the tile grid, the activation kernel against torch's e4m3 cast, and CUDA-g
 import pytest
 import torch
 
-from qvla_ros.kernels.testing import random_packed, replayed_in_a_cuda_graph
+from qvla_ros.kernels.testing import replayed_in_a_cuda_graph
+from qvla_ros.quant.kernel_oracle import random_packed
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,8 @@ from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, Prepar
                               dequantize_kernel_weights, launch_dequant, launch_gemv, launch_mixed_gemm,
                               mixed_bit_linear, pick_config, pick_gemv_config, quantize_activations,
                               quantize_activations_reference, set_small_m_kernel)
-from qvla_ros.kernels.testing import MIXES, mix_counts, oracle, replayed_in_a_cuda_graph
-from qvla_ros.kernels.testing import check_against_oracle as check, gpu_layer as layer
+from qvla_ros.kernels.testing import MIXES, mix_counts, replayed_in_a_cuda_graph
+from qvla_ros.quant.kernel_oracle import check_against_oracle as check, gpu_layer as layer, oracle
 
 pytestmark = [
     pytest.mark.gpu,

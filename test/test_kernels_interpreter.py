@@ -105,7 +105,7 @@ def run_gemv_cases() -> dict:
 
     from qvla_ros.kernels import prepare_packed
     from qvla_ros.kernels.ops import GemvConfig, launch_gemv
-    from qvla_ros.kernels.testing import oracle, random_packed
+    from qvla_ros.quant.kernel_oracle import oracle, random_packed
 
     results = {}
     for name, n, k, counts, m, cfg, dtype, frac, with_bias, out_dtype in GEMV_CASES:
@@ -141,7 +141,7 @@ def run_dequant_cases() -> dict:
     import torch
 
     from qvla_ros.kernels import dequantize_kernel_weights, launch_dequant, prepare_packed
-    from qvla_ros.kernels.testing import random_packed
+    from qvla_ros.quant.kernel_oracle import random_packed
 
     results = {}
     for name, n, k, counts, dtype, frac, rows, features in DEQUANT_CASES:
@@ -163,7 +163,7 @@ def run_cases() -> dict:
     import torch
 
     from qvla_ros.kernels import GemmConfig, launch_mixed_gemm, prepare_packed, quantize_activations
-    from qvla_ros.kernels.testing import oracle, random_packed
+    from qvla_ros.quant.kernel_oracle import oracle, random_packed
 
     results = {}
     for name, n, k, counts, m, cfg, act_bits, dtype, frac, with_bias in CASES:

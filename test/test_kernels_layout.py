@@ -6,7 +6,8 @@ import torch
 from qvla_ros.kernels import (KernelWeights, mixed_bit_linear, mixed_bit_linear_reference, prepare_packed,
                               quantize_activations_reference)
 from qvla_ros.kernels.layout import codes_to_words, unpack_contract_codes, words_to_codes
-from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, oracle, random_packed
+from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts
+from qvla_ros.quant.kernel_oracle import oracle, random_packed
 from qvla_ros.quant.mixed_linear import MixedBitLinear
 from qvla_ros.quant.packing import pack_codes, unpack_codes
 from qvla_ros.quant.quantizer import fake_quantize_activations

@@ -12,7 +12,7 @@ import torch
 from qvla_ros.kernels import mixed_bit_linear, set_small_m_kernel
 from qvla_ros.kernels.cuda_gemv import MmaConfig, chunk_plan, compiled_tiles, launch_mma_gemv, mma_available
 from qvla_ros.kernels.testing import MIXES, mix_counts, replayed_in_a_cuda_graph
-from qvla_ros.kernels.testing import check_against_oracle as check, gpu_layer as layer
+from qvla_ros.quant.kernel_oracle import check_against_oracle as check, gpu_layer as layer
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qvla_ros.policy import CheckpointError, make_policy
 from qvla_ros.quant.baselines import GroupWiseLinear, InputScaled, quantize_baseline
-from qvla_ros.quant.baselines.compare import Comparison, CompareSettings, SavedPolicyFactory
+from qvla_ros.sim.compare import Comparison, CompareSettings, SavedPolicyFactory
 from qvla_ros.quant.checkpoint import MODULES_FILE, is_quantized_checkpoint, load_quantized, save_quantized
 from qvla_ros.quant.mixed_linear import MixedBitLinear
 

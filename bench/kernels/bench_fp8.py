@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     import triton
 
-    from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts, random_packed
+    from qvla_ros.kernels.testing import MIXES, average_bits, mix_counts
+    from qvla_ros.quant.kernel_oracle import random_packed
     from qvla_ros.quant.quantizer import fake_quantize_activations
 
     shapes, tokens = dict(SHAPES), TOKENS

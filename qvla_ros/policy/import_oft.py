@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .configuration_oft import OFTConfig, ViTTowerConfig, dinov2_tower, siglip_tower
-from .modeling_vla import CheckpointError
+from .checkpoint_files import CheckpointError, default_dtype, stored_tensor_specs
 
 CONFIG_JSON = "config.json"
 INDEX_JSON = "model.safetensors.index.json"
@@ -92,8 +92,6 @@ def _key_list(keys, limit: int = 5) -> str:
 def read_shard_specs(source: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
     """{tensor name: (shape, safetensors dtype, shard path)} from the index and the shards'
     headers (no tensor data read)."""
-    from .modeling_vla import stored_tensor_specs
-
     index_path = source / INDEX_JSON
     if index_path.is_file():
         index = _read_json(index_path)
@@ -339,7 +337,6 @@ def import_oft(source: str | os.PathLike, out: str | os.PathLike, *, unnorm_key:
     from safetensors import safe_open
 
     from .modeling_oft import OFTPolicy, write_oft_checkpoint
-    from .modeling_vla import _default_dtype
     from .processing_oft import OFTTokenizer
 
     source = Path(source)
@@ -374,7 +371,7 @@ def import_oft(source: str | os.PathLike, out: str | os.PathLike, *, unnorm_key:
     key, stats = read_stats(source, unnorm_key, config.action_dim, config.proprio_dim)
 
     # Expected names and shapes from the architecture itself, built on the meta device (no memory).
-    with torch.device("meta"), _default_dtype(None):
+    with torch.device("meta"), default_dtype(None):
         skeleton = OFTPolicy(config, tokenizer=tokenizer)
     model_specs = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     stat_names = set(stats)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
+from .checkpoint_files import CONFIG_FILE, TOKENIZER_FILE, CheckpointError, default_dtype, write_checkpoint
 from .configuration_oft import OFT_CONFIG_FORMAT, OFT_CONFIG_VERSION, OFTConfig, get_oft_config
 from .processing_vla import check_raw_inputs
 from .processing_oft import (OFTTokenizer, images_to_fused_pixels, normalize_bounds_q99, stand_in_tokenizer,
@@ -257,8 +258,6 @@ def write_oft_checkpoint(directory: str | os.PathLike, config: OFTConfig, tokeni
                          state: dict[str, torch.Tensor], provenance: dict | None = None) -> Path:
     """The project's OFT checkpoint (OFTPolicy.save_pretrained and the importer, which writes a
     published checkpoint's tensors without building the model). `state`: OFTPolicy's state dict, CPU."""
-    from .modeling_vla import write_checkpoint
-
     return write_checkpoint(directory, OFT_CONFIG_FORMAT, OFT_CONFIG_VERSION, config.to_dict(),
                             tokenizer.to_str(), state, provenance)
 
@@ -272,13 +271,11 @@ def make_oft_policy(config: str | OFTConfig | dict = "oft-micro", seed: int = 0,
                     dtype: torch.dtype | None = None, tokenizer: OFTTokenizer | None = None) -> OFTPolicy:
     """An OFT policy with random weights (seeded), built directly on `device` in `dtype`
     (normalization statistics stay float32 / bool)."""
-    from .modeling_vla import _default_dtype
-
     config = get_oft_config(config)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with torch.device(device), _default_dtype(dtype):
+        with torch.device(device), default_dtype(dtype):
             policy = OFTPolicy(config, tokenizer=tokenizer)
     return policy.eval()
 
@@ -286,8 +283,6 @@ def make_oft_policy(config: str | OFTConfig | dict = "oft-micro", seed: int = 0,
 def read_oft_checkpoint_config(directory: Path, meta: dict) -> tuple[OFTConfig, OFTTokenizer]:
     """(config, tokenizer) of a checkpoint in the project's OFT format (config.json already read
     as `meta`); CheckpointError names the file and the problem."""
-    from .modeling_vla import CONFIG_FILE, TOKENIZER_FILE, CheckpointError
-
     if meta.get("version") != OFT_CONFIG_VERSION:
         raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
                               f"this library reads version {OFT_CONFIG_VERSION}")

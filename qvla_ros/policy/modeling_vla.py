@@ -20,26 +20,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
-from ..io import atomic_write, atomic_write_text
+from .checkpoint_files import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, check_tensor_names,
+                               default_dtype, stored_tensor_specs, write_checkpoint)
 from .configuration_oft import OFT_CONFIG_FORMAT, OFTConfig
 from .configuration_vla import CONFIG_FORMAT, CONFIG_VERSION, VLAConfig, get_config
 from .processing_vla import InstructionTokenizer, check_raw_inputs, default_instructions, images_to_pixels
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 STAT_NAMES = ("proprio_mean", "proprio_std", "action_mean", "action_std", "action_min", "action_max")
-
-
-class CheckpointError(ValueError):
-    """A policy checkpoint is missing, corrupt, or does not match its configuration."""
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -200,25 +194,6 @@ class VLAPolicy(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def write_checkpoint(directory: str | os.PathLike, fmt: str, version: int, config: dict, tokenizer_json: str,
-                     state: dict[str, torch.Tensor], provenance: dict | None = None) -> Path:
-    """The one writer of the project's checkpoint folder, for every architecture: model.safetensors,
-    tokenizer.json, config.json ({format, version, config[, provenance]}), each atomically.
-    Weights first, config last: a folder whose write was cut short has no config.json that
-    describes weights it lacks. `state`: the model's state dict, on the CPU."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": fmt, "version": version, "config": config}
-    if provenance:
-        meta["provenance"] = provenance
-    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": fmt, "version": str(version)}))
-    atomic_write_text(out / TOKENIZER_FILE, tokenizer_json)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
-    return out
-
-
 def read_checkpoint_config(directory: Path):
     """(config, tokenizer) from a checkpoint's config.json and tokenizer.json, checked: format and
     version, a config dict (a preset name in its place is refused: it would build whatever that
@@ -249,22 +224,6 @@ def read_checkpoint_config(directory: Path):
     return config, tokenizer
 
 
-def stored_tensor_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (shape, safetensors dtype)} from a safetensors file's header; no tensor data is
-    read. CheckpointError if the file is not a readable safetensors file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {}
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                stored[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is corrupt: {exc}") from None
-    return stored
-
-
 def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionTokenizer,
                   stored_tensors: int, dtype: torch.dtype | None = None) -> "VLAPolicy":
     """The policy config.json describes, on the meta device (no storage), for checking a
@@ -282,7 +241,7 @@ def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionToke
         raise CheckpointError(f"{CONFIG_FILE} in {directory} describes {layers} layers, but "
                               f"{WEIGHTS_FILE} holds only {stored_tensors} tensors")
     try:
-        with torch.device("meta"), _default_dtype(dtype):
+        with torch.device("meta"), default_dtype(dtype):
             policy = policy_class(config, tokenizer=tokenizer)
         for name in (STAT_NAMES if policy_class is VLAPolicy else ()):
             # statistics stay float32 whatever the weights' dtype (make_policy); OFTPolicy's
@@ -294,17 +253,6 @@ def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionToke
     except RuntimeError as exc:  # sizes whose element count overflows even without storage
         raise CheckpointError(f"{CONFIG_FILE} in {directory} describes a model too large to "
                               f"build: {exc}") from None
-
-
-def check_tensor_names(path: Path, expected: Iterable[str], stored: Iterable[str], sources: str) -> None:
-    """Raise CheckpointError unless the file at `path` stores exactly the tensors named `expected`
-    (those the files named by `sources` imply), listing the first few missing and unexpected."""
-    expected, stored = set(expected), set(stored)
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match {sources}: "
-                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
 def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionTokenizer) -> None:
@@ -328,21 +276,6 @@ def _check_stored_tensors(path: Path, config: VLAConfig, tokenizer: InstructionT
                                   f"{'a float type' if want_float else 'an integer type'}")
 
 
-class _default_dtype:
-    """Context: tensors created without a dtype get `dtype` (so big models are born in bf16)."""
-
-    def __init__(self, dtype: torch.dtype | None):
-        self.dtype = dtype
-
-    def __enter__(self):
-        self.saved = torch.get_default_dtype()
-        if self.dtype is not None:
-            torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.saved)
-
-
 def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: int = 0,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 tokenizer: InstructionTokenizer | None = None) -> VLAPolicy:
@@ -363,7 +296,7 @@ def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: in
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with torch.device(device), _default_dtype(dtype):
+        with torch.device(device), default_dtype(dtype):
             policy = VLAPolicy(config, tokenizer=tokenizer)
     for name in STAT_NAMES:
         setattr(policy, name, getattr(policy, name).float())

@@ -227,7 +227,7 @@ def _check_header(skeleton: nn.Module, stored: dict[str, tuple[tuple[int, ...], 
                   sources: str) -> None:
     """Raise CheckpointError unless the stored tensors are exactly the skeleton's, name for name,
     shape for shape and dtype for dtype (`sources`: the files that shaped the skeleton)."""
-    from ..policy.modeling_vla import check_tensor_names
+    from ..policy.checkpoint_files import check_tensor_names
 
     expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
                 for k, v in skeleton.state_dict().items()}
@@ -294,7 +294,7 @@ def _materialize(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modu
 def _checked_skeleton(directory: Path, modules: dict, plan_id: str | None) -> nn.Module:
     """Float skeleton from config.json, plan.json checked (when there is one), modules swapped in,
     the header checked against the result: everything short of reading tensor data."""
-    from ..policy.modeling_vla import stored_tensor_specs
+    from ..policy.checkpoint_files import stored_tensor_specs
 
     stored = stored_tensor_specs(directory / WEIGHTS_FILE)
     skeleton = _float_skeleton(directory, stored)
@@ -324,7 +324,7 @@ def save_quantized(model: nn.Module, plan: BitPlan | None, directory: str | os.P
             raise PlanError(f"model was quantized with plan {plan_id!r}, not {plan.plan_id!r}")
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} has no save_pretrained(); cannot write a policy checkpoint")
-    from ..policy.modeling_vla import stored_tensor_specs
+    from ..policy.checkpoint_files import stored_tensor_specs
 
     out = Path(directory)
     (out / MODULES_FILE).unlink(missing_ok=True)

@@ -7,7 +7,8 @@ Every method quantizes the same Linears (the QVLA core's `quantizable_linears`) 
 project's one RTN quantizer and packer where its storage fits MixedBitLinear (per-channel RTN,
 SmoothQuant, GPTQ, AWQ), or its own documented packed format where it does not (group-wise RTN,
 quant/groupwise_linear.py). Memory is measured from the stored tensors (memory.py). `qvla compare`
-(commands.py, compare.py) runs them and QVLA at matched memory through the closed-loop benchmark.
+(sim/compare.py, a benchmark driver above this package) runs them and QVLA at matched memory
+through the closed-loop benchmark.
 """
 from .api import QuantResult, pack_group_wise, pack_per_channel, quantize_baseline
 from ..groupwise_linear import GroupWiseLinear

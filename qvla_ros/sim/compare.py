@@ -15,6 +15,9 @@ hashes the method, the float policy's weights, the calibration frames and the me
 episodes are appended to episodes.jsonl as they finish; an interrupted run resumes at the first
 task not yet complete. The table (compare.md, compare.json) is rewritten after every method, so a
 partial run already shows its rows; the plot (compare.png) is drawn at the end.
+
+The harness lives in sim/ because it drives the benchmark; the methods it runs are
+quant/baselines/ (which never import sim/), the table and plot are compare_report.py.
 """
 from __future__ import annotations
 
@@ -30,15 +33,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ...io import atomic_write_text
-from .api import quantize_baseline
-from ..action_error import action_error
-from ..checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
-from .calibration import batches_from_frames, calibration_actions
-from .methods import MethodSpec, resolve_order
-from .qvla_match import QvlaRunner
-from .report import DEVIATION_KEY
-from .smoothquant import DEFAULT_ALPHAS
+from ..io import atomic_write_text
+from ..quant.action_error import action_error
+from ..quant.baselines.api import quantize_baseline
+from ..quant.baselines.calibration import batches_from_frames, calibration_actions
+from ..quant.baselines.methods import MethodSpec, resolve_order
+from ..quant.baselines.qvla_match import QvlaRunner
+from ..quant.baselines.smoothquant import DEFAULT_ALPHAS
+from ..quant.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from .compare_report import DEVIATION_KEY, plot_comparison, write_markdown
 
 RUNS_DIR = "runs"
 POLICY_DIR = "policy"  # the quantized policy of one run (quant/checkpoint.py)
@@ -131,7 +134,7 @@ def _read_json(path: Path):
 
 
 def machine() -> dict:
-    from ...sim.evaluate import cpu_model
+    from .evaluate import cpu_model
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -156,7 +159,7 @@ class Comparison:
     @property
     def policy(self):
         if self._policy is None:
-            from ...policy import load_policy
+            from ..policy import load_policy
 
             self._policy = load_policy(self.settings.policy).eval()
         return self._policy
@@ -164,7 +167,7 @@ class Comparison:
     @property
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
-            from ..plan import model_fingerprint
+            from ..quant.plan import model_fingerprint
 
             self._fingerprint = model_fingerprint(self.policy)
         return self._fingerprint
@@ -172,7 +175,7 @@ class Comparison:
     @property
     def frames(self):
         if self._frames is None:
-            from ..calibration import frames_from_demos, synthetic_frames
+            from ..quant.calibration import frames_from_demos, synthetic_frames
 
             s = self.settings
             if s.synthetic:
@@ -239,8 +242,8 @@ class Comparison:
         # mean, another normalization): it is scored again rather than mixed into the table.
         if cached is not None and DEVIATION_KEY in cached:
             return cached
-        from ...dataset import DemoDataset
-        from ...sim.metrics import offline_action_error
+        from ..dataset import DemoDataset
+        from .metrics import offline_action_error
 
         policy = SavedPolicyFactory(run / POLICY_DIR)()
         val = DemoDataset(self.settings.data, split="val")
@@ -252,7 +255,7 @@ class Comparison:
     def _deviation_from_fp(self, policy) -> float:
         """quant.action_error of `policy` against the float policy's actions on held-out frames."""
         if self._offline_frames is None:
-            from ..calibration import frames_from_demos
+            from ..quant.calibration import frames_from_demos
 
             frames = frames_from_demos(self.settings.data, min(self.settings.offline_frames, 128),
                                        split="val", seed=self.settings.seed + 1)
@@ -265,8 +268,8 @@ class Comparison:
         s = self.settings
         if s.episodes_per_task == 0:
             return None
-        from ...sim.evaluate import EvalResults, evaluate
-        from ...sim.suite import DEFAULT_MAX_STEPS, eval_seed, resolve_tasks
+        from .evaluate import EvalResults, evaluate
+        from .suite import DEFAULT_MAX_STEPS, eval_seed, resolve_tasks
 
         run = self.run_dir(spec, budget)
         tasks = [t.name for t in resolve_tasks(s.tasks)]
@@ -335,8 +338,6 @@ class Comparison:
         return self.write_report(rows)
 
     def write_report(self, rows: list[dict], plot: bool = True) -> dict:
-        from .report import plot_comparison, write_markdown
-
         settings = asdict(self.settings)
         settings["max_steps"] = settings["max_steps"] or _default_max_steps()
         doc = {"format": "qvla-compare", "version": 1, "settings": settings,
@@ -350,6 +351,6 @@ class Comparison:
 
 
 def _default_max_steps() -> int:
-    from ...sim.suite import DEFAULT_MAX_STEPS
+    from .suite import DEFAULT_MAX_STEPS
 
     return DEFAULT_MAX_STEPS

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text
 
 #: offline metrics' key for quant.action_error against the float policy (the chunk's summed squared
 #: difference, averaged over frames). Tables written before it recorded "action_mse_vs_fp", the
