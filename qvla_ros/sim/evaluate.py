@@ -23,6 +23,7 @@ from .env import DEFAULT_CAMERAS
 from .metrics import wilson_interval
 from .perturb import Perturbation
 from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks
+from .ray_pool import run_batches_on_ray
 from .workers import RolloutSettings, run_batches
 
 __all__ = ["evaluate", "EvalResults", "cpu_model"]
@@ -163,8 +164,11 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
 
     start = time.perf_counter()
     try:
-        run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch,
-                    ray_address=ray_address)
+        if ray_address is None:
+            run_batches(policy_factory, batches, settings, workers=workers, on_batch=on_batch)
+        else:
+            run_batches_on_ray(policy_factory, batches, settings, ray_address, workers,
+                               threads=settings.torch_threads or 1, on_batch=on_batch)
     finally:
         bar.close()
         if log is not None:

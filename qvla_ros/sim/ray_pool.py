@@ -60,10 +60,11 @@ def run_batches_on_ray(policy_factory: Callable, batches: Sequence[tuple[str, Se
                        on_batch: Callable[[list[dict], dict], None] | None = None) -> None:
     """Run every (task, seeds) batch on `workers` Ray actors; `on_batch(results, info)` is called
     here as each batch finishes. The first failing batch stops the run and raises WorkerError."""
-    from .workers import WorkerError
+    from .workers import WorkerError, check_picklable
 
     if workers < 1:
         raise ValueError(f"--ray needs --workers >= 1 (actors to start), got {workers}")
+    check_picklable(policy_factory)
     ray, started = _connect(address)
     actor_class = ray.remote(num_cpus=1)(_RolloutActor)
     actors = [actor_class.remote(policy_factory, settings, threads) for _ in range(min(workers, len(batches)))]

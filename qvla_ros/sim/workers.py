@@ -161,29 +161,25 @@ def _run_batch(task: str, seeds: Sequence[int]) -> tuple[list[dict], dict]:
     return [r.to_dict() for r in results], info
 
 
+def check_picklable(policy_factory: Callable) -> None:
+    """A factory that must reach other processes (pool workers, Ray actors) has to pickle."""
+    try:
+        pickle.dumps(policy_factory)
+    except Exception as exc:
+        raise ValueError(f"policy_factory must be picklable to reach worker processes "
+                         f"({type(exc).__name__}: {exc}); use a module-level class or "
+                         "functools.partial of a module-level function") from exc
+
+
 def run_batches(policy_factory: Callable, batches: Sequence[tuple[str, Sequence[int]]],
                 settings: RolloutSettings, workers: int = 0,
-                on_batch: Callable[[list[dict], dict], None] | None = None,
-                ray_address: str | None = None) -> None:
+                on_batch: Callable[[list[dict], dict], None] | None = None) -> None:
     """Run every (task, seeds) batch; `on_batch(results, info)` is called in this process as each
-    batch finishes. The first failing batch stops the run and raises WorkerError. With
-    ray_address ('local', 'auto' or a cluster address) the workers are Ray actors instead of
-    local processes (sim.ray_pool)."""
+    batch finishes. The first failing batch stops the run and raises WorkerError."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    if workers > 0 or ray_address is not None:
-        try:
-            pickle.dumps(policy_factory)
-        except Exception as exc:
-            raise ValueError(f"policy_factory must be picklable to reach worker processes "
-                             f"({type(exc).__name__}: {exc}); use a module-level class or "
-                             "functools.partial of a module-level function") from exc
-    if ray_address is not None:
-        from .ray_pool import run_batches_on_ray
-
-        run_batches_on_ray(policy_factory, batches, settings, ray_address, workers,
-                           threads=settings.torch_threads or 1, on_batch=on_batch)
-        return
+    if workers > 0:
+        check_picklable(policy_factory)
     cores = os.cpu_count() or 1
     threads = settings.torch_threads or max(1, cores // max(1, workers))
     if workers == 0:
