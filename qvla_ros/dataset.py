@@ -7,8 +7,8 @@
         actions      float32 [T, 4]                 the action taken, in [-1, 1]
         instruction  str, task str, seed int64, format int64
 
-Files are written to a temporary name and renamed, so a file that exists is complete; a crash
-leaves at most a stray `.tmp`. `DemoDataset` streams episodes one file at a time (a training loop
+Files are written atomically (qvla_ros/io.py), so a file that exists is complete; a crash
+leaves at most a dotted `.NAME.XXXX.tmp` folder. `DemoDataset` streams episodes one file at a time (a training loop
 never holds the dataset in memory) and checks each file, naming the file that is damaged.
 
 The format sits below every stage (it imports nothing from qvla_ros but io): the simulation stage

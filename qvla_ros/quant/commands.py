@@ -165,12 +165,12 @@ def _calibrate(args) -> int:
         return 2
     import torch
 
-    from .sensitivity import _check_device
+    from .sensitivity import check_device
 
     if args.replicas is not None and args.replicas < 1:
         print("qvla calibrate: --replicas must be >= 1", file=sys.stderr)
         return 2
-    device = _check_device(args.device)
+    device = check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     policy = load_policy(_policy_path(args.policy), device=device, dtype=dtype)
     on = {"replicas": args.replicas}

@@ -366,7 +366,7 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
 
     bits = tuple(check_bits(b) for b in bits)
     if device is not None or dtype is not None:
-        policy.to(device=_check_device(device), dtype=dtype)
+        policy.to(device=check_device(device), dtype=dtype)
     chosen = _resolve_layers(policy, layers, targets)
     if not chosen:
         raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
@@ -552,7 +552,7 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
 
     bits = tuple(check_bits(b) for b in bits)
     if device is not None or dtype is not None:
-        policy.to(device=_check_device(device), dtype=dtype)
+        policy.to(device=check_device(device), dtype=dtype)
     chosen = _resolve_layers(policy, layers, targets)
     if not chosen:
         raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
@@ -648,7 +648,7 @@ def _floating_dtype(policy: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _check_device(device: str | torch.device | None) -> torch.device | None:
+def check_device(device: str | torch.device | None) -> torch.device | None:
     """The device, or a SensitivityError that names it when it does not exist here."""
     if device is None:
         return None

@@ -78,7 +78,8 @@ def calibration_actions(policy: nn.Module, batches: Sequence[Mapping]) -> torch.
     return torch.cat([run_policy(policy, b) for b in batches])
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def input_rows(x: torch.Tensor) -> torch.Tensor:
+    """A Linear's input as float32 rows [tokens, in_features] (every leading dimension folded)."""
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
@@ -111,7 +112,7 @@ class InputStats:
         return torch.cat(self.sample) if self.sample else torch.zeros(0, self.absmax.numel())
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook once every input a pass needs has been seen (the rest is wasted work)."""
 
 
@@ -130,7 +131,7 @@ class _Collector:
 
     def __call__(self, module, args):
         self.calls += 1
-        x = _rows(args[0])
+        x = input_rows(args[0])
         s = self.stats
         s.absmax = torch.maximum(s.absmax, x.abs().amax(0))
         s.absmean_sum += x.abs().sum(0)
@@ -145,7 +146,7 @@ class _Collector:
             s.sample.append(take.clone())
             s.sample_rows += take.shape[0]
         if self.stop_after is not None and self.calls >= self.stop_after:
-            raise _StopForward
+            raise StopForward
 
 
 @torch.no_grad()
@@ -170,7 +171,7 @@ def collect_input_stats(policy: nn.Module, modules: Mapping[str, nn.Linear],
                 c.calls = 0
             try:
                 run_policy(policy, batch)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for h in handles:

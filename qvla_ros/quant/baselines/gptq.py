@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..quantizer import ALL_BITS, QUANT_BITS, check_bits, quantize_rows
-from .calibration import (_rows, _StopForward, check_batches, collect_input_stats, forward_order,
+from .calibration import (StopForward, check_batches, collect_input_stats, forward_order, input_rows,
                           run_policy, stack_batches)
 
 
@@ -263,7 +263,7 @@ def _one_pass(policy, modules, batch, groups, bits, damp, act_order, rel_err, ba
             if index != done[0]:
                 raise RuntimeError(f"GPTQ: {group[0]!r} ran before {groups[done[0]][0]!r} in the "
                                    "quantizing forward, unlike in the forward that ordered the layers")
-            x = _rows(args[0])
+            x = input_rows(args[0])
             # As collect_input_stats: float32 products, float64 Hessian, over the input rows.
             h = (x.T @ x).double() / max(x.shape[0], 1)
             del x
@@ -272,13 +272,13 @@ def _one_pass(policy, modules, batch, groups, bits, damp, act_order, rel_err, ba
             done[0] += 1
             bar.update(1)
             if done[0] == len(groups):
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [modules[g[0]].register_forward_pre_hook(hook_for(i, g)) for i, g in enumerate(groups)]
     try:
         run_policy(policy, batch)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         for handle in handles:
