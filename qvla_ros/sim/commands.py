@@ -118,6 +118,8 @@ def register(subparsers) -> None:
     p.add_argument("--episodes-per-task", type=_non_negative, default=50,
                    help="closed-loop episodes per task (0: offline metrics only)")
     p.add_argument("--workers", type=_non_negative, default=2, help="rollout worker processes")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the --workers as Ray actors ('local', 'auto' or a cluster address)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite)")
     p.add_argument("--max-steps", type=_positive, default=None, help="steps before an episode fails")
     p.add_argument("--offline-frames", type=_positive, default=512, help="held-out frames for offline metrics")
@@ -216,7 +218,7 @@ def _compare(args) -> int:
         settings = CompareSettings(
             methods=methods, policy=None if args.policy == "default" else args.policy,
             data=args.data, synthetic=args.synthetic, frames=args.frames, estimator=args.estimator, projections=args.projections,
-            episodes_per_task=args.episodes_per_task, workers=args.workers, tasks=args.tasks,
+            episodes_per_task=args.episodes_per_task, workers=args.workers, ray=args.ray, tasks=args.tasks,
             max_steps=args.max_steps, offline_frames=args.offline_frames,
             alphas=args.alphas or DEFAULT_ALPHAS, seed=args.seed)
     except ValueError as exc:

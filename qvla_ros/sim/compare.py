@@ -62,7 +62,8 @@ class CompareSettings:
         projections: the jacobian estimator's random action projections per frame (None: its
             default, one per action number for chunks of at most 64 numbers).
         episodes_per_task: closed-loop episodes per task (0: skip the closed loop).
-        workers: rollout worker processes.
+        workers: rollout worker processes (with ray: Ray actors).
+        ray: run the rollouts on a Ray cluster ('local', 'auto', an address; None: local processes).
         tasks: None (the suite) or comma-separated task names.
         max_steps: steps before an episode counts as failed (None: the suite's default).
         offline_frames: held-out frames for the offline metrics.
@@ -80,6 +81,7 @@ class CompareSettings:
     projections: int | None = None
     episodes_per_task: int = 50
     workers: int = 2
+    ray: str | None = None
     tasks: str | None = None
     max_steps: int | None = None
     offline_frames: int = 512
@@ -286,7 +288,7 @@ class Comparison:
         settings = {}
         if todo:
             factory = SavedPolicyFactory(run / POLICY_DIR, {"method": spec.name})
-            result = evaluate(factory, todo, s.episodes_per_task, workers=s.workers,
+            result = evaluate(factory, todo, s.episodes_per_task, workers=s.workers, ray_address=s.ray,
                               max_steps=max_steps, progress=self.progress, episode_log=log)
             settings = result.settings
             episodes = [e for e in episodes if e["task"] in complete] + result.episodes
