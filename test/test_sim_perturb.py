@@ -77,6 +77,26 @@ def test_perturbed_policy_shows_the_policy_the_perturbed_observation():
     assert wrapped.config is inner.config
 
 
+def test_the_preprocessing_a_graph_captures_is_perturbed_too():
+    """GraphedForward runs prepare_inputs outside the graph: it must see the perturbed
+    observation, as __call__ does, not the wrapped policy's plain one."""
+    from qvla_ros.policy import make_policy
+
+    policy = make_policy("micro", seed=0)
+    cfg = policy.config
+    images = torch.randint(0, 200, (2, cfg.n_cams, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    text, proprio = ["pull the drawer open"] * 2, torch.zeros(2, cfg.proprio_dim)
+    p = Perturbation(brightness=1.2, shift_pixels=2)
+    wrapped = PerturbedPolicy(policy, p)
+    got = wrapped.prepare_inputs(images, text, proprio)
+    want = policy.prepare_inputs(p.images(images), text, proprio)
+    plain = policy.prepare_inputs(images, text, proprio)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not all(torch.equal(a, b) for a, b in zip(got, plain))
+    with pytest.raises(AttributeError):
+        PerturbedPolicy(RecordingPolicy(), p).prepare_inputs
+
+
 def test_a_perturbed_evaluation_runs_the_same_episodes():
     kwargs = dict(tasks="drawer-open", episodes_per_task=2, batch_size=2, max_steps=6, progress=False)
     plain_policy, shifted_policy = RecordingPolicy(), RecordingPolicy()

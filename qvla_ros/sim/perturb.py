@@ -117,15 +117,28 @@ def _held_out_by_training_text() -> dict[str, str]:
 
 
 class PerturbedPolicy:
-    """The policy contract, with the perturbation applied to each observation first. Everything
-    else (config, bind_envs of the scripted expert, ...) is the wrapped policy's."""
+    """The policy contract, with the perturbation applied to each observation first. Like
+    policy.wrappers.InstructionSwap it keeps the preprocessing split GraphedForward captures
+    (prepare_inputs perturbs too, so a graph around this wrapper sees what __call__ sees).
+    Everything else (config, bind_envs of the scripted expert, forward_mode, ...) is the wrapped
+    policy's."""
 
     def __init__(self, policy, perturbation: Perturbation):
         self.policy, self.perturbation = policy, perturbation
 
-    def __call__(self, images, instruction, proprio):
+    def _perturbed(self, images, instruction, proprio):
         p = self.perturbation
-        return self.policy(p.images(images), p.instructions(list(instruction)), proprio)
+        return p.images(images), p.instructions(list(instruction)), proprio
+
+    def __call__(self, images, instruction, proprio):
+        return self.policy(*self._perturbed(images, instruction, proprio))
+
+    @property
+    def prepare_inputs(self):
+        # Missing on the wrapped policy -> AttributeError, as GraphedForward expects of a policy
+        # without the split. Without this property __getattr__ would hand out the UNperturbed one.
+        prepare = self.policy.prepare_inputs
+        return lambda images, instruction, proprio: prepare(*self._perturbed(images, instruction, proprio))
 
     def __getattr__(self, name):
         return getattr(self.policy, name)
