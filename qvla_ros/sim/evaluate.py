@@ -22,8 +22,8 @@ from ..dataset import write_json_atomic
 from .env import DEFAULT_CAMERAS
 from .metrics import wilson_interval
 from .perturb import Perturbation
-from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks
 from .ray_pool import run_batches_on_ray
+from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks
 from .workers import RolloutSettings, run_batches
 
 __all__ = ["evaluate", "EvalResults", "cpu_model"]

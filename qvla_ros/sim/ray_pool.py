@@ -32,11 +32,6 @@ class _RolloutActor:
 
         return _run_batch(task, seeds)
 
-    def close(self) -> None:
-        from .workers import _close_envs
-
-        _close_envs()
-
 
 def _connect(address: str):
     try:
@@ -68,30 +63,21 @@ def run_batches_on_ray(policy_factory: Callable, batches: Sequence[tuple[str, Se
     ray, started = _connect(address)
     actor_class = ray.remote(num_cpus=1)(_RolloutActor)
     actors = [actor_class.remote(policy_factory, settings, threads) for _ in range(min(workers, len(batches)))]
+    # ActorPool hands each batch to whichever actor is free and yields results as they finish.
+    from ray.util import ActorPool
+
+    pool = ActorPool(actors)
     try:
-        pending = {}
-        queue = list(batches)
-        for actor in actors:
-            if queue:
-                task, seeds = queue.pop(0)
-                pending[actor.run.remote(task, list(seeds))] = actor
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(done[0])
-            try:
-                results, info = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:
-                cause = getattr(exc, "cause", None)     # the exception raised inside the actor
-                if isinstance(cause, WorkerError):
-                    raise WorkerError(*cause.args) from None
-                raise WorkerError(f"a Ray rollout worker failed: {cause!r}") from None
-            except ray.exceptions.RayActorError as exc:
-                raise WorkerError(f"a Ray rollout worker died: {exc}") from None
+        for results, info in pool.map_unordered(lambda actor, b: actor.run.remote(b[0], list(b[1])), batches):
             if on_batch is not None:
                 on_batch(results, info)
-            if queue:
-                task, seeds = queue.pop(0)
-                pending[actor.run.remote(task, list(seeds))] = actor
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)     # the exception raised inside the actor
+        if isinstance(cause, WorkerError):
+            raise WorkerError(*cause.args) from None
+        raise WorkerError(f"a Ray rollout worker failed: {cause!r}") from None
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerError(f"a Ray rollout worker died: {exc}") from None
     finally:
         for actor in actors:
             ray.kill(actor)
