@@ -6,7 +6,17 @@ issue #17 item 5).
 """
 from __future__ import annotations
 
+import inspect
+import warnings
+import weakref
+
 import torch
+
+try:
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+    from triton import knobs
+except ImportError:  # pragma: no cover - the package imports without Triton or CUDA torch
+    _raw_stream = knobs = None
 
 from .layout import KernelWeights
 
@@ -55,3 +65,75 @@ def check_small_m_input(x: torch.Tensor, kw: KernelWeights, max_tokens: int, ker
     if m > max_tokens:
         raise ValueError(f"{kernel} runs at most {max_tokens} tokens, got {m}; use launch_mixed_gemm")
     return m, k
+
+
+class BoundLaunch:
+    """`kernel[grid](*args, **constexprs)` with the grid and the constexprs fixed once, for a launch
+    repeated with the same shapes (a layer's bound route, ops.PreparedLinear).
+
+    The first call goes through Triton's JIT (argument binding, specialization, cache lookup or
+    compile) and keeps the compiled kernel; later calls hand the arguments straight to that kernel's
+    launcher. Triton's per-call binding is most of a launch's host time, and an eager 7B forward
+    makes about a thousand launches (issue #17 item 2: the per-call overhead).
+
+    Sound because the compiled kernel depends only on what Triton specializes on: the constexprs
+    (fixed here), each int argument's value class (1, divisible by 16) and each pointer's 16-byte
+    alignment and dtype. A call launches directly only when every tensor argument is the very
+    object of the first call (the layer's weights; held by weak reference, so nothing is kept
+    alive) or has that call's dtype and alignment (activations, outputs), and every other argument
+    equals the first call's; otherwise it goes through the JIT (which finds or compiles the right
+    kernel). Launch hooks (a profiler's) and Triton's interpreter also take the JIT path.
+    """
+
+    __slots__ = ("kernel", "grid", "constexprs", "_compiled", "_first", "_tail")
+
+    #: False sends every launch through the JIT (bench/serve/serve.py times an eager forward both ways)
+    direct = True
+
+    def __init__(self, kernel, grid: tuple[int, ...], **constexprs):
+        self.kernel, self.constexprs = kernel, constexprs
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self._compiled = None
+        self._first: tuple = ()
+        self._tail: tuple = ()
+
+    def _jit(self, args):
+        compiled = self.kernel[self.grid](*args, **self.constexprs)
+        if self._compiled is not None or compiled is None or not hasattr(compiled, "packed_metadata"):
+            return  # already bound, or the interpreter: no direct launch
+        tail = []
+        for p in self.kernel.params[len(args):]:
+            if p.name in self.constexprs:
+                tail.append(self.constexprs[p.name])
+            elif p.default is not inspect.Parameter.empty:
+                tail.append(p.default)
+            else:
+                return  # an argument this class does not know how to pass: keep the JIT path
+        self._first = tuple((weakref.ref(a), a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
+                            for a in args)
+        self._compiled, self._tail = compiled, tuple(tail)
+
+    def __call__(self, *args):
+        compiled = self._compiled
+        if (not compiled or not BoundLaunch.direct or knobs.runtime.launch_enter_hook is not None
+                or len(args) != len(self._first)):
+            return self._jit(args)
+        for a, first in zip(args, self._first):
+            if isinstance(a, torch.Tensor):
+                if type(first) is not tuple:
+                    return self._jit(args)
+                ref, dtype, align = first
+                if a is not ref() and (a.dtype != dtype or (a.data_ptr() % 16 == 0) != (align == 0)):
+                    return self._jit(args)
+            elif a != first:
+                return self._jit(args)
+        g = self.grid
+        try:
+            compiled.run(g[0], g[1], g[2], _raw_stream(torch.cuda.current_device()), compiled.function,
+                         compiled.packed_metadata, None, None, None, *args, *self._tail)
+        except (TypeError, ValueError, OverflowError) as err:
+            # Triton's launcher refused the argument list (a Triton whose launch signature differs
+            # from 3.6's): launch through the JIT from now on, and say so once.
+            warnings.warn(f"direct launch of {self.kernel.__name__} failed ({err}); using Triton's JIT launch")
+            self._compiled = False
+            self._jit(args)

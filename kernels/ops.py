@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from .launch_common import _SCRATCH, check_small_m_input, output_tensor, split_scratch  # noqa: F401 (re-exported)
+from .launch_common import _SCRATCH, BoundLaunch, check_small_m_input, output_tensor, split_scratch  # noqa: F401 (re-exported)
 from .layout import KernelWeights
 from .reference import check_act_bits, mixed_bit_linear_reference, quantize_activations_reference
 
@@ -137,7 +137,7 @@ def _bind_act_quant(m: int, k: int):
         from ._interpreter_compat import patch_interpreter
         patch_interpreter()
     from .triton_gemm import act_quant_kernel
-    launch = act_quant_kernel[(m,)] if m else None
+    launch = BoundLaunch(act_quant_kernel, (m,), BLOCK=1024, num_warps=4) if m else None
 
     def run(x2d):
         device = x2d.device
@@ -145,7 +145,7 @@ def _bind_act_quant(m: int, k: int):
         xscale = torch.empty(m, dtype=torch.float32, device=device)
         xsum = torch.empty(m, dtype=torch.int32, device=device)
         if launch is not None:
-            launch(x2d, xq, xscale, xsum, k, x2d.stride(0), BLOCK=1024, num_warps=4)
+            launch(x2d, xq, xscale, xsum, k, x2d.stride(0))
         return xq, xscale, xsum
     return run
 
@@ -169,7 +169,6 @@ def _bind_gemm(kw: KernelWeights, m: int, act_bits: int, x_dtype: torch.dtype, b
         ws, counts = split_scratch(device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
     else:
         ws, counts = dummy, kw.out_index
-    launch = mixed_gemm_kernel[(tiles * cfg.split_k,)]
     weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index, kw.meta,
                bias if bias is not None else dummy)
     has_bias = int(bias is not None)
@@ -177,11 +176,12 @@ def _bind_gemm(kw: KernelWeights, m: int, act_bits: int, x_dtype: torch.dtype, b
                   USE_DOT=cfg.use_dot, DECODE_F32=cfg.decode_f32 or _interpreting(), BM=cfg.bm, BN=cfg.bn,
                   WB=cfg.wb, KSTEP=cfg.kstep, BK16=cfg.bk16, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
+    launch = BoundLaunch(mixed_gemm_kernel, (tiles * cfg.split_k,), **consts)
     k = kw.in_features
 
     def run(x_in, y, xscale=None, xsum=None):
         launch(x_in, xscale if a8 else dummy, xsum if a8 else dummy, *weights, y, ws, counts,
-               m, k, x_in.stride(0), y.stride(0), has_bias, **consts)
+               m, k, x_in.stride(0), y.stride(0), has_bias)
     return run
 
 
@@ -401,7 +401,6 @@ def _bind_gemv(kw: KernelWeights, m: int, x_dtype: torch.dtype, bias: torch.Tens
         ws, counts = split_scratch(device, tiles * cfg.split_k * cfg.bm * cfg.bn, tiles)
     else:
         ws, counts = dummy, kw.out_index
-    launch = gemv_kernel[(tiles * cfg.split_k,)]
     weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index,
                bias if bias is not None else dummy)
     has_bias = int(bias is not None)
@@ -410,9 +409,10 @@ def _bind_gemv(kw: KernelWeights, m: int, x_dtype: torch.dtype, bias: torch.Tens
     consts = dict(BM=cfg.bm, BN=cfg.bn, WB=cfg.wb, BK16=cfg.bk16, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
                   X_FP16=x_dtype == torch.float16, PREFETCH=cfg.prefetch, ASM=cfg.asm and not _interpreting(),
                   EVEN=even, STAGES=cfg.stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = BoundLaunch(gemv_kernel, (tiles * cfg.split_k,), **consts)
 
     def run(x, y):
-        launch(x, *weights, y, ws, counts, m, k, x.stride(0), y.stride(0), has_bias, *groups, **consts)
+        launch(x, *weights, y, ws, counts, m, k, x.stride(0), y.stride(0), has_bias, *groups)
     return run
 
 
@@ -470,7 +470,8 @@ def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_
     device = kw.qwords.device
     table = slot_table(kw.group_rows, k)
     tiles = sum(-(-rows // block_rows) for rows in kw.group_rows)
-    launch = dequant_kernel[(tiles, -(-k // block_features))]
+    launch = BoundLaunch(dequant_kernel, (tiles, -(-k // block_features)), BN=block_rows, KC=block_features,
+                         num_warps=num_warps)
     weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index)
     groups = tuple(table[key] for key in ("r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2", "h3",
                                           "n8", "n4", "n3", "n2"))
@@ -483,7 +484,7 @@ def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_
                              f"{out.dtype} {tuple(out.shape)}")
         else:
             w = out
-        launch(*weights, w, k, w.stride(0), *groups, BN=block_rows, KC=block_features, num_warps=num_warps)
+        launch(*weights, w, k, w.stride(0), *groups)
         return w
     return run
 

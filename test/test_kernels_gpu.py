@@ -411,3 +411,37 @@ def test_scratch_does_not_grow_inside_a_graph_capture():
     finally:
         if saved is not None:
             ops._SCRATCH[x.device] = saved
+
+
+def test_bound_launches_go_direct_and_fall_back_where_triton_would_specialize_otherwise():
+    # PreparedLinear's routes launch the compiled kernel directly after their first call
+    # (launch_common.BoundLaunch); an input whose 16-byte alignment differs from the first call's
+    # must go through Triton's JIT again, which picks the kernel compiled for it.
+    from qvla_ros.kernels.launch_common import BoundLaunch
+    from qvla_ros.kernels.triton_gemm import act_quant_kernel
+
+    m, k = 33, 1000
+    launch = BoundLaunch(act_quant_kernel, (m,), BLOCK=1024, num_warps=4)
+    flat = torch.randn(m * k + 1, device="cuda", dtype=torch.bfloat16)
+    aligned, shifted = flat[:-1].view(m, k), flat[1:].view(m, k)  # the second 2 bytes off
+    assert shifted.data_ptr() % 16
+    for x in (aligned, aligned, shifted, aligned, shifted):
+        xq = torch.full((m, k), 77, dtype=torch.int8, device="cuda")
+        xscale = torch.full((m,), float("nan"), device="cuda")
+        xsum = torch.full((m,), -1, dtype=torch.int32, device="cuda")
+        launch(x, xq, xscale, xsum, k, x.stride(0))
+        assert launch._compiled is not None  # bound after the first call
+        want = quantize_activations_reference(x)
+        assert torch.equal(xq, want[0]) and torch.equal(xscale, want[1]) and torch.equal(xsum, want[2])
+
+    packed, kw = layer(1000, 1024, RAGGED)
+    bias = torch.randn(1000, device="cuda")
+    for m in (17, 590):  # the grouped GEMM; decode-then-cuBLAS
+        prepared = PreparedLinear(kw, bias, 16)
+        flat = torch.randn(m * 1024 + 1, device="cuda", dtype=torch.bfloat16)
+        x, shifted = flat[:-1].view(m, 1024), flat[1:].view(m, 1024)
+        first = prepared(x)
+        check(first, packed, x, bias, 16)
+        for _ in range(2):
+            assert torch.equal(prepared(x), first)
+        check(prepared(shifted), packed, shifted, bias, 16)

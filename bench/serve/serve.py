@@ -55,6 +55,7 @@ for p in (REPO, REPO / "bench" / "kernels"):
 import bench_kernels as bk  # noqa: E402
 
 from qvla_ros.kernels import PreparedLinear  # noqa: E402
+from qvla_ros.kernels.launch_common import BoundLaunch  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, mix_counts, random_kernel_weights  # noqa: E402
 from qvla_ros.quant.mixed_linear import MixedBitLinear  # noqa: E402
 from qvla_ros.quant.targets import quantizable_linears  # noqa: E402
@@ -228,12 +229,20 @@ def policy_inputs(policy, batch: int):
     return policy.prepare_inputs(images, instr, proprio)
 
 
-def time_policy(policy, graphs: bool) -> dict:
+def time_policy(policy, graphs: bool, compare_launch: bool = False) -> dict:
+    """Per batch: eager and graph ms. compare_launch (quantized variants): eager also with every
+    Triton launch through the JIT ("eager_jit_launch"), as before launch_common.BoundLaunch."""
     out = {}
     for batch in BATCHES:
         inputs = policy_inputs(policy, batch)
         fn = (lambda inputs=inputs: policy.predict_normalized(*inputs))
         rec = {"eager": round(eager_ms(fn, EAGER_CALLS), 3)}
+        if compare_launch:
+            BoundLaunch.direct = False
+            try:
+                rec["eager_jit_launch"] = round(eager_ms(fn, EAGER_CALLS), 3)
+            finally:
+                BoundLaunch.direct = True
         if graphs:
             try:
                 rec["graph"] = round(bk.graph_time([fn], replays=REPLAYS, warmup=3, flush=True) * 1e3, 3)
@@ -372,7 +381,7 @@ def main(argv=None) -> int:
             result["build_s"][v.name] = round(time.perf_counter() - t0, 2)
             if DEVICE == "cuda":
                 result["vram_bytes"][v.name] = torch.cuda.memory_allocated() - (0 if v.kind == "bf16" else aside)
-            result["policy_ms"][v.name] = time_policy(policy, graphs)
+            result["policy_ms"][v.name] = time_policy(policy, graphs, compare_launch=v.kind == "mixed")
             apply_variant(policy, originals, VARIANTS[0])  # back to bf16; the variant's layers are freed
             print(json.dumps({v.name: result["policy_ms"][v.name], "vram": result["vram_bytes"].get(v.name)}), flush=True)
             _dump(args.out, result)   # a run cut short keeps what it measured
