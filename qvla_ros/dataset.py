@@ -3,9 +3,13 @@
     DIR/manifest.json                     how the dataset was made (see sim/demos.py), and its episodes
     DIR/<task>/seed_0000012.npz           one successful episode:
         images       uint8   [T, n_cams, H, W, 3]   observation before each action (RGB)
-        proprio      float32 [T, 4]                 end-effector xyz + gripper opening
-        actions      float32 [T, 4]                 the action taken, in [-1, 1]
+        proprio      float32 [T, P]                 MetaWorld P=4: end-effector xyz + gripper opening
+        actions      float32 [T, A]                 the action taken, in [-1, 1]; MetaWorld A=4
         instruction  str, task str, seed int64, format int64
+
+LIBERO folders (`qvla demos --suite libero-object`) hold the same arrays with P=8, A=7 and two
+224 px cameras; their task names are "<suite>/<index>", so an episode is
+DIR/libero_object/3/seed_0000012.npz and the seed is the task's initial state.
 
 Files are written atomically (qvla_ros/io.py), so a file that exists is complete; a crash
 leaves at most a dotted `.NAME.XXXX.tmp` folder. `DemoDataset` streams episodes one file at a time (a training loop
@@ -135,8 +139,11 @@ class DemoDataset:
                        for e in self.manifest["episodes"]]
         else:
             entries = []
-            for f in sorted(self.path.glob("*/seed_*.npz")):
-                entries.append((f.parent.name, int(f.stem.split("_")[1]), f))
+            for f in sorted(self.path.rglob("seed_*.npz")):
+                task = f.parent.relative_to(self.path).as_posix()   # "drawer-open", "libero_object/3"
+                if any(part.startswith(".") for part in task.split("/")):
+                    continue    # an interrupted write's temporary folder (qvla_ros/io.py)
+                entries.append((task, int(f.stem.split("_")[1]), f))
         if tasks is not None:
             wanted = {tasks} if isinstance(tasks, str) else set(tasks)
             entries = [e for e in entries if e[0] in wanted]

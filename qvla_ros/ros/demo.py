@@ -4,6 +4,8 @@ swaps the bit plan through `~/reload_plan` halfway, and prints success and laten
 
     qvla demo                                  # every task once, shipped policy + shipped plans
     qvla demo --tasks drawer-open,drawer-close --episodes-per-task 3 --verbose
+    qvla demo --suite libero-object --checkpoint ckpt/oft --tasks 0,1   # LIBERO: two 224 px
+        cameras, 8 proprio values (the node's proprio_names set to LIBERO's), 8 x 7 chunks
 """
 from __future__ import annotations
 
@@ -26,8 +28,15 @@ def register(subparsers) -> None:
                     "proprio and instruction, qvla_policy_node answers with action chunks, both "
                     "as separate processes over DDS. The bit plan is reloaded halfway through. "
                     "Settings come from config/policy_node.yaml, sim_bridge.yaml and demo.yaml.")
+    from qvla_ros.sim.benchmarks import DEFAULT_SUITE, SUITES
+
+    p.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE,
+                   help="benchmark the bridge serves (LIBERO needs --checkpoint: the shipped "
+                        "policy is MetaWorld's)")
     p.add_argument("--tasks", default=None,
-                   help="comma-separated suite tasks (default: all ten)")
+                   help="comma-separated suite tasks (default: every task of the suite)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="steps after which an episode counts as failed (default: the suite's)")
     p.add_argument("--episodes-per-task", type=int, default=1)
     p.add_argument("--seed-offset", type=int, default=0, help="held-out seed block, as qvla eval")
     p.add_argument("--checkpoint", default=None,
@@ -85,15 +94,27 @@ def run(args) -> int:
     from qvla_ros.ros.harness import NodeProcess
     from qvla_ros.ros.transport import apply_transport
     from qvla_ros.ros.paths import config_file
-    from qvla_ros.sim.suite import resolve_tasks
+    from qvla_ros.sim.benchmarks import DEFAULT_SUITE, get_benchmark
 
-    if args.episodes_per_task < 1 or args.seed_offset < 0:
-        raise SystemExit("qvla demo: --episodes-per-task must be >= 1 and --seed-offset >= 0")
+    if args.episodes_per_task < 1 or args.seed_offset < 0 or args.max_steps < 0:
+        raise SystemExit("qvla demo: --episodes-per-task must be >= 1, --seed-offset and "
+                         "--max-steps >= 0")
+    bench = get_benchmark(args.suite)
     try:
-        tasks = [t.name for t in resolve_tasks(args.tasks)]
+        tasks = [t.name for t in bench.resolve_tasks(args.tasks)]
+        for episode in range(args.episodes_per_task):
+            bench.eval_seed(episode, args.seed_offset)
     except ValueError as exc:
         raise SystemExit(f"qvla demo: {exc}") from None
     settings = _demo_settings()
+    if bench.name != DEFAULT_SUITE:
+        # demo.yaml's plans belong to the shipped MetaWorld policy: another suite's checkpoint
+        # starts without a plan unless one is named.
+        if not args.checkpoint:
+            raise SystemExit(f"qvla demo: --suite {bench.name} needs --checkpoint (a policy with "
+                             f"{bench.action_dim}-d actions, {bench.proprio_dim} proprio values; "
+                             "the shipped policy is MetaWorld's)")
+        settings = {"plan": "", "reload_plan": ""}
     plan = _choose_plan(args.plan, settings["plan"], "start")
     reload_plan = _choose_plan(args.reload_plan, settings["reload_plan"], "reload")
     total = len(tasks) * args.episodes_per_task
@@ -108,20 +129,25 @@ def run(args) -> int:
     apply_transport(env)
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
                                            "FASTDDS_DEFAULT_PROFILES_FILE") if k in env})
-    print(f"qvla demo: {total} episode(s) of {', '.join(tasks)} through ROS 2 "
+    print(f"qvla demo: {total} episode(s) of {bench.name} {', '.join(tasks)} through ROS 2 "
           f"(ROS_DOMAIN_ID={env.get('ROS_DOMAIN_ID', '0')}); policy "
           f"{args.checkpoint or 'shipped'}, plan {_label(plan)}"
           + (f", reloading {_label(reload_plan)} halfway" if reload_plan else ""), flush=True)
 
     policy_overrides = {"plan": plan}
+    if bench.name != DEFAULT_SUITE:
+        # The JointState names the bridge publishes for this suite (policy_node.yaml's are
+        # MetaWorld's four).
+        policy_overrides["proprio_names"] = list(bench.proprio_names)
     if args.checkpoint:
         policy_overrides["checkpoint"] = str(Path(args.checkpoint).resolve())
     policy = NodeProcess.start("qvla_policy_node", [config_file(f) for f in POLICY_PARAMS],
                                overrides=policy_overrides, env=env, echo=args.verbose)
     bridge = NodeProcess.start("qvla_sim_bridge", [config_file(f) for f in BRIDGE_PARAMS],
-                               overrides={"tasks": tasks,
+                               overrides={"suite": bench.name, "tasks": tasks,
                                           "episodes_per_task": args.episodes_per_task,
-                                          "seed_offset": args.seed_offset},
+                                          "seed_offset": args.seed_offset,
+                                          "max_steps": args.max_steps},
                                env=env, echo=args.verbose)
     start = time.monotonic()
     try:

@@ -1,6 +1,10 @@
 """qvla_sim_bridge: puts the benchmark (qvla_ros.sim) on ROS topics, so a policy node closes the
 loop through DDS exactly as it would on a robot.
 
+The benchmark is parameter `suite` (qvla_ros/sim/benchmarks.py): the MetaWorld suite (default) or
+LIBERO (`libero-object`, `libero-spatial`: two 224 px cameras, 8 proprio values, 7-d actions,
+evaluation initial states 30-49).
+
 For each episode (task x seed, the seeds of `qvla eval`): publish the instruction, then repeat
     publish the observation: proprio, image2, image, all with one stamp
     wait for the ActionChunk whose stamp is that observation's (and whose instruction is the
@@ -12,7 +16,9 @@ policy runs: the same seeds give the same episodes as `qvla eval` with one envir
 
 Topics (relative):
     image, image2      sensor_msgs/Image (rgb8, reliable)   the suite's two cameras
-    proprio            sensor_msgs/JointState               ee_x, ee_y, ee_z, gripper
+    proprio            sensor_msgs/JointState               MetaWorld: ee_x, ee_y, ee_z, gripper;
+                                                            LIBERO: eef_x, eef_y, eef_z, eef_ax,
+                                                            eef_ay, eef_az, finger_l, finger_r
     instruction        std_msgs/String (transient local)    the episode's instruction
     action_chunk       qvla_ros/ActionChunk (subscribed)
     episode_result     std_msgs/String, one JSON object per episode ("type": "episode") and one
@@ -39,7 +45,6 @@ from qvla_ros.ros.image_conversion import array_to_image
 from qvla_ros.ros.topics import (
     CHUNK_QOS,
     INSTRUCTION_QOS,
-    PROPRIO_NAMES,
     RESULTS_QOS,
     SENSOR_PUBLISHER_QOS,
 )
@@ -56,12 +61,14 @@ class SimBridge(Node):
 
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        # The simulator is imported here, not at module level: MuJoCo and MetaWorld take seconds.
-        from qvla_ros.sim import suite
-        from qvla_ros.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE
+        # The simulator is imported when the first episode starts: MuJoCo, MetaWorld and LIBERO
+        # take seconds.
+        from qvla_ros.sim.benchmarks import DEFAULT_SUITE, SUITES, get_benchmark
 
         d = ParameterDescriptor
         # Unset (or 0) means "as `qvla eval` does", so the two cannot drift apart.
+        self.declare_parameter("suite", DEFAULT_SUITE, d(
+            description=f"benchmark: {', '.join(SUITES)}", read_only=True))
         self.declare_parameter("tasks", Parameter.Type.STRING_ARRAY, d(
             description="suite tasks to run, in order; unset = the whole suite", read_only=True))
         self.declare_parameter("episodes_per_task", 1, d(
@@ -75,7 +82,7 @@ class SimBridge(Node):
             read_only=True, integer_range=[IntegerRange(from_value=0, to_value=10000, step=1)]))
         self.declare_parameter("max_steps", 0, d(
             description="steps after which an episode counts as failed; 0 = the suite's",
-            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=500, step=1)]))
+            read_only=True, integer_range=[IntegerRange(from_value=0, to_value=10000, step=1)]))
         self.declare_parameter("image_size", 0, d(
             description="side of the square camera images in pixels; 0 = the suite's",
             read_only=True, integer_range=[IntegerRange(from_value=0, to_value=1024, step=1)]))
@@ -92,13 +99,17 @@ class SimBridge(Node):
 
         # get_parameter_or: a typed parameter nobody set reads as None.
         p = lambda name: self.get_parameter_or(name).value  # noqa: E731
-        self.tasks = suite.resolve_tasks(list(p("tasks")) if p("tasks") else None)
+        self.bench = get_benchmark(p("suite"))
+        self.tasks = self.bench.resolve_tasks(list(p("tasks")) if p("tasks") else None)
         self.episodes_per_task = p("episodes_per_task")
         self.seed_offset = p("seed_offset")
+        # Every episode's seed exists before anything starts (LIBERO has 20 evaluation states).
+        for episode in range(self.episodes_per_task):
+            self.bench.eval_seed(episode, self.seed_offset)
         self.replan_steps = p("replan_steps")
-        self.max_steps = p("max_steps") or suite.DEFAULT_MAX_STEPS
-        self.image_size = p("image_size") or DEFAULT_IMAGE_SIZE
-        self.cameras = tuple(p("cameras") or DEFAULT_CAMERAS)
+        self.max_steps = p("max_steps") or self.bench.max_steps
+        self.image_size = p("image_size") or self.bench.image_size
+        self.cameras = tuple(p("cameras") or self.bench.cameras)
         self.chunk_timeout = p("chunk_timeout")
         self.start_timeout = p("start_timeout")
         self.exit_when_done = p("exit_when_done")
@@ -130,8 +141,15 @@ class SimBridge(Node):
     # The episodes -------------------------------------------------------------------------------
     def _run_all(self) -> None:
         try:
-            self._wait_for_policy()
-            self._run_episodes()
+            # The first task's simulator is built while the policy node starts (a LIBERO scene
+            # takes ~10 s on CPU, about what a node takes to load its policy).
+            first = self._make_env(self.tasks[0])
+            try:
+                self._wait_for_policy()
+            except BaseException:
+                first.close()
+                raise
+            self._run_episodes(first)
         except EpisodeStopped:
             pass
         except Exception as exc:  # report, then end: a broken simulator cannot be served around
@@ -153,18 +171,18 @@ class SimBridge(Node):
             time.sleep(0.05)
         raise EpisodeStopped
 
-    def _run_episodes(self) -> None:
-        from qvla_ros.sim.env import SuiteEnv
-        from qvla_ros.sim.suite import eval_seed
+    def _make_env(self, task):
+        return self.bench.make_env(task.name, image_size=self.image_size, cameras=self.cameras,
+                                   max_steps=self.max_steps)
 
+    def _run_episodes(self, first_env) -> None:
         total = len(self.tasks) * self.episodes_per_task
         results = []
         start = time.monotonic()
-        for task in self.tasks:
-            with SuiteEnv(task, image_size=self.image_size, cameras=self.cameras,
-                          max_steps=self.max_steps) as env:
+        for i, task in enumerate(self.tasks):
+            with (first_env if i == 0 else self._make_env(task)) as env:
                 for episode in range(self.episodes_per_task):
-                    seed = eval_seed(episode, self.seed_offset)
+                    seed = self.bench.eval_seed(episode, self.seed_offset)
                     result = self._run_episode(env, seed)
                     result.update(type="episode", index=len(results), total=total)
                     results.append(result)
@@ -193,6 +211,9 @@ class SimBridge(Node):
             chunks += 1
             if chunk.plan_id not in plan_ids:
                 plan_ids.append(chunk.plan_id)
+            if chunk.action_dim != self.bench.action_dim:
+                raise ValueError(f"chunk of {chunk.action_dim}-d actions; {self.bench.name} takes "
+                                 f"{self.bench.action_dim} ({self.bench.action_text})")
             round_trips.append(round_trip)
             latencies.append(chunk.latency)
             inference.append(chunk.inference_time)
@@ -209,6 +230,7 @@ class SimBridge(Node):
                 break
         return {"task": env.task.name, "seed": seed, "success": bool(success),
                 "steps": env.steps, "chunks": chunks, "plan_ids": plan_ids,
+                "suite": self.bench.name, "action_shape": [int(chunk.horizon), int(chunk.action_dim)],
                 "instruction": instruction,
                 "round_trip_ms_p50": _ms(round_trips, 50), "round_trip_ms_p99": _ms(round_trips, 99),
                 "node_latency_ms_p50": _ms(latencies, 50),
@@ -255,7 +277,7 @@ class SimBridge(Node):
     def _publish(self, obs: dict, stamp) -> None:
         proprio = JointState()
         proprio.header.stamp = stamp
-        proprio.name = list(PROPRIO_NAMES)
+        proprio.name = list(self.bench.proprio_names)
         proprio.position = [float(v) for v in obs["proprio"]]
         self.proprio_pub.publish(proprio)
         # The first camera last: its arrival is what makes the policy node run.

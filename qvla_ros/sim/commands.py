@@ -40,18 +40,27 @@ def _alphas(text: str) -> tuple[float, ...]:
     return values
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    from .suite import DEFAULT_MAX_STEPS, TASK_NAMES
+def _add_common(p: argparse.ArgumentParser, episodes: str) -> None:
+    from .benchmarks import DEFAULT_SUITE, SUITES
+    from .suite import TASK_NAMES
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE,
+                   help="benchmark: the 10-task MetaWorld suite (default) or a LIBERO suite (7-d "
+                        "actions, 8-d proprio, two cameras; initial states 0-29 for "
+                        "demonstrations, 30-49 for evaluation)")
     p.add_argument("--tasks", default=None,
-                   help=f"comma-separated task names (default: all ten: {','.join(TASK_NAMES)})")
-    p.add_argument("--episodes-per-task", type=_positive, default=50)
+                   help=f"comma-separated task names (default: every task of the suite; MetaWorld: "
+                        f"{','.join(TASK_NAMES)}; LIBERO: indices 0-9 or libero_object/3 ...)")
+    p.add_argument("--episodes-per-task", type=_positive, default=None,
+                   help=f"default: the suite's ({episodes})")
     p.add_argument("--workers", type=_non_negative, default=2,
                    help="worker processes (0: run in this process)")
-    p.add_argument("--max-steps", type=_positive, default=DEFAULT_MAX_STEPS,
-                   help="steps before an episode counts as failed")
+    p.add_argument("--max-steps", type=_positive, default=None,
+                   help="steps before an episode counts as failed (default: the suite's: MetaWorld "
+                        "300, libero-object 280, libero-spatial 220)")
     p.add_argument("--cameras", default=None,
-                   help="comma-separated camera names (default: corner,gripper_follow)")
+                   help="comma-separated camera names (default: the suite's: corner,gripper_follow; "
+                        "LIBERO agentview,robot0_eye_in_hand)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,17 +69,22 @@ def register(subparsers) -> None:
         "demos", help="scripted-expert demonstrations for the benchmark suite",
         description="Scripted-expert demonstrations: one .npz per successful episode + manifest.json. "
                     "Re-running the same command on the same folder resumes it.")
-    _add_common(demos)
-    demos.add_argument("--image-size", type=_positive, default=128)
+    _add_common(demos, "MetaWorld 50; LIBERO 30, every demonstration initial state")
+    demos.add_argument("--image-size", type=_positive, default=None,
+                       help="camera image side (default: the suite's: MetaWorld 128, LIBERO 224)")
     demos.add_argument("--batch-size", type=_positive, default=4,
                        help="environments each worker steps together")
+    demos.add_argument("--smoke", action="store_true",
+                       help="plumbing check in seconds: the first task (or --tasks) only, 1 episode "
+                            "in this process, capped at --max-steps (default 8) and written even "
+                            "unfinished; the folder is marked smoke and incomplete")
     demos.set_defaults(func=_demos)
 
     ev = subparsers.add_parser(
         "eval", help="closed-loop success of a policy (optionally quantized by a plan)",
         description="Closed-loop rollouts on held-out seeds: success per task and overall with "
                     "Wilson 95%% intervals, written as results.json + success.png.")
-    _add_common(ev)
+    _add_common(ev, "MetaWorld 50; LIBERO 20, every evaluation initial state")
     ev.add_argument("--policy", required=True, help="'expert' or a policy checkpoint directory")
     ev.add_argument("--plan", default=None, help="BitPlan file: evaluate the policy quantized by it")
     ev.add_argument("--replan-steps", type=_positive, default=None,
@@ -130,42 +144,50 @@ def register(subparsers) -> None:
 
 
 def _cameras(args):
-    from .env import DEFAULT_CAMERAS
-    return DEFAULT_CAMERAS if args.cameras is None else tuple(c for c in args.cameras.split(",") if c)
+    return None if args.cameras is None else tuple(c for c in args.cameras.split(",") if c)
 
 
 def _demos(args) -> int:
     from ..dataset import DemoFileError
+    from .benchmarks import get_benchmark
     from .demos import generate_demos
-    from .suite import resolve_tasks
     try:
-        resolve_tasks(args.tasks)
-        manifest = generate_demos(args.out, tasks=args.tasks, episodes_per_task=args.episodes_per_task,
-                                  workers=args.workers, batch_size=args.batch_size,
+        bench = get_benchmark(args.suite)
+        tasks, episodes, workers, max_steps = args.tasks, args.episodes_per_task, args.workers, args.max_steps
+        if args.smoke:
+            tasks = tasks or bench.resolve_tasks()[0].name
+            episodes, workers, max_steps = 1, 0, max_steps or 8
+        bench.resolve_tasks(tasks)     # unknown task names fail before anything starts
+        manifest = generate_demos(args.out, tasks=tasks, episodes_per_task=episodes,
+                                  workers=workers, batch_size=args.batch_size,
                                   image_size=args.image_size, cameras=_cameras(args),
-                                  max_steps=args.max_steps, progress=not args.quiet)
+                                  max_steps=max_steps, progress=not args.quiet,
+                                  suite=bench.name, smoke=args.smoke)
     except (ValueError, DemoFileError) as exc:
         print(f"qvla demos: {exc}", file=sys.stderr)
         return 2
     run = manifest["runs"][-1]
-    print(f"{len(manifest['episodes'])} episodes ({manifest['frames']} frames) in {args.out}; "
+    what = "smoke episode(s), not demonstrations" if args.smoke else "episodes"
+    print(f"{len(manifest['episodes'])} {what} ({manifest['frames']} frames) in {args.out}; "
           f"this run wrote {run['episodes_written']} in {run['wall_time_s']:.0f} s")
     return 0
 
 
 def _eval(args) -> int:
+    from .benchmarks import get_benchmark
     from .evaluate import evaluate
     from .factories import make_factory
     from .perturb import Perturbation
-    from .suite import resolve_tasks
 
     results_path = args.out / "results.json"
     try:
-        resolve_tasks(args.tasks)  # unknown task names fail before anything starts
+        bench = get_benchmark(args.suite)
+        bench.resolve_tasks(args.tasks)  # unknown task names fail before anything starts
         if results_path.exists() and not args.force:
             raise ValueError(f"{results_path} exists; pass --force to overwrite or pick another --out")
         perturbation = Perturbation.parse(args.perturb)
-        factory = make_factory(args.policy, args.plan, args.device, cuda_graph=not args.eager)
+        factory = make_factory(args.policy, args.plan, args.device, cuda_graph=not args.eager,
+                               suite=bench.name)
         if args.plan is not None:
             import qvla_ros.quant as quant
             try:
@@ -186,7 +208,7 @@ def _eval(args) -> int:
                            replan_steps=args.replan_steps, max_steps=args.max_steps,
                            image_size=args.image_size, cameras=_cameras(args),
                            seed_offset=args.seed_offset, progress=not args.quiet, episode_log=log,
-                           perturbation=perturbation, ray_address=args.ray)
+                           perturbation=perturbation, ray_address=args.ray, suite=bench.name)
     except ValueError as exc:   # e.g. a Ray cluster that cannot be reached
         print(f"qvla eval: {exc}", file=sys.stderr)
         return 2

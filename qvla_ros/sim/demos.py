@@ -7,6 +7,16 @@ so an interrupted run resumes where it stopped: re-running the same command skip
 already has a file or a marker. The manifest records the recipe (suite, cameras, image size,
 versions), the episodes, the failed seeds and the time taken; a folder made with another recipe is
 refused rather than mixed.
+
+`suite` picks the benchmark (sim.benchmarks): MetaWorld's, or LIBERO's (libero-object,
+libero-spatial: its scripted expert, 7-d actions, 8-d proprio, two 224 px cameras). LIBERO has a
+fixed pool of demonstration seeds (initial states 0-29 of each task, never its evaluation states
+30-49): a task whose pool runs out before `episodes_per_task` successes keeps what it has, and the
+manifest says so (`stats[task].short`).
+
+`smoke=True` checks the plumbing in seconds: episodes that run out of `max_steps` are written as
+episode files too (a few steps of an episode, not a demonstration), and the manifest says
+`"smoke": true` and stays incomplete, so training refuses the folder unless told otherwise.
 """
 from __future__ import annotations
 
@@ -14,34 +24,21 @@ import json
 import socket
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..dataset import FORMAT_VERSION, MANIFEST, DemoFileError, episode_path, write_json_atomic
-from .env import ACTION_DIM, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, PROPRIO_DIM
+from .benchmarks import DEFAULT_SUITE, get_benchmark
 from .evaluate import cpu_model
-from .expert import ExpertFactory
-from .suite import DEFAULT_MAX_STEPS, EVAL_SEED_BASE, demo_seed, resolve_tasks
-from .workers import RolloutSettings, failed_marker, run_batches
+from .workers import RolloutSettings, run_batches
 
 __all__ = ["generate_demos", "DemoGenerationError"]
 
 
 class DemoGenerationError(RuntimeError):
     """The expert failed too often on a task to reach the requested number of episodes."""
-
-
-def _versions() -> dict:
-    out = {}
-    for pkg in ("metaworld", "language-world", "mujoco", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _scan(root: Path, task: str) -> tuple[dict[int, Path], set[int]]:
@@ -59,34 +56,50 @@ def _episode_length(path: Path) -> int:
                             "delete it and re-run the same `qvla demos` command to redo it") from exc
 
 
-def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50, *,
-                   workers: int = 0, batch_size: int = 4, image_size: int = DEFAULT_IMAGE_SIZE,
-                   cameras=DEFAULT_CAMERAS, max_steps: int = DEFAULT_MAX_STEPS,
-                   max_attempts_factor: float = 2.0, progress: bool = True) -> dict:
+def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int | None = None, *,
+                   workers: int = 0, batch_size: int = 4, image_size: int | None = None,
+                   cameras=None, max_steps: int | None = None,
+                   max_attempts_factor: float = 2.0, progress: bool = True,
+                   suite: str = DEFAULT_SUITE, smoke: bool = False) -> dict:
     """Write (or complete) a demonstration folder; returns its manifest.
 
     Args:
         out_dir: the dataset folder (created; an existing one is resumed if its recipe matches).
         tasks: None = the whole suite.
-        episodes_per_task: successful episodes wanted per task.
+        episodes_per_task: successful episodes wanted per task (None: the suite's default,
+            MetaWorld 50, LIBERO 30 = its whole demonstration pool).
+        image_size, cameras, max_steps: None = the suite's.
         workers: worker processes (0 = this process).
         batch_size: environments a worker steps together.
         max_attempts_factor: give up on a task after this many attempts per wanted episode (+10).
+        suite: the benchmark (sim.benchmarks.SUITES).
+        smoke: a plumbing check; see the module docstring.
     """
+    bench = get_benchmark(suite)
+    episodes_per_task = bench.demo_episodes if episodes_per_task is None else episodes_per_task
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
-    specs = resolve_tasks(tasks)
+    pool = bench.demo_seed_count
+    if pool is not None and episodes_per_task > pool:
+        raise ValueError(f"{bench.name} has {pool} demonstration initial states per task "
+                         f"({bench.seed_rule()}); asked for {episodes_per_task} episodes")
+    image_size = image_size or bench.image_size
+    cameras = tuple(cameras or bench.cameras)
+    max_steps = max_steps or bench.max_steps
+    specs = bench.resolve_tasks(tasks)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    expert = bench.expert_factory()
     recipe = {
-        "tasks": {s.name: s.instruction for s in specs},
+        "suite": bench.name, "tasks": {s.name: s.instruction for s in specs},
         "cameras": list(cameras), "image_size": image_size, "max_steps": max_steps,
-        "proprio": f"{PROPRIO_DIM} floats: end-effector xyz + gripper opening",
-        "actions": f"{ACTION_DIM} floats in [-1, 1]: xyz delta + gripper effort",
-        "expert": ExpertFactory().describe(),
-        "seeds": f"demo seeds 0, 1, 2, ... per task (< {EVAL_SEED_BASE}); failed seeds skipped",
-        "format": FORMAT_VERSION, "versions": _versions(),
+        "proprio": bench.proprio_text, "actions": bench.action_text,
+        "expert": expert.describe(),
+        "seeds": f"{bench.seed_rule()}; failed seeds skipped",
+        "format": FORMAT_VERSION, "versions": bench.versions(),
     }
+    if smoke:
+        recipe["smoke"] = True
     manifest_path = root / MANIFEST
     previous = {}
     if manifest_path.exists():
@@ -96,8 +109,9 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
             raise DemoFileError(f"{manifest_path}: damaged manifest ({exc}); move it away to start "
                                 "a new dataset") from exc
         old = dict(previous.get("recipe", {}))
-        keys = ("cameras", "image_size", "max_steps", "format")
-        diff = [k for k in keys if old.get(k) != recipe[k]]
+        old.setdefault("suite", DEFAULT_SUITE)      # made before there was more than one
+        keys = ("suite", "cameras", "image_size", "max_steps", "format", "smoke")
+        diff = [k for k in keys if old.get(k) != recipe.get(k)]
         if diff:
             raise ValueError(f"{root} holds demonstrations made with other settings "
                              f"({', '.join(f'{k}: {old.get(k)} vs {recipe[k]}' for k in diff)}); "
@@ -110,9 +124,12 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
                 "runs": previous.get("runs", [])}
     write_json_atomic(manifest_path, {**previous, **manifest})
 
-    settings = RolloutSettings(image_size=image_size, cameras=tuple(cameras), max_steps=max_steps,
-                               replan_steps=1, record_dir=str(root))
+    settings = RolloutSettings(image_size=image_size, cameras=cameras, max_steps=max_steps,
+                               replan_steps=1, record_dir=str(root), suite=bench.name,
+                               keep_unfinished=smoke)
     cap = int(max_attempts_factor * episodes_per_task) + 10
+    if pool is not None:
+        cap = min(cap, pool)
     counts = {}
     for s in specs:
         done, _ = _scan(root, s.name)
@@ -122,7 +139,7 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
 
     def on_batch(results, info):
         nonlocal generated
-        won = sum(r["success"] for r in results)
+        won = sum(r["success"] or smoke for r in results)
         generated += won
         bar.update(won)
 
@@ -135,6 +152,8 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
                 tried = set(done) | failed
                 if need <= 0:
                     continue
+                if pool is not None and len(tried) >= pool:
+                    continue        # every demonstration state tried: the task stays short
                 if len(tried) >= cap:
                     raise DemoGenerationError(
                         f"{s.name}: only {len(done)} successes in {len(tried)} attempts; the expert "
@@ -142,12 +161,12 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
                 fresh, k = [], 0
                 while len(fresh) < min(need, cap - len(tried)):
                     if k not in tried:
-                        fresh.append(demo_seed(k))
+                        fresh.append(bench.demo_seed(k))
                     k += 1
                 batches += [(s.name, fresh[i:i + batch_size]) for i in range(0, len(fresh), batch_size)]
             if not batches:
                 break
-            run_batches(ExpertFactory(), batches, settings, workers=workers, on_batch=on_batch)
+            run_batches(expert, batches, settings, workers=workers, on_batch=on_batch)
     finally:
         bar.close()
 
@@ -165,9 +184,13 @@ def generate_demos(out_dir: str | Path, tasks=None, episodes_per_task: int = 50,
         stats[s.name] = {"episodes": len(chosen), "failed_attempts": len(failed),
                          "expert_success_rate": len(done) / max(1, len(done) + len(failed)),
                          "mean_length": float(np.mean(lengths)) if lengths else None}
+        if len(chosen) < episodes_per_task:
+            stats[s.name]["short"] = episodes_per_task - len(chosen)
+            print(f"qvla demos: {s.name}: {len(chosen)} of {episodes_per_task} episodes; every "
+                  "demonstration initial state was tried", file=sys.stderr)
     wall = time.time() - started
     manifest.update(
-        complete=True, episodes=episodes, failed_seeds=failed_all, stats=stats,
+        complete=not smoke, episodes=episodes, failed_seeds=failed_all, stats=stats,
         frames=int(sum(e["length"] for e in episodes)),
         runs=manifest["runs"] + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                                   "wall_time_s": round(wall, 1), "workers": workers,

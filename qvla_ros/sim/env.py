@@ -73,6 +73,9 @@ class SuiteEnv:
         max_steps: steps after which an episode ends as failed (see suite.DEFAULT_MAX_STEPS).
     """
 
+    action_dim = ACTION_DIM
+    proprio_dim = PROPRIO_DIM
+
     def __init__(self, task: str | TaskSpec, image_size: int = DEFAULT_IMAGE_SIZE,
                  cameras: Sequence[str] = DEFAULT_CAMERAS, max_steps: int = DEFAULT_MAX_STEPS):
         self.task = get_task(task)

@@ -5,7 +5,9 @@
     results = evaluate(ExpertFactory(), tasks=None, episodes_per_task=50, workers=2)
     results.save("runs/eval_expert")          # results.json + success.png
 
-Episodes run on held-out seeds (suite.eval_seed): never a seed any demonstration used.
+Episodes run on held-out seeds (the suite's eval_seed, sim.benchmarks): never a seed any
+demonstration used. `suite="libero-object"` (or libero-spatial) runs LIBERO: 7-d actions, 8-d
+proprio, two cameras, its evaluation initial states 30-49.
 """
 from __future__ import annotations
 
@@ -19,11 +21,10 @@ from typing import Callable
 from tqdm import tqdm
 
 from ..dataset import write_json_atomic
-from .env import DEFAULT_CAMERAS
+from .benchmarks import DEFAULT_SUITE, get_benchmark
 from .metrics import wilson_interval
 from .perturb import Perturbation
 from .ray_pool import run_batches_on_ray
-from .suite import DEFAULT_MAX_STEPS, eval_seed, is_eval_seed, resolve_tasks
 from .workers import RolloutSettings, run_batches
 
 __all__ = ["evaluate", "EvalResults", "cpu_model"]
@@ -96,10 +97,10 @@ class EvalResults:
         return "\n".join(lines)
 
 
-def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, *,
+def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int | None = None, *,
              workers: int = 0, batch_size: int = 8, replan_steps: int | None = None,
-             max_steps: int = DEFAULT_MAX_STEPS, image_size: int | None = None,
-             cameras=DEFAULT_CAMERAS, seed_offset: int = 0, seeds=None,
+             max_steps: int | None = None, image_size: int | None = None,
+             cameras=None, seed_offset: int = 0, seeds=None, suite: str = DEFAULT_SUITE,
              allow_demo_seeds: bool = False, progress: bool = True,
              episode_log: str | Path | None = None, describe: dict | None = None,
              perturbation: Perturbation | None = None, ray_address: str | None = None) -> EvalResults:
@@ -109,9 +110,11 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
         policy_factory: picklable zero-argument callable returning a policy-contract object;
             each worker calls it once.
         tasks: None (the whole suite), names, or a comma-separated string.
+        episodes_per_task: None = the suite's (MetaWorld 50, LIBERO 20: all its held-out states).
         workers: worker processes; 0 runs in this process.
         batch_size: environments a worker steps in lockstep (policy calls are batched over them).
         replan_steps: actions executed from each chunk before re-planning (None = whole chunk).
+        max_steps, cameras: None = the suite's.
         image_size: None = the policy's config.image_size.
         seed_offset: start of the held-out seed block (episode i uses eval_seed(i, seed_offset)).
         seeds: explicit seeds per task instead (must be evaluation seeds unless allow_demo_seeds).
@@ -121,25 +124,31 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
             policy sees them; same seeds, so the episodes pair with an unperturbed run's.
         ray_address: run the `workers` on a Ray cluster ('local', 'auto', an address) instead
             of local processes; the same seeds give the same episodes.
+        suite: the benchmark (sim.benchmarks.SUITES): "metaworld", "libero-object", ...
     """
-    specs = resolve_tasks(tasks)
+    bench = get_benchmark(suite)
+    specs = bench.resolve_tasks(tasks)
     names = [s.name for s in specs]
+    max_steps = max_steps or bench.max_steps
+    cameras = tuple(cameras or bench.cameras)
     if seeds is None:
+        episodes_per_task = bench.eval_episodes if episodes_per_task is None else episodes_per_task
         if episodes_per_task < 1:
             raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
-        seeds = [eval_seed(i, seed_offset) for i in range(episodes_per_task)]
+        seeds = [bench.eval_seed(i, seed_offset) for i in range(episodes_per_task)]
     else:
         seeds = [int(s) for s in seeds]
         if not seeds:
             raise ValueError("seeds is empty")
-    if not allow_demo_seeds and not all(is_eval_seed(s) for s in seeds):
-        bad = [s for s in seeds if not is_eval_seed(s)][:5]
+    if not allow_demo_seeds and not all(bench.is_eval_seed(s) for s in seeds):
+        bad = [s for s in seeds if not bench.is_eval_seed(s)][:5]
         raise ValueError(f"seeds {bad} belong to the demonstration range; evaluation runs on "
-                         "held-out seeds (suite.EVAL_SEED_BASE and up)")
+                         f"held-out seeds ({bench.name}: {bench.seed_rule()})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    settings = RolloutSettings(image_size=image_size, cameras=tuple(cameras), max_steps=max_steps,
-                               replan_steps=replan_steps, perturbation=perturbation)
+    settings = RolloutSettings(image_size=image_size, cameras=cameras, max_steps=max_steps,
+                               replan_steps=replan_steps, perturbation=perturbation,
+                               suite=bench.name)
     batches = [(name, seeds[i:i + batch_size]) for name in names
                for i in range(0, len(seeds), batch_size)]
 
@@ -176,7 +185,8 @@ def evaluate(policy_factory: Callable, tasks=None, episodes_per_task: int = 50, 
     wall = time.perf_counter() - start
     run_settings = {
         "policy": describe or getattr(policy_factory, "describe", lambda: {"factory": repr(policy_factory)})(),
-        "tasks": {s.name: s.instruction for s in specs}, "episodes_per_task": len(seeds),
+        "suite": bench.name, "tasks": {s.name: s.instruction for s in specs},
+        "episodes_per_task": len(seeds),
         "seeds": [seeds[0], seeds[-1]] if seeds == list(range(seeds[0], seeds[0] + len(seeds))) else seeds,
         "replan_steps": replan_steps, "max_steps": max_steps, "batch_size": batch_size,
         "workers": workers, "ray": ray_address, "wall_time_s": round(wall, 2), "cpu": cpu_model(),

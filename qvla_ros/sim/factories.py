@@ -3,6 +3,7 @@
     CheckpointPolicyFactory("runs/policy")                 qvla_ros.policy.load_policy(path)
     CheckpointPolicyFactory("runs/policy", plan="p.json")  qvla_ros.quant.load_quantized_policy
     make_factory("expert")                                 the scripted expert
+    make_factory("expert", suite="libero-object")          LIBERO's scripted expert
 
 The policy and quantization packages are imported inside the worker, when the factory is called,
 so this module (and `qvla eval --policy expert`) works without them.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .expert import ExpertFactory
+from .benchmarks import DEFAULT_SUITE, get_benchmark
 
 __all__ = ["CheckpointPolicyFactory", "make_factory"]
 
@@ -71,12 +72,14 @@ def _is_cuda(device) -> bool:
     return str(device).split(":", 1)[0] == "cuda"
 
 
-def make_factory(policy: str, plan: str | None = None, device: str = "cpu", cuda_graph: bool = True):
-    """Factory for the CLI's --policy: "expert" or a checkpoint directory."""
+def make_factory(policy: str, plan: str | None = None, device: str = "cpu", cuda_graph: bool = True,
+                 suite: str = DEFAULT_SUITE):
+    """Factory for the CLI's --policy: "expert" (the suite's scripted expert) or a checkpoint
+    directory."""
     if policy == "expert":
         if plan is not None:
             raise ValueError("--plan applies to a checkpoint, not to the scripted expert")
-        return ExpertFactory()
+        return get_benchmark(suite).expert_factory()
     if not Path(policy).is_dir():
         raise ValueError(f"--policy {policy!r} is neither 'expert' nor a checkpoint directory")
     if plan is not None and not Path(plan).is_file():

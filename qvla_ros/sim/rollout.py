@@ -5,17 +5,21 @@ all environments that need one at the same step share ONE batched policy call. A
 `horizon` actions is executed open-loop for `replan_steps` steps (at most the horizon), then the
 policy is asked again. Cameras are rendered only for observations the policy (or a recorder)
 will read: with 8-step chunks that is one step in eight.
+
+The action size is the environments' (`env.action_dim`: MetaWorld 4, LIBERO 7); a policy whose
+chunks have another is refused at its first call (PolicyOutputError).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .env import ACTION_DIM, SuiteEnv
+if TYPE_CHECKING:  # no simulator import at run time: LIBERO runs need no MetaWorld
+    from .env import SuiteEnv
 
 __all__ = ["PolicyOutputError", "EpisodeResult", "Trajectory", "check_actions", "run_lockstep"]
 
@@ -44,7 +48,7 @@ class Trajectory:
     actions: list = field(default_factory=list)
 
 
-def check_actions(out, batch: int, action_dim: int = ACTION_DIM, where: str = "") -> np.ndarray:
+def check_actions(out, batch: int, action_dim: int, where: str = "") -> np.ndarray:
     """The policy's output as float32 numpy [batch, horizon, action_dim], or PolicyOutputError."""
     if isinstance(out, torch.Tensor):
         out = out.detach().to("cpu", torch.float32).numpy()
@@ -63,7 +67,7 @@ def check_actions(out, batch: int, action_dim: int = ACTION_DIM, where: str = ""
     return out
 
 
-def run_lockstep(policy, envs: Sequence[SuiteEnv], seeds: Sequence[int],
+def run_lockstep(policy, envs: Sequence["SuiteEnv"], seeds: Sequence[int],
                  replan_steps: int | None = None, record: bool = False,
                  on_episode_end: Callable[[int, EpisodeResult, Trajectory | None], None] | None = None,
                  ) -> list[EpisodeResult]:
@@ -81,6 +85,10 @@ def run_lockstep(policy, envs: Sequence[SuiteEnv], seeds: Sequence[int],
     if replan_steps is not None and replan_steps < 1:
         raise ValueError(f"replan_steps must be >= 1, got {replan_steps}")
     n = len(envs)
+    dims = {int(env.action_dim) for env in envs}
+    if len(dims) > 1:
+        raise ValueError(f"environments of one batch take actions of different sizes {sorted(dims)}")
+    action_dim = dims.pop() if dims else 0
     obs = [env.reset(seed) for env, seed in zip(envs, seeds)]
     queues = [deque() for _ in range(n)]
     trajs = [Trajectory() if record else None for _ in range(n)]
@@ -99,7 +107,7 @@ def run_lockstep(policy, envs: Sequence[SuiteEnv], seeds: Sequence[int],
             with torch.inference_mode():
                 out = policy(images, instruction, proprio)
             tasks = sorted({envs[i].task.name for i in need})
-            chunk = check_actions(out, len(need), where=f" (tasks {', '.join(tasks)})")
+            chunk = check_actions(out, len(need), action_dim, where=f" (tasks {', '.join(tasks)})")
             keep = chunk.shape[1] if replan_steps is None else min(replan_steps, chunk.shape[1])
             for row, i in enumerate(need):
                 queues[i].extend(chunk[row, :keep])

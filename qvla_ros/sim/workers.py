@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..dataset import episode_path, write_episode, write_json_atomic
-from .env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, SuiteEnv
+from .benchmarks import DEFAULT_SUITE, get_benchmark
 from .perturb import Perturbation, PerturbedPolicy
 from .rollout import EpisodeResult, run_lockstep
-from .suite import DEFAULT_MAX_STEPS
 
 __all__ = ["RolloutSettings", "WorkerError", "run_batches", "failed_marker"]
 
@@ -34,23 +33,29 @@ class RolloutSettings:
     """How episodes are run.
 
     Args:
-        image_size: camera image side; None = the policy's `config.image_size` (else 128).
-        cameras: camera names (the first `config.n_cams` are used when the policy says fewer).
-        max_steps: steps before an episode counts as failed.
+        image_size: camera image side; None = the policy's `config.image_size` (else the suite's).
+        cameras: camera names (the first `config.n_cams` are used when the policy says fewer);
+            None = the suite's.
+        max_steps: steps before an episode counts as failed (None: the suite's).
         replan_steps: actions executed from each chunk; None = the whole chunk.
         record_dir: if set, each successful episode is written there as a demonstration and
             each failed one leaves a marker, so a resumed run skips both.
         torch_threads: torch intra-op threads per worker (None = cores / workers).
         perturbation: what the policy sees changed (sim.perturb); the episodes stay the same.
+        suite: the benchmark (sim.benchmarks): which environments, action and proprio sizes.
+        keep_unfinished: with record_dir, write an episode that ran out of steps as an episode
+            file too (`qvla demos --smoke`: a few steps of one episode, not a demonstration).
     """
 
     image_size: int | None = None
-    cameras: tuple[str, ...] = DEFAULT_CAMERAS
-    max_steps: int = DEFAULT_MAX_STEPS
+    cameras: tuple[str, ...] | None = None
+    max_steps: int | None = None
     replan_steps: int | None = None
     record_dir: str | None = None
     torch_threads: int | None = None
     perturbation: Perturbation | None = None
+    suite: str = DEFAULT_SUITE
+    keep_unfinished: bool = False
 
 
 class WorkerError(RuntimeError):
@@ -102,22 +107,24 @@ def _ensure_policy() -> None:
     settings: RolloutSettings = _STATE["settings"]
     policy = _STATE["factory"]()
     config = getattr(policy, "config", None)
-    image_size = settings.image_size or getattr(config, "image_size", None) or DEFAULT_IMAGE_SIZE
-    n_cams = getattr(config, "n_cams", None) or len(settings.cameras)
-    if n_cams > len(settings.cameras):
-        raise ValueError(f"policy wants {n_cams} cameras, the benchmark has {len(settings.cameras)}")
+    bench = get_benchmark(settings.suite)
+    image_size = settings.image_size or getattr(config, "image_size", None) or bench.image_size
+    cameras = tuple(settings.cameras or bench.cameras)
+    n_cams = getattr(config, "n_cams", None) or len(cameras)
+    bench.check_policy(config, cameras)
     if settings.perturbation is not None and not settings.perturbation.is_identity:
         policy = PerturbedPolicy(policy, settings.perturbation)
-    _STATE.update(policy=policy, image_size=int(image_size), cameras=tuple(settings.cameras[:n_cams]))
+    _STATE.update(policy=policy, image_size=int(image_size), cameras=cameras[:n_cams])
 
 
-def _envs_for(task: str, count: int) -> list[SuiteEnv]:
+def _envs_for(task: str, count: int) -> list:
     cache: OrderedDict = _STATE["envs"]
     envs = cache.pop(task, [])
     settings: RolloutSettings = _STATE["settings"]
+    bench = get_benchmark(settings.suite)
     while len(envs) < count:
-        envs.append(SuiteEnv(task, image_size=_STATE["image_size"], cameras=_STATE["cameras"],
-                             max_steps=settings.max_steps))
+        envs.append(bench.make_env(task, image_size=_STATE["image_size"], cameras=_STATE["cameras"],
+                                   max_steps=settings.max_steps))
     cache[task] = envs
     while len(cache) > _TASKS_CACHED:
         for env in cache.popitem(last=False)[1]:
@@ -143,7 +150,7 @@ def _run_batch(task: str, seeds: Sequence[int]) -> tuple[list[dict], dict]:
     def save(i, result: EpisodeResult, traj) -> None:
         if settings.record_dir is None:
             return
-        if result.success:
+        if result.success or settings.keep_unfinished:
             write_episode(episode_path(settings.record_dir, task, result.seed), traj.images,
                           traj.proprio, traj.actions, envs[i].task.instruction, task, result.seed)
         else:

@@ -33,10 +33,15 @@ import numpy as np
 from . import simulator_missing
 
 __all__ = ["LiberoTask", "LiberoEnv", "get_libero_task", "suite_size", "SUITE_MAX_STEPS", "ACTION_DIM",
-           "PROPRIO_DIM", "DEFAULT_CAMERAS", "DEFAULT_IMAGE_SIZE", "quat_to_axis_angle"]
+           "PROPRIO_DIM", "PROPRIO_NAMES", "DEFAULT_CAMERAS", "DEFAULT_IMAGE_SIZE", "DEMO_INIT_STATES",
+           "EVAL_INIT_STATES", "demo_init_state", "eval_init_state", "is_eval_init_state",
+           "quat_to_axis_angle"]
 
 ACTION_DIM = 7
 PROPRIO_DIM = 8
+# What the 8 proprio values are (OFT's LIBERO order), e.g. as JointState names over ROS.
+PROPRIO_NAMES: tuple[str, ...] = ("eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az",
+                                  "finger_l", "finger_r")
 # Third-person and wrist camera, OFT's LIBERO pair.
 DEFAULT_CAMERAS: tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
 DEFAULT_IMAGE_SIZE = 224
@@ -48,6 +53,13 @@ SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 3
 # steps; like OFT's evaluation, the environment waits these out (gripper open, arm still) before
 # the first observation, and they are not counted as episode steps.
 SETTLE_STEPS = 10
+
+# The split of every task's 50 bundled initial states. LIBERO ships no more, so demonstrations
+# and evaluation share them and must never overlap: demonstrations (the scripted expert's,
+# `qvla demos`) start from states 0-29, evaluation (`qvla eval`, the ROS bridge) from 30-49 only.
+# (bench/libero/expert.json measured the expert itself on 10-29: it trains nothing.)
+DEMO_INIT_STATES = range(0, 30)
+EVAL_INIT_STATES = range(30, 50)
 _SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 
 
@@ -95,6 +107,29 @@ def get_libero_task(suite: str, index: int) -> tuple[LiberoTask, np.ndarray]:
     return LiberoTask(suite, index, task.language, str(bddl), len(init_states)), init_states
 
 
+def demo_init_state(episode: int) -> int:
+    """Initial state of a task's demonstration attempt number `episode` (0..29)."""
+    if not 0 <= episode < len(DEMO_INIT_STATES):
+        raise ValueError(f"LIBERO demonstration attempt {episode} outside [0, {len(DEMO_INIT_STATES)}): "
+                         f"demonstrations use initial states {DEMO_INIT_STATES.start}-"
+                         f"{DEMO_INIT_STATES.stop - 1} only")
+    return DEMO_INIT_STATES[episode]
+
+
+def eval_init_state(episode: int, offset: int = 0) -> int:
+    """Initial state of a task's evaluation episode number `episode` (from offset): 30, 31, ..."""
+    i = episode + offset
+    if episode < 0 or offset < 0 or i >= len(EVAL_INIT_STATES):
+        raise ValueError(f"LIBERO evaluation episode {episode} (offset {offset}) outside the "
+                         f"{len(EVAL_INIT_STATES)} held-out initial states "
+                         f"{EVAL_INIT_STATES.start}-{EVAL_INIT_STATES.stop - 1}")
+    return EVAL_INIT_STATES[i]
+
+
+def is_eval_init_state(state: int) -> bool:
+    return state in EVAL_INIT_STATES
+
+
 def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     """Axis-angle (axis * angle, angle in [0, pi]) of a unit quaternion in robosuite's xyzw order."""
     x, y, z, w = (float(v) for v in quat_xyzw)
@@ -118,6 +153,9 @@ class LiberoEnv:
         cameras: robosuite camera names, in the order they appear in `images`.
         max_steps: steps after which an episode ends as failed; default SUITE_MAX_STEPS[suite].
     """
+
+    action_dim = ACTION_DIM
+    proprio_dim = PROPRIO_DIM
 
     def __init__(self, suite: str, task_index: int, image_size: int = DEFAULT_IMAGE_SIZE,
                  cameras: Sequence[str] = DEFAULT_CAMERAS, max_steps: int | None = None):
