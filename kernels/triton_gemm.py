@@ -24,6 +24,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import layout
+
+# The `meta` table's layout (layout.SlotMeta: field f of slot s at meta[s * META_FIELDS + f]) as
+# compile-time constants: a @triton.jit function reads a module global only if it is a tl.constexpr.
+NUM_SLOTS = tl.constexpr(len(layout.SLOT_BITS))
+META_FIELDS = tl.constexpr(layout.META_FIELDS)
+META_ROWS = tl.constexpr(layout.META_ROWS)
+META_START = tl.constexpr(layout.META_START)
+META_WORD_OFFSET = tl.constexpr(layout.META_WORD_OFFSET)
+META_HIGH_OFFSET = tl.constexpr(layout.META_HIGH_OFFSET)
+META_K_BLOCKS = tl.constexpr(layout.META_K_BLOCKS)
+
 _FP32_MAGIC = 0x4B000000  # 2^23 as float32 bits: OR-ing q < 2^23 into the mantissa gives 2^23 + q
 _FP32_MAGIC_VALUE = 8388608.0
 _BF16_MAGIC = 0x4300      # 128 as bfloat16 bits (7 mantissa bits: exact for q < 128)
@@ -319,18 +331,19 @@ def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale
     slot = 0
     local = 0
     first = 0
-    for s in tl.static_range(6):
-        rows_s = tl.load(meta_ptr + s * 8)
+    for s in tl.static_range(NUM_SLOTS):
+        rows_s = tl.load(meta_ptr + s * META_FIELDS + META_ROWS)
         count = tl.cdiv(rows_s, BN)
         hit = (tile >= first) & (tile < first + count)
         slot = tl.where(hit, s, slot)
         local = tl.where(hit, tile - first, local)
         first += count
-    rows = tl.load(meta_ptr + slot * 8)
-    start = tl.load(meta_ptr + slot * 8 + 1)
-    woff = tl.load(meta_ptr + slot * 8 + 2)
-    hoff = tl.load(meta_ptr + slot * 8 + 3)
-    nkb = tl.load(meta_ptr + slot * 8 + 4)
+    slot_meta = meta_ptr + slot * META_FIELDS
+    rows = tl.load(slot_meta + META_ROWS)
+    start = tl.load(slot_meta + META_START)
+    woff = tl.load(slot_meta + META_WORD_OFFSET)
+    hoff = tl.load(slot_meta + META_HIGH_OFFSET)
+    nkb = tl.load(slot_meta + META_K_BLOCKS)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
