@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from .launch_common import _SCRATCH, check_small_m_input, output_tensor, split_scratch  # noqa: F401 (re-exported)
+from .launch_common import check_small_m_input, output_tensor, split_scratch
 from .layout import KernelWeights
 from .reference import check_act_bits, mixed_bit_linear_reference, quantize_activations_reference
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _decode, _tile_group  # the same decode and group table as the small-M kernel
+from .triton_gemv import decode_field, tile_group  # the same decode and group table as the small-M kernel
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _dequant_rows(w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow, out_row,
     kbase = tl.max_contiguous(tl.multiple_of((g // 32) * KB + g % 32, 8), 8)
     dst = W_ptr + out_row[:, None].to(tl.int64) * stride_w
     for i in tl.static_range(E):
-        v = _decode(w, wh, i, BITS, False, False, False)
+        v = decode_field(w, wh, i, BITS, False, False, False)
         q = v * float(1 << BITS) - float(1 << BITS)  # exact: v = 1 + q / 2^b
         val = (q - zero[:, None]) * scale[:, None]
         k = tl.max_contiguous(tl.multiple_of(kbase + i * 32, 8), 8)
@@ -65,7 +65,7 @@ def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
-    slot, local, rows, start = _tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
+    slot, local, rows, start = tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
