@@ -80,7 +80,7 @@ class GemmConfig:
 
 
 #: chosen per number of tokens M and activation width: the fastest correct tiles of bench_kernels.py on
-#: an H200, bench/kernels/results_nvidia_h200.md (its "config" column; e.g. q/k/v/o avg4 at 1 token
+#: an H200, bench/kernels/results/run2_h200/results_nvidia_h200.md (its "config" column; e.g. q/k/v/o avg4 at 1 token
 #: 11.54 us); `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
     ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=8, bk16=128),
