@@ -3,7 +3,8 @@
 Why a second kernel: at 1-16 tokens the layer is a stream of packed weights (22 MB for gate/up at
 4 bits against 0.1-1 MB of activations), so the kernel must keep enough weight bytes in flight and
 spend as few instructions per weight as it can. The grouped GEMM (triton_gemm.py) reached 15-21% of
-the byte floor there (bench/kernels/NOTES.md, run 2): 161 registers, 18.75% occupancy, one L2
+the byte floor there (run 2, bench/kernels/results/run2_h200/results_nvidia_h200.md: "% byte floor" of
+the avg4 A16 rows at M = 1): 161 registers, 18.75% occupancy (results/run2_h200/ncu.txt), one L2
 round trip through the group table before the first weight load, and decoded tiles passed through
 shared memory on their way to the tensor cores. What this kernel does instead:
 
@@ -19,7 +20,7 @@ shared memory on their way to the tensor cores. What this kernel does instead:
   barrier (checked on the sm_90 assembly by test/test_kernels_compile.py). STAGES > 1 instead lets
   Triton's software pipeliner keep STAGES - 1 steps of weight words in flight as asynchronous copies
   into shared memory: deeper than one step, and the bytes in flight hold no registers (run 3's ncu:
-  the register-prefetch kernel was latency-bound, bench/kernels/NOTES.md).
+  the register-prefetch kernel was latency-bound, bench/kernels/results/run3/ncu.txt; NOTES "Run 3").
 * Decoding is two integer operations per weight: the field is shifted to the top of a float's
   mantissa and masked and OR-ed with the exponent of 1.0 in one LOP3 (inline PTX; the compiler's
   own code takes two), which gives v = 1 + q / 2^b exactly. No integer-to-float conversion and no
@@ -59,7 +60,8 @@ def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
 def _lop3(a, c, MASK: tl.constexpr):
     """(a & MASK) | c as one LOP3 with MASK as an immediate: the compiler's own code for the
     expression is two instructions (it keeps both constants as immediates), a sixth of the decode
-    loop (offline sm_90 compile, bench/kernels/NOTES.md "Run 3"). The float32 decode's masks only."""
+    loop (offline sm_90 compile, offline_compile.compile_gemv; bench/kernels/NOTES.md "Run 3"; no recorded
+    result file holds that SASS count). The float32 decode's masks only."""
     if MASK == 0x7F8000:
         return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x7F8000, $2, 0xEA;", "=r,r,r", [a, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
