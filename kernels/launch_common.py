@@ -36,11 +36,11 @@ def output_tensor(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, 
 # must run one after the other (one stream), which is how a model's layers run. A launch bound once
 # (ops.PreparedLinear) keeps the buffers it was bound with; when a later launch grows the scratch the
 # old buffers stay alive for it, still zero between launches, so both remain correct.
-_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+SPLIT_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def split_scratch(device: torch.device, parts: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws, counts = _SCRATCH.get(device, (None, None))
+    ws, counts = SPLIT_SCRATCH.get(device, (None, None))
     if ws is None or ws.numel() < parts or counts.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # Inside a capture torch.zeros is recorded, not run: the new arrival counters would
@@ -50,7 +50,7 @@ def split_scratch(device: torch.device, parts: int, tiles: int) -> tuple[torch.T
                                "capture; run the layer once at this token count before capturing")
         ws = torch.empty(max(parts, 1 << 20), dtype=torch.float32, device=device)
         counts = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
-        _SCRATCH[device] = (ws, counts)
+        SPLIT_SCRATCH[device] = (ws, counts)
     return ws, counts
 
 

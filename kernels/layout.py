@@ -36,8 +36,8 @@ import torch
 SLOT_BITS = (16, 8, 4, 3, 2, 0)
 #: words per K-block of every quantized row (one K-block = 32 * fields-per-word features)
 WORDS_PER_BLOCK = 32
-#: int32 entries per slot in the `meta` table: the SlotMeta fields in their order, then padding
-#: (the Triton grouped GEMM reads field f of slot s at meta[s * META_FIELDS + f])
+#: int32 entries per slot in the `meta` table: the SlotMeta fields at their META_OFFSETS, then padding
+#: (the Triton grouped GEMM reads field f of slot s at meta[s * META_FIELDS + META_<F>])
 META_FIELDS = 8
 QUANT_WIDTHS = (2, 3, 4, 8)
 
@@ -58,14 +58,27 @@ class SlotMeta:
     k_blocks: int = 0
 
     def as_row(self) -> torch.Tensor:
-        """The slot's int32 [META_FIELDS] row of the device table."""
+        """The slot's int32 [META_FIELDS] row of the device table (each field at its META_OFFSETS)."""
         row = torch.zeros(META_FIELDS, dtype=torch.int32)
-        row[:5] = torch.tensor([self.rows, self.start, self.word_offset, self.high_offset, self.k_blocks])
+        row[list(META_OFFSETS.values())] = torch.tensor([getattr(self, name) for name in META_OFFSETS]).to(torch.int32)
         return row
 
     @classmethod
     def from_row(cls, row: torch.Tensor) -> "SlotMeta":
-        return cls(*(int(v) for v in row[:5].tolist()))
+        values = row.tolist()
+        return cls(**{name: int(values[at]) for name, at in META_OFFSETS.items()})
+
+
+#: where each SlotMeta field sits in a slot's row of `meta`: its position in the dataclass (kept
+#: equal by test_kernels_layout.py). The Triton grouped GEMM (triton_gemm.py) reads these names
+#: as compile-time constants, so no kernel reads a field by a bare number.
+META_ROWS = 0
+META_START = 1
+META_WORD_OFFSET = 2
+META_HIGH_OFFSET = 3
+META_K_BLOCKS = 4
+META_OFFSETS = {"rows": META_ROWS, "start": META_START, "word_offset": META_WORD_OFFSET,
+                "high_offset": META_HIGH_OFFSET, "k_blocks": META_K_BLOCKS}
 
 
 def fields_per_word(bits: int) -> int:

@@ -4,7 +4,8 @@ memory, instruction count, store widths.
 
 Triton's CPU interpreter checks the kernels' arithmetic but not that they compile: the compiler
 refuses things the interpreter runs (e.g. early returns of differing types), and register counts
-decide occupancy, the figure run 2 missed on (bench/kernels/NOTES.md). Triton ships ptxas and
+decide occupancy, the figure run 2 missed on (161 registers, 18.75% theoretical occupancy:
+bench/kernels/results/run2_h200/ncu.txt). Triton ships ptxas and
 cuobjdump, so both checks run here.
 
     from qvla_ros.kernels.offline_compile import compile_gemv
@@ -38,7 +39,7 @@ def _cuobjdump() -> str:
     return str(tool)
 
 
-def _resources_and_sass(kernel) -> tuple[int, int, int, str]:
+def resources_and_sass(kernel) -> tuple[int, int, int, str]:
     """(registers per thread, static shared bytes, local (spill) bytes, SASS listing) of a compiled
     Triton kernel, read from its cubin with cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +111,7 @@ def compile_gemv(config: GemvConfig, x_dtype: str = "bf16", arch: int = 90, in_f
     kernel = triton.compile(ASTSource(gemv_kernel, signature, constants, attrs),
                             target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    registers, shared, local, sass = _resources_and_sass(kernel)
+    registers, shared, local, sass = resources_and_sass(kernel)
     threads = 32 * config.num_warps
     per_block = -(-registers // 8) * 8 * threads  # registers are allocated 8 per thread at a time
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared,
@@ -142,7 +143,7 @@ def compile_dequant(block_rows: int = 32, block_features: int = 512, w_dtype: st
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in list(pointers) + ["K", "stride_w"]}
     kernel = triton.compile(ASTSource(dequant_kernel, signature, constants, attrs),
                             target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-    registers, _, local, sass = _resources_and_sass(kernel)
+    registers, _, local, sass = resources_and_sass(kernel)
     stores: dict[str, int] = {}
     for op in re.findall(r"\s(STG\.[A-Z0-9.]+)", sass):
         stores[op] = stores.get(op, 0) + 1

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from .launch_common import _SCRATCH, BoundLaunch, check_small_m_input, output_tensor, split_scratch  # noqa: F401 (re-exported)
+from .launch_common import BoundLaunch, check_small_m_input, output_tensor, split_scratch
 from .layout import KernelWeights
 from .reference import check_act_bits, mixed_bit_linear_reference, quantize_activations_reference
 
@@ -80,8 +80,10 @@ class GemmConfig:
 
 
 #: chosen per number of tokens M and activation width: the fastest correct tiles of bench_kernels.py on
-#: an H200, bench/kernels/results_nvidia_h200.md (its "config" column; e.g. q/k/v/o avg4 at 1 token
-#: 11.54 us); `override_configs` replaces entries
+#: an H200, run 2: bench/kernels/results/run2_h200/results_nvidia_h200.json, key "chosen_configs" (the
+#: "config" column of results_nvidia_h200.md beside it; e.g. q/k/v/o avg4 at 1 token 11.54 us). The
+#: 8-bit-activation tiles at 1 and 16 tokens ("m1"/"m16", 8) have no recorded file: run 2 timed A8 at
+#: 64 and 590 tokens only. `override_configs` replaces entries
 _CONFIGS: dict[tuple[str, int], GemmConfig] = {
     ("m1", 16): GemmConfig(bm=1, bn=16, wb=32, num_warps=2, num_stages=3, use_dot=False, split_k=8, bk16=128),
     ("m16", 16): GemmConfig(bm=16, bn=32, wb=32, num_warps=4, num_stages=3, split_k=4, bk16=128),
@@ -211,9 +213,11 @@ def launch_mixed_gemm(x_in: torch.Tensor, kw: KernelWeights, bias: torch.Tensor 
 #: tokens mma 9.31, grouped GEMM 9.80. "mma" stays opt-in: its 5-19% needs nvcc on the robot and a
 #: first call that builds for 40-90 s. The former choice "gemm" (the grouped GEMM at one token too)
 #: is gone: it lost to the Triton small-M kernel on every layer shape and mix
-#: (bench/kernels/results/run7/results_nvidia_h200_small_m.md) and on the
-#: decoder (runs 5-11; NOTES "One routing table"). The environment variable QVLA_SMALL_M_KERNEL sets
-#: it per process; set_small_m_kernel() at run time.
+#: (bench/kernels/results/run7/results_nvidia_h200_small_m.md, "Per-layer GEMMs", M = 1) and on the
+#: decoder at one token ("Whole decoder" of results/run5, run6/d1, run7 and run9/results_nvidia_h200_small_m.md:
+#: grouped GEMM 5.62-5.65 ms, small-M kernel 4.87-5.04 with run 5's tuned and later shipped tiles, 7.64 with
+#: run 5's default tiles; run11/c3/bench.log: 4.89; NOTES "One routing table"). The environment variable
+#: QVLA_SMALL_M_KERNEL sets it per process; set_small_m_kernel() at run time.
 SMALL_M = 16
 SMALL_M_KERNELS = ("auto", "gemv", "mma")
 
@@ -324,12 +328,14 @@ class GemvConfig:
 
 
 #: one token: the software-pipelined tile with the least time summed over the OFT-7B shapes and the
-#: avg8/avg4/avg3 mixes in bench/kernels/results/run7/results_nvidia_h200_small_m.md (H200; avg4 best
-#: per shape there 9.41 / 16.85 / 18.37 us); the decoder with it: 4.89 ms at one token
-#: (bench/kernels/results/run11/c3/bench.log). 2-16 tokens: first guesses from an offline sm_90 compile
-#: (bench/kernels/NOTES.md "Run 3", not timed as chosen), and "auto" sends those
-#: token counts to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles compiled to 80-243
-#: registers)
+#: avg8/avg4/avg3 mixes in bench/kernels/results/run7/results_nvidia_h200_small_m.json, key
+#: "chosen_configs" -> "m1" (H200; avg4 best per shape in results_nvidia_h200_small_m.md there 9.41 /
+#: 16.85 / 18.37 us); the decoder with it: 4.89 ms at one token (bench/kernels/results/run11/c3/bench.log,
+#: the "ours-gemv" decoder line). 2-16 tokens: first guesses from an offline sm_90 compile (bench/kernels/
+#: NOTES.md "Run 3"); no recorded result file chose them (the 16-token tiles runs 3 and 6 chose,
+#: "chosen_configs" -> "m16" in results/run3 and run6/results_nvidia_h200_small_m.json, are other tiles),
+#: and "auto" sends those token counts to the grouped GEMM; 2 tokens run the 4-token tiles (bm=2 tiles
+#: compiled to 80-243 registers)
 _GEMV_CONFIGS: dict[str, GemvConfig] = {
     "m1": GemvConfig(bm=1, bn=32, wb=32, bk16=128, split_k=4, prefetch=False, stages=4, num_warps=4),
     "m2": GemvConfig(bm=4, bn=16, wb=32, bk16=32, split_k=4, num_warps=4),
@@ -341,7 +347,9 @@ _GEMV_CONFIGS: dict[str, GemvConfig] = {
 
 #: tiles timed fastest for one layer shape: (bucket, out_features, in_features) -> config; a shape
 #: not listed runs its bucket's tile from _GEMV_CONFIGS. The OFT-7B (Llama-2-7B) decoder's gate/up
-#: layer: 2 splits instead of 4 (least time summed over the avg8/avg4/avg3 mixes in runs 5 and 7)
+#: layer: 2 splits instead of 4 (least time summed over the avg8/avg4/avg3 mixes in runs 5 and 7:
+#: bench/kernels/results/run5/ and run7/results_nvidia_h200_small_m.json, key "chosen_gemv_per_shape"
+#: -> "m1 11008x4096")
 _GEMV_SHAPE_CONFIGS: dict[tuple[str, int, int], GemvConfig] = {
     ("m1", 11008, 4096): GemvConfig(bm=1, bn=32, wb=32, bk16=128, split_k=2, prefetch=False, stages=4,
                                     num_warps=4),

@@ -2,14 +2,16 @@
 
 Why: at ~590 tokens (an OpenVLA-OFT forward) the layer is compute-bound, and the grouped GEMM
 (triton_gemm.py) decodes every weight tile once per token tile while running at 1-2% of the
-tensor cores' rate (bench/kernels/NOTES.md, run 2: decoder 92 ms against 17.4 ms in bf16). Decoding
+tensor cores' rate (run 2: decoder 92 ms against 17.4 ms in bf16, bench/kernels/results/run2_h200/
+results_nvidia_h200.md, "Whole decoder", avg4 tuned, 590 tokens, 16-bit activations). Decoding
 the whole layer once into a dense bfloat16/float16 [N, K] matrix and handing it to cuBLAS costs one
 memory-bound pass (read the packed words, write 2 bytes per weight: ~40 us for 11008 x 4096 at
 H200 bandwidth) plus the bf16 GEMM itself. The dense matrix is transient: it lives for one layer
 call, so the weights held between calls stay packed. Measured on the H200: 685 us for that layer
-while every weight was a 2-byte store, 34 us (68% of the byte floor) once the stores were 16-byte
-vectors; the decoder at 590 tokens then ran at 0.83x bf16 (bench/kernels/NOTES.md, "Run 10"), so
-this is the default from ops.DEQUANT_MIN_TOKENS tokens on.
+while every weight was a 2-byte store (bench/kernels/results/dequant/results_nvidia_h200.md, gate/up
+"decode only avg4"), 34 us (68% of the byte floor) once the stores were 16-byte vectors; the decoder
+at 590 tokens then ran at 0.83x bf16 (run 10: bench/kernels/results/dequant2/results_nvidia_h200.md,
+the same row and "Whole decoder"), so this is the default from ops.DEQUANT_MIN_TOKENS tokens on.
 
 One launch covers every width: program (tile, chunk) decodes BN packed rows of one width over KC
 input features and writes them to the rows of their output channels (out_index), so the matrix is
@@ -22,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemv import _decode, _tile_group  # the same decode and group table as the small-M kernel
+from .triton_gemv import decode_field, tile_group  # the same decode and group table as the small-M kernel
 
 
 @triton.jit
@@ -47,7 +49,7 @@ def _dequant_rows(w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow, out_row,
     kbase = tl.max_contiguous(tl.multiple_of((g // 32) * KB + g % 32, 8), 8)
     dst = W_ptr + out_row[:, None].to(tl.int64) * stride_w
     for i in tl.static_range(E):
-        v = _decode(w, wh, i, BITS, False, False, False)
+        v = decode_field(w, wh, i, BITS, False, False, False)
         q = v * float(1 << BITS) - float(1 << BITS)  # exact: v = 1 + q / 2^b
         val = (q - zero[:, None]) * scale[:, None]
         k = tl.max_contiguous(tl.multiple_of(kbase + i * 32, 8), 8)
@@ -65,7 +67,7 @@ def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
-    slot, local, rows, start = _tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
+    slot, local, rows, start = tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n

@@ -339,7 +339,7 @@ def fp8_mixed_linear_reference(x: torch.Tensor, p: Fp8Weights, dtype: torch.dtyp
 
 # ---- Triton -------------------------------------------------------------------------------------------
 
-def _patch_interpreter_fp8() -> None:
+def patch_interpreter_fp8() -> None:
     """Triton 3.6's interpreter converts to fp8 by truncating the mantissa (and mishandles carries);
     the GPU rounds to nearest even. Under TRITON_INTERPRET=1 conversions to float8e4nv go through
     torch's cast instead (the project's other interpreter work-arounds: _interpreter_compat.py)."""
@@ -628,7 +628,7 @@ def quantize_activations_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if not (_HAVE_TRITON and (x2d.is_cuda or _interpreting())):
         return quantize_activations_fp8_reference(x2d)
     if _interpreting():
-        _patch_interpreter_fp8()
+        patch_interpreter_fp8()
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     m, k = x2d.shape
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x2d.device)
@@ -646,7 +646,7 @@ def launch_fp8_gemm(x2d: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, sumx:
     """One launch of fp8_mixed_gemm_kernel: y [M, N] (x2d: the 16-bit input, read by the 16-bit rows;
     xq, sx, sumx: quantize_activations_fp8(x2d)). Every element of y is written."""
     if _interpreting():
-        _patch_interpreter_fp8()
+        patch_interpreter_fp8()
     m, k = x2d.shape
     if k != p.in_features:
         raise ValueError(f"input has {k} features, the layer expects {p.in_features}")
@@ -819,7 +819,7 @@ def compile_offline(config: Fp8Config, arch: int = 90, x_dtype: str = "bf16", ou
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .offline_compile import _resources_and_sass, sass_loops
+    from .offline_compile import resources_and_sass, sass_loops
 
     pointers = dict(x_ptr="*" + x_dtype, xq_ptr="*fp8e4nv", sx_ptr="*fp32", sum_ptr="*fp32", w16_ptr="*bf16",
                     q8_ptr="*u8", q4_ptr="*u8", q3_ptr="*u8", q3h_ptr="*u8", q2_ptr="*u8", scale_ptr="*fp32",
@@ -839,7 +839,7 @@ def compile_offline(config: Fp8Config, arch: int = 90, x_dtype: str = "bf16", ou
                             target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     seconds = time.time() - t
-    registers, shared, local, sass = _resources_and_sass(kernel)
+    registers, shared, local, sass = resources_and_sass(kernel)
     return {"registers": registers, "spill_bytes": local, "shared_bytes": shared, "seconds": seconds,
             "wgmma": len(re.findall(r"\s[HQ]GMMA", sass)), "fp8_wgmma": len(re.findall(r"\sQGMMA", sass)),
             "loops": sass_loops(sass), "ttgir": kernel.asm["ttgir"]}

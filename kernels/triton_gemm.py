@@ -24,6 +24,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import layout
+
+# The `meta` table's layout (layout.SlotMeta: field f of slot s at meta[s * META_FIELDS + f]) as
+# compile-time constants: a @triton.jit function reads a module global only if it is a tl.constexpr.
+NUM_SLOTS = tl.constexpr(len(layout.SLOT_BITS))
+META_FIELDS = tl.constexpr(layout.META_FIELDS)
+META_ROWS = tl.constexpr(layout.META_ROWS)
+META_START = tl.constexpr(layout.META_START)
+META_WORD_OFFSET = tl.constexpr(layout.META_WORD_OFFSET)
+META_HIGH_OFFSET = tl.constexpr(layout.META_HIGH_OFFSET)
+META_K_BLOCKS = tl.constexpr(layout.META_K_BLOCKS)
+
 _FP32_MAGIC = 0x4B000000  # 2^23 as float32 bits: OR-ing q < 2^23 into the mantissa gives 2^23 + q
 _FP32_MAGIC_VALUE = 8388608.0
 _BF16_MAGIC = 0x4300      # 128 as bfloat16 bits (7 mantissa bits: exact for q < 128)
@@ -59,7 +71,7 @@ def _decode16(q, zc, BITS: tl.constexpr, ZERO_FOLD: tl.constexpr, X_FP16: tl.con
 
 
 @triton.jit
-def _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias):
+def store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias):
     """Add the bias (has_bias: run-time flag) and scatter a [BM, BN] float32 tile to its channels."""
     cols = tl.load(out_index_ptr + prow, mask=n_mask, other=0)
     bias = tl.load(bias_ptr + cols, mask=n_mask & (has_bias != 0), other=0.0)
@@ -223,7 +235,7 @@ def _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff,
 
 
 @triton.jit
-def _k_range(total, step, pid_k, SPLIT_K: tl.constexpr):
+def split_k_range(total, step, pid_k, SPLIT_K: tl.constexpr):
     """[lo, hi) of `total` units (in multiples of `step`) handled by split pid_k of SPLIT_K."""
     chunk = tl.cdiv(tl.cdiv(total, step), SPLIT_K) * step
     lo = pid_k * chunk
@@ -260,11 +272,11 @@ def _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff,
         zc = zero + 128.0
     if KSTEP > 0:
         E: tl.constexpr = 16 if BITS == 3 else 32 // BITS
-        g_lo, g_hi = _k_range(nkb * 32, KSTEP // E, pid_k, SPLIT_K)
+        g_lo, g_hi = split_k_range(nkb * 32, KSTEP // E, pid_k, SPLIT_K)
         acc, xs = _quant_tile_joined(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, g_lo, g_hi,
                                      offs_n, n_mask, zc, BITS, A8, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, KSTEP)
     else:
-        kb_lo, kb_hi = _k_range(nkb, WB // 32, pid_k, SPLIT_K)
+        kb_lo, kb_hi = split_k_range(nkb, WB // 32, pid_k, SPLIT_K)
         acc, xs = _quant_tile(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, nkb, kb_lo, kb_hi,
                               offs_n, n_mask, zc, BITS, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB)
     if A8:
@@ -280,12 +292,12 @@ def _quant_group(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff,
 
 
 @triton.jit
-def _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
-            ws_ptr, count_ptr, counter, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+def finish_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+                ws_ptr, count_ptr, counter, pid_k, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr):
     """Store the tile; with split-K, park this split's part and let the last split of the tile add
     them up and store (the counter returns to 0 for the next launch)."""
     if SPLIT_K == 1:
-        _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+        store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
     else:
         r = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
         base = ws_ptr + counter * (SPLIT_K * BM * BN)
@@ -296,7 +308,7 @@ def _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, s
             total = tl.zeros([BM, BN], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(base + s * (BM * BN) + r, cache_modifier=".cg")
-            _store_tile(total, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+            store_tile(total, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
             tl.store(count_ptr + counter, 0)
 
 
@@ -319,18 +331,19 @@ def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale
     slot = 0
     local = 0
     first = 0
-    for s in tl.static_range(6):
-        rows_s = tl.load(meta_ptr + s * 8)
+    for s in tl.static_range(NUM_SLOTS):
+        rows_s = tl.load(meta_ptr + s * META_FIELDS + META_ROWS)
         count = tl.cdiv(rows_s, BN)
         hit = (tile >= first) & (tile < first + count)
         slot = tl.where(hit, s, slot)
         local = tl.where(hit, tile - first, local)
         first += count
-    rows = tl.load(meta_ptr + slot * 8)
-    start = tl.load(meta_ptr + slot * 8 + 1)
-    woff = tl.load(meta_ptr + slot * 8 + 2)
-    hoff = tl.load(meta_ptr + slot * 8 + 3)
-    nkb = tl.load(meta_ptr + slot * 8 + 4)
+    slot_meta = meta_ptr + slot * META_FIELDS
+    rows = tl.load(slot_meta + META_ROWS)
+    start = tl.load(slot_meta + META_START)
+    woff = tl.load(slot_meta + META_WORD_OFFSET)
+    hoff = tl.load(slot_meta + META_HIGH_OFFSET)
+    nkb = tl.load(slot_meta + META_K_BLOCKS)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
@@ -338,7 +351,7 @@ def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale
     m_mask = offs_m < M
     counter = tile * num_m + pid_m
     if slot == 0:
-        k_lo, k_hi = _k_range(K, BK16, pid_k, SPLIT_K)
+        k_lo, k_hi = split_k_range(K, BK16, pid_k, SPLIT_K)
         out = _dense_tile(x_ptr, stride_xm, offs_m, m_mask, K, k_lo, k_hi, w16_ptr, offs_n, n_mask,
                           A8, USE_DOT, X_FP16, BM, BN, BK16)
         if A8:
@@ -361,8 +374,8 @@ def mixed_gemm_kernel(x_ptr, xscale_ptr, xsum_ptr, w_ptr, wh_ptr, w16_ptr, scale
                            2, A8, USE_DOT, ZERO_FOLD, X_FP16, DECODE_F32, BM, BN, WB, KSTEP, SPLIT_K)
     else:
         out = tl.zeros([BM, BN], dtype=tl.float32)
-    _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
-            ws_ptr, count_ptr, counter, pid_k, BM, BN, SPLIT_K)
+    finish_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+                ws_ptr, count_ptr, counter, pid_k, BM, BN, SPLIT_K)
 
 
 @triton.jit

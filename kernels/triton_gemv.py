@@ -3,7 +3,8 @@
 Why a second kernel: at 1-16 tokens the layer is a stream of packed weights (22 MB for gate/up at
 4 bits against 0.1-1 MB of activations), so the kernel must keep enough weight bytes in flight and
 spend as few instructions per weight as it can. The grouped GEMM (triton_gemm.py) reached 15-21% of
-the byte floor there (bench/kernels/NOTES.md, run 2): 161 registers, 18.75% occupancy, one L2
+the byte floor there (run 2, bench/kernels/results/run2_h200/results_nvidia_h200.md: "% byte floor" of
+the avg4 A16 rows at M = 1): 161 registers, 18.75% occupancy (results/run2_h200/ncu.txt), one L2
 round trip through the group table before the first weight load, and decoded tiles passed through
 shared memory on their way to the tensor cores. What this kernel does instead:
 
@@ -19,7 +20,7 @@ shared memory on their way to the tensor cores. What this kernel does instead:
   barrier (checked on the sm_90 assembly by test/test_kernels_compile.py). STAGES > 1 instead lets
   Triton's software pipeliner keep STAGES - 1 steps of weight words in flight as asynchronous copies
   into shared memory: deeper than one step, and the bytes in flight hold no registers (run 3's ncu:
-  the register-prefetch kernel was latency-bound, bench/kernels/NOTES.md).
+  the register-prefetch kernel was latency-bound, bench/kernels/results/run3/ncu.txt; NOTES "Run 3").
 * Decoding is two integer operations per weight: the field is shifted to the top of a float's
   mantissa and masked and OR-ed with the exponent of 1.0 in one LOP3 (inline PTX; the compiler's
   own code takes two), which gives v = 1 + q / 2^b exactly. No integer-to-float conversion and no
@@ -43,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemm import _finish, _k_range, _store_tile  # split-K range, reduction and store: one protocol
+from .triton_gemm import finish_tile, split_k_range, store_tile  # split-K range, reduction and store: one protocol
 
 @triton.jit
 def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
@@ -59,7 +60,8 @@ def _move(w, SRC: tl.constexpr, DST: tl.constexpr, WIDTH: tl.constexpr):
 def _lop3(a, c, MASK: tl.constexpr):
     """(a & MASK) | c as one LOP3 with MASK as an immediate: the compiler's own code for the
     expression is two instructions (it keeps both constants as immediates), a sixth of the decode
-    loop (offline sm_90 compile, bench/kernels/NOTES.md "Run 3"). The float32 decode's masks only."""
+    loop (offline sm_90 compile, offline_compile.compile_gemv; bench/kernels/NOTES.md "Run 3"; no recorded
+    result file holds that SASS count). The float32 decode's masks only."""
     if MASK == 0x7F8000:
         return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x7F8000, $2, 0xEA;", "=r,r,r", [a, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
@@ -98,8 +100,8 @@ def _shift(w, SRC: tl.constexpr, DST: tl.constexpr):
 
 
 @triton.jit
-def _decode(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
-            ASM: tl.constexpr):
+def decode_field(w, wh, i: tl.constexpr, BITS: tl.constexpr, USE_DOT: tl.constexpr, X_FP16: tl.constexpr,
+                 ASM: tl.constexpr):
     """Field i of the words (and of the 3-bit high plane wh) as v = 1 + q / 2^BITS, or as the integer
     q for 8-bit codes under bfloat16 tensor cores; float32 (FMA) or x's 16-bit type (tensor cores)."""
     LOW: tl.constexpr = 2 if BITS == 3 else BITS
@@ -156,7 +158,7 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
     # splits take whole K-blocks (32 words), so each covers one contiguous range of features
     SU: tl.constexpr = WB if WB > 32 else 32
     row_words = nkb * 32
-    g_lo, g_hi = _k_range(row_words, SU, pid_k, SPLIT_K)
+    g_lo, g_hi = split_k_range(row_words, SU, pid_k, SPLIT_K)
     g_lo = tl.multiple_of(g_lo, SU)
     g_hi = tl.multiple_of(g_hi, 32)
     c = tl.max_contiguous(tl.arange(0, WB), 4)
@@ -209,7 +211,7 @@ def _quant_rows(x_ptr, stride_xm, offs_m, m_mask, K, w_ptr, wh_ptr, woff, hoff, 
             x_step = x_rows[:, None, None] + kbase[None, None, :]  # [BM, 1, WB]: the product's layout
         for i in tl.static_range(E):
             kmask = kvalid & (kbase + i * 32 < K)
-            v = _decode(w, wh, i, BITS, USE_DOT, X_FP16, ASM and not USE_DOT)
+            v = decode_field(w, wh, i, BITS, USE_DOT, X_FP16, ASM and not USE_DOT)
             if USE_DOT:
                 xt = tl.load(x_step + i * 32, mask=kmask[:, None] & m_mask[None, :], other=0.0)
                 acc = tl.dot(v, xt, acc)
@@ -244,7 +246,7 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
                 BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
                 X_FP16: tl.constexpr, STAGES: tl.constexpr):
     """This split's part of x @ W16[rows]^T, float32 [BM, BN], for BN dense bfloat16 rows."""
-    k_lo, k_hi = _k_range(K, BK, pid_k, SPLIT_K)
+    k_lo, k_hi = split_k_range(K, BK, pid_k, SPLIT_K)
     ck = tl.arange(0, BK)
     if USE_DOT:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -279,7 +281,7 @@ def _dense_rows(x_ptr, stride_xm, offs_m, m_mask, K, w16_ptr, offs_n, n_mask, pi
 
 
 @triton.jit
-def _tile_group(tile, BN: tl.constexpr, r16, r8, r4, r3, r2, r0):
+def tile_group(tile, BN: tl.constexpr, r16, r8, r4, r3, r2, r0):
     """Which slot row block `tile` belongs to, from the group table alone (blocks of BN rows, slots in
     packed order, the pruned channels last): (slot, block index within the slot, rows of the slot,
     its first packed row)."""
@@ -324,7 +326,7 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
     # which width this row block belongs to: scalar arithmetic on the launch arguments
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
-    slot, local, rows, start = _tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
+    slot, local, rows, start = tile_group(tile, BN, r16, r8, r4, r3, r2, r0)
     offs_n = local * BN + tl.arange(0, BN)
     n_mask = offs_n < rows
     prow = start + offs_n
@@ -351,7 +353,7 @@ def gemv_kernel(x_ptr, w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_pt
                           (EVEN >> 4) & 1 == 1, STAGES)
     if slot == 5:
         if pid_k == 0:
-            _store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
+            store_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias)
     else:
-        _finish(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
-                ws_ptr, count_ptr, tile * num_m + pid_m, pid_k, BM, BN, SPLIT_K)
+        finish_tile(out, offs_m, m_mask, prow, n_mask, out_index_ptr, bias_ptr, y_ptr, stride_ym, has_bias,
+                    ws_ptr, count_ptr, tile * num_m + pid_m, pid_k, BM, BN, SPLIT_K)

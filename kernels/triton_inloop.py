@@ -74,8 +74,8 @@ def _interpreting() -> bool:
 
 def _patch_interpreter() -> None:
     if _interpreting():
-        from .triton_fp8 import _patch_interpreter_fp8
-        _patch_interpreter_fp8()  # includes _interpreter_compat's bf16-dot fix
+        from .triton_fp8 import patch_interpreter_fp8
+        patch_interpreter_fp8()  # includes _interpreter_compat's bf16-dot fix
 
 
 # ---- host-side layout and reference -------------------------------------------------------------------
@@ -543,7 +543,7 @@ def compile_offline(kernel: str, cfg: Config, arch: int = 90) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .offline_compile import _resources_and_sass, sass_loops
+    from .offline_compile import resources_and_sass, sass_loops
 
     fn, pointers = _SIGNATURES[kernel]
     signature = dict(pointers)
@@ -560,7 +560,7 @@ def compile_offline(kernel: str, cfg: Config, arch: int = 90) -> dict:
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=cfg.warps, num_stages=cfg.stages))
     seconds = time.time() - t
-    registers, shared, local, sass = _resources_and_sass(compiled)
+    registers, shared, local, sass = resources_and_sass(compiled)
     ttgir = compiled.asm["ttgir"]
     loop = ttgir[ttgir.find("scf.for"):]
     loop = loop[:loop.find("scf.yield")]

@@ -394,12 +394,12 @@ def test_mixed_bit_linear_on_the_gpu_holds_one_copy_of_its_weights():
 
 
 def test_scratch_does_not_grow_inside_a_graph_capture():
-    from qvla_ros.kernels import ops
+    from qvla_ros.kernels import launch_common
 
     packed, kw = layer(1152, 4096, mix_counts(1152, MIXES["avg4"]))
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
     split = GemmConfig(bm=16, bn=16, wb=32, num_warps=2, num_stages=3, split_k=4, bk16=128)
-    saved = ops._SCRATCH.pop(x.device, None)  # a fresh process: the first split-K launch makes it
+    saved = launch_common.SPLIT_SCRATCH.pop(x.device, None)  # a fresh process: the first split-K launch makes it
     try:
         graph = torch.cuda.CUDAGraph()
         with pytest.raises(RuntimeError, match="before capturing"):
@@ -410,7 +410,7 @@ def test_scratch_does_not_grow_inside_a_graph_capture():
         check(out, packed, x, None, 16)
     finally:
         if saved is not None:
-            ops._SCRATCH[x.device] = saved
+            launch_common.SPLIT_SCRATCH[x.device] = saved
 
 
 def test_bound_launches_go_direct_and_fall_back_where_triton_would_specialize_otherwise():

@@ -158,6 +158,34 @@ def test_prepare_rejects_inconsistent_layers():
         prepare_packed(type(packed)(16, packed.in_features, packed.row_index, packed.groups))
 
 
+def test_the_named_meta_offsets_follow_slotmeta_field_order():
+    """The kernels read the `meta` table by the names META_ROWS ... META_K_BLOCKS; a reordered or
+    added SlotMeta field must move those names with it, or every launch would read the wrong field."""
+    import dataclasses
+
+    from qvla_ros.kernels import layout, triton_gemm
+    from qvla_ros.kernels.layout import META_FIELDS, META_OFFSETS, SlotMeta
+
+    names = [f.name for f in dataclasses.fields(SlotMeta)]
+    assert list(META_OFFSETS) == names
+    assert list(META_OFFSETS.values()) == list(range(len(names)))
+    assert len(names) <= META_FIELDS
+    for name, at in META_OFFSETS.items():
+        assert getattr(layout, f"META_{name.upper()}") == at
+        # the grouped GEMM's compile-time copies of the same offsets
+        assert getattr(triton_gemm, f"META_{name.upper()}").value == at
+    assert triton_gemm.META_FIELDS.value == META_FIELDS
+    assert triton_gemm.NUM_SLOTS.value == len(layout.SLOT_BITS)
+    # as_row puts each field at its named offset, from_row reads it back from there
+    meta = SlotMeta(rows=11, start=22, word_offset=33, high_offset=44, k_blocks=55)
+    row = meta.as_row()
+    assert row.dtype == torch.int32 and row.shape == (META_FIELDS,)
+    for name, at in META_OFFSETS.items():
+        assert int(row[at]) == getattr(meta, name)
+    assert int(row[len(names):].abs().sum()) == 0
+    assert SlotMeta.from_row(row) == meta
+
+
 # ---- the small-M kernel's host side ---------------------------------------------------------------
 
 @pytest.mark.parametrize("n,k,counts", [

@@ -1,7 +1,7 @@
 """Plot a bench_kernels.py result file: per-layer time relative to bf16 cuBLAS, per shape and token
 count (left), and the whole decoder (right).
 
-    python bench/kernels/plot_results.py bench/kernels/results_nvidia_h200.json
+    python bench/kernels/plot_results.py bench/kernels/results/run2_h200/results_nvidia_h200.json
 """
 import json
 import sys
@@ -49,4 +49,4 @@ def main(path: str) -> Path:
 
 
 if __name__ == "__main__":
-    print(main(sys.argv[1] if len(sys.argv) > 1 else "bench/kernels/results_nvidia_h200.json"))
+    print(main(sys.argv[1] if len(sys.argv) > 1 else "bench/kernels/results/run2_h200/results_nvidia_h200.json"))

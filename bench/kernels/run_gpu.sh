@@ -6,7 +6,7 @@
 #                                                       # to the small-M kernel (triton_gemv.py) and bf16
 set -o pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-bench/kernels/out}
+OUT=${OUT:-bench/kernels/results/out}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 mkdir -p "$OUT"
 MODE=()

@@ -6,7 +6,7 @@
 # profiles the gate/up layer's kernels at 1 and 16 tokens with Nsight Compute (profile_kernels.py).
 set -o pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-bench/kernels/out}
+OUT=${OUT:-bench/kernels/results/out}
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 export QVLA_KERNEL_CACHE=${QVLA_KERNEL_CACHE:-/tmp/qvla-kernels}
 mkdir -p "$OUT"
