@@ -143,3 +143,44 @@ def test_cameras_of_different_sizes_are_refused():
 def test_needs_a_camera():
     with pytest.raises(ValueError, match="n_cams must be >= 1"):
         ObservationSync(n_cams=0)
+
+
+def test_an_older_partner_inside_the_tolerance_waits_for_the_frames_own_partner():
+    # 30 Hz cameras, 50 ms tolerance: camera 2's previous frame (33 ms older) matches, but its frame
+    # of this instant is one transport delay away and must win.
+    sync = ready_sync(tolerance=0.05, timeout=2.0)
+    sync.put_proprio(state(1.040))
+    sync.put_image(1, frame(1.000, value=1))
+    sync.put_image(0, frame(1.033, value=9))
+    late = threading.Timer(0.003, lambda: sync.put_image(1, frame(1.034, value=2)))
+    late.start()
+    obs = sync.next()
+    late.join()
+    assert isinstance(obs, Observation)
+    assert obs.images[1, 0, 0, 0] == 2
+
+
+def test_a_provisional_partner_is_taken_after_the_stamp_gap_not_the_timeout():
+    # Nothing closer comes: the older frame is the answer once a closer one could have arrived.
+    sync = ready_sync(tolerance=0.05, timeout=5.0)
+    sync.put_proprio(state(1.040))
+    sync.put_image(1, frame(1.000, value=1))
+    start = time.monotonic()
+    sync.put_image(0, frame(1.033, value=9))
+    obs = sync.next()
+    waited = time.monotonic() - start
+    assert isinstance(obs, Observation) and obs.images[1, 0, 0, 0] == 1
+    assert 0.033 <= waited < 1.0
+
+
+def test_partners_stamped_after_the_frame_are_final_at_once():
+    sync = ready_sync(tolerance=0.05, timeout=5.0)
+    sync.put_proprio(state(0.990))
+    sync.put_proprio(state(1.005, value=3.0))
+    sync.put_image(1, frame(0.998, value=1))
+    sync.put_image(1, frame(1.001, value=2))
+    start = time.monotonic()
+    sync.put_image(0, frame(1.000, value=9))
+    obs = sync.next()
+    assert time.monotonic() - start < 0.02
+    assert obs.images[1, 0, 0, 0] == 2 and obs.proprio[0] == 3.0

@@ -9,6 +9,13 @@ the frame with the previous state. The worker instead waits (up to `timeout`) fo
 stamped within `tolerance` of the primary frame; a negative tolerance turns this off and takes
 the newest of each (for sources that do not stamp their messages).
 
+A partner stamped before the frame may still be bettered by one stamped after it that is in
+flight: at 30 Hz the previous frame of camera 2 is 33 ms older and inside a 50 ms tolerance, while
+camera 2's frame of this instant arrives a millisecond later. So a match whose stream has nothing
+stamped at or after the frame yet is provisional: the worker waits until a later sample arrives or
+until the frame's arrival time plus the gap to that match (plus SETTLE_SLACK), the latest a closer
+partner could arrive with the frame's own transport delay, and then takes the closest.
+
 Only the newest primary frame is kept: one that is replaced before the worker takes it is
 counted as dropped, so a slow policy skips stale frames and memory stays bounded.
 """
@@ -27,6 +34,9 @@ __all__ = ["Dropped", "Observation", "ObservationSync", "Stamped"]
 # Recent samples kept per secondary stream: enough to cover a fast joint_states publisher over a
 # policy forward, small enough to search linearly.
 _HISTORY = 64
+#: How much later than the primary frame a partner's transport may deliver it (seconds): the slack
+#: on top of the stamp gap while a provisional partner waits to be bettered.
+SETTLE_SLACK = 0.01
 
 
 @dataclass(frozen=True)
@@ -137,34 +147,52 @@ class ObservationSync:
                 frame = self._primary
                 deadline = time.monotonic() + self.timeout
                 while True:
-                    result = self._assemble(frame)
-                    if isinstance(result, Observation) or self._stopped:
-                        return result if not self._stopped else None
+                    result, settle_by = self._assemble(frame)
+                    if self._stopped:
+                        return None
+                    now = time.monotonic()
+                    if isinstance(result, Observation) and (settle_by is None or now >= settle_by):
+                        return result
                     if self._seq != self._taken:
                         self.dropped += 1  # a newer frame arrived while waiting: serve that one
                         break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    until = deadline if settle_by is None else min(settle_by, deadline)
+                    if until - now <= 0:
                         return result
-                    self._cond.wait(remaining)
+                    self._cond.wait(until - now)
 
-    def _assemble(self, frame: Stamped) -> Observation | Dropped:
+    def _assemble(self, frame: Stamped) -> tuple[Observation | Dropped, float | None]:
+        """(the observation or what is missing, the monotonic time until which a provisional
+        partner may still be bettered; None when every partner is final)."""
         if self._instruction is None:
-            return Dropped("no_instruction", "no instruction received yet")
+            return Dropped("no_instruction", "no instruction received yet"), None
         images = [frame.value]
+        settle_by = None
         for cam, history in enumerate(self._cameras, start=2):
             match = self._closest(history, frame.stamp)
             if match is None:
-                return Dropped(f"no_image{cam}", self._missing(f"image{cam}", history, frame))
+                return Dropped(f"no_image{cam}", self._missing(f"image{cam}", history, frame)), None
             images.append(match.value)
+            settle_by = self._settle_by(history, match, frame, settle_by)
         proprio = self._closest(self._proprio, frame.stamp)
         if proprio is None:
-            return Dropped("no_proprio", self._missing("proprio", self._proprio, frame))
+            return Dropped("no_proprio", self._missing("proprio", self._proprio, frame)), None
+        settle_by = self._settle_by(self._proprio, proprio, frame, settle_by)
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
-            return Dropped("camera_sizes", f"cameras differ in size: {sorted(shapes)}")
+            return Dropped("camera_sizes", f"cameras differ in size: {sorted(shapes)}"), None
         return Observation(primary=frame, images=np.stack(images), proprio=proprio.value,
-                           instruction=self._instruction)
+                           instruction=self._instruction), settle_by
+
+    def _settle_by(self, history, match: Stamped, frame: Stamped, settle_by: float | None) -> float | None:
+        """settle_by, later if `match` is provisional: nothing in its stream is stamped at or after
+        the frame yet, so a closer sample (stamped less than the gap after the frame) may be in
+        flight; it would arrive by the frame's arrival plus that gap, give or take SETTLE_SLACK."""
+        gap = frame.stamp - match.stamp
+        if self.tolerance < 0 or gap <= 0 or max(s.stamp for s in history) >= frame.stamp:
+            return settle_by
+        until = frame.arrival + gap + SETTLE_SLACK
+        return until if settle_by is None else max(settle_by, until)
 
     def _closest(self, history, stamp: float) -> Stamped | None:
         if not history:
