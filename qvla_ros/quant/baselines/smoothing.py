@@ -1,4 +1,5 @@
-"""Per-input-channel rescaling that leaves the fp function unchanged (SmoothQuant, AWQ).
+"""Per-input-channel rescaling that leaves the fp function unchanged (SmoothQuant; AWQ uses its
+`fold_into_output`).
 
 For a Linear y = W x, dividing input channel j by s_j and multiplying column j of W by s_j changes
 nothing in exact arithmetic, but moves quantization difficulty between activations and weights.
