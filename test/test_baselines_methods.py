@@ -56,7 +56,8 @@ def _relative_error(policy, batches, reference):
 
 
 @pytest.mark.parametrize("method", ["rtn-w8", "rtn-w4", "rtn-w3", "rtn-w2", "rtn-g32-w2",
-                                    "sq-w8a8", "sq-w4a8", "gptq-w3", "awq-w4"])
+                                    "sq-w8a8", "sq-w4a8", "gptq-w3", "awq-w4", "gptq-g32-w3",
+                                    "awq-g32-w4"])
 def test_baseline_changes_outputs_stays_finite_and_shrinks(micro, quantized, method):
     policy, batches, reference = micro
     quantized, result = quantized(method)
@@ -73,7 +74,7 @@ def test_baseline_changes_outputs_stays_finite_and_shrinks(micro, quantized, met
     for name in names:
         module = quantized.get_submodule(name)
         inner = module.inner if isinstance(module, InputScaled) else module
-        assert isinstance(inner, GroupWiseLinear if spec.family == "rtn-group" else MixedBitLinear)
+        assert isinstance(inner, GroupWiseLinear if spec.group_size else MixedBitLinear)
         if spec.family == "smoothquant":
             assert inner.act_bits == 8
     # Projectors and the action head stay as they were.
@@ -115,8 +116,9 @@ def test_awq_scaling_alone_is_identity(micro):
     policy, batches, reference = micro
     scaled = copy.deepcopy(policy)
     modules = quantizable_linears(scaled)
-    explicit, _ = apply_awq(scaled, modules, batches, bits=3, grid=4, clip=False, progress=False)
-    wrap_input_scales(scaled, explicit)
+    apply_awq(scaled, modules, batches, bits=3, grid=4, clip=False, progress=False)
+    # Every scale is folded into a norm or a preceding Linear: no module is added.
+    assert [type(m) for m in scaled.modules()] == [type(m) for m in policy.modules()]
     assert _relative_error(scaled, batches, reference) < 1e-9
 
 

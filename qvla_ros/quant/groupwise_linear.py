@@ -11,7 +11,11 @@ small format, built from the same parts (the project's quantizer and code packer
 
 Codes pack exactly as in `qvla_ros.quant.packing` (element k of a row at bit offset
 (k % (8//b)) * b of byte k // (8//b)); each group is quantized by `quantize_rows` as if it were a
-row, so "b bits" means the same grid as everywhere else. Memory: b + 32/group_size bits a weight.
+row, so "b bits" means the same grid as everywhere else. Memory: b + 32/group_size bits a weight
+(4.25 at b = 4, g = 128), plus the padding of K when group_size does not divide it.
+
+`fake_quantize_group_wise` gives the float weights this layout stores, for the searches that try
+candidate weights before packing (AWQ) and the checks that a method's weights repack exactly (GPTQ).
 """
 from __future__ import annotations
 
@@ -22,6 +26,30 @@ from .packing import K_ALIGN, pack_codes, unpack_codes
 from .quantizer import QUANT_BITS, check_bits, dequantize_rows, quantize_rows
 
 
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % K_ALIGN:
+        raise ValueError(f"group_size must be a positive multiple of {K_ALIGN}, got {group_size!r}")
+    return group_size
+
+
+def padded_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`weight` [N, K] as float32 groups [N * Kg/group_size, group_size], K zero-padded to Kg.
+    A zero never changes a group's grid (the range always holds 0), so a padded last group is
+    quantized exactly as its real columns alone would be."""
+    n, k = weight.shape
+    kg = -(-k // group_size) * group_size
+    w = torch.zeros(n, kg, dtype=torch.float32, device=weight.device)
+    w[:, :k] = weight.detach().float()
+    return w.reshape(n * kg // group_size, group_size)
+
+
+def fake_quantize_group_wise(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """What GroupWiseLinear stores for `weight` [N, K] at `bits`, as float32 [N, K]."""
+    n, k = weight.shape
+    groups = padded_groups(weight, check_group_size(group_size))
+    return dequantize_rows(*quantize_rows(groups, bits)).reshape(n, -1)[:, :k]
+
+
 class GroupWiseLinear(nn.Module):
     """y = x W^T + b with W stored group-wise at `bits` (see the module docstring)."""
 
@@ -29,8 +57,7 @@ class GroupWiseLinear(nn.Module):
                  bias: bool = True):
         super().__init__()
         self.bits = check_bits(bits, QUANT_BITS)
-        if group_size <= 0 or group_size % K_ALIGN:
-            raise ValueError(f"group_size must be a positive multiple of {K_ALIGN}, got {group_size}")
+        check_group_size(group_size)
         self.in_features, self.out_features, self.group_size = int(in_features), int(out_features), int(group_size)
         kg = self.padded_in_features
         planes = {3: kg // 4}.get(self.bits, kg * self.bits // 8)
@@ -60,10 +87,8 @@ class GroupWiseLinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         n, k = linear.weight.shape
         module = cls(k, n, bits, group_size, bias=linear.bias is not None)
-        kg, g = module.padded_in_features, group_size
-        w = torch.zeros(n, kg)
-        w[:, :k] = linear.weight.detach().float().cpu()
-        codes, scale, zero = quantize_rows(w.reshape(n * kg // g, g), module.bits)
+        kg = module.padded_in_features
+        codes, scale, zero = quantize_rows(padded_groups(linear.weight.detach().cpu(), group_size), module.bits)
         qweight, qweight_hi = pack_codes(codes.reshape(n, kg), module.bits)
         module.qweight.copy_(qweight)
         if qweight_hi is not None:

@@ -1,8 +1,8 @@
 """`InputScaled`: a layer whose input is divided by stored per-channel scales first.
 
-SmoothQuant and AWQ (quant/baselines/smoothing.py) move quantization difficulty between a
-Linear's inputs and its weights; where no norm can absorb the 1/s, the scale is kept explicitly
-around the quantized layer. It is a stored module kind of the quantized-checkpoint format
+SmoothQuant (quant/baselines/smoothing.py) moves quantization difficulty between a Linear's
+inputs and its weights; where no norm can absorb the 1/s, the scale is kept explicitly around the
+quantized layer. (AWQ folds every scale it uses, so it stores none.) It is a stored module kind of the quantized-checkpoint format
 (checkpoint.py), so it lives beside the other stored layouts rather than with the methods.
 """
 from __future__ import annotations

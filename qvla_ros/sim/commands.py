@@ -113,7 +113,8 @@ def register(subparsers) -> None:
         description=_COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: all); forms: fp, rtn-w{8,4,3,2}, "
-                        "rtn-g{G}-w{4,3,2}, sq-w{8,4}a8, gptq-w{4,3}, awq-w{4,3}, qvla@METHOD, "
+                        "rtn-g{G}-w{4,3,2}, sq-w{8,4}a8, gptq-w{4,3}, gptq-g{G}-w{4,3}, awq-w{4,3}, "
+                        "awq-g{G}-w{4,3}, qvla@METHOD, "
                         "qvla-a8@METHOD, qvla-b{X}")
     p.add_argument("--policy", default="default",
                    help="float policy checkpoint directory, or 'default' (the shipped one)")

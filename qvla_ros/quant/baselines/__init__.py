@@ -6,7 +6,7 @@
 Every method quantizes the same Linears (the QVLA core's `quantizable_linears`) with the
 project's one RTN quantizer and packer where its storage fits MixedBitLinear (per-channel RTN,
 SmoothQuant, GPTQ, AWQ), or its own documented packed format where it does not (group-wise RTN,
-quant/groupwise_linear.py). Memory is measured from the stored tensors (memory.py). `qvla compare`
+GPTQ and AWQ, e.g. "gptq-g128-w4": quant/groupwise_linear.py). Memory is measured from the stored tensors (memory.py). `qvla compare`
 (sim/compare.py, a benchmark driver above this package) runs them and QVLA at matched memory
 through the closed-loop benchmark.
 """

@@ -5,6 +5,9 @@
     result.memory            # measured weight memory of the quantizable Linears
     result.info              # what the method chose (SmoothQuant's alpha, AWQ's alphas, ...)
 
+Per-channel methods are stored as MixedBitLinear (with a BitPlan), group-wise ones (rtn-g, gptq-g,
+awq-g) as GroupWiseLinear; either way memory is measured from the stored tensors.
+
 The quantizable Linears are the QVLA core's (`quantizable_linears`: decoder and vision Linears;
 projectors and the action head stay 16-bit), so every method compresses the same weights.
 """
@@ -28,7 +31,6 @@ from ..accounting import policy_storage
 from .memory import WeightMemory, weight_memory
 from .methods import MethodSpec, parse_method
 from ..checkpoint import set_submodule
-from .smoothing import wrap_input_scales
 from .smoothquant import DEFAULT_ALPHAS, apply_smoothquant
 
 
@@ -98,18 +100,21 @@ def quantize_baseline(policy: nn.Module, method: str | MethodSpec, batches: Sequ
             lambda p: plans.append(pack_per_channel(p, names, spec.wbits, spec.abits, method=spec.name)),
             alphas=alphas, progress=progress)
         plan = plans[-1]
-    elif spec.family == "gptq":
+    elif spec.family in ("gptq", "awq"):
         modules = {n: policy.get_submodule(n) for n in names}
-        rel = apply_gptq(policy, modules, batches, spec.wbits, progress=progress)
-        info = {"mean_relative_layer_error": sum(rel.values()) / len(rel)}
-        plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
-    elif spec.family == "awq":
-        modules = {n: policy.get_submodule(n) for n in names}
-        scales, alpha_by_group = apply_awq(policy, modules, batches, spec.wbits, grid=awq_grid,
-                                                progress=progress)
-        plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
-        wrap_input_scales(policy, scales)
-        info = {"alphas": alpha_by_group, "explicit_input_scales": len(scales)}
+        if spec.family == "gptq":
+            # Group-wise GPTQ as LLM users run it (no act-order); per channel keeps act-order.
+            rel = apply_gptq(policy, modules, batches, spec.wbits, group_size=spec.group_size,
+                             act_order=spec.group_size is None, progress=progress)
+            info = {"mean_relative_layer_error": sum(rel.values()) / len(rel)}
+        else:
+            info = apply_awq(policy, modules, batches, spec.wbits, group_size=spec.group_size,
+                             grid=awq_grid, progress=progress)
+        # The searched float weights lie on (GPTQ) or are searched against (AWQ) the packer's grid.
+        if spec.group_size is None:
+            plan = pack_per_channel(policy, names, spec.wbits, method=spec.name)
+        else:
+            pack_group_wise(policy, names, spec.wbits, spec.group_size)
     elif spec.family == "qvla":
         target = spec.budget if spec.budget is not None else budget
         if target is None:

@@ -1,4 +1,5 @@
-"""Per-input-channel rescaling that leaves the fp function unchanged (SmoothQuant, AWQ).
+"""Per-input-channel rescaling that leaves the fp function unchanged (SmoothQuant; AWQ uses its
+`fold_into_output`).
 
 For a Linear y = W x, dividing input channel j by s_j and multiplying column j of W by s_j changes
 nothing in exact arithmetic, but moves quantization difficulty between activations and weights.
@@ -94,17 +95,30 @@ def apply_smoothing(root: nn.Module, group: ScaleGroup, s: torch.Tensor) -> torc
     if group.norm is None:
         s = s.to(torch.float16).float()
     else:
-        norm = root.get_submodule(group.norm)
-        norm.weight.div_(s.to(norm.weight.dtype))
-        bias = getattr(norm, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias.div_(s.to(bias.dtype))
+        fold_into_output(root.get_submodule(group.norm), s)
     for name in group.linears:
         lin = root.get_submodule(name)
         if lin.in_features != s.numel():
             raise ValueError(f"{name} has {lin.in_features} inputs but the smoothing vector has {s.numel()}")
         lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
     return None if group.norm is not None else s.to(torch.float16)
+
+
+@torch.no_grad()
+def fold_into_output(module: nn.Module, s: torch.Tensor) -> None:
+    """Divide output channel j of `module` by s_j in place: a norm's weight (and bias), or a
+    Linear's output rows (and bias). Exact for whatever reads that output linearly per channel:
+    the Linears after a norm; o_proj after v_proj (attention mixes v's rows over tokens only);
+    down_proj after up_proj (act(gate) * up is elementwise in up's channels)."""
+    weight = module.weight
+    if weight.shape[0] != s.numel():
+        raise ValueError(f"cannot fold {s.numel()} scales into a {type(module).__name__} with "
+                         f"{weight.shape[0]} output channels")
+    s = s.to(weight.device, torch.float32)
+    weight.copy_((weight.float() / (s if weight.dim() == 1 else s[:, None])).to(weight.dtype))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.copy_((bias.float() / s).to(bias.dtype))
 
 
 def wrap_input_scales(root: nn.Module, scales: Mapping[str, torch.Tensor]) -> None:
