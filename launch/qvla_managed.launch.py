@@ -20,32 +20,17 @@ same transitions through the services.
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
 from launch.events import matches_action
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
 from launch_ros.event_handlers import OnStateTransition
 from launch_ros.events.lifecycle import ChangeState
-from launch_ros.substitutions import FindPackageShare
 from lifecycle_msgs.msg import Transition
 
-from qvla_ros.ros.transport import transport_environment
-
-OVERRIDES = ("checkpoint", "plan", "device")
-TOPICS = ("image", "image2", "instruction", "proprio", "action_chunk", "action", "diagnostics")
+from qvla_ros.ros.launch_parts import policy_node_arguments, policy_node_launch_arguments
 
 
 def managed_policy_node(context):
-    overrides = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
-    overrides = {name: value for name, value in overrides.items() if value}
-    node = LifecycleNode(
-        package="qvla_ros",
-        executable="qvla_managed_policy_node",
-        name="qvla_policy_node",
-        namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file")] + ([overrides] if overrides else []),
-        remappings=[(topic, LaunchConfiguration(topic)) for topic in TOPICS],
-        additional_env=transport_environment(),
-        output="screen",
-    )
+    node = LifecycleNode(executable="qvla_managed_policy_node", **policy_node_arguments(context))
     if LaunchConfiguration("autostart").perform(context).lower() not in ("true", "1", "yes"):
         return [node]
 
@@ -64,22 +49,9 @@ def managed_policy_node(context):
 
 
 def generate_launch_description():
-    arguments = [
-        DeclareLaunchArgument(
-            "params_file",
-            default_value=PathJoinSubstitution(
-                [FindPackageShare("qvla_ros"), "config", "policy_node.yaml"]),
-            description="parameter file of the policy node"),
-        DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
+    arguments = policy_node_launch_arguments(extra=[
         DeclareLaunchArgument("autostart", default_value="true",
                               description="configure and activate at launch (false: stay "
                                           "unconfigured for a lifecycle manager)"),
-        DeclareLaunchArgument("checkpoint", default_value="",
-                              description="policy checkpoint directory (empty: the file's)"),
-        DeclareLaunchArgument("plan", default_value="",
-                              description="BitPlan file to serve (empty: the file's)"),
-        DeclareLaunchArgument("device", default_value="",
-                              description="torch device, cpu or cuda (empty: the file's)"),
-    ] + [DeclareLaunchArgument(topic, default_value=topic, description=f"topic for {topic}")
-         for topic in TOPICS]
+    ])
     return LaunchDescription(arguments + [OpaqueFunction(function=managed_policy_node)])

@@ -46,5 +46,20 @@ def ros_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def feeder(ros_env):
+    """A Feeder (qvla_ros/ros/feeder.py) spinning in the background in this process, on the
+    test's ROS domain; a test file that needs more of it defines its own `feeder`."""
+    import rclpy
+
+    from qvla_ros.ros.feeder import Feeder
+
+    rclpy.init()
+    node = Feeder().spin_in_background()
+    yield node
+    node.close()
+    rclpy.try_shutdown()
+
+
+@pytest.fixture
 def python_exe() -> str:
     return sys.executable

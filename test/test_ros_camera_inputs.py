@@ -37,17 +37,6 @@ def micro(tmp_path_factory):
     return {"checkpoint": str(root / "ckpt"), "policy": policy.eval()}
 
 
-@pytest.fixture
-def feeder(ros_env):
-    from qvla_ros.ros.feeder import Feeder
-
-    rclpy.init()
-    node = Feeder().spin_in_background()
-    yield node
-    node.close()
-    rclpy.try_shutdown()
-
-
 def start_node(env, remaps=None, **overrides) -> NodeProcess:
     proc = NodeProcess.start("qvla_policy_node", [config_file("policy_node.yaml")],
                              overrides=overrides, remaps=remaps, env=env)

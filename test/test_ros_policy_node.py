@@ -72,17 +72,6 @@ def micro(tmp_path_factory):
             "instruction": instruction, "expected": expected, "config": cfg}
 
 
-@pytest.fixture
-def feeder(ros_env):
-    from qvla_ros.ros.feeder import Feeder
-
-    rclpy.init()
-    node = Feeder().spin_in_background()
-    yield node
-    node.close()
-    rclpy.try_shutdown()
-
-
 def start_policy_node(ros_env, **overrides) -> NodeProcess:
     proc = NodeProcess.start("qvla_policy_node", [config_file("policy_node.yaml")],
                              overrides=overrides, env=ros_env)

@@ -39,17 +39,6 @@ def cpu_ticks() -> tuple[int, int]:
     return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
 
 
-@pytest.fixture
-def feeder(ros_env):
-    from qvla_ros.ros.feeder import Feeder
-
-    rclpy.init()
-    node = Feeder().spin_in_background()
-    yield node
-    node.close()
-    rclpy.try_shutdown()
-
-
 def test_reload_under_a_30hz_stream_is_quick_and_leaves_no_gap(ros_env, feeder):
     from qvla_ros.ros.paths import resolve
 

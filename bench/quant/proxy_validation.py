@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,9 @@ from qvla_ros.quant.calibration import frames_from_demos, synthetic_frames  # no
 from qvla_ros.quant.plots import _short  # noqa: E402
 from qvla_ros.quant.sensitivity import (SensitivityTable, compare_tables, exact_sensitivity,  # noqa: E402
                                         jacobian_sensitivity, layer_local_sensitivity, rank_agreement)
+from qvla_ros.sim.evaluate import cpu_model  # noqa: E402
 
 BITS = (0, 2, 3, 4, 8, 16)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_demos(folder: Path) -> float:
@@ -124,7 +114,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     policy = load_policy(None)
-    results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    results: dict = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "policy": "tiny (shipped, qvla_ros.policy.load_policy(None))", "bits": list(BITS),
                      "args": vars(args)}
     tmp = None

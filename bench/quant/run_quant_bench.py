@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,16 +43,7 @@ from qvla_ros.quant.plan import plan_from_bits  # noqa: E402
 from qvla_ros.quant.plots import plot_allocation  # noqa: E402
 from qvla_ros.quant.sensitivity import (SensitivityTable, compare_tables, exact_sensitivity,  # noqa: E402
                                         jacobian_sensitivity, layer_local_sensitivity, rescale_to_exact)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from qvla_ros.sim.evaluate import cpu_model  # noqa: E402
 
 
 def action_errors(policy, frames, reference: torch.Tensor) -> dict:
@@ -111,7 +101,7 @@ def main() -> int:
     held_out = frames_from_demos(args.data, args.held_out_frames, split="val", seed=args.seed + 1)
     select_frames = frames_from_demos(args.data, args.select_frames, split="train", seed=args.seed + 3)
     reference = predict_actions(policy, held_out)
-    results: dict = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    results: dict = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                      "policy": args.policy, "data": args.data, "calib_frames": len(calib),
                      "held_out_frames": len(held_out), "select_frames": len(select_frames),
                      "projections": args.projections, "float_policy": {}}

@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -28,13 +27,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+from bench_latency import cpu_model  # noqa: E402
 
 
 def chunk_gaps(arrivals: list[float], windows: list[tuple[float, float]]) -> tuple[list, list]:

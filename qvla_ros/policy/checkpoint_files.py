@@ -4,6 +4,7 @@ writer, the header checks, and the error that names what is wrong.
     write_checkpoint(dir, fmt, version, config, tokenizer_json, state)   weights, tokenizer, config
     stored_tensor_specs(dir / WEIGHTS_FILE)                              names, shapes, dtypes; no data
     check_tensor_names(path, expected, stored, "config.json")           CheckpointError on a mismatch
+    read_config_and_tokenizer(dir, meta, version, from_dict, from_str)  config.json's config, tokenizer.json
 
 Knows no architecture: modeling_vla.py (which reads a folder of either architecture) and
 modeling_oft.py both build on it, so neither imports the other to reach these.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -72,6 +73,29 @@ def check_tensor_names(path: Path, expected: Iterable[str], stored: Iterable[str
         raise CheckpointError(f"{path} does not match {sources}: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+
+def read_config_and_tokenizer(directory: Path, meta: dict, version: int, config_from_dict: Callable[[Any], Any],
+                              tokenizer_from_str: Callable[[str, Any], Any],
+                              tokenizer_errors: tuple[type[BaseException], ...] = (ValueError, UnicodeDecodeError)
+                              ) -> tuple[Any, Any]:
+    """(config, tokenizer) of a checkpoint folder whose config.json (already read as `meta`, its
+    format checked) must have `version`: `config_from_dict(meta["config"])`, then
+    `tokenizer_from_str(tokenizer.json's text, config)`. CheckpointError names the file and the
+    problem: another version, a config from_dict refuses (ValueError, TypeError), a tokenizer
+    that raises one of `tokenizer_errors`."""
+    if meta.get("version") != version:
+        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
+                              f"this library reads version {version}")
+    try:
+        config = config_from_dict(meta.get("config"))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
+    try:
+        tokenizer = tokenizer_from_str((directory / TOKENIZER_FILE).read_text(), config)
+    except tokenizer_errors as exc:
+        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
+    return config, tokenizer
 
 
 class default_dtype:

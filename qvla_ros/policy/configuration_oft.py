@@ -17,6 +17,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_checks import check_config_dict, check_positive_ints, resolve_config
+
 OFT_CONFIG_FORMAT = "qvla-oft-policy"
 OFT_CONFIG_VERSION = 1
 
@@ -167,10 +169,7 @@ class OFTConfig:
         positive = ("n_cams", "image_size", "patch_size", "proprio_dim", "action_dim", "horizon",
                     "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                     "vocab_size", "max_text_tokens", "head_blocks", "head_hidden")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"OFTConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, positive)
         if self.image_size % self.patch_size:
             raise ValueError(f"OFTConfig.image_size ({self.image_size}) must be a multiple of patch_size "
                              f"({self.patch_size})")
@@ -219,11 +218,7 @@ class OFTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OFTConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"an OFTConfig must be read from a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown OFTConfig fields: {unknown}")
+        check_config_dict(cls, data)
         return cls(**data)
 
     def replace(self, **changes: Any) -> "OFTConfig":
@@ -257,12 +252,4 @@ OFT_PRESETS = {"oft-micro": _oft_micro, "oft-7b": _oft_7b}
 
 def get_oft_config(name_or_config: str | OFTConfig | dict) -> OFTConfig:
     """An OFTConfig from a preset name, a dict (config.json's "config") or an OFTConfig."""
-    if isinstance(name_or_config, OFTConfig):
-        return name_or_config
-    if isinstance(name_or_config, dict):
-        return OFTConfig.from_dict(name_or_config)
-    if isinstance(name_or_config, str):
-        if name_or_config not in OFT_PRESETS:
-            raise ValueError(f"unknown OFT config {name_or_config!r}; known: {sorted(OFT_PRESETS)}")
-        return OFT_PRESETS[name_or_config]()
-    raise ValueError(f"an OFT config is a preset name, dict or OFTConfig, got {type(name_or_config).__name__}")
+    return resolve_config(name_or_config, OFTConfig, OFT_PRESETS, "OFT config")

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_checks import check_config_dict, check_positive_ints, resolve_config
+
 CONFIG_FORMAT = "qvla-vla-policy"
 CONFIG_VERSION = 1
 
@@ -117,10 +119,7 @@ class VLAConfig:
         positive = ("n_cams", "image_size", "proprio_dim", "action_dim", "horizon", "hidden_size",
                     "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
                     "max_text_tokens", "slots_per_step", "head_hidden", "head_layers")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"VLAConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, positive)
         if not isinstance(self.projector_hidden, int) or self.projector_hidden < 0:
             raise ValueError(f"VLAConfig.projector_hidden must be an int >= 0, got {self.projector_hidden!r}")
         if not vision:
@@ -175,12 +174,7 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VLAConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a VLAConfig must be read from a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VLAConfig fields: {unknown}")
+        check_config_dict(cls, data)
         data = dict(data)
         if "vision" in data:
             if not isinstance(data["vision"], (list, tuple)):
@@ -223,12 +217,4 @@ PRESETS = {"micro": _micro, "tiny": _tiny}
 
 def get_config(name_or_config: str | VLAConfig | dict) -> VLAConfig:
     """A VLAConfig from a preset name, a dict (config.json's "config") or a VLAConfig."""
-    if isinstance(name_or_config, VLAConfig):
-        return name_or_config
-    if isinstance(name_or_config, dict):
-        return VLAConfig.from_dict(name_or_config)
-    if isinstance(name_or_config, str):
-        if name_or_config not in PRESETS:
-            raise ValueError(f"unknown policy config {name_or_config!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name_or_config]()
-    raise ValueError(f"a policy config is a preset name, dict or VLAConfig, got {type(name_or_config).__name__}")
+    return resolve_config(name_or_config, VLAConfig, PRESETS, "policy config")

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from .checkpoint_files import CONFIG_FILE, TOKENIZER_FILE, CheckpointError, default_dtype, write_checkpoint
+from .checkpoint_files import read_config_and_tokenizer, write_checkpoint
 from .configuration_oft import OFT_CONFIG_FORMAT, OFT_CONFIG_VERSION, OFTConfig, get_oft_config
-from .processing_vla import check_raw_inputs
+from .policy_base import ChunkPolicy, build_seeded
 from .processing_oft import (OFTTokenizer, images_to_fused_pixels, normalize_bounds_q99, stand_in_tokenizer,
                              unnormalize_bounds_q99)
 from .vision_oft import FusedVisionBackbone
@@ -130,10 +128,13 @@ class LanguageModel(nn.Module):
             use_cache=False, attn_implementation=config.attn_implementation))
 
 
-class OFTPolicy(nn.Module):
+class OFTPolicy(ChunkPolicy):
     """`actions = policy(images, instruction, proprio)`, the package's policy contract, computed as
     OpenVLA-OFT computes it. The split prepare_inputs / predict_normalized / unnormalize_actions is
     the one GraphedForward captures."""
+
+    #: set_norm_stats (ChunkPolicy) reads q01/q99 as float32, the masks as bool: each buffer's dtype
+    STAT_NAMES = OFT_STAT_NAMES
 
     def __init__(self, config: OFTConfig, tokenizer: OFTTokenizer | None = None):
         super().__init__()
@@ -155,19 +156,7 @@ class OFTPolicy(nn.Module):
             else:
                 self.register_buffer(name, torch.full((dim,), -1.0 if kind == "q01" else 1.0, dtype=torch.float32))
 
-    # Statistics ---------------------------------------------------------------------------------
-    def set_norm_stats(self, stats: dict[str, np.ndarray | torch.Tensor]) -> None:
-        """stats: OFT_STAT_NAMES -> arrays (q01/q99 float, masks bool)."""
-        missing = [n for n in OFT_STAT_NAMES if n not in stats]
-        if missing:
-            raise ValueError(f"normalization stats lack {missing}")
-        for name in OFT_STAT_NAMES:
-            buf = getattr(self, name)
-            value = torch.as_tensor(np.asarray(stats[name]), dtype=buf.dtype)
-            if value.shape != buf.shape:
-                raise ValueError(f"stat {name} has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
-            buf.copy_(value)
-
+    # Statistics (set_norm_stats: ChunkPolicy) ----------------------------------------------------
     def normalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
         return normalize_bounds_q99(proprio.float(), self.proprio_q01, self.proprio_q99, self.proprio_mask)
 
@@ -225,33 +214,15 @@ class OFTPolicy(nn.Module):
         """Normalized action chunk [B, horizon, action_dim] (float32) from preprocessed inputs."""
         return self.action_head(self.action_hidden_states(pixels, token_ids, text_mask, proprio_norm)).float()
 
-    def prepare_inputs(self, images: torch.Tensor, instruction: Sequence[str], proprio: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Checks the contract's raw inputs; returns (pixels, token_ids, text_mask, proprio_norm)."""
-        cfg = self.config
-        check_raw_inputs(images, instruction, proprio, cfg.n_cams, cfg.proprio_dim)
-        dev = self.device
-        ids, text_mask = self.tokenizer.encode(instruction, cfg.max_text_tokens)
-        return (images_to_fused_pixels(images.to(dev), cfg), ids.to(dev), text_mask.to(dev),
-                self.normalize_proprio(proprio.to(dev)))
-
-    def forward(self, images: torch.Tensor, instruction: Sequence[str], proprio: torch.Tensor) -> torch.Tensor:
-        """Action chunk float32 [B, horizon, action_dim] in the dataset's units.
-
-        images uint8 [B, n_cams, H, W, 3] RGB (third-person first, then wrist); instruction: B
-        task strings (the prompt is built here); proprio float [B, proprio_dim], raw.
-        """
-        return self.unnormalize_actions(self.predict_normalized(*self.prepare_inputs(images, instruction, proprio)))
+    def images_to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, n_cams, H, W, 3] -> float [B, 6 * n_cams, S, S] (prepare_inputs: ChunkPolicy)."""
+        return images_to_fused_pixels(images, self.config)
 
     # Checkpoints --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, provenance: dict | None = None) -> Path:
         """config.json, tokenizer.json, model.safetensors (each atomically): the project's format,
         which load_policy, quantize and the node read."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        return write_oft_checkpoint(directory, self.config, self.tokenizer, state, provenance)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return write_oft_checkpoint(directory, self.config, self.tokenizer, self.cpu_state(), provenance)
 
 
 def write_oft_checkpoint(directory: str | os.PathLike, config: OFTConfig, tokenizer: OFTTokenizer,
@@ -272,26 +243,11 @@ def make_oft_policy(config: str | OFTConfig | dict = "oft-micro", seed: int = 0,
     """An OFT policy with random weights (seeded), built directly on `device` in `dtype`
     (normalization statistics stay float32 / bool)."""
     config = get_oft_config(config)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.device(device), default_dtype(dtype):
-            policy = OFTPolicy(config, tokenizer=tokenizer)
-    return policy.eval()
+    return build_seeded(lambda: OFTPolicy(config, tokenizer=tokenizer), seed, device, dtype).eval()
 
 
 def read_oft_checkpoint_config(directory: Path, meta: dict) -> tuple[OFTConfig, OFTTokenizer]:
     """(config, tokenizer) of a checkpoint in the project's OFT format (config.json already read
     as `meta`); CheckpointError names the file and the problem."""
-    if meta.get("version") != OFT_CONFIG_VERSION:
-        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
-                              f"this library reads version {OFT_CONFIG_VERSION}")
-    try:
-        config = OFTConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
-    try:
-        tokenizer = OFTTokenizer.from_str((directory / TOKENIZER_FILE).read_text(), config)
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
-    return config, tokenizer
+    return read_config_and_tokenizer(directory, meta, OFT_CONFIG_VERSION, OFTConfig.from_dict, OFTTokenizer.from_str,
+                                     tokenizer_errors=(ValueError, UnicodeDecodeError, OSError))

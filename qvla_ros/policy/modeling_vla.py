@@ -22,16 +22,16 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
 from .checkpoint_files import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, check_tensor_names,
-                               default_dtype, stored_tensor_specs, write_checkpoint)
+                               default_dtype, read_config_and_tokenizer, stored_tensor_specs, write_checkpoint)
 from .configuration_oft import OFT_CONFIG_FORMAT, OFTConfig
 from .configuration_vla import CONFIG_FORMAT, CONFIG_VERSION, VLAConfig, get_config
-from .processing_vla import InstructionTokenizer, check_raw_inputs, default_instructions, images_to_pixels
+from .policy_base import ChunkPolicy, build_seeded
+from .processing_vla import InstructionTokenizer, default_instructions, images_to_pixels
 
 STAT_NAMES = ("proprio_mean", "proprio_std", "action_mean", "action_std", "action_min", "action_max")
 
@@ -68,8 +68,11 @@ def build_attention_mask(config: VLAConfig, text_mask: torch.Tensor) -> torch.Te
     return (allowed.unsqueeze(0) & key_valid.unsqueeze(1)).unsqueeze(1)
 
 
-class VLAPolicy(nn.Module):
+class VLAPolicy(ChunkPolicy):
     """`actions = policy(images, instruction, proprio)`; see the package's policy contract."""
+
+    STAT_NAMES = STAT_NAMES
+    STAT_READ_DTYPE = torch.float32
 
     def __init__(self, config: VLAConfig, tokenizer: InstructionTokenizer | None = None):
         super().__init__()
@@ -106,18 +109,7 @@ class VLAPolicy(nn.Module):
             init = {"std": 1.0, "mean": 0.0, "min": -1.0, "max": 1.0}[name.rsplit("_", 1)[1]]
             self.register_buffer(name, torch.full((dim,), init, dtype=torch.float32))
 
-    # Statistics ---------------------------------------------------------------------------------
-    def set_norm_stats(self, stats: dict[str, np.ndarray | torch.Tensor]) -> None:
-        missing = [n for n in STAT_NAMES if n not in stats]
-        if missing:
-            raise ValueError(f"normalization stats lack {missing}")
-        for name in STAT_NAMES:
-            buf = getattr(self, name)
-            value = torch.as_tensor(np.asarray(stats[name]), dtype=torch.float32)
-            if value.shape != buf.shape:
-                raise ValueError(f"stat {name} has shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
-            buf.copy_(value)
-
+    # Statistics (set_norm_stats: ChunkPolicy) ----------------------------------------------------
     def normalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
         return (proprio.float() - self.proprio_mean) / self.proprio_std
 
@@ -166,32 +158,15 @@ class VLAPolicy(nn.Module):
         """Normalized action chunk [B, horizon, action_dim] (float32) from preprocessed inputs."""
         return self.action_head(self.encode_tokens(pixels, token_ids, text_mask, proprio_norm)).float()
 
-    def prepare_inputs(self, images: torch.Tensor, instruction: Sequence[str], proprio: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Checks the contract's raw inputs and returns (pixels, token_ids, text_mask, proprio_norm)."""
-        cfg = self.config
-        check_raw_inputs(images, instruction, proprio, cfg.n_cams, cfg.proprio_dim)
-        dev = self.device
-        pixels = images_to_pixels(images.to(dev), cfg.image_size)
-        ids, text_mask = self.tokenizer.encode(instruction, cfg.max_text_tokens)
-        return pixels, ids.to(dev), text_mask.to(dev), self.normalize_proprio(proprio.to(dev))
-
-    def forward(self, images: torch.Tensor, instruction: Sequence[str], proprio: torch.Tensor) -> torch.Tensor:
-        """Action chunk float32 [B, horizon, action_dim] in environment units.
-
-        images uint8 [B, n_cams, H, W, 3] RGB; instruction list of B strings; proprio float [B, proprio_dim].
-        """
-        return self.unnormalize_actions(self.predict_normalized(*self.prepare_inputs(images, instruction, proprio)))
+    def images_to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, n_cams, H, W, 3] -> float [B * n_cams, 3, S, S] in [-1, 1] (prepare_inputs: ChunkPolicy)."""
+        return images_to_pixels(images, self.config.image_size)
 
     # Checkpoints --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Writes config.json, tokenizer.json and model.safetensors (each atomically) into directory."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         return write_checkpoint(directory, CONFIG_FORMAT, CONFIG_VERSION, self.config.to_dict(),
-                                self.tokenizer.to_str(), state)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+                                self.tokenizer.to_str(), self.cpu_state())
 
 
 def read_checkpoint_config(directory: Path):
@@ -210,18 +185,8 @@ def read_checkpoint_config(directory: Path):
     if not isinstance(meta, dict) or meta.get("format") != CONFIG_FORMAT:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a {CONFIG_FORMAT} config "
                               f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != CONFIG_VERSION:
-        raise CheckpointError(f"{directory / CONFIG_FILE} has version {meta.get('version')!r}; "
-                              f"this library reads version {CONFIG_VERSION}")
-    try:
-        config = VLAConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from None
-    try:
-        tokenizer = InstructionTokenizer.from_str((directory / TOKENIZER_FILE).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {exc}") from None
-    return config, tokenizer
+    return read_config_and_tokenizer(directory, meta, CONFIG_VERSION, VLAConfig.from_dict,
+                                     lambda text, config: InstructionTokenizer.from_str(text))
 
 
 def meta_skeleton(directory: Path, config: VLAConfig, tokenizer: InstructionTokenizer,
@@ -293,11 +258,7 @@ def make_policy(config_name_or_config: str | VLAConfig | dict = "tiny", seed: in
 
         return make_oft_policy(config_name_or_config, seed=seed, device=device, dtype=dtype, tokenizer=tokenizer)
     config = get_config(config_name_or_config)
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with torch.device(device), default_dtype(dtype):
-            policy = VLAPolicy(config, tokenizer=tokenizer)
+    policy = build_seeded(lambda: VLAPolicy(config, tokenizer=tokenizer), seed, device, dtype)
     for name in STAT_NAMES:
         setattr(policy, name, getattr(policy, name).float())
     return policy.eval()

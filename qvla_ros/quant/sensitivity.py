@@ -343,6 +343,22 @@ def _replicas_match(blocks: torch.Tensor) -> bool:
     return all(float((blocks[i].float() - ref).abs().max()) <= tol for i in range(1, blocks.shape[0]))
 
 
+def _prepare_measurement(policy: nn.Module, bits: Sequence[int], layers: Iterable[str] | None,
+                         targets: QuantTargets | None, device, dtype: torch.dtype | None
+                         ) -> tuple[tuple[int, ...], dict[str, nn.Linear]]:
+    """exact_ and jacobian_sensitivity's start: (the checked bits, the layers to measure); the
+    policy moved IN PLACE to device / dtype where either is given, and put in eval mode.
+    SensitivityError when no layer is left to measure."""
+    bits = tuple(check_bits(b) for b in bits)
+    if device is not None or dtype is not None:
+        policy.to(device=check_device(device), dtype=dtype)
+    chosen = _resolve_layers(policy, layers, targets)
+    if not chosen:
+        raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
+    policy.eval()
+    return bits, chosen
+
+
 def _default_replicas(frames: int, target_rows: int = 64) -> int:
     return max(1, target_rows // max(frames, 1))
 
@@ -364,13 +380,7 @@ def exact_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: Seq
     """
     from tqdm.auto import tqdm
 
-    bits = tuple(check_bits(b) for b in bits)
-    if device is not None or dtype is not None:
-        policy.to(device=check_device(device), dtype=dtype)
-    chosen = _resolve_layers(policy, layers, targets)
-    if not chosen:
-        raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
-    policy.eval()
+    bits, chosen = _prepare_measurement(policy, bits, layers, targets, device, dtype)
     inputs = frames.inputs()
     f = len(frames)
     r_max = replicas or _default_replicas(f)
@@ -550,13 +560,7 @@ def jacobian_sensitivity(policy: nn.Module, frames: CalibrationFrames, *, bits: 
     """
     from tqdm.auto import tqdm
 
-    bits = tuple(check_bits(b) for b in bits)
-    if device is not None or dtype is not None:
-        policy.to(device=check_device(device), dtype=dtype)
-    chosen = _resolve_layers(policy, layers, targets)
-    if not chosen:
-        raise SensitivityError("the policy has no quantizable Linear layer to measure (check --exclude)")
-    policy.eval()
+    bits, chosen = _prepare_measurement(policy, bits, layers, targets, device, dtype)
     f_total = len(frames)
     measured = [i for i, b in enumerate(bits) if b != 16]
     measured_bits = [bits[i] for i in measured]

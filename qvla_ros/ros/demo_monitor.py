@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import threading
 
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import String
 
 from qvla_ros.msg import ActionChunk
+from qvla_ros.ros.background_spin import SpinsInBackground
 from qvla_ros.ros.topics import CHUNK_QOS, RESULTS_QOS
 from qvla_ros.srv import ReloadPlan
 
 
-class DemoMonitor(Node):
+class DemoMonitor(SpinsInBackground, Node):
     """Collects `episode_result` (episodes, then the summary) and chunk timings."""
 
     def __init__(self, policy_node: str = "qvla_policy_node"):
@@ -27,8 +27,6 @@ class DemoMonitor(Node):
         self.create_subscription(String, "episode_result", self._on_result, RESULTS_QOS)
         self.create_subscription(ActionChunk, "action_chunk", self._on_chunk, CHUNK_QOS)
         self.reload_client = self.create_client(ReloadPlan, f"/{policy_node}/reload_plan")
-        self._executor: SingleThreadedExecutor | None = None
-        self._thread: threading.Thread | None = None
 
     @staticmethod
     def reload_request(plan_path: str) -> ReloadPlan.Request:
@@ -54,16 +52,3 @@ class DemoMonitor(Node):
         with self._lock:
             return {"latency": list(self._latency), "inference": list(self._inference)}
 
-    def spin_in_background(self) -> "DemoMonitor":
-        self._executor = SingleThreadedExecutor()
-        self._executor.add_node(self)
-        self._thread = threading.Thread(target=self._executor.spin, daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        self.destroy_node()

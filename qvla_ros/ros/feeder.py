@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from qvla_ros.msg import ActionChunk
+from qvla_ros.ros.background_spin import SpinsInBackground
 from qvla_ros.ros.image_conversion import array_to_image
 from qvla_ros.ros.topics import CHUNK_QOS, INSTRUCTION_QOS, PROPRIO_NAMES
 from qvla_ros.srv import ReloadPlan
@@ -41,7 +41,7 @@ class Received:
                                                                    self.chunk.action_dim)
 
 
-class Feeder(Node):
+class Feeder(SpinsInBackground, Node):
     """See the module docstring. `policy_node` is the policy node's name, for its service."""
 
     def __init__(self, policy_node: str = "qvla_policy_node", name: str = "qvla_feeder"):
@@ -55,27 +55,12 @@ class Feeder(Node):
         self._cond = threading.Condition()
         self.create_subscription(ActionChunk, "action_chunk", self._on_chunk, CHUNK_QOS)
         self.reload_client = self.create_client(ReloadPlan, f"/{policy_node}/reload_plan")
-        self._executor: SingleThreadedExecutor | None = None
-        self._thread: threading.Thread | None = None
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         with self._cond:
             self.received.append(Received(msg, time.monotonic()))
             self._cond.notify_all()
 
-    def spin_in_background(self) -> "Feeder":
-        self._executor = SingleThreadedExecutor()
-        self._executor.add_node(self)
-        self._thread = threading.Thread(target=self._executor.spin, daemon=True)
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        self.destroy_node()
 
     # Publishing ---------------------------------------------------------------------------------
     def wait_for_policy_node(self, timeout: float = 60.0) -> None:

@@ -443,29 +443,25 @@ class PolicyNodeCore:
 
     # Input callbacks: check, convert, keep the newest ------------------------------------------
     def _on_image(self, msg: Image, cam: int) -> None:
-        if not self._serving:
-            return
-        arrival = time.monotonic()
-        self._camera_watch[cam].arrived(arrival)
-        topic = "image2" if cam else "image"
-        try:
-            rgb = image_to_rgb8(msg, self.encodings, self.image_size, self.image_resize,
-                                self.crop_scale)
-        except ImageConversionError as exc:
-            self._reject(f"{topic}_{exc.kind}", f"{topic} dropped: {exc}")
-            return
-        self._keep_image(msg, rgb, cam, arrival)
+        self._on_frame(msg, cam, "", lambda: image_to_rgb8(msg, self.encodings, self.image_size,
+                                                           self.image_resize, self.crop_scale))
 
     def _on_compressed(self, msg: CompressedImage, cam: int) -> None:
+        self._on_frame(msg, cam, "compressed_", lambda: compressed_to_rgb8(msg, self.image_size, self.image_resize,
+                                                                           self.crop_scale))
+
+    def _on_frame(self, msg, cam: int, kind_prefix: str, convert) -> None:
+        """A frame of camera `cam`, raw or compressed: noted as arrived, `convert()`ed to the
+        policy's rgb8 (ImageConversionError: rejected as `<topic>_<kind_prefix><kind>`), kept."""
         if not self._serving:
             return
         arrival = time.monotonic()
         self._camera_watch[cam].arrived(arrival)
         topic = "image2" if cam else "image"
         try:
-            rgb = compressed_to_rgb8(msg, self.image_size, self.image_resize, self.crop_scale)
+            rgb = convert()
         except ImageConversionError as exc:
-            self._reject(f"{topic}_compressed_{exc.kind}", f"{topic} dropped: {exc}")
+            self._reject(f"{topic}_{kind_prefix}{exc.kind}", f"{topic} dropped: {exc}")
             return
         self._keep_image(msg, rgb, cam, arrival)
 
