@@ -39,11 +39,12 @@ def _actions(policy, batch):
 
 
 # One method per module kind the cache must describe: none, MixedBitLinear (with its plan id),
-# GroupWiseLinear, MixedBitLinear with 8-bit activations behind InputScaled, and AWQ's InputScaled.
+# GroupWiseLinear, MixedBitLinear with 8-bit activations behind SmoothQuant's InputScaled, and AWQ
+# (its scales folded into the preceding norms and Linears: packed layers and changed float weights).
 @pytest.mark.parametrize("method, kinds", [("fp", set()), ("rtn-w4", {MixedBitLinear}),
                                            ("rtn-g32-w3", {GroupWiseLinear}),
                                            ("sq-w4a8", {MixedBitLinear, InputScaled}),
-                                           ("awq-w4", {MixedBitLinear, InputScaled})])
+                                           ("awq-w4", {MixedBitLinear}), ("awq-g32-w4", {GroupWiseLinear})])
 def test_every_baseline_round_trips_to_identical_actions(micro, tmp_path, method, kinds):
     policy, batches = micro
     quantized = copy.deepcopy(policy)
@@ -73,7 +74,7 @@ def test_every_baseline_round_trips_to_identical_actions(micro, tmp_path, method
 def saved(micro, tmp_path_factory):
     policy, batches = micro
     quantized = copy.deepcopy(policy)
-    quantize_baseline(quantized, "awq-w4", batches, awq_grid=4, progress=False)
+    quantize_baseline(quantized, "sq-w4a8", batches, alphas=(0.5,), progress=False)
     return save_quantized(quantized, None, tmp_path_factory.mktemp("cache") / "policy")
 
 

@@ -332,8 +332,9 @@ class PolicyNodeCore:
             "names of the JointState entries that form the policy's proprio vector, in order; "
             "unset = JointState.position in the order it comes", read_only=True))
         self.declare_parameter("sync_tolerance", 0.05, d(
-            "seconds between the stamp of an image and those of image2 and proprio used with it; "
-            "negative = take the newest of each, whatever its stamp", read_only=True))
+            "seconds between the stamp of an image and those of image2 and proprio used with it "
+            "(the closest stamp wins; an older partner waits until a closer one could have "
+            "arrived); negative = take the newest of each, whatever its stamp", read_only=True))
         self.declare_parameter("sync_timeout", 0.5, d(
             "seconds the worker waits for image2/proprio/instruction before dropping a frame",
             read_only=True,
