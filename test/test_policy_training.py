@@ -219,3 +219,13 @@ def test_qvla_train_verb_on_a_demonstration_folder(tmp_path, one_thread, flag, p
           "--device", "cpu", "--seed", "3", "--resume"])
     record = json.loads((out / "training.json").read_text())
     assert record["finished"] and record["steps_done"] == 3
+
+
+def test_the_time_budget_spans_a_resumed_run(tmp_path, one_thread):
+    out = tmp_path / "run"
+    cfg = TrainConfig(config="micro", steps=2, batch_size=4, log_every=1, warmup_steps=0)
+    train(synthetic_episodes(n=2), out, cfg, progress=False)
+    # The first command's seconds count against --time-limit: nothing is left for more steps.
+    cfg = TrainConfig(config="micro", steps=50, batch_size=4, log_every=1, warmup_steps=0, time_limit_s=1e-6)
+    record = train(synthetic_episodes(n=2), out, cfg, resume=True, progress=False)
+    assert record["steps_done"] == 2 and record["finished"]

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "phrasings per sample)")
     p.add_argument("--checkpoint-every", type=int, default=2000, help="save every N steps (default: 2000)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="wall-clock budget in seconds: the schedule follows it and the run stops and saves in time")
+                   help="wall-clock budget of the whole run in seconds (a resumed run's earlier commands count): "
+                        "the schedule follows it and the run stops and saves in time")
     p.add_argument("--stop-after", type=float, default=None,
                    help="stop and save after this many seconds of this command, schedule unchanged "
                         "(continue with --resume)")

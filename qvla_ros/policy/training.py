@@ -67,9 +67,11 @@ class TrainConfig:
         seed: seeds weights, sampling and augmentation.
         checkpoint_every: save every this many steps (and at the end).
         log_every: record the mean loss every this many steps.
-        time_limit_s: optional wall-clock budget for this invocation; the learning-rate schedule
-            follows whichever of steps or time is further along, and the run saves and stops
-            when the time is up (so a run under a hard timeout still ends with a good checkpoint).
+        time_limit_s: optional wall-clock budget of the run (a resumed run's earlier invocations
+            count); the learning-rate schedule follows whichever of steps or time is further
+            along, and the run saves and stops when the time is up (so a run under a hard timeout
+            still ends with a good checkpoint, and one split over several commands by stop_after_s
+            still ends its schedule within a known total time, however fast the device).
         stop_after_s: optional wall-clock budget for this invocation that leaves the schedule on
             steps: the run saves and stops unfinished when it is up, and a `resume` continues it
             (training longer than one command may run, over several).
@@ -362,8 +364,8 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         atomic_write_text(out / META_FILE, json.dumps(record, indent=1) + "\n")
         if progress:   # one plain line per save: readable in a log file, where the bar is not
             rate = (step - first_step) / max(1e-9, time.perf_counter() - loop_started)
-            last = losses[-1][1] if losses else float("nan")
-            tqdm.write(f"qvla train: step {step}/{cfg.steps} l1 {last:.4f} val_l1 {val} "
+            last = f"{losses[-1][1]:.4f}" if losses else "-"
+            tqdm.write(f"qvla train: step {step}/{cfg.steps} l1 {last} val_l1 {val} "
                        f"{rate:.2f} steps/s, {wall:.0f} s in all{' (finished)' if final else ''}")
 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True,
@@ -376,7 +378,7 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         elapsed = time.perf_counter() - started
         prog = step / cfg.steps
         if cfg.time_limit_s:
-            prog = max(prog, elapsed / cfg.time_limit_s)
+            prog = max(prog, (wall_before + elapsed) / cfg.time_limit_s)
         if prog >= 1.0:
             break
         if cfg.stop_after_s and elapsed >= cfg.stop_after_s:
