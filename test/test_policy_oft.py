@@ -230,3 +230,19 @@ def test_make_policy_dispatches_on_oft_presets():
     assert isinstance(make_policy("oft-micro"), OFTPolicy)
     assert isinstance(make_policy(get_oft_config("oft-micro")), OFTPolicy)
     assert not isinstance(make_policy("micro"), OFTPolicy)
+
+
+def test_oft_small_is_a_policy_worth_quantizing():
+    # Counted on the meta device: the shapes without the 54 M random numbers.
+    small = make_oft_policy("oft-small", device="meta")
+    tiny = make_policy("tiny")
+    cfg = small.config
+    assert small.num_parameters() >= 10 * tiny.num_parameters() and small.num_parameters() >= 40_000_000
+    assert cfg.num_layers >= 12
+    # MetaWorld's inputs (qvla_ros.sim.env): two cameras, proprio 4, 4-d actions, chunks of 8.
+    assert (cfg.n_cams, cfg.proprio_dim, cfg.action_dim, cfg.horizon) == (2, 4, 4, 8)
+    smoke = get_oft_config("oft-smoke")
+    for key in ("n_cams", "image_size", "patch_size", "proprio_dim", "action_dim", "horizon", "vocab_size",
+                "bos_id", "stop_id", "empty_id", "pad_id", "max_text_tokens"):
+        assert getattr(smoke, key) == getattr(cfg, key), key
+    assert smoke.sequence_length == cfg.sequence_length

@@ -1,4 +1,4 @@
-"""`qvla train`: behaviour cloning of a VLA policy from a demonstration directory."""
+"""`qvla train`: behaviour cloning of a policy (VLA recipe or OpenVLA-OFT) from a demonstration directory."""
 from __future__ import annotations
 
 import argparse
@@ -8,20 +8,35 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a policy from demonstrations",
-        description="Train a VLA policy (behaviour cloning, L1 on action chunks) from a `qvla demos` "
-                    "directory. Uses the GPU when present (bf16 autocast). OUT becomes a loadable "
-                    "checkpoint at every save; --resume continues from it.")
+        description="Train a policy (behaviour cloning, L1 on action chunks) from a `qvla demos` "
+                    "directory: the VLA recipe (tiny, micro) or the OpenVLA-OFT architecture (oft-small, "
+                    "oft-smoke, oft-micro). Uses the GPU when present (bf16 autocast). OUT becomes a loadable "
+                    "checkpoint at every save; --resume continues from it (--stop-after splits a long run "
+                    "over several commands).")
     p.add_argument("--data", required=True, help="demonstration directory (manifest.json + episode .npz files)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--config", default="tiny", help="policy size: a preset name (tiny, micro) (default: tiny)")
+    p.add_argument("--config", "--preset", dest="config", default="tiny",
+                   help="policy preset: tiny, micro (VLA recipe); oft-small, oft-smoke, oft-micro (OpenVLA-OFT) "
+                        "(default: tiny)")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps in total (default: 20000)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step (default: 256)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, sampling, augmentation (default: 0)")
     p.add_argument("--shift", type=int, default=6, help="random-shift augmentation in pixels, 0 = off (default: 6)")
+    p.add_argument("--brightness", type=float, default=0.2,
+                   help="brightness jitter: factors in [1-x, 1+x] per camera image, 0 = off (default: 0.2)")
+    p.add_argument("--contrast", type=float, default=0.2,
+                   help="contrast jitter: factors in [1-x, 1+x] per camera image, 0 = off (default: 0.2)")
+    p.add_argument("--no-phrasings", action="store_true",
+                   help="train on each episode's own instruction only (default: one of its task's training "
+                        "phrasings per sample)")
     p.add_argument("--checkpoint-every", type=int, default=2000, help="save every N steps (default: 2000)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="wall-clock budget in seconds: the schedule follows it and the run stops and saves in time")
+                   help="wall-clock budget of the whole run in seconds (a resumed run's earlier commands count): "
+                        "the schedule follows it and the run stops and saves in time")
+    p.add_argument("--stop-after", type=float, default=None,
+                   help="stop and save after this many seconds of this command, schedule unchanged "
+                        "(continue with --resume)")
     p.add_argument("--all-data", action="store_true",
                    help="train on every episode, including the dataset's held-out 'val' split")
     p.add_argument("--allow-incomplete", action="store_true",
@@ -59,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
                           allow_incomplete=args.allow_incomplete)
     val = None if args.all_data else DemoDataset(args.data, split="val", allow_incomplete=args.allow_incomplete)
     cfg = TrainConfig(config=args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, shift_pixels=args.shift, checkpoint_every=args.checkpoint_every,
-                      time_limit_s=args.time_limit, device=args.device)
+                      seed=args.seed, shift_pixels=args.shift, brightness=args.brightness, contrast=args.contrast,
+                      phrasings=not args.no_phrasings, checkpoint_every=args.checkpoint_every,
+                      time_limit_s=args.time_limit, stop_after_s=args.stop_after, device=args.device)
     episodes = _read_all(dataset, args.max_episodes, "train episodes")
     record = train(episodes, args.out, cfg, manifest=dataset.manifest, data_path=str(Path(args.data).resolve()),
                    resume=args.resume, init_from=args.init, val_episodes=_read_all(val, None, "val episodes") if val is not None and len(val) else None)
     print(f"qvla train: {record['steps_done']} steps on {record['frames']} frames "
           f"({record['episodes']} episodes) in {record['wall_s']:.0f} s on {record['device']}; "
           f"final L1 {record['losses'][-1][1] if record['losses'] else float('nan'):.4f}, "
-          f"val L1 {record['val_l1']}; checkpoint in {args.out}")
+          f"val L1 {record['val_l1']}; checkpoint in {args.out}"
+          f"{'' if record['finished'] else f' (unfinished: {cfg.steps} steps planned; --resume continues)'}")
     return 0

@@ -5,6 +5,11 @@ small test model are the same code. `OFT_PRESETS` holds the named sizes:
 
 - ``oft-micro``: the smallest working model of this architecture, for unit tests (builds and runs
   a forward in well under a second on two CPU cores);
+- ``oft-small``: the architecture at a size one H200 trains from scratch on the language MetaWorld
+  demonstrations in well under an hour (~54 M parameters, a 12-layer decoder; MetaWorld's inputs:
+  two 128 px cameras read at 112 px, proprio 4, chunks of 8 x 4 actions);
+- ``oft-smoke``: oft-small's inputs at oft-micro's widths, for CPU smoke runs of oft-small's
+  training (seconds);
 - ``oft-7b``: the published OpenVLA-OFT on LIBERO: DINOv2 ViT-L/14 with 4 registers +
   SigLIP so400m/14 at 224 px, Llama-2-7B (vocabulary 32064), two images, proprio 8, chunks of
   8 x 7 actions. Random weights when built from the preset; real ones through `qvla import-oft`.
@@ -241,13 +246,51 @@ def _oft_micro() -> OFTConfig:
     )
 
 
+#: MetaWorld's inputs (qvla_ros.sim.env: two 128 px cameras, proprio xyz + gripper, 4-d actions),
+#: shared by oft-small and its smoke-sized twin so that one demonstration folder trains either.
+_METAWORLD_INPUTS = dict(n_cams=2, image_size=112, patch_size=14, proprio_dim=4, action_dim=4, horizon=8)
+
+
+def _oft_small() -> OFTConfig:
+    # ~54 M parameters, 14x the VLA `tiny` (3.9 M): 38.5 M in a 12-layer Llama (512 wide, MHA with
+    # head dim 64 as Llama-2, the MLP at Llama's 2.75x), 11 M in two 8-block towers of 256 (read at
+    # block 7, as OFT reads the second-to-last), the rest in projector, proprio projector and head.
+    # 112 px keeps the published 14 px patches at an 8 x 8 grid per camera (the cameras' 128 px
+    # frames are resized, as the node resizes any frame): 1 + 2 * 64 + 1 + 47 + 32 + 1 = 210
+    # decoder tokens. The towers run 4 heads of 64 rather than the published 16: this preset is
+    # trained here, never imported, so nothing needs the timm id's head count. Ids 0-4 are the
+    # special tokens of the subword tokenizer training builds (processing_oft.train_subword_tokenizer);
+    # 512 embedding rows hold its vocabulary.
+    return OFTConfig(
+        name="oft-small", **_METAWORLD_INPUTS,
+        featurizer=dinov2_tower(embed_dim=256, depth=8, num_heads=4, mlp_hidden=1024),
+        fused_featurizer=siglip_tower(embed_dim=256, depth=8, num_heads=4, mlp_hidden=1024),
+        hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=8, intermediate_size=1408,
+        vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48,
+        head_hidden=512,
+    )
+
+
+def _oft_smoke() -> OFTConfig:
+    # oft-small's inputs, tokens and sequence layout at oft-micro's widths: a CPU run of the
+    # whole training path (bench/gpu/train_oft_small.sh with SMOKE=1, the tests) in seconds.
+    return OFTConfig(
+        name="oft-smoke", **_METAWORLD_INPUTS,
+        featurizer=dinov2_tower(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64),
+        fused_featurizer=siglip_tower(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64),
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+        vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48,
+        head_hidden=64,
+    )
+
+
 def _oft_7b() -> OFTConfig:
     # The published LIBERO model. 1 + 2 * 256 + 1 + 47 + 56 + 1 = 618 decoder tokens at
     # max_text_tokens 48 (LIBERO's longest prompts are ~40 tokens; OFT itself runs 590-610 unpadded).
     return OFTConfig(name="oft-7b")
 
 
-OFT_PRESETS = {"oft-micro": _oft_micro, "oft-7b": _oft_7b}
+OFT_PRESETS = {"oft-micro": _oft_micro, "oft-small": _oft_small, "oft-smoke": _oft_smoke, "oft-7b": _oft_7b}
 
 
 def get_oft_config(name_or_config: str | OFTConfig | dict) -> OFTConfig:

@@ -160,6 +160,11 @@ class OFTPolicy(ChunkPolicy):
     def normalize_proprio(self, proprio: torch.Tensor) -> torch.Tensor:
         return normalize_bounds_q99(proprio.float(), self.proprio_q01, self.proprio_q99, self.proprio_mask)
 
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Raw actions -> the [-1, 1] targets the head is trained on (OFT clips them, as its data
+        pipeline does)."""
+        return normalize_bounds_q99(actions.float(), self.action_q01, self.action_q99, self.action_mask)
+
     def unnormalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
         return unnormalize_bounds_q99(actions.float(), self.action_q01, self.action_q99, self.action_mask)
 

@@ -12,11 +12,14 @@ Published behaviour followed here (moojink/openvla-oft):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import string
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from .configuration_oft import OFT_PROMPT, OFTConfig
 from .processing_vla import DEFAULT_INSTRUCTIONS
@@ -99,6 +102,70 @@ def stand_in_tokenizer(config: OFTConfig) -> OFTTokenizer:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return OFTTokenizer(tok, config)
+
+
+#: Special tokens of a trained subword tokenizer, in id order from 0: the small OFT presets
+#: (oft-micro, oft-smoke, oft-small) put bos_id, stop_id, empty_id, pad_id at 1-4.
+SUBWORD_SPECIALS = ("<unk>", "<s>", "</s>", "\u2581", "<PAD>")
+
+
+def train_subword_tokenizer(instructions: Iterable[str], config: OFTConfig, vocab_size: int | None = None
+                            ) -> OFTTokenizer:
+    """A byte-pair-encoding tokenizer learnt from the prompts of `instructions`, Llama-2-style
+    (lower-cased, spaces as `▁` prefixes, the prompt's own tokens), at most `vocab_size`
+    (default: config.vocab_size) tokens.
+
+    Why subwords: a word-level vocabulary maps every word it never saw to one [UNK], so "shut the
+    drawer" and "shut the window" would differ only by the noun and any two unseen verbs would be
+    the same token. Here the alphabet (lower-case letters, digits, punctuation) is always in the
+    vocabulary and merges are learnt only from pairs seen at least twice, so an unseen word is
+    spelled in known pieces; nothing ASCII becomes <unk>.
+    """
+    want = {"<unk>": 0, "<s>": config.bos_id, "</s>": config.stop_id, "\u2581": config.empty_id,
+            "<PAD>": config.pad_id}
+    if [want[t] for t in SUBWORD_SPECIALS] != list(range(len(SUBWORD_SPECIALS))):
+        raise ValueError(f"a trained subword tokenizer puts {SUBWORD_SPECIALS} at ids 0-4; this configuration "
+                         f"has bos/stop/empty/pad at {config.bos_id}/{config.stop_id}/{config.empty_id}/"
+                         f"{config.pad_id}")
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if not 64 <= vocab_size <= config.vocab_size:
+        raise ValueError(f"vocab_size must be in [64, {config.vocab_size}] (the decoder's embedding rows), "
+                         f"got {vocab_size}")
+    texts = [t for t in instructions]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError("instructions must be non-empty strings, at least one")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SUBWORD_SPECIALS),
+                                  initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
+                                  show_progress=False)
+    tok.train_from_iterator([OFT_PROMPT.format(t.lower()) for t in texts], trainer)
+    # `▁` must stay an ordinary vocabulary entry (the word-boundary piece, as in Llama), not an
+    # added special token: the encoder would cut it out of text and the decoder drop it.
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "\u2581"]
+    return OFTTokenizer(Tokenizer.from_str(json.dumps(data)), config)
+
+
+def compute_bounds_stats(proprio: np.ndarray, actions: np.ndarray) -> dict[str, np.ndarray]:
+    """OFT's BOUNDS_Q99 statistics of training frames (proprio [N, P], actions [N, A]): per
+    dimension the 1st and 99th percentiles and a mask. A dimension whose percentiles coincide
+    (a constant, e.g. a gripper the data never moves) is left unnormalized (mask False) rather
+    than divided by ~0."""
+    out = {}
+    for name, x in (("proprio", proprio), ("action", actions)):
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0 or not np.isfinite(x).all():
+            raise ValueError(f"{name} must be a finite [N, D] array with N > 0, got shape {x.shape}")
+        q01, q99 = np.quantile(x, 0.01, axis=0), np.quantile(x, 0.99, axis=0)
+        out[f"{name}_q01"] = q01.astype(np.float32)
+        out[f"{name}_q99"] = q99.astype(np.float32)
+        out[f"{name}_mask"] = (q99 - q01) > 1e-6
+    if len(proprio) != len(actions):
+        raise ValueError(f"proprio has {len(proprio)} frames, actions {len(actions)}")
+    return out
 
 
 def images_to_fused_pixels(images: torch.Tensor, config: OFTConfig) -> torch.Tensor:

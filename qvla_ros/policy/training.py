@@ -1,9 +1,12 @@
-"""Behaviour cloning of the VLA policy from scripted-expert demonstrations.
+"""Behaviour cloning of a policy of either architecture (the VLA recipe: micro, tiny; OpenVLA-OFT:
+oft-smoke, oft-small, ...) from scripted-expert demonstrations.
 
 Every frame t of every episode is a sample: (images_t, instruction, proprio_t) -> the action chunk
 actions[t : t + horizon], padded with the episode's last action. All episodes sit in memory as
-uint8 (on the GPU when there is one), so a step costs one gather, a random-shift augmentation and
-one forward/backward in bf16 autocast.
+uint8 (on the GPU when there is one), so a step costs one gather, the augmentation (brightness and
+contrast jitter, random shifts: augment.py), one of the task's training phrasings in place of the
+instruction (phrasings.py) and one forward/backward in bf16 autocast. What differs between the
+architectures (tokenizer, statistics) is in training_arch.py.
 
 The output directory is a loadable policy checkpoint at every save (config.json, tokenizer.json,
 model.safetensors), plus `training_state.safetensors` (weights, optimizer moments, step, RNG: all
@@ -27,10 +30,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .configuration_vla import get_config
 from ..io import atomic_write, atomic_write_text
-from .modeling_vla import VLAPolicy, load_policy, make_policy
-from .processing_vla import InstructionTokenizer, compute_norm_stats, default_instructions, images_to_pixels
+from .augment import jitter_images, random_shift, shift_pixels
+from .modeling_vla import load_policy, make_policy
+from .phrasings import TRAINING_PHRASINGS, PhrasingTable, all_training_texts
+from .processing_vla import default_instructions
+from .training_arch import new_tokenizer, norm_stats, read_tokenizer, train_policy_config
+
+__all__ = ["TrainConfig", "ChunkData", "loss_on_batch", "random_shift", "train", "lr_factor", "STATE_FILE",
+           "META_FILE"]
 
 STATE_FILE = "training_state.safetensors"
 META_FILE = "training.json"
@@ -41,7 +49,8 @@ class TrainConfig:
     """Hyper-parameters of one training run.
 
     Args:
-        config: policy preset name ("tiny", "micro") or a VLAConfig dict.
+        config: policy preset name ("tiny", "micro"; OFT: "oft-small", "oft-smoke", "oft-micro") or a
+            config dict of either architecture.
         steps: optimizer steps in total (a resumed run continues up to this count).
         batch_size: samples per step.
         lr: peak AdamW learning rate (linear warm-up, then cosine decay to lr_min_ratio * lr).
@@ -50,13 +59,22 @@ class TrainConfig:
         lr_min_ratio: final learning rate as a fraction of lr.
         grad_clip: max global gradient norm.
         shift_pixels: random-shift augmentation: each camera image is translated by up to this
-            many pixels (edge pixels repeat); 0 turns it off.
+            many of the policy's pixels (edge pixels repeat); 0 turns it off.
+        brightness, contrast: photometric jitter: each camera image's brightness and contrast are
+            scaled by factors drawn from [1 - x, 1 + x] (0.2: +-20 %); 0 turns either off.
+        phrasings: replace each sampled frame's instruction by one of its task's training
+            phrasings (phrasings.TRAINING_PHRASINGS); validation always uses the episode's own.
         seed: seeds weights, sampling and augmentation.
         checkpoint_every: save every this many steps (and at the end).
         log_every: record the mean loss every this many steps.
-        time_limit_s: optional wall-clock budget for this invocation; the learning-rate schedule
-            follows whichever of steps or time is further along, and the run saves and stops
-            when the time is up (so a run under a hard timeout still ends with a good checkpoint).
+        time_limit_s: optional wall-clock budget of the run (a resumed run's earlier invocations
+            count); the learning-rate schedule follows whichever of steps or time is further
+            along, and the run saves and stops when the time is up (so a run under a hard timeout
+            still ends with a good checkpoint, and one split over several commands by stop_after_s
+            still ends its schedule within a known total time, however fast the device).
+        stop_after_s: optional wall-clock budget for this invocation that leaves the schedule on
+            steps: the run saves and stops unfinished when it is up, and a `resume` continues it
+            (training longer than one command may run, over several).
         device: "cuda", "cpu" or None (GPU when present).
     """
 
@@ -69,10 +87,14 @@ class TrainConfig:
     lr_min_ratio: float = 0.05
     grad_clip: float = 1.0
     shift_pixels: int = 6
+    brightness: float = 0.2
+    contrast: float = 0.2
+    phrasings: bool = True
     seed: int = 0
     checkpoint_every: int = 2000
     log_every: int = 50
     time_limit_s: float | None = None
+    stop_after_s: float | None = None
     device: str | None = None
 
     def __post_init__(self) -> None:
@@ -85,8 +107,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if self.shift_pixels < 0:
             raise ValueError(f"TrainConfig.shift_pixels must be >= 0, got {self.shift_pixels}")
-        if self.time_limit_s is not None and self.time_limit_s <= 0:
-            raise ValueError(f"TrainConfig.time_limit_s must be > 0, got {self.time_limit_s}")
+        if not (0 <= self.brightness < 1 and 0 <= self.contrast < 1):
+            raise ValueError(f"TrainConfig.brightness and contrast must be in [0, 1), got {self.brightness}, "
+                             f"{self.contrast}")
+        for name in ("time_limit_s", "stop_after_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
 
 
 class ChunkData:
@@ -145,18 +171,6 @@ class ChunkData:
         return self.images[index], self.instr[index], self.proprio[index], self.actions[steps]
 
 
-def random_shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translates each image of float [N, 3, S, S] by an integer offset in [-max_shift, max_shift]
-    (DrQ-style; border pixels repeat). Offsets come from `generator` (CPU) for reproducibility."""
-    n, _, s, _ = pixels.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).to(pixels.device)
-    theta = torch.zeros(n, 2, 3, device=pixels.device, dtype=pixels.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = shift.to(pixels.dtype) * (2.0 / s)
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, mode="nearest", padding_mode="border", align_corners=False)
-
-
 def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
     """Warm-up then cosine, as a function of training progress in [0, 1]."""
     if progress < warmup:
@@ -165,28 +179,37 @@ def lr_factor(progress: float, warmup: float, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _optimizer(policy: VLAPolicy, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+#: Parameters never decayed beside vectors: embeddings (token, position; OFT's `pos_embed`), learnt
+#: tokens (VLA action queries, OFT's [CLS] and registers).
+_NO_DECAY = ("embed", "action_queries", "cls_token", "reg_token")
+
+
+def _optimizer(policy: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in policy.named_parameters():
-        (decay if p.dim() >= 2 and "embed" not in name and "action_queries" not in name else no_decay).append(p)
+        (decay if p.dim() >= 2 and not any(n in name for n in _NO_DECAY) else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def loss_on_batch(policy: VLAPolicy, data: ChunkData, token_ids: torch.Tensor, text_mask: torch.Tensor,
-                  index: torch.Tensor, shift_pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Mean L1 between the predicted and the true normalized action chunks of frames `index`."""
+def loss_on_batch(policy: torch.nn.Module, data: ChunkData, text: PhrasingTable, index: torch.Tensor,
+                  generator: torch.Generator, shift: int = 0, brightness: float = 0.0, contrast: float = 0.0,
+                  phrase: bool = False) -> torch.Tensor:
+    """Mean L1 between the predicted and the true normalized action chunks of frames `index`
+    (a VLAPolicy or an OFTPolicy). `text`: the dataset's phrasings, tokenized; `phrase`: a drawn
+    training phrasing per frame rather than the episode's own sentence. The defaults (no
+    augmentation, own sentence) are the validation loss."""
     images, instr, proprio, actions = data.batch(index)
-    pixels = images_to_pixels(images, policy.config.image_size)
-    if shift_pixels:
-        pixels = random_shift(pixels, shift_pixels, generator)
-    pred = policy.predict_normalized(pixels, token_ids[instr], text_mask[instr], policy.normalize_proprio(proprio))
+    ids, mask = text.sample(instr, generator) if phrase else text.canonical(instr)
+    images = jitter_images(images, brightness, contrast, generator)
+    pixels = shift_pixels(policy.images_to_pixels(images), len(index), policy.config.n_cams, shift, generator)
+    pred = policy.predict_normalized(pixels, ids, mask, policy.normalize_proprio(proprio))
     return F.l1_loss(pred, policy.normalize_actions(actions))
 
 
 # State files ------------------------------------------------------------------------------------
-def _save_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer, generator: torch.Generator,
+def _save_state(path: Path, policy: torch.nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator,
                 info: dict) -> None:
     from safetensors.torch import save_file
 
@@ -202,7 +225,7 @@ def _save_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer, gener
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
-def _load_state(path: Path, policy: VLAPolicy, opt: torch.optim.Optimizer,
+def _load_state(path: Path, policy: torch.nn.Module, opt: torch.optim.Optimizer,
                 generator: torch.Generator) -> dict:
     from safetensors import safe_open
 
@@ -242,6 +265,9 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
           val_episodes: Iterable[dict] | None = None, init_from: str | os.PathLike | None = None) -> dict:
     """Trains a policy on `episodes` (DemoDataset.episodes() dicts) into checkpoint directory `out`.
 
+    With cfg.stop_after_s the run may stop unfinished (record["finished"] False); call again
+    with `resume=True` to continue it from its last save.
+
     `val_episodes` (optional, e.g. the dataset's "val" split) give the held-out L1 recorded at
     every save. `init_from` starts from a trained checkpoint's weights, tokenizer and normalization
     statistics (a new optimizer and schedule: fine-tuning, or more training after a run whose
@@ -251,7 +277,7 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    policy_config = get_config(cfg.config)
+    policy_config = train_policy_config(cfg.config)
     manifest = manifest or {}
     data_hash = manifest_hash(manifest)
 
@@ -262,7 +288,8 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         if record.get("manifest_sha256") not in (None, data_hash):
             raise ValueError(f"cannot resume {out}: it was trained on other data "
                              f"(manifest {record['manifest_sha256'][:12]}, now {data_hash[:12]})")
-        if record.get("policy_config") not in (None, policy_config.to_dict()):
+        # Compared as JSON holds it (tuples read back as lists).
+        if record.get("policy_config") not in (None, json.loads(json.dumps(policy_config.to_dict()))):
             raise ValueError(f"cannot resume {out}: it holds another policy configuration")
     elif resume:
         print(f"qvla train: nothing to resume in {out}, starting afresh")
@@ -272,6 +299,10 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
     val_episodes = list(val_episodes) if val_episodes is not None else []
     val_data = ChunkData(val_episodes, policy_config.horizon) if val_episodes else None
     del val_episodes
+    for data in (train_data, val_data):
+        if data is not None:
+            _check_shapes(data, policy_config)
+    phrasings = TRAINING_PHRASINGS if cfg.phrasings else None
 
     init_record = None
     if init_from is not None and not resume:
@@ -288,23 +319,22 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
                                                            "manifest_sha256", "val_l1", "seed")})
     else:
         if resume:
-            tokenizer = InstructionTokenizer.from_str((out / "tokenizer.json").read_text())
+            tokenizer = read_tokenizer(policy_config, (out / "tokenizer.json").read_text())
         else:
-            tokenizer = InstructionTokenizer.train(train_data.instructions + default_instructions())
+            # Every sentence the run can show the policy, and the suite's: its vocabulary.
+            sentences = all_training_texts(train_data.instructions + default_instructions(), phrasings)
+            tokenizer = new_tokenizer(policy_config, sentences)
         policy = make_policy(policy_config, seed=cfg.seed, device=device, tokenizer=tokenizer)
-        policy.set_norm_stats(compute_norm_stats(train_data.proprio.numpy(), train_data.actions.numpy()))
+        policy.set_norm_stats(norm_stats(policy_config, train_data.proprio.numpy(), train_data.actions.numpy()))
     if resume and record.get("init_from"):
         init_record = record["init_from"]
     train_data.to(device)
     if val_data is not None:
         val_data.to(device)
 
-    def encode(data: ChunkData) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = tokenizer.encode(data.instructions, policy_config.max_text_tokens)
-        return ids.to(device), mask.to(device)
-
-    train_tok = encode(train_data)
-    val_tok = encode(val_data) if val_data is not None else None
+    train_text = PhrasingTable(train_data.instructions, tokenizer, policy_config.max_text_tokens, phrasings, device)
+    val_text = (PhrasingTable(val_data.instructions, tokenizer, policy_config.max_text_tokens, None, device)
+                if val_data is not None else None)
     opt = _optimizer(policy, cfg, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(cfg.seed)
     step, wall_before, losses = 0, 0.0, []
@@ -318,7 +348,7 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         wall = wall_before + time.perf_counter() - started
         info = {"step": step, "wall_s": wall, "losses": losses}
         policy.eval()
-        val = _val_loss(policy, val_data, val_tok) if val_data is not None else None
+        val = _val_loss(policy, val_data, val_text) if val_data is not None else None
         policy.train()
         _save_state(state_path, policy, opt, generator, info)
         policy.save_pretrained(out)
@@ -329,25 +359,37 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
             "train_config": dataclasses.asdict(cfg), "policy_config": policy_config.to_dict(),
             "parameters": policy.num_parameters(), "seed": cfg.seed, "device": _device_name(device),
             "torch": torch.__version__, "wall_s": round(wall, 1), "losses": losses,
-            "init_from": init_record,
+            "init_from": init_record, "phrasings": len(train_text.texts),
         })
         atomic_write_text(out / META_FILE, json.dumps(record, indent=1) + "\n")
+        if progress:   # one plain line per save: readable in a log file, where the bar is not
+            rate = (step - first_step) / max(1e-9, time.perf_counter() - loop_started)
+            last = f"{losses[-1][1]:.4f}" if losses else "-"
+            tqdm.write(f"qvla train: step {step}/{cfg.steps} l1 {last} val_l1 {val} "
+                       f"{rate:.2f} steps/s, {wall:.0f} s in all{' (finished)' if final else ''}")
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True,
+               mininterval=5.0)
     window: list[torch.Tensor] = []
     warmup = cfg.warmup_steps / cfg.steps
+    first_step, loop_started = step, time.perf_counter()
+    finished = True
     while step < cfg.steps:
         elapsed = time.perf_counter() - started
         prog = step / cfg.steps
         if cfg.time_limit_s:
-            prog = max(prog, elapsed / cfg.time_limit_s)
+            prog = max(prog, (wall_before + elapsed) / cfg.time_limit_s)
         if prog >= 1.0:
+            break
+        if cfg.stop_after_s and elapsed >= cfg.stop_after_s:
+            finished = False   # this invocation's time is up, not the schedule: --resume goes on
             break
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(prog, warmup, cfg.lr_min_ratio)
         index = torch.randint(0, len(train_data), (cfg.batch_size,), generator=generator)
         with autocast:
-            loss = loss_on_batch(policy, train_data, *train_tok, index, cfg.shift_pixels, generator)
+            loss = loss_on_batch(policy, train_data, train_text, index, generator, shift=cfg.shift_pixels,
+                                 brightness=cfg.brightness, contrast=cfg.contrast, phrase=cfg.phrasings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -365,21 +407,31 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save(final=False)
     bar.close()
-    save(final=True)
+    save(final=finished)
     policy.eval()
     return record
 
 
+def _check_shapes(data: ChunkData, config) -> None:
+    """Refuse data the policy cannot take, naming both (e.g. LIBERO demonstrations, 8 proprio and
+    7-d actions, for a MetaWorld-shaped preset)."""
+    have = (data.images.shape[1], data.proprio.shape[1], data.actions.shape[1])
+    want = (config.n_cams, config.proprio_dim, config.action_dim)
+    if have != want:
+        raise ValueError(f"the demonstrations have (cameras, proprio, action) = {have}; the {config.name!r} "
+                         f"policy takes {want}")
+
+
 @torch.no_grad()
-def _val_loss(policy: VLAPolicy, data: ChunkData, tok: tuple[torch.Tensor, torch.Tensor],
-              max_frames: int = 4096, batch: int = 512) -> float:
+def _val_loss(policy: torch.nn.Module, data: ChunkData, text: PhrasingTable, max_frames: int = 4096,
+              batch: int = 512) -> float:
     """Mean normalized L1 over (up to max_frames evenly spaced) held-out frames, no augmentation."""
     index = torch.linspace(0, len(data) - 1, min(max_frames, len(data))).long()
     total = 0.0
     autocast = torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=policy.device.type == "cuda")
     for chunk in index.split(batch):
         with autocast:
-            total += loss_on_batch(policy, data, *tok, chunk, 0, torch.Generator()).item() * len(chunk)
+            total += loss_on_batch(policy, data, text, chunk, torch.Generator()).item() * len(chunk)
     return round(total / len(index), 5)
 
 

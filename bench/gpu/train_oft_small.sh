@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# oft-small (OpenVLA-OFT architecture, 54.4 M parameters, qvla_ros/policy/configuration_oft.py)
+# trained on the language MetaWorld demonstrations on one H200, over as many device calls as it
+# takes, each inside 9.5 minutes. Call it again until it prints "TRAINING FINISHED":
+#
+#   bash bench/gpu/train_oft_small.sh          (carry: .whl_train .gl, as bench/gpu/train_tiny.sh)
+#
+# Every call: setup -> demonstrations until the folder is complete (first call; a later call
+# completes a folder a call left unfinished) -> `qvla train --preset oft-small --resume
+# --stop-after ...` for what is left of the call -> training.json, config.json, tokenizer.json
+# and the logs into $OUT. Once the schedule is finished, a closed-loop evaluation (EVAL_EPS
+# episodes per task, the policy on the GPU) runs in what is left of that call or in the next one,
+# and the call says "EVALUATED" (eval_results.json).
+#
+# State: demonstrations and the run (checkpoint + training_state.safetensors: weights, AdamW
+# moments, step, RNG) live in $WORK, by default /tmp/qvla_oft_small on the device. That survives
+# between calls only while the machine stays warm (one lease: 30 minutes held at most, and
+# the session's device time). It cannot travel back: model.safetensors alone is 218 MB and the
+# training state 650 MB, over $OUT's 16 MiB a file and 64 MiB in all. A call on a fresh machine
+# starts again from nothing, and says so. Plan the calls back to back on one warm machine.
+#
+# Schedule: STEPS optimizer steps, but the learning rate follows whichever of steps or the whole
+# run's training time (TRAIN_TOTAL_S, summed over calls) is further along, so the cosine decay
+# ends within TRAIN_TOTAL_S however fast the GPU turns out to be; the run ends at whichever comes
+# first. The defaults fit 3 calls (~23 min of the lease): the first spends ~3-4 min on
+# demonstrations (100 per task, 16 workers).
+#
+# CPU smoke check of the logic (oft-smoke preset, 1 demonstration of 2 tasks, a few steps; ~1 min):
+#   SMOKE=1 OUT=/tmp/o WORK=/tmp/w bash bench/gpu/train_oft_small.sh
+# and of a run split over calls: STOP_AFTER caps each call's training seconds, so
+#   SMOKE=1 STEPS=40 STOP_AFTER=6 OUT=/tmp/o WORK=/tmp/w2 bash bench/gpu/train_oft_small.sh   (twice or more)
+# stops unfinished, then resumes.
+set -u
+START=$(date +%s)
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  # Everything small, on the CPU, with the checkout's venv and no installs.
+  : "${PRESET:=oft-smoke}" "${DEVICE:=cpu}" "${SETUP:=0}" "${PY:=.venv/bin/python}" "${EPISODES:=1}"
+  : "${TASKS:=drawer-open,faucet-close}" "${STEPS:=6}" "${BATCH:=8}" "${CKPT_EVERY:=2}" "${WORKERS:=2}"
+  : "${CALL_S:=240}" "${STOP_STEPS_S:=20}" "${TRAIN_TOTAL_S:=600}" "${EVAL_EPS:=1}" "${EVAL_MAX_STEPS:=30}"
+  : "${WORK:=/tmp/qvla_oft_smoke}" "${OUT:=/tmp/qvla_oft_smoke_out}"
+  export SETUP
+fi
+CALL_S=${CALL_S:-570}              # this call's budget: 9.5 minutes
+OUT=${OUT:-/tmp/qvla_out}
+WORK=${WORK:-/tmp/qvla_oft_small}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-oft-small}
+WORKERS=${WORKERS:-16}
+EPISODES=${EPISODES:-100}          # demonstrations per task (10 tasks; ~10 % held out as val)
+TASKS=${TASKS:-}
+STEPS=${STEPS:-12000}
+BATCH=${BATCH:-256}
+LR=${LR:-3e-4}
+SEED=${SEED:-0}
+CKPT_EVERY=${CKPT_EVERY:-500}      # a call cut short by its hard timeout loses at most this many steps
+TRAIN_TOTAL_S=${TRAIN_TOTAL_S:-1260}   # the whole run's training time over all calls (see Schedule)
+STOP_STEPS_S=${STOP_STEPS_S:-75}   # kept back at the end of a call: the last save (val L1, ~1 GB written), copies
+EVAL_EPS=${EVAL_EPS:-20}
+STOP_AFTER=${STOP_AFTER:-}         # cap on this call's training seconds (default: all the call has left)
+EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}   # evaluation episode length (default: the suite's 300)
+mkdir -p "$OUT" "$WORK"
+LOG=$OUT/log.txt
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+left() { echo $(( CALL_S - ($(date +%s) - START) )); }
+task_args=(); [ -n "$TASKS" ] && task_args=(--tasks "$TASKS")
+step_args=(); [ -n "$EVAL_MAX_STEPS" ] && step_args=(--max-steps "$EVAL_MAX_STEPS")
+DEMOS=$WORK/demos
+POLICY=$WORK/policy
+
+# -- setup: carried wheels and GL libraries (SETUP=0 skips the installs) --------------------------
+. bench/gpu/device_setup.sh
+log "setup done; preset $PRESET on $DEVICE; $(nvidia-smi -L 2>/dev/null | head -1); $(nproc) cores"
+if [ -f "$POLICY/training.json" ]; then
+  log "resuming: $($PY -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r['steps_done']}/{r['steps_target']} steps, {r['wall_s']:.0f} s trained, val L1 {r['val_l1']}, finished {r['finished']}\")" "$POLICY/training.json")"
+elif [ -d "$DEMOS" ]; then
+  log "no run yet in $WORK; demonstrations from an earlier call are there"
+else
+  log "nothing in $WORK: a fresh machine (or the first call); starting from the demonstrations"
+fi
+
+complete() { $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$DEMOS/manifest.json" 2>/dev/null; }
+
+# -- demonstrations: until the folder is complete (`qvla demos` resumes a folder) -----------------
+if ! complete; then
+  budget=$(( $(left) - 30 ))
+  log "demos: $EPISODES per task, within ${budget}s"
+  timeout "$budget" $PY -m qvla_ros.cli demos --out "$DEMOS" "${task_args[@]}" --episodes-per-task "$EPISODES" \
+    --workers "$WORKERS" --quiet >>"$LOG" 2>&1 || log "demos ended early ($?)"
+  log "demos: $(find "$DEMOS" -name 'seed_*.npz' | wc -l) episodes, $(du -sh "$DEMOS" 2>/dev/null | cut -f1)"
+fi
+
+# -- training: what is left of this call, resumed from the last save -------------------------------
+finished() { $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('finished') else 1)" "$POLICY/training.json" 2>/dev/null; }
+if ! complete; then
+  # Training on part of the folder would tie the run to that part (resume checks the manifest).
+  log "the demonstrations are not complete yet: call again"
+elif finished; then
+  log "training already finished"
+else
+  train_s=$(( $(left) - STOP_STEPS_S ))
+  if [ "$train_s" -lt 30 ]; then
+    log "only ${train_s}s left for training in this call: call again"
+  else
+    [ -n "$STOP_AFTER" ] && [ "$STOP_AFTER" -lt "$train_s" ] && train_s=$STOP_AFTER
+    log "train: $PRESET, up to $STEPS steps, batch $BATCH, ${train_s}s in this call, ${TRAIN_TOTAL_S}s in all"
+    # --stop-after ends this call's share (the schedule stays on the run's); timeout, at the
+    # call's end, is the hard stop behind it (the last periodic save is then what a resume reads).
+    timeout $(( $(left) - 15 )) $PY -m qvla_ros.cli train --data "$DEMOS" --out "$POLICY" \
+      --preset "$PRESET" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --seed "$SEED" \
+      --checkpoint-every "$CKPT_EVERY" --time-limit "$TRAIN_TOTAL_S" --stop-after "$train_s" \
+      --device "$DEVICE" --resume >>"$WORK/train.log" 2>&1 || log "train ended early ($?)"
+    grep -a "^qvla train" "$WORK/train.log" | tail -4 >>"$LOG"
+  fi
+fi
+
+# -- evaluation, on the call after the one that finished (whatever time it has) --------------------
+if finished && [ "$EVAL_EPS" -gt 0 ] && [ ! -f "$WORK/eval/results.json" ]; then
+  eval_s=$(( $(left) - 20 ))
+  if [ "$eval_s" -gt 60 ]; then
+    log "eval: $EVAL_EPS episodes per task within ${eval_s}s"
+    timeout "$eval_s" $PY -m qvla_ros.cli eval --policy "$POLICY" --out "$WORK/eval" "${task_args[@]}" \
+      --episodes-per-task "$EVAL_EPS" --workers "$WORKERS" --device "$DEVICE" "${step_args[@]}" --quiet --force \
+      >>"$LOG" 2>&1 || log "eval ended early ($?)"
+  fi
+fi
+
+# -- back to the caller: the record, the small checkpoint files, logs (8 files at most) ------------
+for f in training.json config.json tokenizer.json; do
+  [ -f "$POLICY/$f" ] && cp "$POLICY/$f" "$OUT/$f"
+done
+[ -f "$WORK/train.log" ] && tail -c 200000 "$WORK/train.log" | tr '\r' '\n' | grep -av "it/s\]$" >"$OUT/train_log.txt"
+[ -f "$WORK/eval/results.json" ] && cp "$WORK/eval/results.json" "$OUT/eval_results.json"
+if finished && [ -f "$WORK/eval/results.json" ]; then
+  log "TRAINING FINISHED; EVALUATED (eval_results.json)"
+elif finished; then
+  log "TRAINING FINISHED; call again to evaluate"
+else
+  log "not finished: call again (on this warm machine: $WORK is the state)"
+fi
