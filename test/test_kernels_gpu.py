@@ -20,6 +20,14 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def direct_launches(monkeypatch):
+    """Every test here runs the bound routes' direct launches (launch_common.BoundLaunch), the path
+    QVLA_DIRECT_LAUNCH=1 turns on, so these tests are its check on a card."""
+    from qvla_ros.kernels.launch_common import BoundLaunch
+    monkeypatch.setattr(BoundLaunch, "direct", True)
+
+
 def run(kw, x, bias, act_bits, config=None):
     out = torch.full((x.shape[0], kw.out_features), float("nan"), dtype=x.dtype, device=x.device)
     if act_bits == 8:
@@ -420,6 +428,7 @@ def test_bound_launches_go_direct_and_fall_back_where_triton_would_specialize_ot
     from qvla_ros.kernels.launch_common import BoundLaunch
     from qvla_ros.kernels.triton_gemm import act_quant_kernel
 
+    assert BoundLaunch.direct  # the module's fixture
     m, k = 33, 1000
     launch = BoundLaunch(act_quant_kernel, (m,), BLOCK=1024, num_warps=4)
     flat = torch.randn(m * k + 1, device="cuda", dtype=torch.bfloat16)
@@ -430,7 +439,7 @@ def test_bound_launches_go_direct_and_fall_back_where_triton_would_specialize_ot
         xscale = torch.full((m,), float("nan"), device="cuda")
         xsum = torch.full((m,), -1, dtype=torch.int32, device="cuda")
         launch(x, xq, xscale, xsum, k, x.stride(0))
-        assert launch._compiled is not None  # bound after the first call
+        assert launch._compiled  # bound after the first call, and no direct launch was refused
         want = quantize_activations_reference(x)
         assert torch.equal(xq, want[0]) and torch.equal(xscale, want[1]) and torch.equal(xsum, want[2])
 

@@ -230,19 +230,24 @@ def policy_inputs(policy, batch: int):
 
 
 def time_policy(policy, graphs: bool, compare_launch: bool = False) -> dict:
-    """Per batch: eager and graph ms. compare_launch (quantized variants): eager also with every
-    Triton launch through the JIT ("eager_jit_launch"), as before launch_common.BoundLaunch."""
+    """Per batch: eager and graph ms. compare_launch (quantized variants): "eager" with bound
+    launches direct (launch_common.BoundLaunch) and "eager_jit_launch" with every Triton launch
+    through the JIT; the graph is captured with the process default (QVLA_DIRECT_LAUNCH)."""
     out = {}
     for batch in BATCHES:
         inputs = policy_inputs(policy, batch)
         fn = (lambda inputs=inputs: policy.predict_normalized(*inputs))
-        rec = {"eager": round(eager_ms(fn, EAGER_CALLS), 3)}
-        if compare_launch:
-            BoundLaunch.direct = False
-            try:
-                rec["eager_jit_launch"] = round(eager_ms(fn, EAGER_CALLS), 3)
-            finally:
+        default = BoundLaunch.direct
+        try:
+            if compare_launch:
+                BoundLaunch.direct = False
+                rec = {"eager_jit_launch": round(eager_ms(fn, EAGER_CALLS), 3)}
                 BoundLaunch.direct = True
+                rec["eager"] = round(eager_ms(fn, EAGER_CALLS), 3)
+            else:
+                rec = {"eager": round(eager_ms(fn, EAGER_CALLS), 3)}
+        finally:
+            BoundLaunch.direct = default
         if graphs:
             try:
                 rec["graph"] = round(bk.graph_time([fn], replays=REPLAYS, warmup=3, flush=True) * 1e3, 3)
