@@ -63,6 +63,15 @@ def test_compare_writes_table_plot_and_resumes(setup, capsys):
     assert rows["qvla@rtn-w4"]["plan_id"] and rows["rtn-w4"]["plan_id"]
     table = (out / "compare.md").read_text()
     assert "| qvla@rtn-w4 |" in table and TASKS[0].name in table and "Ran on:" in table
+    # every quantized row is paired with fp on the same episode; QVLA also with a baseline
+    for row in rows.values():
+        outcomes = row["closed_loop"]["outcomes"]
+        assert list(outcomes) == [TASKS[0].name] and len(outcomes[TASKS[0].name]) == 1
+        assert set(outcomes[TASKS[0].name].values()) <= {True, False}
+    for name in ("rtn-w4", "qvla@rtn-w4", "rtn-g32-w3"):
+        assert rows[name]["paired"]["vs_fp"]["episodes"] == 1
+    assert rows["qvla@rtn-w4"]["paired"]["vs_best_baseline"]["method"] in ("rtn-w4", "rtn-g32-w3")
+    assert "vs best baseline" in table
     assert (out / "compare.png").stat().st_size > 10_000
 
     # Second run: everything comes from the cache (files untouched), same table.
@@ -133,6 +142,33 @@ def test_compare_rejects_bad_input(setup, capsys):
     assert main(["compare", "--methods", "rtn-w4", "--policy", str(setup / "nowhere"),
                  "--data", str(setup / "demos"), "--out", str(setup / "bad")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def _row(name, family, bits, successes):
+    outcomes = {"t": {str(seed): ok for seed, ok in enumerate(successes)}}
+    return {"method": {"name": name, "family": family}, "memory": {"bits_per_param": bits},
+            "closed_loop": {"overall": {"rate": sum(successes) / len(successes)}, "outcomes": outcomes}}
+
+
+def test_paired_tests_pick_the_best_baseline_at_no_more_memory():
+    from qvla_ros.sim.compare_report import add_paired_tests
+
+    n = 20
+    fp = _row("fp", "fp", 16.0, [True] * n)
+    weak = _row("rtn-g128-w3", "rtn-group", 3.25, [True] * 10 + [False] * 10)
+    strong = _row("gptq-g128-w3", "gptq", 3.25, [True] * 18 + [False] * 2)
+    bigger = _row("rtn-w4", "rtn", 4.26, [True] * n)  # more memory than QVLA: never its peer
+    qvla = _row("qvla@gptq-g128-w3", "qvla", 3.25, [True] * 19 + [False])
+    rows = [fp, weak, strong, bigger, qvla]
+    add_paired_tests(rows)
+    assert "paired" not in fp
+    assert weak["paired"]["vs_fp"]["b_only"] == 10 and weak["paired"]["vs_fp"]["a_only"] == 0
+    assert weak["paired"]["vs_fp"]["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    assert "vs_best_baseline" not in weak["paired"]
+    best = qvla["paired"]["vs_best_baseline"]
+    assert best["method"] == "gptq-g128-w3"
+    assert (best["a_only"], best["b_only"]) == (1, 0) and best["difference"] == pytest.approx(0.05)
+    assert qvla["paired"]["vs_fp"]["difference"] == pytest.approx(-0.05)
 
 
 def test_interrupted_closed_loop_log_is_read_back(tmp_path):

@@ -41,7 +41,8 @@ from ..quant.baselines.methods import MethodSpec, resolve_order
 from ..quant.baselines.qvla_match import QvlaRunner
 from ..quant.baselines.smoothquant import DEFAULT_ALPHAS
 from ..quant.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
-from .compare_report import DEVIATION_KEY, plot_comparison, write_markdown
+from .compare_report import DEVIATION_KEY, add_paired_tests, plot_comparison, write_markdown
+from .paired import outcomes_of
 
 RUNS_DIR = "runs"
 POLICY_DIR = "policy"  # the quantized policy of one run (quant/checkpoint.py)
@@ -279,9 +280,11 @@ class Comparison:
         max_steps = s.max_steps or DEFAULT_MAX_STEPS
         key = f"closed_loop-{s.episodes_per_task}ep-{max_steps}steps"
         done = _read_json(run / f"{key}.json")
-        if done is not None and set(done["per_task"]) >= set(tasks):
-            return done
         log = run / f"{key}.episodes.jsonl"
+        if done is not None and set(done["per_task"]) >= set(tasks):
+            if "outcomes" not in done:  # recorded before outcomes were kept: they are in the log
+                done["outcomes"] = _outcomes(self._logged_episodes(log, tasks, seeds))
+            return done
         episodes = self._logged_episodes(log, tasks, seeds)
         complete = {t for t in tasks if sum(1 for e in episodes if e["task"] == t) == len(seeds)}
         todo = [t for t in tasks if t not in complete]
@@ -294,7 +297,8 @@ class Comparison:
             episodes = [e for e in episodes if e["task"] in complete] + result.episodes
         merged = EvalResults.from_episodes(tasks, [e for e in episodes if e["task"] in tasks],
                                            {**settings, "tasks": tasks, "resumed_tasks": sorted(complete)})
-        record = {"per_task": merged.per_task, "overall": merged.overall, "settings": merged.settings}
+        record = {"per_task": merged.per_task, "overall": merged.overall, "settings": merged.settings,
+                  "outcomes": _outcomes(e for e in episodes if e["task"] in tasks)}
         _write_json(run / f"{key}.json", record)
         return record
 
@@ -342,6 +346,7 @@ class Comparison:
     def write_report(self, rows: list[dict], plot: bool = True) -> dict:
         settings = asdict(self.settings)
         settings["max_steps"] = settings["max_steps"] or _default_max_steps()
+        add_paired_tests(rows)
         doc = {"format": "qvla-compare", "version": 1, "settings": settings,
                "calibration": self.frames.source, "policy": self.fingerprint,
                "machine": machine(), "rows": rows}
@@ -350,6 +355,12 @@ class Comparison:
         if plot:
             plot_comparison(doc, self.out / "compare.png")
         return doc
+
+
+def _outcomes(episodes) -> dict[str, dict[str, bool]]:
+    """{task: {seed: success}} of closed-loop episode records (seeds as JSON keys: strings)."""
+    return {task: {str(seed): ok for seed, ok in sorted(per.items())}
+            for task, per in outcomes_of(episodes).items()}
 
 
 def _default_max_steps() -> int:

@@ -4,11 +4,54 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import atomic_write, atomic_write_text
+from .paired import compare_paired
 
 #: offline metrics' key for quant.action_error against the float policy (the chunk's summed squared
 #: difference, averaged over frames). Tables written before it recorded "action_mse_vs_fp", the
 #: per-element mean (smaller by horizon x action_dim); those rows show no deviation here.
 DEVIATION_KEY = "action_error_vs_fp"
+
+
+#: a baseline "at the same memory" as a QVLA row may hold this many more bits per parameter (QVLA is
+#: allocated to the baseline's measured bits; padding makes the two differ by a few thousandths)
+SAME_MEMORY_SLACK = 0.02
+
+
+def add_paired_tests(rows: list[dict]) -> None:
+    """row["paired"] for every row with closed-loop outcomes: the paired comparison (same tasks and
+    seeds; sim.paired: success difference with a 95% bootstrap interval, exact McNemar p) against
+    the float policy ("vs_fp") and, for QVLA rows, against the best baseline at no more memory
+    ("vs_best_baseline": the non-QVLA quantized method with the highest success whose bits/param
+    is at most the row's + SAME_MEMORY_SLACK)."""
+    def outcomes(row):
+        return ((row.get("closed_loop") or {}).get("outcomes")) or None
+
+    def bits(row):
+        return row["memory"]["bits_per_param"]
+
+    fp = next((r for r in rows if r["method"]["family"] == "fp" and outcomes(r)), None)
+    baselines = [r for r in rows if r["method"]["family"] not in ("fp", "qvla") and outcomes(r)]
+    for row in rows:
+        mine = outcomes(row)
+        if mine is None or row["method"]["family"] == "fp":
+            continue
+        paired = {}
+        if fp is not None:
+            paired["vs_fp"] = {"method": fp["method"]["name"], **compare_paired(mine, outcomes(fp))}
+        if row["method"]["family"] == "qvla":
+            peers = [r for r in baselines if bits(r) <= bits(row) + SAME_MEMORY_SLACK]
+            if peers:
+                best = max(peers, key=lambda r: r["closed_loop"]["overall"]["rate"])
+                paired["vs_best_baseline"] = {"method": best["method"]["name"],
+                                              **compare_paired(mine, outcomes(best))}
+        row["paired"] = paired
+
+
+def _paired_cell(p: dict | None) -> str:
+    if not p:
+        return "–"
+    lo, hi = p["ci"]
+    return f"{100 * p['difference']:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}], p={p['p_value']:.2g}"
 
 
 def _pct(x: float | None) -> str:
@@ -51,11 +94,13 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         "stored tensors of the quantized Linears (codes, scales, zero-points, row indices, group "
         "scales, explicit input scales), relative to the same weights in bf16; 'bits/param' counts "
         "those Linears' weights, 'whole bits/param' every weight of the policy (the rest at its "
-        "stored width).",
+        "stored width). Paired columns compare episode by episode on the same seeds: the "
+        "difference in success points with a 95% bootstrap interval and the exact McNemar p; a "
+        "QVLA row's best baseline is the most successful baseline at no more memory.",
         "",
     ]
     head = (["method", "W/A", "bits/param", "whole bits/param", "mem % bf16", "offline L1", "dev. from fp (action error)"]
-            + tasks + ["average [95% CI]"])
+            + tasks + ["average [95% CI]", "vs fp: points [95% CI], McNemar p", "vs best baseline"])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
     for row in rows:
@@ -72,6 +117,10 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
                  _sci(off.get("l1")), _sci(off.get(DEVIATION_KEY))]
         cells += [_pct(per_task[t]["rate"]) if t in per_task else "–" for t in tasks]
         cells.append(_ci(cl.get("overall")))
+        paired = row.get("paired") or {}
+        best = paired.get("vs_best_baseline")
+        cells += [_paired_cell(paired.get("vs_fp")),
+                  "–" if best is None else f"{best['method']}: {_paired_cell(best)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
