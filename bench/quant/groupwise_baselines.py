@@ -40,6 +40,15 @@ def summarize(per_frame: torch.Tensor) -> dict:
             "p90": float(per_frame.quantile(0.9))}
 
 
+def calibration_and_held_out(policy, args):
+    """(calibration frames, held-out frames): from --data's train/val splits, or --synthetic."""
+    if args.synthetic:
+        return (synthetic_frames(policy.config, args.calib_frames, seed=args.seed),
+                synthetic_frames(policy.config, args.eval_frames, seed=args.seed + 1))
+    return (frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed),
+            frames_from_demos(args.data, args.eval_frames, split="val", seed=args.seed + 1))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="demonstration folder (train: calibration, val: evaluation)")
@@ -55,12 +64,7 @@ def main(argv=None) -> dict:
     if (args.data is None) == (not args.synthetic):
         ap.error("give exactly one of --data and --synthetic")
     policy = load_policy(args.policy).eval()
-    if args.synthetic:
-        calib = synthetic_frames(policy.config, args.calib_frames, seed=args.seed)
-        held_out = synthetic_frames(policy.config, args.eval_frames, seed=args.seed + 1)
-    else:
-        calib = frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed)
-        held_out = frames_from_demos(args.data, args.eval_frames, split="val", seed=args.seed + 1)
+    calib, held_out = calibration_and_held_out(policy, args)
     batches = batches_from_frames(calib)
     eval_batches = batches_from_frames(held_out, 32)
     with torch.no_grad():

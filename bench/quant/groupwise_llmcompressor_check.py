@@ -30,6 +30,9 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from groupwise_baselines import calibration_and_held_out  # noqa: E402
 
 from compressed_tensors.quantization import QuantizationArgs, fake_quantize  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
@@ -41,7 +44,6 @@ from qvla_ros.quant.action_error import action_error_per_frame  # noqa: E402
 from qvla_ros.quant.baselines import gptq as our_gptq  # noqa: E402
 from qvla_ros.quant.baselines import quantize_baseline  # noqa: E402
 from qvla_ros.quant.baselines.calibration import batches_from_frames, calibration_actions  # noqa: E402
-from qvla_ros.quant.calibration import frames_from_demos, synthetic_frames  # noqa: E402
 from qvla_ros.quant.groupwise_linear import fake_quantize_group_wise  # noqa: E402
 from qvla_ros.quant.targets import quantizable_linears  # noqa: E402
 from qvla_ros.sim.compare import machine  # noqa: E402
@@ -79,12 +81,7 @@ def main(argv=None) -> dict:
     if (args.data is None) == (not args.synthetic):
         ap.error("give exactly one of --data and --synthetic")
     policy = load_policy(None).eval()
-    if args.synthetic:
-        calib = synthetic_frames(policy.config, args.calib_frames, seed=args.seed)
-        held_out = synthetic_frames(policy.config, args.eval_frames, seed=args.seed + 1)
-    else:
-        calib = frames_from_demos(args.data, args.calib_frames, split="train", seed=args.seed)
-        held_out = frames_from_demos(args.data, args.eval_frames, split="val", seed=args.seed + 1)
+    calib, held_out = calibration_and_held_out(policy, args)
     batches, eval_batches = batches_from_frames(calib), batches_from_frames(held_out, 32)
     with torch.no_grad():
         reference = calibration_actions(policy, eval_batches)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..groupwise_linear import check_group_size, fake_quantize_group_wise, padded_groups
 from ..quantizer import check_bits, fake_quantize_rows
-from .calibration import StopForward, check_batches, collect_input_stats, forward_order, run_policy
+from .calibration import StopForward, check_batches, collect_input_stats, forward_order, run_batches
 from .smoothing import fold_into_output
 
 NO_CLIP_SUFFIXES = ("q_proj", "k_proj")
@@ -140,12 +140,7 @@ def capture_calls(policy: nn.Module, modules: Mapping[str, nn.Module], batches: 
 
     handles = [m.register_forward_pre_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
     try:
-        for batch in batches:
-            seen.update({n: 0 for n in modules})
-            try:
-                run_policy(policy, batch)
-            except StopForward:
-                pass
+        run_batches(policy, batches, lambda: seen.update({n: 0 for n in modules}))
     finally:
         for h in handles:
             h.remove()

@@ -116,6 +116,17 @@ class StopForward(Exception):
     """Raised by a hook once every input a pass needs has been seen (the rest is wasted work)."""
 
 
+def run_batches(policy: nn.Module, batches: Iterable[Mapping], before_each) -> None:
+    """run_policy over every batch, before_each() first (hooks reset their per-forward counts); a
+    StopForward from a hook ends that batch's forward early."""
+    for batch in batches:
+        before_each()
+        try:
+            run_policy(policy, batch)
+        except StopForward:
+            pass
+
+
 class _Collector:
     def __init__(self, in_features: int, hessian: bool, max_samples: int, generator: torch.Generator,
                  stop_after: int | None = None, device: torch.device | str = "cpu"):
@@ -165,14 +176,12 @@ def collect_input_stats(policy: nn.Module, modules: Mapping[str, nn.Linear],
     collectors = {name: _Collector(m.in_features, hessian, max_samples, gen, stop_after_calls, m.weight.device)
                   for name, m in modules.items()}
     handles = [m.register_forward_pre_hook(collectors[name]) for name, m in modules.items()]
+    def reset():
+        for c in collectors.values():
+            c.calls = 0
+
     try:
-        for batch in batches:
-            for c in collectors.values():
-                c.calls = 0
-            try:
-                run_policy(policy, batch)
-            except StopForward:
-                pass
+        run_batches(policy, batches, reset)
     finally:
         for h in handles:
             h.remove()
