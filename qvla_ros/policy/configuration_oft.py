@@ -249,6 +249,9 @@ def _oft_micro() -> OFTConfig:
 #: MetaWorld's inputs (qvla_ros.sim.env: two 128 px cameras, proprio xyz + gripper, 4-d actions),
 #: shared by oft-small and its smoke-sized twin so that one demonstration folder trains either.
 _METAWORLD_INPUTS = dict(n_cams=2, image_size=112, patch_size=14, proprio_dim=4, action_dim=4, horizon=8)
+#: the token ids and rows of the subword tokenizer training builds (processing_oft.train_subword_tokenizer):
+#: ids 0-4 are its special tokens, 512 embedding rows hold its vocabulary.
+_SUBWORD_TOKENS = dict(vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48)
 
 
 def _oft_small() -> OFTConfig:
@@ -258,15 +261,12 @@ def _oft_small() -> OFTConfig:
     # 112 px keeps the published 14 px patches at an 8 x 8 grid per camera (the cameras' 128 px
     # frames are resized, as the node resizes any frame): 1 + 2 * 64 + 1 + 47 + 32 + 1 = 210
     # decoder tokens. The towers run 4 heads of 64 rather than the published 16: this preset is
-    # trained here, never imported, so nothing needs the timm id's head count. Ids 0-4 are the
-    # special tokens of the subword tokenizer training builds (processing_oft.train_subword_tokenizer);
-    # 512 embedding rows hold its vocabulary.
+    # trained here, never imported, so nothing needs the timm id's head count.
     return OFTConfig(
-        name="oft-small", **_METAWORLD_INPUTS,
+        name="oft-small", **_METAWORLD_INPUTS, **_SUBWORD_TOKENS,
         featurizer=dinov2_tower(embed_dim=256, depth=8, num_heads=4, mlp_hidden=1024),
         fused_featurizer=siglip_tower(embed_dim=256, depth=8, num_heads=4, mlp_hidden=1024),
         hidden_size=512, num_layers=12, num_heads=8, num_kv_heads=8, intermediate_size=1408,
-        vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48,
         head_hidden=512,
     )
 
@@ -275,11 +275,10 @@ def _oft_smoke() -> OFTConfig:
     # oft-small's inputs, tokens and sequence layout at oft-micro's widths: a CPU run of the
     # whole training path (bench/gpu/train_oft_small.sh with SMOKE=1, the tests) in seconds.
     return OFTConfig(
-        name="oft-smoke", **_METAWORLD_INPUTS,
+        name="oft-smoke", **_METAWORLD_INPUTS, **_SUBWORD_TOKENS,
         featurizer=dinov2_tower(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64),
         fused_featurizer=siglip_tower(embed_dim=32, depth=2, num_heads=2, mlp_hidden=64),
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-        vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48,
         head_hidden=64,
     )
 
