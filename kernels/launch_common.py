@@ -102,8 +102,9 @@ class BoundLaunch:
 
     def _jit(self, args):
         compiled = self.kernel[self.grid](*args, **self.constexprs)
-        if self._compiled is not None or compiled is None or not hasattr(compiled, "packed_metadata"):
-            return  # already bound, or the interpreter: no direct launch
+        if (not BoundLaunch.direct or self._compiled is not None or compiled is None
+                or not hasattr(compiled, "packed_metadata")):
+            return  # direct launches off, already bound, or the interpreter: nothing to keep
         tail = []
         for p in self.kernel.params[len(args):]:
             if p.name in self.constexprs:
