@@ -1,30 +1,18 @@
 """`qvla compare` end to end on a micro policy: quantize, offline metrics, a (very short) closed
 loop in MuJoCo, table + plot; a second run reuses every result; QVLA matches measured memory."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qvla_ros.cli import main
 from qvla_ros.policy import make_policy
-from qvla_ros.dataset import MANIFEST, episode_path, write_episode, write_json_atomic
 from qvla_ros.sim.suite import TASKS
 
-
-def _demo_folder(root, n_cams, size):
-    """A demonstration folder in the benchmark's format: seeds 0-1 train, seed 9 held out."""
-    rng = np.random.default_rng(0)
-    entries = []
-    for task in TASKS[:2]:
-        for seed in (0, 1, 9):
-            t = 12
-            path = episode_path(root, task.name, seed)
-            write_episode(path, rng.integers(0, 256, (t, n_cams, size, size, 3), dtype=np.uint8),
-                          rng.normal(size=(t, 4)).astype(np.float32),
-                          rng.uniform(-1, 1, (t, 4)).astype(np.float32), task.instruction, task.name, seed)
-            entries.append({"task": task.name, "seed": seed, "file": str(path.relative_to(root))})
-    write_json_atomic(root / MANIFEST, {"recipe": {"test": True}, "complete": True, "episodes": entries})
-    return root
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from demo_folders import metaworld_demo_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +20,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     policy = make_policy("micro", seed=0)
     policy.save_pretrained(root / "policy")
-    _demo_folder(root / "demos", policy.config.n_cams, policy.config.image_size)
+    metaworld_demo_folder(root / "demos", policy.config.n_cams, policy.config.image_size)
     return root
 
 

@@ -4,12 +4,12 @@
 # $OUT (at most 8 files come back from a call, so every step's output goes into run.log and only
 # result JSONs sit beside it).
 #
-#   bash bench/gpu/pending.sh kernels serve            (on the device; results in $OUT)
+#   bash bench/gpu/pending.sh gputests serve           (on the device; results in $OUT)
 #   bash bench/gpu/pending.sh chain rosnode inloop     (carry .rosbundle for rosnode)
 #   SMOKE=1 OUT=/tmp/p PY=.venv/bin/python bash bench/gpu/pending.sh serve chain inloop   # CPU check
 #
 # Steps (seconds each may take at most, unless the deadline comes first):
-#   kernels  the kernel and graph GPU tests, with direct launches on (issue #17, #22)      200
+#   gputests the kernel, graph and compare GPU tests, direct launches on (#17, #22, #19/#20) 200
 #   serve    bench/serve/serve.py on the published-architecture oft-7b (#17, #18)           380
 #   chain    bench/scale/oft7b_chain.py: calibrate -> allocate -> quantize -> fresh load (#18) 330
 #   rosnode  bench/ros/gpu_node.sh: the ROS node's graph path on the card (#21)             240
@@ -45,10 +45,10 @@ budgeted() {
 smoke=(); [[ $SMOKE = 1 ]] && smoke=(--smoke)
 for step in "$@"; do
   case $step in
-    kernels)
+    gputests)
       QVLA_DIRECT_LAUNCH=1 budgeted 200 "$PY" -m pytest -q -n 8 -p no:cacheprovider -rfE \
         test/test_kernels_gpu.py test/test_kernels_mma_gpu.py test/test_policy_graphed_gpu.py \
-        test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py ;;
+        test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py test/test_compare_gpu.py ;;
     serve)
       variants=("A16 avg4,A16 avg3,A8 avg4,fp8 W8A8 cuBLAS"); [[ $SMOKE = 1 ]] && variants=("A16 avg4")
       budgeted 380 "$PY" bench/serve/serve.py "${smoke[@]}" --skip-layers --variants "${variants[@]}" \
@@ -64,7 +64,7 @@ for step in "$@"; do
       rm -rf "$OUT/.rosnode" ;;
     inloop)
       budgeted 200 "$PY" bench/kernels/inloop_probe.py "${smoke[@]}" --budget 150 --out "$OUT/inloop.json" ;;
-    *) log "unknown step $step (kernels serve chain rosnode inloop)" ;;
+    *) log "unknown step $step (gputests serve chain rosnode inloop)" ;;
   esac
 done
 # A finished step's final JSON makes its partial copy redundant (and files back are few).

@@ -65,6 +65,8 @@ def _add_common(p: argparse.ArgumentParser, episodes: str) -> None:
 
 
 def register(subparsers) -> None:
+    from .benchmarks import DEFAULT_SUITE, SUITES
+
     demos = subparsers.add_parser(
         "demos", help="scripted-expert demonstrations for the benchmark suite",
         description="Scripted-expert demonstrations: one .npz per successful episode + manifest.json. "
@@ -133,8 +135,14 @@ def register(subparsers) -> None:
     p.add_argument("--episodes-per-task", type=_non_negative, default=50,
                    help="closed-loop episodes per task (0: offline metrics only)")
     p.add_argument("--workers", type=_non_negative, default=2, help="rollout worker processes")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for quantization, offline metrics and the rollout workers' "
+                        "policies (each worker on a CUDA device makes its own context)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the --workers as Ray actors ('local', 'auto' or a cluster address)")
+    p.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE,
+                   help="benchmark of the closed loop (the policy must fit it: LIBERO takes OFT-shaped "
+                        "policies); --data should hold that suite's demonstrations")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite)")
     p.add_argument("--max-steps", type=_positive, default=None, help="steps before an episode fails")
     p.add_argument("--offline-frames", type=_positive, default=512, help="held-out frames for offline metrics")
@@ -241,7 +249,8 @@ def _compare(args) -> int:
         settings = CompareSettings(
             methods=methods, policy=None if args.policy == "default" else args.policy,
             data=args.data, synthetic=args.synthetic, frames=args.frames, estimator=args.estimator, projections=args.projections,
-            episodes_per_task=args.episodes_per_task, workers=args.workers, ray=args.ray, tasks=args.tasks,
+            episodes_per_task=args.episodes_per_task, workers=args.workers, device=args.device,
+            ray=args.ray, suite=args.suite, tasks=args.tasks,
             max_steps=args.max_steps, offline_frames=args.offline_frames,
             alphas=args.alphas or DEFAULT_ALPHAS, seed=args.seed)
     except ValueError as exc:

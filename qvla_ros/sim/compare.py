@@ -41,6 +41,7 @@ from ..quant.baselines.methods import MethodSpec, resolve_order
 from ..quant.baselines.qvla_match import QvlaRunner
 from ..quant.baselines.smoothquant import DEFAULT_ALPHAS
 from ..quant.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from .benchmarks import DEFAULT_SUITE, get_benchmark
 from .compare_report import DEVIATION_KEY, add_paired_tests, plot_comparison, write_markdown
 from .paired import outcomes_of
 
@@ -64,7 +65,13 @@ class CompareSettings:
             default, one per action number for chunks of at most 64 numbers).
         episodes_per_task: closed-loop episodes per task (0: skip the closed loop).
         workers: rollout worker processes (with ray: Ray actors).
+        device: torch device of the float policy, of every method's quantization (calibration,
+            sensitivity, GPTQ/AWQ statistics), of the offline metrics and of each rollout worker's
+            policy. Quantized policies are saved from the CPU; on a CUDA device each worker makes
+            its own CUDA context.
         ray: run the rollouts on a Ray cluster ('local', 'auto', an address; None: local processes).
+        suite: the benchmark the closed loop runs (sim.benchmarks.SUITES); the policy's inputs and
+            actions must match it, which is checked before any work.
         tasks: None (the suite) or comma-separated task names.
         max_steps: steps before an episode counts as failed (None: the suite's default).
         offline_frames: held-out frames for the offline metrics.
@@ -82,7 +89,9 @@ class CompareSettings:
     projections: int | None = None
     episodes_per_task: int = 50
     workers: int = 2
+    device: str = "cpu"
     ray: str | None = None
+    suite: str = DEFAULT_SUITE
     tasks: str | None = None
     max_steps: int | None = None
     offline_frames: int = 512
@@ -102,6 +111,10 @@ class CompareSettings:
             raise ValueError(f"projections must be >= 1, got {self.projections}")
         if self.episodes_per_task < 0 or self.workers < 0:
             raise ValueError("episodes_per_task and workers must be >= 0")
+        self.suite = get_benchmark(self.suite).name      # unknown suites fail here
+        from ..quant.sensitivity import check_device
+
+        check_device(self.device)                         # unknown or absent devices fail here
 
 
 class SavedPolicyFactory:
@@ -109,19 +122,20 @@ class SavedPolicyFactory:
     written by checkpoint.save_quantized and keeps each layer's dequantized weights cached, which
     makes the CPU path fast enough for rollouts."""
 
-    def __init__(self, path: str | Path, describe: dict | None = None):
+    def __init__(self, path: str | Path, describe: dict | None = None, device: str = "cpu"):
         self.path = str(path)
+        self.device = device
         self._describe = dict(describe or {})
 
     def __call__(self):
-        policy = load_quantized(self.path)
+        policy = load_quantized(self.path).to(self.device)
         for module in policy.modules():
             if hasattr(module, "cache_dequantized"):
                 module.cache_dequantized = True
         return policy.eval()
 
     def describe(self) -> dict:
-        return {"kind": "qvla-compare", "path": self.path, **self._describe}
+        return {"kind": "qvla-compare", "path": self.path, "device": self.device, **self._describe}
 
 
 def _slug(name: str) -> str:
@@ -164,7 +178,7 @@ class Comparison:
         if self._policy is None:
             from ..policy import load_policy
 
-            self._policy = load_policy(self.settings.policy).eval()
+            self._policy = load_policy(self.settings.policy, device=self.settings.device).eval()
         return self._policy
 
     @property
@@ -221,6 +235,7 @@ class Comparison:
         batches = batches_from_frames(self.frames, self.settings.calib_batch)
         result = quantize_baseline(policy, spec, batches, alphas=self.settings.alphas, budget=budget,
                                    qvla=self.qvla, progress=self.progress)
+        policy.to("cpu")      # saved from the CPU whatever it was quantized on
         run.mkdir(parents=True, exist_ok=True)
         if result.plan is not None:
             result.plan.save(run / "plan.json")
@@ -248,7 +263,7 @@ class Comparison:
         from ..dataset import DemoDataset
         from .metrics import offline_action_error
 
-        policy = SavedPolicyFactory(run / POLICY_DIR)()
+        policy = SavedPolicyFactory(run / POLICY_DIR, device=self.settings.device)()
         val = DemoDataset(self.settings.data, split="val")
         metrics = offline_action_error(policy, val, max_frames=self.settings.offline_frames)
         metrics[DEVIATION_KEY] = self._deviation_from_fp(policy)
@@ -272,13 +287,15 @@ class Comparison:
         if s.episodes_per_task == 0:
             return None
         from .evaluate import EvalResults, evaluate
-        from .suite import DEFAULT_MAX_STEPS, eval_seed, resolve_tasks
 
+        bench = get_benchmark(s.suite)
         run = self.run_dir(spec, budget)
-        tasks = [t.name for t in resolve_tasks(s.tasks)]
-        seeds = [eval_seed(i) for i in range(s.episodes_per_task)]
-        max_steps = s.max_steps or DEFAULT_MAX_STEPS
-        key = f"closed_loop-{s.episodes_per_task}ep-{max_steps}steps"
+        tasks = [t.name for t in bench.resolve_tasks(s.tasks)]
+        seeds = [bench.eval_seed(i) for i in range(s.episodes_per_task)]
+        max_steps = s.max_steps or bench.max_steps
+        # MetaWorld's key stays as it was, so earlier runs' episodes are still found.
+        suite_part = "" if bench.name == DEFAULT_SUITE else f"{bench.name}-"
+        key = f"closed_loop-{suite_part}{s.episodes_per_task}ep-{max_steps}steps"
         done = _read_json(run / f"{key}.json")
         log = run / f"{key}.episodes.jsonl"
         if done is not None and set(done["per_task"]) >= set(tasks):
@@ -290,9 +307,10 @@ class Comparison:
         todo = [t for t in tasks if t not in complete]
         settings = {}
         if todo:
-            factory = SavedPolicyFactory(run / POLICY_DIR, {"method": spec.name})
-            result = evaluate(factory, todo, s.episodes_per_task, workers=s.workers, ray_address=s.ray,
-                              max_steps=max_steps, progress=self.progress, episode_log=log)
+            factory = SavedPolicyFactory(run / POLICY_DIR, {"method": spec.name}, device=s.device)
+            result = evaluate(factory, todo, seeds=seeds, workers=s.workers, ray_address=s.ray,
+                              max_steps=max_steps, progress=self.progress, episode_log=log,
+                              suite=bench.name)
             settings = result.settings
             episodes = [e for e in episodes if e["task"] in complete] + result.episodes
         merged = EvalResults.from_episodes(tasks, [e for e in episodes if e["task"] in tasks],
@@ -320,8 +338,13 @@ class Comparison:
 
     # ---- the whole comparison -----------------------------------------------------------------
     def prepare(self) -> None:
-        """Load the float policy and the calibration frames (bad paths fail here, before any work)."""
+        """Load the float policy and the calibration frames, and check the policy against the
+        suite (bad paths and mismatched policies fail here, before any work)."""
         _ = self.fingerprint, self.frames
+        if self.settings.episodes_per_task:
+            bench = get_benchmark(self.settings.suite)
+            bench.resolve_tasks(self.settings.tasks)
+            bench.check_policy(self.policy.config, bench.cameras)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +368,7 @@ class Comparison:
 
     def write_report(self, rows: list[dict], plot: bool = True) -> dict:
         settings = asdict(self.settings)
-        settings["max_steps"] = settings["max_steps"] or _default_max_steps()
+        settings["max_steps"] = settings["max_steps"] or get_benchmark(self.settings.suite).max_steps
         add_paired_tests(rows)
         doc = {"format": "qvla-compare", "version": 1, "settings": settings,
                "calibration": self.frames.source, "policy": self.fingerprint,
@@ -361,9 +384,3 @@ def _outcomes(episodes) -> dict[str, dict[str, bool]]:
     """{task: {seed: success}} of closed-loop episode records (seeds as JSON keys: strings)."""
     return {task: {str(seed): ok for seed, ok in sorted(per.items())}
             for task, per in outcomes_of(episodes).items()}
-
-
-def _default_max_steps() -> int:
-    from .suite import DEFAULT_MAX_STEPS
-
-    return DEFAULT_MAX_STEPS

@@ -86,9 +86,11 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         f"Policy `{doc['policy'].get('config')}` (weights {doc['policy']['weights'][:12]}), "
         f"{doc['calibration'].get('frames', s['frames'])} calibration frames "
         f"({doc['calibration'].get('data')}, split {doc['calibration'].get('split', '-')}), "
-        f"{s['episodes_per_task']} episodes per task (held-out seeds), max {s['max_steps']} steps, "
+        f"{s['episodes_per_task']} episodes per task of {s.get('suite', 'metaworld')} (held-out seeds), "
+        f"max {s['max_steps']} steps, "
         f"QVLA sensitivity: {s['estimator']}.",
-        f"Ran on: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {s['workers']} rollout workers.",
+        f"Ran on: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {s['workers']} rollout workers, "
+        f"device {s.get('device', 'cpu')}.",
         "",
         "Success in %; the average carries its Wilson 95% interval. Memory is measured from the "
         "stored tensors of the quantized Linears (codes, scales, zero-points, row indices, group "
