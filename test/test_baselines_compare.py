@@ -12,7 +12,7 @@ from qvla_ros.policy import make_policy
 from qvla_ros.sim.suite import TASKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
-from demo_folders import metaworld_demo_folder  # noqa: E402
+from demo_folders import demo_folder, metaworld_demo_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,22 @@ def test_compare_rejects_bad_input(setup, capsys):
     assert main(["compare", "--methods", "rtn-w4", "--policy", str(setup / "nowhere"),
                  "--data", str(setup / "demos"), "--out", str(setup / "bad")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_folder_without_held_out_episodes_fails_before_quantizing_unless_offline_is_off(setup, tmp_path, capsys):
+    from qvla_ros.sim.suite import TASKS as tasks
+
+    cfg = make_policy("micro", seed=0).config
+    no_val = demo_folder(tmp_path / "demos", [(tasks[0].name, tasks[0].instruction)], cfg.n_cams,
+                         cfg.image_size, seeds=(0, 1))
+    args = ["compare", "--methods", "fp,rtn-w4", "--policy", str(setup / "policy"), "--data", str(no_val),
+            "--frames", "4", "--episodes-per-task", "0", "--workers", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "no held-out ('val') episodes" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "runs").exists()
+    assert main([*args, "--offline-frames", "0", "--out", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "compare.json").read_text())["rows"]
+    assert [r["offline"] for r in rows] == [None, None] and rows[1]["memory"]["bits_per_param"] < 16
 
 
 def _row(name, family, bits, successes):

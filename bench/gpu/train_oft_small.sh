@@ -10,7 +10,10 @@
 # --stop-after ...` for what is left of the call -> training.json, config.json, tokenizer.json
 # and the logs into $OUT. Once the schedule is finished, a closed-loop evaluation (EVAL_EPS
 # episodes per task, the policy on the GPU) runs in what is left of that call or in the next one,
-# and the call says "EVALUATED" (eval_results.json).
+# and the call says "EVALUATED" (eval_results.json). Then, in what is left of that call and the
+# next ones, `qvla compare --device cuda` (COMPARE_METHODS, COMPARE_EPS episodes per task; issue
+# #19's table: float, the group-wise baselines users run, QVLA at their measured memory), resumed
+# from its cache folder on each call, until the call says "COMPARED" (compare.json, compare.png).
 #
 # State: demonstrations and the run (checkpoint + training_state.safetensors: weights, AdamW
 # moments, step, RNG) live in $WORK, by default /tmp/qvla_oft_small on the device. That survives
@@ -38,6 +41,7 @@ if [ "$SMOKE" = 1 ]; then
   : "${PRESET:=oft-smoke}" "${DEVICE:=cpu}" "${SETUP:=0}" "${PY:=.venv/bin/python}" "${EPISODES:=1}"
   : "${TASKS:=drawer-open,faucet-close}" "${STEPS:=6}" "${BATCH:=8}" "${CKPT_EVERY:=2}" "${WORKERS:=2}"
   : "${CALL_S:=240}" "${STOP_STEPS_S:=20}" "${TRAIN_TOTAL_S:=600}" "${EVAL_EPS:=1}" "${EVAL_MAX_STEPS:=30}"
+  : "${COMPARE_EPS:=1}" "${COMPARE_METHODS:=fp,rtn-g32-w4,qvla@rtn-g32-w4}" "${COMPARE_OFFLINE:=0}"
   : "${WORK:=/tmp/qvla_oft_smoke}" "${OUT:=/tmp/qvla_oft_smoke_out}"
   export SETUP
 fi
@@ -60,6 +64,9 @@ STOP_STEPS_S=${STOP_STEPS_S:-75}   # kept back at the end of a call: the last sa
 EVAL_EPS=${EVAL_EPS:-20}
 STOP_AFTER=${STOP_AFTER:-}         # cap on this call's training seconds (default: all the call has left)
 EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}   # evaluation episode length (default: the suite's 300)
+COMPARE_EPS=${COMPARE_EPS:-20}     # closed-loop episodes per task and method in the comparison (0: none)
+COMPARE_OFFLINE=${COMPARE_OFFLINE:-512}   # held-out frames for its offline metrics (the smoke has none)
+COMPARE_METHODS=${COMPARE_METHODS:-fp,rtn-g128-w4,gptq-g128-w4,awq-g128-w4,qvla-gptq@gptq-g128-w4,rtn-g128-w3,gptq-g128-w3,awq-g128-w3,qvla@gptq-g128-w3,qvla-gptq@gptq-g128-w3}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/log.txt
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -126,14 +133,33 @@ if finished && [ "$EVAL_EPS" -gt 0 ] && [ ! -f "$WORK/eval/results.json" ]; then
   fi
 fi
 
+# -- the comparison, after the evaluation (resumes from $WORK/compare, its cache) -------------------
+compared() { [ -f "$WORK/compare/.complete" ]; }
+if finished && [ -f "$WORK/eval/results.json" ] && [ "$COMPARE_EPS" -gt 0 ] && ! compared; then
+  compare_s=$(( $(left) - 20 ))
+  if [ "$compare_s" -gt 60 ]; then
+    log "compare: $COMPARE_METHODS, $COMPARE_EPS episodes per task, within ${compare_s}s"
+    timeout "$compare_s" $PY -m qvla_ros.cli compare --policy "$POLICY" --data "$DEMOS" --device "$DEVICE" \
+      --methods "$COMPARE_METHODS" --episodes-per-task "$COMPARE_EPS" --offline-frames "$COMPARE_OFFLINE" --workers "$WORKERS" \
+      "${task_args[@]}" "${step_args[@]}" --out "$WORK/compare" --quiet >>"$WORK/compare.log" 2>&1 \
+      && touch "$WORK/compare/.complete" || log "compare ended early ($?): call again to resume it"
+    tail -3 "$WORK/compare.log" >>"$LOG"
+  fi
+fi
+
 # -- back to the caller: the record, the small checkpoint files, logs (8 files at most) ------------
 for f in training.json config.json tokenizer.json; do
   [ -f "$POLICY/$f" ] && cp "$POLICY/$f" "$OUT/$f"
 done
 [ -f "$WORK/train.log" ] && tail -c 200000 "$WORK/train.log" | tr '\r' '\n' | grep -av "it/s\]$" >"$OUT/train_log.txt"
 [ -f "$WORK/eval/results.json" ] && cp "$WORK/eval/results.json" "$OUT/eval_results.json"
-if finished && [ -f "$WORK/eval/results.json" ]; then
-  log "TRAINING FINISHED; EVALUATED (eval_results.json)"
+for f in compare.json compare.png; do   # compare.md follows from compare.json (compare_report.write_markdown)
+  [ -f "$WORK/compare/$f" ] && cp "$WORK/compare/$f" "$OUT/$f"
+done
+if finished && compared; then
+  log "TRAINING FINISHED; EVALUATED (eval_results.json); COMPARED (compare.json, compare.png)"
+elif finished && [ -f "$WORK/eval/results.json" ]; then
+  log "TRAINING FINISHED; EVALUATED (eval_results.json); call again to compare"
 elif finished; then
   log "TRAINING FINISHED; call again to evaluate"
 else

@@ -145,7 +145,8 @@ def register(subparsers) -> None:
                         "policies); --data should hold that suite's demonstrations")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: the suite)")
     p.add_argument("--max-steps", type=_positive, default=None, help="steps before an episode fails")
-    p.add_argument("--offline-frames", type=_positive, default=512, help="held-out frames for offline metrics")
+    p.add_argument("--offline-frames", type=_non_negative, default=512,
+                   help="held-out frames for offline metrics (0: none)")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--out", required=True, help="output folder (reused: finished work is not redone)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

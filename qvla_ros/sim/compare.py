@@ -74,7 +74,7 @@ class CompareSettings:
             actions must match it, which is checked before any work.
         tasks: None (the suite) or comma-separated task names.
         max_steps: steps before an episode counts as failed (None: the suite's default).
-        offline_frames: held-out frames for the offline metrics.
+        offline_frames: held-out frames for the offline metrics (0: no offline metrics).
         alphas: SmoothQuant's alpha candidates.
         seed: calibration sampling seed.
     """
@@ -104,9 +104,11 @@ class CompareSettings:
             raise ValueError("give at least one method to compare")
         if self.data is None and not self.synthetic:
             raise ValueError("give a demonstration folder (data) or ask for synthetic frames")
-        for name in ("frames", "calib_batch", "offline_frames"):
+        for name in ("frames", "calib_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.offline_frames < 0:
+            raise ValueError(f"offline_frames must be >= 0, got {self.offline_frames}")
         if self.projections is not None and self.projections < 1:
             raise ValueError(f"projections must be >= 1, got {self.projections}")
         if self.episodes_per_task < 0 or self.workers < 0:
@@ -252,7 +254,7 @@ class Comparison:
 
     @torch.no_grad()
     def offline(self, spec: MethodSpec, budget: float | None) -> dict | None:
-        if self.settings.data is None:
+        if self.settings.data is None or self.settings.offline_frames == 0:
             return None
         run = self.run_dir(spec, budget)
         cached = _read_json(run / "offline.json")
@@ -341,6 +343,14 @@ class Comparison:
         """Load the float policy and the calibration frames, and check the policy against the
         suite (bad paths and mismatched policies fail here, before any work)."""
         _ = self.fingerprint, self.frames
+        s = self.settings
+        if s.data is not None and s.offline_frames:
+            from ..dataset import DemoDataset
+
+            if len(DemoDataset(s.data, split="val")) == 0:
+                raise ValueError(f"{s.data} has no held-out ('val') episodes for the offline metrics "
+                                 "(dataset.HELD_OUT_EVERY); record more demonstrations, or pass "
+                                 "--offline-frames 0 to skip those metrics")
         if self.settings.episodes_per_task:
             bench = get_benchmark(self.settings.suite)
             bench.resolve_tasks(self.settings.tasks)
