@@ -229,3 +229,32 @@ def test_the_time_budget_spans_a_resumed_run(tmp_path, one_thread):
     cfg = TrainConfig(config="micro", steps=50, batch_size=4, log_every=1, warmup_steps=0, time_limit_s=1e-6)
     record = train(synthetic_episodes(n=2), out, cfg, resume=True, progress=False)
     assert record["steps_done"] == 2 and record["finished"]
+
+
+def test_the_libero_preset_trains_on_libero_shaped_demonstrations_and_fits_the_suite(tmp_path, one_thread):
+    """oft-smoke-libero (oft-small-libero's CPU twin): LIBERO's 224 px frames, 8 proprio values and
+    7-d actions train it; the trained policy is one `qvla eval --suite libero-*` accepts."""
+    import sys
+    from pathlib import Path
+
+    from qvla_ros.cli import main
+    from qvla_ros.sim.benchmarks import get_benchmark
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+    from demo_folders import demo_folder
+
+    tasks = [("libero_object/0", "pick up the alphabet soup and place it in the basket"),
+             ("libero_object/1", "pick up the cream cheese and place it in the basket")]
+    data = demo_folder(tmp_path / "demos", tasks, 2, 224, proprio_dim=8, action_dim=7, frames=10,
+                       recipe={"suite": "libero-object"})
+    out = tmp_path / "policy"
+    assert main(["train", "--data", str(data), "--out", str(out), "--preset", "oft-smoke-libero",
+                 "--steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
+    policy = load_policy(out)
+    bench = get_benchmark("libero-object")
+    bench.check_policy(policy.config, bench.cameras)
+    with torch.no_grad():
+        actions = policy(torch.zeros(1, 2, 224, 224, 3, dtype=torch.uint8), [tasks[0][1]], torch.zeros(1, 8))
+    assert actions.shape == (1, 8, 7) and torch.isfinite(actions).all()
+    with pytest.raises(ValueError, match="action_dim is 4"):
+        bench.check_policy(make_policy("oft-smoke").config, bench.cameras)

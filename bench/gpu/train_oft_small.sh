@@ -33,9 +33,22 @@
 # and of a run split over calls: STOP_AFTER caps each call's training seconds, so
 #   SMOKE=1 STEPS=40 STOP_AFTER=6 OUT=/tmp/o WORK=/tmp/w2 bash bench/gpu/train_oft_small.sh   (twice or more)
 # stops unfinished, then resumes.
+#
+# LIBERO (issue #20): SUITE=libero-object (or libero-spatial) runs the same stages on that suite:
+# demonstrations from its 30 demonstration initial states (batches of one: a scene takes ~10 s to
+# build), the oft-small-libero preset (oft-small on LIBERO's 8 proprio values and 7-d actions),
+# evaluation and comparison on its held-out states 30-49. Carry .libbundle (scripts/make_libero_bundle.sh)
+# and .gl; bench/libero/make_demos_gpu.sh says how the bundle is unpacked. CPU smoke check:
+#   SMOKE=1 SUITE=libero-object OUT=/tmp/lo WORK=/tmp/lw bash bench/gpu/train_oft_small.sh   (~4 min)
 set -u
 START=$(date +%s)
 SMOKE=${SMOKE:-0}
+SUITE=${SUITE:-metaworld}
+LIBERO=0; case $SUITE in libero-*) LIBERO=1 ;; esac
+if [ "$SMOKE" = 1 ] && [ "$LIBERO" = 1 ]; then
+  # One demonstration of one task (LIBERO's expert needs ~120 steps), a few steps of everything else.
+  : "${PRESET:=oft-smoke-libero}" "${TASKS:=0}" "${EVAL_MAX_STEPS:=16}" "${COMPARE_METHODS:=fp,rtn-w4}"
+fi
 if [ "$SMOKE" = 1 ]; then
   # Everything small, on the CPU, with the checkout's venv and no installs.
   : "${PRESET:=oft-smoke}" "${DEVICE:=cpu}" "${SETUP:=0}" "${PY:=.venv/bin/python}" "${EPISODES:=1}"
@@ -50,9 +63,16 @@ OUT=${OUT:-/tmp/qvla_out}
 WORK=${WORK:-/tmp/qvla_oft_small}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-PRESET=${PRESET:-oft-small}
 WORKERS=${WORKERS:-16}
-EPISODES=${EPISODES:-100}          # demonstrations per task (10 tasks; ~10 % held out as val)
+if [ "$LIBERO" = 1 ]; then
+  PRESET=${PRESET:-oft-small-libero}
+  EPISODES=${EPISODES:-30}         # every demonstration initial state (0-29); 3 of them held out as val
+  DEMO_ARGS=(--suite "$SUITE" --batch-size 1)
+else
+  PRESET=${PRESET:-oft-small}
+  EPISODES=${EPISODES:-100}        # demonstrations per task (10 tasks; ~10 % held out as val)
+  DEMO_ARGS=()
+fi
 TASKS=${TASKS:-}
 STEPS=${STEPS:-12000}
 BATCH=${BATCH:-256}
@@ -93,7 +113,7 @@ complete() { $PY -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))
 if ! complete; then
   budget=$(( $(left) - 30 ))
   log "demos: $EPISODES per task, within ${budget}s"
-  timeout "$budget" $PY -m qvla_ros.cli demos --out "$DEMOS" "${task_args[@]}" --episodes-per-task "$EPISODES" \
+  timeout "$budget" $PY -m qvla_ros.cli demos --out "$DEMOS" "${DEMO_ARGS[@]}" "${task_args[@]}" --episodes-per-task "$EPISODES" \
     --workers "$WORKERS" --quiet >>"$LOG" 2>&1 || log "demos ended early ($?)"
   log "demos: $(find "$DEMOS" -name 'seed_*.npz' | wc -l) episodes, $(du -sh "$DEMOS" 2>/dev/null | cut -f1)"
 fi
@@ -127,7 +147,7 @@ if finished && [ "$EVAL_EPS" -gt 0 ] && [ ! -f "$WORK/eval/results.json" ]; then
   eval_s=$(( $(left) - 20 ))
   if [ "$eval_s" -gt 60 ]; then
     log "eval: $EVAL_EPS episodes per task within ${eval_s}s"
-    timeout "$eval_s" $PY -m qvla_ros.cli eval --policy "$POLICY" --out "$WORK/eval" "${task_args[@]}" \
+    timeout "$eval_s" $PY -m qvla_ros.cli eval --suite "$SUITE" --policy "$POLICY" --out "$WORK/eval" "${task_args[@]}" \
       --episodes-per-task "$EVAL_EPS" --workers "$WORKERS" --device "$DEVICE" "${step_args[@]}" --quiet --force \
       >>"$LOG" 2>&1 || log "eval ended early ($?)"
   fi
@@ -139,7 +159,7 @@ if finished && [ -f "$WORK/eval/results.json" ] && [ "$COMPARE_EPS" -gt 0 ] && !
   compare_s=$(( $(left) - 20 ))
   if [ "$compare_s" -gt 60 ]; then
     log "compare: $COMPARE_METHODS, $COMPARE_EPS episodes per task, within ${compare_s}s"
-    timeout "$compare_s" $PY -m qvla_ros.cli compare --policy "$POLICY" --data "$DEMOS" --device "$DEVICE" \
+    timeout "$compare_s" $PY -m qvla_ros.cli compare --suite "$SUITE" --policy "$POLICY" --data "$DEMOS" --device "$DEVICE" \
       --methods "$COMPARE_METHODS" --episodes-per-task "$COMPARE_EPS" --offline-frames "$COMPARE_OFFLINE" --workers "$WORKERS" \
       "${task_args[@]}" "${step_args[@]}" --out "$WORK/compare" --quiet >>"$WORK/compare.log" 2>&1 \
       && touch "$WORK/compare/.complete" || log "compare ended early ($?): call again to resume it"

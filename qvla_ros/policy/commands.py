@@ -16,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="demonstration directory (manifest.json + episode .npz files)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--config", "--preset", dest="config", default="tiny",
-                   help="policy preset: tiny, micro (VLA recipe); oft-small, oft-smoke, oft-micro (OpenVLA-OFT) "
-                        "(default: tiny)")
+                   help="policy preset: tiny, micro (VLA recipe); oft-small, oft-smoke, oft-micro (OpenVLA-OFT; "
+                        "MetaWorld's inputs), oft-small-libero, oft-smoke-libero (LIBERO's) (default: tiny)")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps in total (default: 20000)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per step (default: 256)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")

@@ -254,6 +254,11 @@ _METAWORLD_INPUTS = dict(n_cams=2, image_size=112, patch_size=14, proprio_dim=4,
 _SUBWORD_TOKENS = dict(vocab_size=512, bos_id=1, stop_id=2, empty_id=3, pad_id=4, max_text_tokens=48)
 
 
+#: LIBERO's inputs (qvla_ros.sim.libero: third-person + wrist cameras at 224 px, 8 proprio values,
+#: 7-d actions in OFT's chunks of 8) at oft-small's 112 px, for the LIBERO twins of the presets.
+_LIBERO_INPUTS = dict(_METAWORLD_INPUTS, proprio_dim=8, action_dim=7)
+
+
 def _oft_small() -> OFTConfig:
     # ~54 M parameters, 14x the VLA `tiny` (3.9 M): 38.5 M in a 12-layer Llama (512 wide, MHA with
     # head dim 64 as Llama-2, the MLP at Llama's 2.75x), 11 M in two 8-block towers of 256 (read at
@@ -283,13 +288,23 @@ def _oft_smoke() -> OFTConfig:
     )
 
 
+def _oft_small_libero() -> OFTConfig:
+    # oft-small's network on LIBERO's inputs and actions (bench/gpu/train_oft_small.sh SUITE=libero-object).
+    return _oft_small().replace(name="oft-small-libero", **_LIBERO_INPUTS)
+
+
+def _oft_smoke_libero() -> OFTConfig:
+    return _oft_smoke().replace(name="oft-smoke-libero", **_LIBERO_INPUTS)
+
+
 def _oft_7b() -> OFTConfig:
     # The published LIBERO model. 1 + 2 * 256 + 1 + 47 + 56 + 1 = 618 decoder tokens at
     # max_text_tokens 48 (LIBERO's longest prompts are ~40 tokens; OFT itself runs 590-610 unpadded).
     return OFTConfig(name="oft-7b")
 
 
-OFT_PRESETS = {"oft-micro": _oft_micro, "oft-small": _oft_small, "oft-smoke": _oft_smoke, "oft-7b": _oft_7b}
+OFT_PRESETS = {"oft-micro": _oft_micro, "oft-small": _oft_small, "oft-smoke": _oft_smoke,
+               "oft-small-libero": _oft_small_libero, "oft-smoke-libero": _oft_smoke_libero, "oft-7b": _oft_7b}
 
 
 def get_oft_config(name_or_config: str | OFTConfig | dict) -> OFTConfig:
