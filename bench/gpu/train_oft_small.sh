@@ -3,7 +3,7 @@
 # trained on the language MetaWorld demonstrations on one H200, over as many device calls as it
 # takes, each inside 9.5 minutes. Call it again until it prints "TRAINING FINISHED":
 #
-#   bash bench/gpu/train_oft_small.sh          (carry: .whl_train .gl, as bench/gpu/train_tiny.sh)
+#   bash bench/gpu/train_oft_small.sh          (carry: .mwbundle .gl, as bench/gpu/train_tiny.sh)
 #
 # Every call: setup -> demonstrations until the folder is complete (first call; a later call
 # completes a folder a call left unfinished) -> `qvla train --preset oft-small --resume

@@ -4,17 +4,19 @@
 # measurement on the GPU while the demonstrations are generated on the CPUs.
 #
 # Run from the repository root, on the device:
-#   bash bench/gpu/train_tiny.sh            (carry: .whl_train .gl; results land in $OUT)
+#   bash bench/gpu/train_tiny.sh            (carry: .mwbundle .gl; results land in $OUT)
 # Local dry run of the logic (CPU, seconds of each stage):
 #   OUT=/tmp/o WORK=/tmp/w EPISODES1=1 EPISODES2=1 TASKS=drawer-open,faucet-close EVAL_EPS=1 \
 #   SWAP_EPS=1 MAX_STEPS=8 STEPS=4 BATCH=8 TOTAL_S=400 DEVICE=cpu SETUP=0 PY=.venv/bin/python \
 #   bash bench/gpu/train_tiny.sh
 #
-# .whl_train (ignored through .git/info/exclude) holds the wheels the device image lacks, fetched
-# here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-# --platform manylinux_2_17_x86_64 ... -d .whl_train`: metaworld==3.1.1 mujoco==3.3.0 (cp312)
-# gymnasium==1.4.0 language-world==0.1.1 farama-notifications==0.0.6 glfw==2.11.0 PyOpenGL==3.1.10
-# (47 MB). .gl holds the GL loader debs of the device README (libegl1, libglvnd0, libopengl0, ...).
+# .mwbundle holds .mwbundle/metaworld312.tar.xz (scripts/make_metaworld_bundle.sh, git-ignored,
+# ~8 MiB): the MetaWorld runtime the device image lacks (metaworld 3.1.1 with the ten tasks'
+# assets, mujoco 3.3.0 for cp312, gymnasium, language_world, farama_notifications, glfw, PyOpenGL),
+# which bench/gpu/device_setup.sh unpacks to /tmp/metaworld312 and puts on PYTHONPATH. It replaces
+# .whl_train (the same packages as wheels, 47 MB: with the ~27 MB tree over a call's 64 MiB), which
+# device_setup.sh still installs where it is carried. .gl holds the GL loader debs of the device
+# README (libegl1, libglvnd0, libopengl0, ...). bench/gpu/README.md: what each script carries.
 #
 # Every stage runs under `timeout`, against one deadline (TOTAL_S from the start), so the call
 # always ends with the checkpoint and whatever results exist copied to $OUT (<= 8 files).

@@ -12,74 +12,18 @@ Two sources, combined, so that neither misses what the other sees:
     python -m qvla_ros.sim.libero.bundle --suites libero_object libero_spatial --out used.txt
 
 writes the absolute paths, one a line, sorted. scripts/make_libero_bundle.sh also runs this under
-strace where strace exists and adds what the kernel saw opened.
+strace where strace exists and adds what the kernel saw opened. The audit hook and the XML
+reading are shared with the MetaWorld collector (qvla_ros/sim/bundle_files.py).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Iterable
 
+from ..bundle_files import existing_files, record_opens, write_list, xml_files
+
 __all__ = ["xml_files", "collect_task_files", "collect", "main"]
-
-
-def xml_files(xml: str, base_dir: str | os.PathLike | None = None) -> set[str]:
-    """Absolute paths of the files a MuJoCo XML names (`file`, `fileright`, ... attributes).
-
-    Relative names are resolved as MuJoCo does: against <compiler meshdir/texturedir/assetdir>
-    for meshes/textures (hfields, skins too), then against `base_dir` (the XML's folder)."""
-    root = ET.fromstring(xml)
-    compiler = root.find("compiler")
-    dirs = {k: (compiler.get(k) if compiler is not None else None) for k in ("meshdir", "texturedir", "assetdir")}
-    kind_dir = {"mesh": dirs["meshdir"] or dirs["assetdir"], "skin": dirs["meshdir"] or dirs["assetdir"],
-                "hfield": dirs["assetdir"], "texture": dirs["texturedir"] or dirs["assetdir"]}
-    out: set[str] = set()
-    for element in root.iter():
-        for attr, value in element.attrib.items():
-            if not attr.startswith("file") or not value:
-                continue
-            path = Path(value)
-            if not path.is_absolute():
-                prefix = kind_dir.get(element.tag)
-                if prefix:
-                    path = Path(prefix) / path
-                if not path.is_absolute() and base_dir is not None:
-                    path = Path(base_dir) / path
-            out.add(os.path.normpath(str(path)))
-    return out
-
-
-class _OpenRecorder:
-    """Records the paths of files opened through Python (audit event "open") while active.
-    Audit hooks cannot be removed, so one is installed per process and switched on and off."""
-
-    _instance: "_OpenRecorder | None" = None
-
-    def __init__(self):
-        self.paths: set[str] = set()
-        self.active = False
-        sys.addaudithook(self._hook)
-
-    @classmethod
-    def get(cls) -> "_OpenRecorder":
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def _hook(self, event, args):
-        if not self.active or event != "open" or not args:
-            return
-        path = args[0]
-        if isinstance(path, int):
-            return
-        try:
-            path = os.fsdecode(path)
-        except TypeError:
-            return
-        self.paths.add(os.path.normpath(os.path.abspath(path)))
 
 
 def collect_task_files(suite: str, task_index: int, render: bool = True, steps: int = 2,
@@ -88,10 +32,7 @@ def collect_task_files(suite: str, task_index: int, render: bool = True, steps: 
     times, cameras rendered when `render`. Absolute paths of existing files."""
     from .env import LiberoEnv
 
-    recorder = _OpenRecorder.get()
-    recorder.paths = set()
-    recorder.active = True
-    try:
+    with record_opens() as opened:
         env = LiberoEnv(suite, task_index, image_size=image_size,
                         cameras=("agentview", "robot0_eye_in_hand") if render else ())
         try:
@@ -101,10 +42,8 @@ def collect_task_files(suite: str, task_index: int, render: bool = True, steps: 
             xml = env.libero_env.model.get_xml()
         finally:
             env.close()
-    finally:
-        recorder.active = False
     # (Modules imported by the first task count for it alone; the union over tasks has them.)
-    return {p for p in recorder.paths | xml_files(xml) if os.path.isfile(p)}
+    return existing_files(opened | xml_files(xml))
 
 
 def collect(suites: Iterable[str], tasks: Iterable[int] | None = None, render: bool = True,
@@ -133,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     used = collect(args.suites, args.tasks, render=not args.no_render, steps=args.steps,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    Path(args.out).write_text("".join(p + "\n" for p in sorted(used)))
+    write_list(used, args.out)
     print(f"{len(used)} files -> {args.out}", file=sys.stderr)
     return 0
 
