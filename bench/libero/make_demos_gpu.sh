@@ -48,18 +48,11 @@ fi
 . bench/gpu/device_setup.sh
 [ "$SMOKE" = 1 ] && export MUJOCO_GL=${SMOKE_GL:-egl} PYOPENGL_PLATFORM=${SMOKE_GL:-egl}
 
-# The carried LIBERO bundle, when the simulator does not import as installed.
-LIBERO_BUNDLE=${LIBERO_BUNDLE:-.libbundle/libero312.tar.xz}
-LIBERO_BUNDLE_DIR=${LIBERO_BUNDLE_DIR:-/tmp/libero312}
+# The carried LIBERO bundle, when the simulator does not import as installed (device_setup.sh
+# has already taken it where SETUP=1; this also serves a local SETUP=0 run).
 sim_missing() { $PY -c "from qvla_ros.sim.libero import simulator_missing; print(simulator_missing() or '')" 2>>"$LOG"; }
 if [ -f "$LIBERO_BUNDLE" ] && [ -n "$(sim_missing)" ]; then
-  if [ ! -d "$LIBERO_BUNDLE_DIR/site-packages" ]; then
-    mkdir -p "$LIBERO_BUNDLE_DIR"
-    tar -C "$LIBERO_BUNDLE_DIR" --strip-components=1 -xJf "$LIBERO_BUNDLE" >>"$LOG" 2>&1 ||
-      log "could not unpack $LIBERO_BUNDLE"
-  fi
-  export PYTHONPATH=$LIBERO_BUNDLE_DIR/site-packages:${PYTHONPATH:-}
-  log "LIBERO from the bundle $LIBERO_BUNDLE (unpacked in $LIBERO_BUNDLE_DIR)"
+  use_bundle "$LIBERO_BUNDLE" "$LIBERO_BUNDLE_DIR"
 fi
 
 missing=$($PY -c "from qvla_ros.sim.libero import simulator_missing; print(simulator_missing() or '')" 2>>"$LOG")
