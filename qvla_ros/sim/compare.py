@@ -121,8 +121,8 @@ class CompareSettings:
 
 class SavedPolicyFactory:
     """Picklable zero-argument factory for rollout workers: loads a quantized policy folder
-    written by checkpoint.save_quantized and keeps each layer's dequantized weights cached, which
-    makes the CPU path fast enough for rollouts."""
+    written by checkpoint.save_quantized onto `device` and keeps each layer's dequantized weights
+    cached, which makes the CPU path fast enough for rollouts."""
 
     def __init__(self, path: str | Path, describe: dict | None = None, device: str = "cpu"):
         self.path = str(path)
@@ -351,9 +351,9 @@ class Comparison:
                 raise ValueError(f"{s.data} has no held-out ('val') episodes for the offline metrics "
                                  "(dataset.HELD_OUT_EVERY); record more demonstrations, or pass "
                                  "--offline-frames 0 to skip those metrics")
-        if self.settings.episodes_per_task:
-            bench = get_benchmark(self.settings.suite)
-            bench.resolve_tasks(self.settings.tasks)
+        if s.episodes_per_task:
+            bench = get_benchmark(s.suite)
+            bench.resolve_tasks(s.tasks)
             bench.check_policy(self.policy.config, bench.cameras)
 
     def run(self) -> dict:
