@@ -46,6 +46,9 @@ smoke=(); [[ $SMOKE = 1 ]] && smoke=(--smoke)
 for step in "$@"; do
   case $step in
     gputests)
+      # test_compare_gpu.py needs language_world (qvla_ros.sim's task list) and, for its closed
+      # loop, MetaWorld with EGL: carry .mwbundle and .gl (bench/gpu/README.md).
+      [[ $SMOKE = 1 ]] || . bench/gpu/device_setup.sh
       QVLA_DIRECT_LAUNCH=1 budgeted 200 "$PY" -m pytest -q -n 8 -p no:cacheprovider -rfE \
         test/test_kernels_gpu.py test/test_kernels_mma_gpu.py test/test_policy_graphed_gpu.py \
         test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py test/test_compare_gpu.py ;;
