@@ -6,8 +6,11 @@ folders) only: one the bundle lacks fails to import instead of coming from the i
 site-packages.
 
 A checker's child code is CHILD_PRELUDE followed by its own; the prelude leaves `cfg` (the JSON
-config), `where(mod)`, `show_modules()` and `report_outside()` (prints the modules imported from
-outside the bundle: those the target machine must have).
+config), `where(mod)`, `show_modules()`, `report_outside()` (prints the modules imported from
+outside the bundle: those the target machine must have) and the per-task parts both checkers run:
+`run_task()` (OK/FAIL line, into `results`), `first_frame()` (--save-images / --compare-images,
+into `diffs`), `check_frames()`, `report_diffs()` and `finish()`. Their command-line side is
+`add_frame_args()` / `frame_cfg()`.
 """
 from __future__ import annotations
 
@@ -61,6 +64,58 @@ def report_outside():
                       if getattr(m, "__file__", None) and "site-packages" in m.__file__
                       and not any(os.path.realpath(m.__file__).startswith(b + os.sep) for b in bundle)})
     print("modules from outside the bundle (the machine must have them): " + ", ".join(outside))
+
+results, diffs = [], []   # per task: passed; |first frame - reference| (with compare_images)
+
+def run_task(label, body):
+    """Runs body() (which returns the text after the label), prints `OK` or `FAIL` with the time."""
+    t0 = time.time()
+    try:
+        text = body()
+        line = f"OK   {label} ({time.time() - t0:.1f} s) {text}"
+        results.append(True)
+    except Exception as exc:
+        line = f"FAIL {label} ({time.time() - t0:.1f} s) {type(exc).__name__}: {exc}"
+        traceback.print_exc(limit=4)
+        results.append(False)
+    print(line, flush=True)
+
+def first_frame(key, first, pixels=True):
+    """Saves (save_images) or compares (compare_images) a task's first frame as KEY.npy; the text
+    of the comparison ("" without one), with the share of pixels off by > 8 when `pixels`."""
+    import numpy as np
+    if cfg["save_images"]:
+        np.save(os.path.join(cfg["save_images"], f"{key}.npy"), first)
+    if not cfg["compare_images"]:
+        return ""
+    ref = np.load(os.path.join(cfg["compare_images"], f"{key}.npy")).astype(np.int16)
+    d = np.abs(first.astype(np.int16) - ref)
+    diffs.append(d)
+    text = f" | vs reference: mean |diff| {d.mean():.3f}, max {d.max()}"
+    if pixels:
+        text += f", pixels differing by > 8: {(d.max(-1) > 8).mean() * 100:.2f}%"
+    return text
+
+def check_frames(obs):
+    """Both cameras rendered at image_size, neither flat; proprio finite."""
+    import numpy as np
+    img = obs["images"]
+    assert img.shape == (2, cfg["image_size"], cfg["image_size"], 3), img.shape
+    assert all(float(im.std()) > 1.0 for im in img), "a camera image is flat"
+    assert np.all(np.isfinite(obs["proprio"])), "proprio not finite"
+
+def report_diffs(pixels=True):
+    if diffs:
+        import numpy as np
+        d = np.stack(diffs)
+        text = f"images vs reference over {len(diffs)} tasks: mean |diff| {d.mean():.3f} (0-255), max {d.max()}"
+        if pixels:
+            text += f", pixels differing by > 8 in any channel: {(d.max(-1) > 8).mean() * 100:.2f}%"
+        print(text)
+
+def finish():
+    print(f"{sum(results)}/{len(results)} tasks OK")
+    sys.exit(0 if results and all(results) else 1)
 '''
 
 
@@ -86,6 +141,24 @@ def add_source_args(parser: argparse.ArgumentParser, installed_help: str) -> Non
     parser.add_argument("--extra-path", action="append", default=[], type=Path,
                         help="folder searched before the bundle (e.g. MuJoCo for another Python)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the check")
+
+
+def add_frame_args(parser: argparse.ArgumentParser, image_size: int) -> None:
+    """--steps, --image-size, --save-images, --compare-images."""
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--save-images", type=Path, help="save each task's first frame (.npy) here")
+    parser.add_argument("--compare-images", type=Path,
+                        help="compare each task's first frame with those saved here (e.g. --installed's)")
+
+
+def frame_cfg(args: argparse.Namespace) -> dict:
+    """add_frame_args' values for the child's cfg (absolute paths); creates --save-images' folder."""
+    if args.save_images:
+        args.save_images.mkdir(parents=True, exist_ok=True)
+    return {"steps": args.steps, "image_size": args.image_size,
+            "save_images": str(args.save_images.resolve()) if args.save_images else None,
+            "compare_images": str(args.compare_images.resolve()) if args.compare_images else None}
 
 
 def run_check(args: argparse.Namespace, child: str, bundled: tuple[str, ...], show: tuple[str, ...],

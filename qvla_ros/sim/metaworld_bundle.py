@@ -15,13 +15,12 @@ under strace where strace exists and adds what the kernel saw opened.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
+from functools import partial
 from typing import Iterable
 
-from .bundle_files import existing_files, record_opens, write_list, xml_files, xml_includes
+from .bundle_files import collect_union, collector_main, existing_files, record_opens, xml_files, xml_includes
 
 __all__ = ["collect_task_files", "collect", "main"]
 
@@ -66,27 +65,18 @@ def collect(tasks: Iterable[str] | None = None, render: bool = True, steps: int 
     """Union of collect_task_files over the suite's tasks (or `tasks`)."""
     from .suite import TASK_NAMES
 
-    used: set[str] = set()
-    for name in (list(tasks) if tasks is not None else list(TASK_NAMES)):
-        files = collect_task_files(name, render=render, steps=steps)
-        used |= files
-        if log:
-            log(f"{name}: {len(files)} files ({len(used)} so far)")
-    return used
+    return collect_union(((name, partial(collect_task_files, name, render=render, steps=steps))
+                          for name in (list(tasks) if tasks is not None else list(TASK_NAMES))), log)
+
+
+def _add_args(parser) -> None:
+    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: the ten)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: the ten)")
-    parser.add_argument("--no-render", action="store_true")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", required=True, help="file to write the paths to")
-    args = parser.parse_args(argv)
-    used = collect(args.tasks, render=not args.no_render, steps=args.steps,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    write_list(used, args.out)
-    print(f"{len(used)} files -> {args.out}", file=sys.stderr)
-    return 0
+    return collector_main(argv, __doc__.split("\n\n")[0], _add_args, 3,
+                          lambda args, log: collect(args.tasks, render=not args.no_render,
+                                                    steps=args.steps, log=log))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ reading are shared with the MetaWorld collector (qvla_ros/sim/bundle_files.py).
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from functools import partial
 from typing import Iterable
 
-from ..bundle_files import existing_files, record_opens, write_list, xml_files
+from ..bundle_files import collect_union, collector_main, existing_files, record_opens, xml_files
 
 __all__ = ["xml_files", "collect_task_files", "collect", "main"]
 
@@ -51,30 +50,21 @@ def collect(suites: Iterable[str], tasks: Iterable[int] | None = None, render: b
     """Union of collect_task_files over every task (or `tasks`) of every suite."""
     from .env import suite_size
 
-    used: set[str] = set()
-    for suite in suites:
-        indices = list(tasks) if tasks is not None else list(range(suite_size(suite)))
-        for i in indices:
-            files = collect_task_files(suite, i, render=render, steps=steps)
-            used |= files
-            if log:
-                log(f"{suite}/{i}: {len(files)} files ({len(used)} so far)")
-    return used
+    return collect_union(((f"{suite}/{i}", partial(collect_task_files, suite, i, render=render, steps=steps))
+                          for suite in suites
+                          for i in (list(tasks) if tasks is not None else range(suite_size(suite)))),
+                         log)
+
+
+def _add_args(parser) -> None:
+    parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
+    parser.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (default all)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suites", nargs="+", default=["libero_object", "libero_spatial"])
-    parser.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (default all)")
-    parser.add_argument("--no-render", action="store_true")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--out", required=True, help="file to write the paths to")
-    args = parser.parse_args(argv)
-    used = collect(args.suites, args.tasks, render=not args.no_render, steps=args.steps,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
-    write_list(used, args.out)
-    print(f"{len(used)} files -> {args.out}", file=sys.stderr)
-    return 0
+    return collector_main(argv, __doc__.split("\n\n")[0], _add_args, 2,
+                          lambda args, log: collect(args.suites, args.tasks, render=not args.no_render,
+                                                    steps=args.steps, log=log))
 
 
 if __name__ == "__main__":
