@@ -38,8 +38,8 @@
 # demonstrations from its 30 demonstration initial states (batches of one: a scene takes ~10 s to
 # build), the oft-small-libero preset (oft-small on LIBERO's 8 proprio values and 7-d actions),
 # evaluation and comparison on its held-out states 30-49. Carry .libbundle (scripts/make_libero_bundle.sh)
-# and .gl; bench/libero/make_demos_gpu.sh says how the bundle is unpacked. CPU smoke check:
-#   SMOKE=1 SUITE=libero-object OUT=/tmp/lo WORK=/tmp/lw bash bench/gpu/train_oft_small.sh   (~4 min)
+# and .gl; bench/gpu/device_setup.sh unpacks the bundle. CPU smoke check (119 s on 2 cores):
+#   SMOKE=1 SUITE=libero-object OUT=/tmp/lo WORK=/tmp/lw bash bench/gpu/train_oft_small.sh
 set -u
 START=$(date +%s)
 SMOKE=${SMOKE:-0}

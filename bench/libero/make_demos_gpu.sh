@@ -55,7 +55,7 @@ if [ -f "$LIBERO_BUNDLE" ] && [ -n "$(sim_missing)" ]; then
   use_bundle "$LIBERO_BUNDLE" "$LIBERO_BUNDLE_DIR"
 fi
 
-missing=$($PY -c "from qvla_ros.sim.libero import simulator_missing; print(simulator_missing() or '')" 2>>"$LOG")
+missing=$(sim_missing)
 rc=$?
 if [ -n "$missing" ] || [ $rc -ne 0 ]; then
   log "cannot run: ${missing:-qvla_ros does not import with $PY (see the log)}"

@@ -41,6 +41,7 @@ from ..quant.baselines.methods import MethodSpec, resolve_order
 from ..quant.baselines.qvla_match import QvlaRunner
 from ..quant.baselines.smoothquant import DEFAULT_ALPHAS
 from ..quant.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from ..quant.sensitivity import check_device
 from .benchmarks import DEFAULT_SUITE, get_benchmark
 from .compare_report import DEVIATION_KEY, add_paired_tests, plot_comparison, write_markdown
 from .paired import outcomes_of
@@ -114,8 +115,6 @@ class CompareSettings:
         if self.episodes_per_task < 0 or self.workers < 0:
             raise ValueError("episodes_per_task and workers must be >= 0")
         self.suite = get_benchmark(self.suite).name      # unknown suites fail here
-        from ..quant.sensitivity import check_device
-
         check_device(self.device)                         # unknown or absent devices fail here
 
 
