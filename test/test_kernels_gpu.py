@@ -23,7 +23,7 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def direct_launches(monkeypatch):
     """Every test here runs the bound routes' direct launches (launch_common.BoundLaunch), the path
-    QVLA_DIRECT_LAUNCH=1 turns on, so these tests are its check on a card."""
+    on by default (QVLA_DIRECT_LAUNCH=0 turns it off), so these tests are its check on a card."""
     from qvla_ros.kernels.launch_common import BoundLaunch
     monkeypatch.setattr(BoundLaunch, "direct", True)
 

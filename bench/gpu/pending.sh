@@ -50,7 +50,7 @@ for step in "$@"; do
       # test_compare_gpu.py needs language_world (qvla_ros.sim's task list) and, for its closed
       # loop, MetaWorld with EGL: carry .mwbundle and .gl (bench/gpu/README.md).
       [[ $SMOKE = 1 ]] || . bench/gpu/device_setup.sh
-      QVLA_DIRECT_LAUNCH=1 budgeted 330 "$PY" -m pytest -q -n 16 -p no:cacheprovider -rfE \
+      budgeted 330 "$PY" -m pytest -q -n 16 -p no:cacheprovider -rfE \
         test/test_kernels_gpu.py test/test_kernels_mma_gpu.py test/test_policy_graphed_gpu.py \
         test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py test/test_compare_gpu.py ;;
     serve)

@@ -198,7 +198,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, bits: int, group_size: in
         wc = w[r1:r1 + row_chunk]
         reference = torch.einsum("tgk,ngk->ntg", xg, wc)
         absmax = wc.abs().amax(-1, keepdim=True)
-        best_err = torch.full(absmax.shape, float("inf"))
+        best_err = torch.full(absmax.shape, float("inf"), device=absmax.device)
         best = absmax.clone()
         for i in range(int(max_shrink * grid)):
             m = absmax * (1 - i / grid)
@@ -215,7 +215,7 @@ def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int | No
     """`weight` [N, K] clamped to [-m, m] per group (m [N, groups] from search_clip)."""
     n, k = weight.shape
     g = k if group_size is None else group_size
-    m = max_val.repeat_interleave(g, dim=1)[:, :k].to(weight.dtype)
+    m = max_val.repeat_interleave(g, dim=1)[:, :k].to(weight.device, weight.dtype)
     return torch.maximum(torch.minimum(weight, m), -m)
 
 
