@@ -189,3 +189,23 @@ def test_interrupted_closed_loop_log_is_read_back(tmp_path):
     # interruption cut short are dropped.
     assert got == [("a", 1, True), ("a", 2, True), ("b", 1, True)]
     assert Comparison._logged_episodes(tmp_path / "missing.jsonl", ["a"], [1]) == []
+
+
+def test_qvla_prices_rows_in_the_layout_its_memory_is_measured_in():
+    """On a GPU the kernels' layout is what stays resident (and what weight_memory measures), so the
+    runner allocates in it there; on the CPU in the packed layout. Either way the plan keeps to the
+    matched budget in its own units."""
+    from qvla_ros.quant.baselines.methods import parse_method
+    from qvla_ros.quant.baselines.qvla_match import QvlaRunner
+    from qvla_ros.quant.calibration import synthetic_frames
+
+    frames = synthetic_frames(make_policy("micro", seed=0).config, 4, seed=0)
+    spec = parse_method("qvla-b12")
+    for layout, version in ((None, 2), ("kernel", 3)):   # None on a CPU policy: packed
+        policy = make_policy("micro", seed=0).eval()
+        info = QvlaRunner(frames, progress=False, layout=layout)(policy, frames, spec, 12.0)
+        plan = info["plan"]
+        assert plan.version == version and info["allocation"].get("layout", "packed") == (layout or "packed")
+        assert plan.weight_bits() <= 12.0 * plan.params
+    with pytest.raises(ValueError, match="layout"):
+        QvlaRunner(frames, layout="gpu")

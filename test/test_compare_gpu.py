@@ -1,7 +1,8 @@
 """`qvla compare --device cuda`: every method family quantized on the GPU (calibration, QVLA's
 sensitivity, GPTQ's Hessians, AWQ's search, SmoothQuant's alphas), saved from the CPU, scored
 offline and (where MetaWorld is installed) rolled out by a worker on the GPU; the table matches the
-same comparison on the CPU within float tolerance. Needs a CUDA device (bench/gpu/pending.sh runs
+same comparison on the CPU within float tolerance, except for memory in the layout each device
+holds (per-channel rows in the kernels' layout on the GPU) and QVLA's plans, priced in it. Needs a CUDA device (bench/gpu/pending.sh runs
 it on the card, where MetaWorld is there only if its wheels were carried)."""
 import importlib.util
 import json
@@ -43,13 +44,23 @@ def test_compare_on_the_gpu_matches_the_cpu(tmp_path):
                 for d in ("gpu", "cpu"))
     assert json.loads((tmp_path / "gpu" / "compare.json").read_text())["settings"]["device"] == "cuda"
     assert list(gpu) == METHODS.split(",")
+    bits = {name: (gpu[name]["memory"]["bits_per_param"], cpu[name]["memory"]["bits_per_param"]) for name in gpu}
     for name in gpu:
         g, c = gpu[name], cpu[name]
-        # the same widths everywhere except where QVLA's allocation sits on a float tie
-        assert g["memory"]["bits_per_param"] == pytest.approx(c["memory"]["bits_per_param"], rel=0.02), name
         assert np.isfinite(g["offline"]["l1"])
         if EPISODES:
             assert g["closed_loop"]["overall"]["episodes"] == 1
+        if name.startswith("qvla"):
+            continue   # allocated in another layout on each device (below)
+        # Per-channel rows (MixedBitLinear) are resident in the kernels' layout on the GPU (fp32
+        # scales and zeros, K padded to whole blocks), so they measure more there; the rest the same.
+        if name in ("rtn-w4", "sq-w8a8"):
+            assert bits[name][0] > bits[name][1], name
+        else:
+            assert bits[name][0] == pytest.approx(bits[name][1], rel=1e-6), name
         assert g["offline"]["l1"] == pytest.approx(c["offline"]["l1"], rel=0.05, abs=1e-3), name
+    # QVLA prices rows in the layout its memory is measured in, so on either device it keeps to
+    # the measured memory of the baseline it matches.
+    assert bits["qvla@rtn-w4"][0] <= bits["rtn-w4"][0] and bits["qvla@rtn-w4"][1] <= bits["rtn-w4"][1]
     for name in ("rtn-w4", "gptq-g32-w3", "awq-g32-w3"):
         assert gpu[name]["offline"]["action_error_vs_fp"] > 0

@@ -18,6 +18,12 @@ def test_spelling():
             Perturbation.parse(bad)
 
 
+@pytest.mark.parametrize("text", ["brightness=1.2", "shift=-2", "rephrase", "brightness=0.8,shift=2,rephrase"])
+def test_spec_spells_what_parse_reads(text):
+    assert Perturbation.parse(text).spec == text
+    assert Perturbation().spec == "plain"
+
+
 def test_brightness_scales_and_clips():
     images = torch.tensor([0, 10, 100, 240], dtype=torch.uint8).reshape(1, 1, 2, 2, 1).expand(1, 1, 2, 2, 3)
     out = Perturbation(brightness=1.2).images(images)

@@ -4,11 +4,16 @@ every run on the same held-out seeds, each perturbed run paired with the same pl
 
     .venv/bin/python bench/robustness/robustness.py --episodes 10 --out bench/robustness/tiny.json
     .venv/bin/python bench/robustness/robustness.py --smoke --out /tmp/robust.json   # 1 task, 2 episodes
+    # on a GPU, the float policy and a quantized checkpoint (e.g. a `qvla compare` run's policy/):
+    python bench/robustness/robustness.py --policy P --plans float,RUN/policy --device cuda --workers 16 --out r.json
+    # pair `qvla eval [--perturb ...]` results made elsewhere (no rollouts):
+    python bench/robustness/robustness.py --from-results plain/results.json bright/results.json --out r.json
 
-Writes JSON: per plan ("float" or the plan file) and condition ("plain", "brightness=1.2", ...):
-success, Wilson interval and, for perturbed conditions, the paired comparison with plain; plus
-the same plan-vs-float pairs under each condition. Shows progress per run. A run cut short keeps
-what it measured (the JSON is rewritten after every run).
+A plan is "float", a BitPlan file (applied to --policy) or a quantized checkpoint directory. Writes
+JSON: per plan and condition ("plain", "brightness=1.2", ...): success, Wilson interval and, for
+perturbed conditions, the paired comparison with plain; plus the same plan-vs-float pairs under
+each condition. Shows progress per run. A run cut short keeps what it measured (the JSON is
+rewritten after every run).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from qvla_ros.io import atomic_write_text  # noqa: E402
-from qvla_ros.sim.evaluate import cpu_model, evaluate  # noqa: E402
+from qvla_ros.sim.evaluate import EvalResults, cpu_model, evaluate  # noqa: E402
 from qvla_ros.sim.factories import make_factory  # noqa: E402
 from qvla_ros.sim.paired import compare_paired, outcomes_of  # noqa: E402
 from qvla_ros.sim.perturb import Perturbation  # noqa: E402
@@ -31,17 +36,70 @@ CONDITIONS = ("plain", "brightness=1.2", "brightness=0.8", "shift=2", "rephrase"
 PLANS = ("float", "config/plans/tiny_qvla_4.0.json", "config/plans/tiny_qvla_3.0.json")
 
 
+class Robustness:
+    """The result document, built one run at a time: after each run, every perturbed run is paired
+    with its plan's plain run and every plan's run with float's under the same condition, as far
+    as both sides have run."""
+
+    def __init__(self, header: dict, out: Path):
+        self.doc = {**header, "runs": {}, "vs_plain": {}, "vs_float": {}}
+        self.out, self.outcomes, self.started = out, {}, time.perf_counter()
+
+    def add(self, plan: str, cond: str, run: EvalResults) -> None:
+        key = f"{plan} | {cond}"
+        if (plan, cond) in self.outcomes:
+            raise ValueError(f"two runs of {key}")
+        self.outcomes[(plan, cond)] = outcomes_of(run.episodes)
+        self.doc["runs"][key] = {"success": run.overall["rate"], "ci95": run.overall["ci95"],
+                                 "episodes": run.overall["episodes"],
+                                 "wall_time_s": run.settings.get("wall_time_s")}
+        for (p, c), outcome in self.outcomes.items():
+            if c != "plain" and (p, "plain") in self.outcomes:
+                self.doc["vs_plain"][f"{p} | {c}"] = compare_paired(outcome, self.outcomes[(p, "plain")])
+            if p != "float" and ("float", c) in self.outcomes:
+                self.doc["vs_float"][f"{p} | {c}"] = compare_paired(outcome, self.outcomes[("float", c)])
+        self.doc["total_s"] = round(time.perf_counter() - self.started, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out, json.dumps(self.doc, indent=1) + "\n")
+
+
+def from_results(paths: list[Path], out: Path, command: str) -> dict:
+    """Pair saved `qvla eval` results: each file's plan from its settings (no plan: "float") and
+    its condition from its perturbation."""
+    runs = [(p, EvalResults.load(p)) for p in paths]
+    first = runs[0][1].settings
+    book = Robustness({"policy": first.get("policy", {}).get("path"), "suite": first.get("suite"),
+                       "episodes_per_task": first.get("episodes_per_task"), "cpu": first.get("cpu"),
+                       "from_results": [str(p) for p in paths], "command": command}, out)
+    for path, run in runs:
+        pol = run.settings.get("policy", {})
+        plan = pol.get("plan") or "float"
+        pert = run.settings.get("perturbation")
+        cond = Perturbation(**pert).spec if pert else "plain"
+        print(f"== {path}: {plan} / {cond} {run.overall['rate']:.1%}", flush=True)
+        book.add(plan, cond, run)
+    return book.doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--policy", default=str(REPO / "qvla_ros" / "assets" / "policy_tiny"))
-    ap.add_argument("--plans", default=",".join(PLANS), help="comma-separated: float and/or plan files")
+    ap.add_argument("--plans", default=",".join(PLANS),
+                    help="comma-separated: float, BitPlan files and/or quantized checkpoint directories")
     ap.add_argument("--conditions", default=",".join(CONDITIONS))
     ap.add_argument("--tasks", default=None, help="default: the whole suite")
     ap.add_argument("--episodes", type=int, default=10, help="per task")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device of the policy (cuda: CUDA-graphed)")
+    ap.add_argument("--from-results", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="pair these `qvla eval` results.json files instead of running anything")
     ap.add_argument("--smoke", action="store_true", help="1 task, 2 episodes, float and one condition")
     args = ap.parse_args(argv)
+    command = "bench/robustness/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_results:
+        from_results(args.from_results, args.out, command)
+        return 0
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if args.smoke:
@@ -49,29 +107,20 @@ def main(argv=None) -> int:
     if conditions[0] != "plain":
         ap.error("the first condition must be 'plain' (every other is paired with it)")
     perturbations = {c: None if c == "plain" else Perturbation.parse(c) for c in conditions}  # bad spellings fail here
-    result = {"policy": args.policy, "tasks": args.tasks or "all", "episodes_per_task": args.episodes,
-              "cpu": cpu_model(), "runs": {}, "vs_plain": {}, "vs_float": {},
-              "command": "bench/robustness/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    outcomes = {}
-    started = time.perf_counter()
+    book = Robustness({"policy": args.policy, "tasks": args.tasks or "all", "episodes_per_task": args.episodes,
+                       "cpu": cpu_model(), "device": args.device, "command": command}, args.out)
     for plan in plans:
-        factory = make_factory(args.policy, None if plan == "float" else str(REPO / plan), "cpu")
+        path = None if plan == "float" else REPO / plan   # an absolute path stays itself
+        if path is not None and path.is_dir():            # a quantized checkpoint: the policy itself
+            factory = make_factory(str(path), None, args.device)
+        else:
+            factory = make_factory(args.policy, None if path is None else str(path), args.device)
         for cond in conditions:
             print(f"== {plan} / {cond}", flush=True)
             run = evaluate(factory, tasks=args.tasks, episodes_per_task=args.episodes, workers=args.workers,
                            perturbation=perturbations[cond], progress=True)
-            key = f"{plan} | {cond}"
-            outcomes[(plan, cond)] = outcomes_of(run.episodes)
-            result["runs"][key] = {"success": run.overall["rate"], "ci95": run.overall["ci95"],
-                                   "episodes": run.overall["episodes"], "wall_time_s": run.settings["wall_time_s"]}
-            if cond != "plain":
-                result["vs_plain"][key] = compare_paired(outcomes[(plan, cond)], outcomes[(plan, "plain")])
-            if plan != "float" and ("float", cond) in outcomes:
-                result["vs_float"][key] = compare_paired(outcomes[(plan, cond)], outcomes[("float", cond)])
-            result["total_s"] = round(time.perf_counter() - started, 1)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-            print(json.dumps({key: result["runs"][key]}), flush=True)
+            book.add(plan, cond, run)
+            print(json.dumps({f"{plan} | {cond}": book.doc["runs"][f"{plan} | {cond}"]}), flush=True)
     return 0
 
 

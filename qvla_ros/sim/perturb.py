@@ -85,6 +85,14 @@ class Perturbation:
     def describe(self) -> dict:
         return asdict(self)
 
+    @property
+    def spec(self) -> str:
+        """The `parse` text of this perturbation ('brightness=1.2,shift=2'); 'plain' for none."""
+        parts = ([f"brightness={self.brightness:g}"] if self.brightness != 1.0 else []) + \
+                ([f"shift={self.shift_pixels}"] if self.shift_pixels else []) + \
+                (["rephrase"] if self.rephrase else [])
+        return ",".join(parts) or "plain"
+
     def images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W, 3] -> the same, perturbed."""
         out = images

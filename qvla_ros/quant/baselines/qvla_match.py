@@ -38,13 +38,22 @@ class QvlaRunner:
             (None: its default, every action number when the chunk has at most 64).
         cache_dir: where sensitivity tables are kept between runs (None: memory only).
         max_prune_fraction: the allocator's cap on pruned rows per layer.
+        layout: how the allocator prices a row: "packed" (the packed buffers, what a CPU holds
+            and a checkpoint stores) or "kernel" (what the GPU kernels hold resident: fp32 scales
+            and zeros, K padded to whole blocks). None: the layout of the device the policy is
+            on, the one whose bytes `weight_memory` then measures, so QVLA's measured memory keeps
+            to the matched baseline's.
     """
 
     def __init__(self, frames: CalibrationFrames, *, estimator: str = "jacobian",
                  cache_dir: str | Path | None = None, max_prune_fraction: float = 0.5,
-                 projections: int | None = None, seed: int = 0, progress: bool = True):
+                 projections: int | None = None, seed: int = 0, progress: bool = True,
+                 layout: str | None = None):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if layout not in (None, "packed", "kernel"):
+            raise ValueError(f"layout must be 'packed', 'kernel' or None (by device), got {layout!r}")
+        self.layout = layout
         self.frames = frames
         self.estimator = estimator
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -100,7 +109,8 @@ class QvlaRunner:
     def __call__(self, policy: nn.Module, batches: Sequence[Mapping], spec: MethodSpec,
                  budget: float) -> dict:
         table = self.sensitivity(policy, spec.rounding, batches)
-        result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction)
+        layout = self.layout or ("kernel" if next(policy.parameters()).device.type == "cuda" else "packed")
+        result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction, layout=layout)
         plan = result.to_plan(table, act_bits=spec.abits,
                               provenance={"method": spec.name, "rounding": spec.rounding})
         info = {}
