@@ -209,3 +209,29 @@ def test_qvla_prices_rows_in_the_layout_its_memory_is_measured_in():
         assert plan.weight_bits() <= 12.0 * plan.params
     with pytest.raises(ValueError, match="layout"):
         QvlaRunner(frames, layout="gpu")
+
+
+def test_a_whole_policy_budget_counts_every_weight():
+    """qvla-b{X}-whole: the allocator's whole-policy scope, so the MEASURED whole-policy bits (the
+    weights no method quantizes at their stored width) keep to X, and the quantized Linears get
+    what is left of it."""
+    from qvla_ros.quant.baselines.api import quantize_baseline
+    from qvla_ros.quant.baselines.methods import MethodError, parse_method
+    from qvla_ros.quant.baselines.qvla_match import QvlaRunner
+    from qvla_ros.quant.calibration import synthetic_frames
+
+    spec = parse_method("qvla-gptq-b9.5-whole")
+    assert (spec.scope, spec.budget, spec.rounding) == ("whole", 9.5, "gptq")
+    assert parse_method("qvla-b4.0").scope == "planned"
+    with pytest.raises(MethodError, match=r"\(0, 32\]"):
+        parse_method("qvla-b33-whole")
+    frames = synthetic_frames(make_policy("micro", seed=0).config, 4, seed=0)
+    runner = QvlaRunner(frames, progress=False)
+    for method in ("qvla-b12-whole", "qvla-b12"):
+        result = quantize_baseline(make_policy("micro", seed=0).eval(), method, frames, qvla=runner,
+                                   progress=False)
+        whole, planned = result.memory.policy_bits_per_param, result.memory.bits_per_param
+        if method.endswith("-whole"):
+            assert 11.5 < whole <= 12.0 and planned < whole   # the float32 rest takes its share
+        else:
+            assert 11.5 < planned <= 12.0 and whole > 12.0

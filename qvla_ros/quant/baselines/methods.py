@@ -12,6 +12,8 @@
     qvla@METHOD         QVLA weight-only at METHOD's measured bits/param
     qvla-a8@METHOD      QVLA with 8-bit activations at METHOD's measured bits/param
     qvla-b{X}, qvla-a8-b{X}   QVLA at a budget of X bits/param (e.g. qvla-b4.25)
+    qvla-b{X}-whole     QVLA at X bits/param over the WHOLE policy (quant/accounting.py: the
+                        weights no method quantizes count at their stored width), e.g. qvla-b4.0-whole
     qvla-gptq...        any QVLA form above with its rows rounded by GPTQ at the widths QVLA
                         chose (e.g. qvla-gptq@gptq-w4, qvla-a8-gptq-b4.0); plain QVLA rounds
                         each row to nearest
@@ -41,7 +43,7 @@ _SQ = re.compile(r"sq-w(\d+)a8")
 _GPTQ = re.compile(r"gptq-w(\d+)")
 _AWQ = re.compile(r"awq-w(\d+)")
 _QVLA_MATCH = re.compile(r"qvla(-a8)?(-gptq)?@(.+)")
-_QVLA_BUDGET = re.compile(r"qvla(-a8)?(-gptq)?-b(\d+(?:\.\d+)?)")
+_QVLA_BUDGET = re.compile(r"qvla(-a8)?(-gptq)?-b(\d+(?:\.\d+)?)(-whole)?")
 
 
 class MethodError(ValueError):
@@ -61,6 +63,8 @@ class MethodSpec:
             group-wise (None: one per output channel).
         match: for QVLA, the method whose measured bits/param is the budget.
         budget: for QVLA, an explicit budget in bits/param.
+        scope: what a QVLA budget counts: "planned" (the quantized Linears' weights) or "whole"
+            (every weight of the policy, the rest at its stored width).
         rounding: for QVLA, how a row is rounded at its allocated width: "rtn" (to nearest, what
             a plan file alone reproduces) or "gptq" (GPTQ's error feedback, needs calibration).
     """
@@ -73,6 +77,7 @@ class MethodSpec:
     match: str | None = None
     budget: float | None = None
     rounding: str = "rtn"
+    scope: str = "planned"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,10 +128,12 @@ def parse_method(name: str) -> MethodSpec:
         return MethodSpec(text, "awq", wbits=_wbits(text, m[1], (8, 4, 3, 2)))
     if m := _QVLA_BUDGET.fullmatch(text):
         budget = float(m[3])
-        if not 0 < budget <= 16:
-            raise MethodError(f"{text}: a budget is in (0, 16] bits/param, got {budget}")
+        scope = "whole" if m[4] else "planned"
+        top = 32 if m[4] else 16   # a whole policy stored in float32 is 32 bits/param
+        if not 0 < budget <= top:
+            raise MethodError(f"{text}: a budget is in (0, {top}] bits/param, got {budget}")
         return MethodSpec(text, "qvla", abits=8 if m[1] else 16, budget=budget,
-                          rounding="gptq" if m[2] else "rtn")
+                          rounding="gptq" if m[2] else "rtn", scope=scope)
     if m := _QVLA_MATCH.fullmatch(text):
         target = parse_method(m[3])
         if target.family in ("qvla", "fp"):
@@ -137,7 +144,7 @@ def parse_method(name: str) -> MethodSpec:
     raise MethodError(f"unknown method {name!r}; known forms: fp, rtn-w{{8,4,3,2}}, "
                       f"rtn-g{{G}}-w{{4,3,2}}, sq-w{{8,4}}a8, gptq-w{{4,3}}, gptq-g{{G}}-w{{4,3}}, awq-w{{4,3}}, "
                       f"awq-g{{G}}-w{{4,3}} (G a multiple of 8), "
-                      f"qvla@METHOD, qvla-a8@METHOD, qvla-b{{X}}, qvla-a8-b{{X}}, and each QVLA "
+                      f"qvla@METHOD, qvla-a8@METHOD, qvla-b{{X}}, qvla-a8-b{{X}}, qvla-b{{X}}-whole (whole-policy bits), and each QVLA "
                       f"form with -gptq after qvla/qvla-a8")
 
 

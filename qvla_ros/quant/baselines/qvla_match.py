@@ -110,7 +110,8 @@ class QvlaRunner:
                  budget: float) -> dict:
         table = self.sensitivity(policy, spec.rounding, batches)
         layout = self.layout or ("kernel" if next(policy.parameters()).device.type == "cuda" else "packed")
-        result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction, layout=layout)
+        result = allocate(table, budget, max_prune_fraction=self.max_prune_fraction, layout=layout,
+                          scope=spec.scope)
         plan = result.to_plan(table, act_bits=spec.abits,
                               provenance={"method": spec.name, "rounding": spec.rounding})
         info = {}
