@@ -235,3 +235,27 @@ def test_a_whole_policy_budget_counts_every_weight():
             assert 11.5 < whole <= 12.0 and planned < whole   # the float32 rest takes its share
         else:
             assert 11.5 < planned <= 12.0 and whole > 12.0
+
+
+def test_a_bfloat16_policy_is_compared_as_deployed(setup):
+    """--dtype bfloat16: the float row and every weight no method quantizes are bf16 (16 whole bits
+    for fp), the quantized checkpoints keep it, and a whole-policy budget then leaves the quantized
+    Linears what 16-bit rest leaves; the rollouts run those checkpoints."""
+    import torch
+    from qvla_ros.quant.checkpoint import load_quantized
+
+    out = setup / "bf16"
+    assert _run(setup, out, "fp,rtn-g32-w4,qvla-b12-whole", extra=("--dtype", "bfloat16")) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["settings"]["dtype"] == "bfloat16" and "float policy in bfloat16" in (out / "compare.md").read_text()
+    rows = {r["method"]["name"]: r for r in doc["rows"]}
+    assert rows["fp"]["memory"]["policy_bits_per_param"] == pytest.approx(16.0, abs=0.01)
+    assert rows["rtn-g32-w4"]["memory"]["policy_bits_per_param"] < 16
+    assert 11.5 < rows["qvla-b12-whole"]["memory"]["policy_bits_per_param"] <= 12.0
+    for row in rows.values():
+        assert row["closed_loop"]["overall"]["episodes"] == 1
+    policy = load_quantized(next((out / "runs").glob("rtn-g32-w4-*")) / "policy")
+    assert {p.dtype for p in policy.parameters() if p.is_floating_point()} == {torch.bfloat16}
+    # the float32 run of the same methods is another cache entry, not this one
+    assert not set(p.name for p in (out / "runs").iterdir()) & set(
+        p.name for p in (setup / "out" / "runs").iterdir() if p.name.startswith("fp-"))

@@ -43,12 +43,19 @@ def _tensor_bits(t: torch.Tensor) -> int:
     return t.numel() * t.element_size() * 8
 
 
+#: a packed layer (MixedBitLinear, GroupWiseLinear) keeps its Linear's bias in float32, whatever
+#: the Linear held it in
+PACKED_BIAS_BITS = 32
+
+
 def policy_storage(model: nn.Module) -> dict[str, Any]:
     """What a float policy stores: {"params": weights, "bits": their stored bits,
-    "linear_weight_bits": {Linear name: stored bits per element of its weight}}."""
+    "linear_weight_bits": {Linear name: stored bits per element of its weight},
+    "linear_bias": {Linear name: [bias elements, stored bits per element]} for Linears with a bias}."""
     seen: set[int] = set()
     params = bits = 0
     linear: dict[str, int] = {}
+    biases: dict[str, list[int]] = {}
     for module_name, module in model.named_modules():
         for _, t in _own_weights(module):
             if id(t) in seen:
@@ -58,7 +65,9 @@ def policy_storage(model: nn.Module) -> dict[str, Any]:
             bits += _tensor_bits(t)
         if isinstance(module, nn.Linear):
             linear[module_name] = module.weight.element_size() * 8
-    return {"params": int(params), "bits": int(bits), "linear_weight_bits": linear}
+            if module.bias is not None:
+                biases[module_name] = [module.bias.numel(), module.bias.element_size() * 8]
+    return {"params": int(params), "bits": int(bits), "linear_weight_bits": linear, "linear_bias": biases}
 
 
 def check_storage(storage: Any, where: str = "storage record") -> dict[str, Any]:
@@ -74,6 +83,12 @@ def check_storage(storage: Any, where: str = "storage record") -> dict[str, Any]
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64
             for k, v in widths.items()):
         raise ValueError(f"{where}: 'linear_weight_bits' must map Linear names to stored bits per weight")
+    biases = storage.get("linear_bias", {})   # absent in records made before it was kept
+    if not isinstance(biases, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+            for k, v in biases.items()):
+        raise ValueError(f"{where}: 'linear_bias' must map Linear names to [bias elements, stored bits]")
     return dict(storage)
 
 
@@ -88,7 +103,11 @@ def rest_of_policy(storage: Mapping[str, Any], layer_params: Mapping[str, int]) 
                          "it was made for another model")
     planned_bits = sum(int(n) * widths[name] for name, n in layer_params.items())
     planned_params = sum(int(n) for n in layer_params.values())
-    rest = storage["bits"] - planned_bits
+    # Packing a layer widens its bias to float32 (a bf16 policy's biases grow); the rest grows with it.
+    biases = storage.get("linear_bias", {})
+    widened = sum(n * (PACKED_BIAS_BITS - b) for name, (n, b) in biases.items()
+                  if name in layer_params and b < PACKED_BIAS_BITS)
+    rest = storage["bits"] - planned_bits + widened
     if rest < 0 or planned_params > storage["params"]:
         raise ValueError(f"the storage record ({storage['params']} weights, {storage['bits']} bits) is smaller "
                          f"than the layers it should hold ({planned_params} weights, {planned_bits} bits)")

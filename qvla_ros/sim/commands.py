@@ -9,6 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+#: `qvla compare --dtype`: the widths a float policy can be loaded in (sim/compare.py's DTYPES)
+COMPARE_DTYPES = ("float32", "bfloat16")
+
 __all__ = ["register"]
 
 _COMPARE_HELP = ("QVLA against RTN, SmoothQuant, GPTQ and AWQ on one policy and benchmark at equal "
@@ -117,7 +120,7 @@ def register(subparsers) -> None:
                    help="comma-separated methods (default: all); forms: fp, rtn-w{8,4,3,2}, "
                         "rtn-g{G}-w{4,3,2}, sq-w{8,4}a8, gptq-w{4,3}, gptq-g{G}-w{4,3}, awq-w{4,3}, "
                         "awq-g{G}-w{4,3}, qvla@METHOD, "
-                        "qvla-a8@METHOD, qvla-b{X}")
+                        "qvla-a8@METHOD, qvla-b{X}, qvla-b{X}-whole")
     p.add_argument("--policy", default="default",
                    help="float policy checkpoint directory, or 'default' (the shipped one)")
     p.add_argument("--data", default=None,
@@ -138,6 +141,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu",
                    help="torch device for quantization, offline metrics and the rollout workers' "
                         "policies (each worker on a CUDA device makes its own context)")
+    p.add_argument("--dtype", choices=COMPARE_DTYPES, default="float32",
+                   help="width the float policy is loaded in, and with it every weight no method "
+                        "quantizes (bfloat16: as a robot deploys it; whole-policy bits then count "
+                        "the rest at 16)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the --workers as Ray actors ('local', 'auto' or a cluster address)")
     p.add_argument("--suite", choices=SUITES, default=DEFAULT_SUITE,
@@ -251,7 +258,7 @@ def _compare(args) -> int:
             methods=methods, policy=None if args.policy == "default" else args.policy,
             data=args.data, synthetic=args.synthetic, frames=args.frames, estimator=args.estimator, projections=args.projections,
             episodes_per_task=args.episodes_per_task, workers=args.workers, device=args.device,
-            ray=args.ray, suite=args.suite, tasks=args.tasks,
+            dtype=args.dtype, ray=args.ray, suite=args.suite, tasks=args.tasks,
             max_steps=args.max_steps, offline_frames=args.offline_frames,
             alphas=args.alphas or DEFAULT_ALPHAS, seed=args.seed)
     except ValueError as exc:

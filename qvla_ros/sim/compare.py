@@ -48,6 +48,8 @@ from .paired import outcomes_of
 
 RUNS_DIR = "runs"
 POLICY_DIR = "policy"  # the quantized policy of one run (quant/checkpoint.py)
+#: CompareSettings.dtype -> the dtype the float policy is loaded in (qvla compare --dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -66,6 +68,9 @@ class CompareSettings:
             default, one per action number for chunks of at most 64 numbers).
         episodes_per_task: closed-loop episodes per task (0: skip the closed loop).
         workers: rollout worker processes (with ray: Ray actors).
+        dtype: "float32" or "bfloat16": the width the float policy is loaded in (load_policy), so
+            the float row, every method's calibration and every weight no method quantizes are in
+            it (bfloat16: the policy as a robot deploys it; the checkpoints keep it).
         device: torch device of the float policy, of every method's quantization (calibration,
             sensitivity, GPTQ/AWQ statistics), of the offline metrics and of each rollout worker's
             policy. Quantized policies are saved from the CPU; on a CUDA device each worker makes
@@ -91,6 +96,7 @@ class CompareSettings:
     episodes_per_task: int = 50
     workers: int = 2
     device: str = "cpu"
+    dtype: str = "float32"
     ray: str | None = None
     suite: str = DEFAULT_SUITE
     tasks: str | None = None
@@ -116,6 +122,8 @@ class CompareSettings:
             raise ValueError("episodes_per_task and workers must be >= 0")
         self.suite = get_benchmark(self.suite).name      # unknown suites fail here
         check_device(self.device)                         # unknown or absent devices fail here
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 class SavedPolicyFactory:
@@ -179,7 +187,8 @@ class Comparison:
         if self._policy is None:
             from ..policy import load_policy
 
-            self._policy = load_policy(self.settings.policy, device=self.settings.device).eval()
+            self._policy = load_policy(self.settings.policy, device=self.settings.device,
+                                       dtype=DTYPES[self.settings.dtype]).eval()
         return self._policy
 
     @property
@@ -219,6 +228,8 @@ class Comparison:
                "budget": None if budget is None else round(budget, 6)}
         if spec.family == "qvla" and s.projections is not None:
             doc["projections"] = s.projections
+        if s.dtype != "float32":   # float32 runs keep the ids they had before dtype existed
+            doc["dtype"] = s.dtype
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     # ---- one method ---------------------------------------------------------------------------

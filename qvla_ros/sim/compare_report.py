@@ -90,7 +90,7 @@ def write_markdown(doc: dict, path: str | Path) -> Path:
         f"max {s['max_steps']} steps, "
         f"QVLA sensitivity: {s['estimator']}.",
         f"Ran on: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {s['workers']} rollout workers, "
-        f"device {s.get('device', 'cpu')}.",
+        f"device {s.get('device', 'cpu')}, float policy in {s.get('dtype', 'float32')}.",
         "",
         "Success in %; the average carries its Wilson 95% interval. Memory is measured from the "
         "stored tensors of the quantized Linears (codes, scales, zero-points, row indices, group "
