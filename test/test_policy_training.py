@@ -139,6 +139,28 @@ def test_train_writes_a_loadable_checkpoint_and_resumes(tmp_path, one_thread):
         train(synthetic_episodes(), out, cfg, manifest={"episodes": 5}, resume=True, progress=False)
 
 
+def test_a_forward_that_fails_to_compile_trains_eagerly(tmp_path, one_thread, monkeypatch):
+    """--compile where torch.compile breaks on the first step: the run goes on eagerly to the end,
+    and training.json says what failed."""
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("inductor: no C compiler")
+        return compiled
+
+    runs = {}
+    for name, compile_ in (("eager", False), ("broken", True)):
+        cfg = TrainConfig(config="micro", steps=4, batch_size=8, checkpoint_every=4, log_every=2,
+                          warmup_steps=1, seed=1, compile=compile_)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "compile", broken_compile)
+            runs[name] = train(synthetic_episodes(), tmp_path / name, cfg, manifest={"episodes": 4},
+                               data_path="synthetic", progress=False)
+    assert runs["eager"]["compiled"] is False
+    assert runs["broken"]["compiled"].startswith("failed, eager instead: RuntimeError: inductor")
+    assert runs["broken"]["finished"] and runs["broken"]["steps_done"] == 4
+    assert json.loads((tmp_path / "broken" / "training.json").read_text())["compiled"] == runs["broken"]["compiled"]
+
+
 def test_train_config_validation():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)

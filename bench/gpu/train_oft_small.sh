@@ -25,8 +25,12 @@
 # Schedule: STEPS optimizer steps, but the learning rate follows whichever of steps or the whole
 # run's training time (TRAIN_TOTAL_S, summed over calls) is further along, so the cosine decay
 # ends within TRAIN_TOTAL_S however fast the GPU turns out to be; the run ends at whichever comes
-# first. The defaults fit 3 calls (~23 min of the lease): the first spends ~3-4 min on
-# demonstrations (100 per task, 16 workers).
+# first. Measured on an H100, 2026-12-07 (bench/compare/oft_small_h100/README.md): demonstrations
+# (100 per task, 16 workers) 91 s; eager training 6.0 steps/s at batch 256 (COMPILE=1, the default
+# now, is untried on a card: its steps/s is the figure to read first); evaluation 200 episodes
+# in 35-40 s; compare ~40 s of rollouts per method at 20 episodes per task, plus quantizing (QVLA's
+# GPTQ-row sensitivity ~55 s once, AWQ ~13 s, GPTQ ~9 s per method); machine start ~90 s. The
+# defaults fit three calls plus a fourth for the comparison in one session's 30 minutes.
 #
 # CPU smoke check of the logic (oft-smoke preset, 1 demonstration of 2 tasks, a few steps; ~1 min):
 #   SMOKE=1 OUT=/tmp/o WORK=/tmp/w bash bench/gpu/train_oft_small.sh
@@ -55,6 +59,7 @@ if [ "$SMOKE" = 1 ]; then
   : "${TASKS:=drawer-open,faucet-close}" "${STEPS:=6}" "${BATCH:=8}" "${CKPT_EVERY:=2}" "${WORKERS:=2}"
   : "${CALL_S:=240}" "${STOP_STEPS_S:=20}" "${TRAIN_TOTAL_S:=600}" "${EVAL_EPS:=1}" "${EVAL_MAX_STEPS:=30}"
   : "${COMPARE_EPS:=1}" "${COMPARE_METHODS:=fp,rtn-g32-w4,qvla@rtn-g32-w4}" "${COMPARE_OFFLINE:=0}"
+  : "${ROBUST_PLANS:=fp,qvla@rtn-g32-w4}" "${ROBUST_EPS:=1}" "${COMPILE:=0}"
   : "${WORK:=/tmp/qvla_oft_smoke}" "${OUT:=/tmp/qvla_oft_smoke_out}"
   export SETUP
 fi
@@ -79,19 +84,29 @@ BATCH=${BATCH:-256}
 LR=${LR:-3e-4}
 SEED=${SEED:-0}
 CKPT_EVERY=${CKPT_EVERY:-500}      # a call cut short by its hard timeout loses at most this many steps
-TRAIN_TOTAL_S=${TRAIN_TOTAL_S:-1260}   # the whole run's training time over all calls (see Schedule)
+TRAIN_TOTAL_S=${TRAIN_TOTAL_S:-780}    # the whole run's training time over all calls (see Schedule)
+COMPILE=${COMPILE:-1}              # torch.compile the training forward (eager where it fails)
 STOP_STEPS_S=${STOP_STEPS_S:-75}   # kept back at the end of a call: the last save (val L1, ~1 GB written), copies
-EVAL_EPS=${EVAL_EPS:-20}
+EVAL_EPS=${EVAL_EPS:-50}           # the 50 held-out episodes per task
 STOP_AFTER=${STOP_AFTER:-}         # cap on this call's training seconds (default: all the call has left)
 EVAL_MAX_STEPS=${EVAL_MAX_STEPS:-}   # evaluation episode length (default: the suite's 300)
 COMPARE_EPS=${COMPARE_EPS:-20}     # closed-loop episodes per task and method in the comparison (0: none)
 COMPARE_OFFLINE=${COMPARE_OFFLINE:-512}   # held-out frames for its offline metrics (the smoke has none)
-COMPARE_METHODS=${COMPARE_METHODS:-fp,rtn-g128-w4,gptq-g128-w4,awq-g128-w4,qvla-gptq@gptq-g128-w4,rtn-g128-w3,gptq-g128-w3,awq-g128-w3,qvla@gptq-g128-w3,qvla-gptq@gptq-g128-w3}
+# The policy in bf16 as a robot runs it (the float row 16 whole bits); the g128 baselines users run
+# at 4, 3 and 2 bits (whole: ~5.3, ~4.4, ~3.5 with the bf16 rest) and QVLA at the whole-policy
+# budgets, GPTQ-rounded rows.
+COMPARE_DTYPE=${COMPARE_DTYPE:-bfloat16}
+COMPARE_METHODS=${COMPARE_METHODS:-fp,gptq-g128-w4,awq-g128-w4,gptq-g128-w3,awq-g128-w3,gptq-g128-w2,qvla-gptq@gptq-g128-w3,qvla-gptq-b4.0-whole,qvla-gptq-b3.0-whole,qvla-gptq-b2.5-whole}
+# Robustness (bench/robustness/robustness.py) of these comparison rows after the comparison, under
+# brightness x0.8 / x1.2, 2-px shifts and (MetaWorld) held-out phrasings; "" skips it.
+ROBUST_PLANS=${ROBUST_PLANS:-fp,qvla-gptq-b4.0-whole}
+ROBUST_EPS=${ROBUST_EPS:-20}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/log.txt
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( CALL_S - ($(date +%s) - START) )); }
 task_args=(); [ -n "$TASKS" ] && task_args=(--tasks "$TASKS")
+compile_args=(); [ "$COMPILE" = 1 ] && compile_args=(--compile)
 step_args=(); [ -n "$EVAL_MAX_STEPS" ] && step_args=(--max-steps "$EVAL_MAX_STEPS")
 DEMOS=$WORK/demos
 POLICY=$WORK/policy
@@ -137,7 +152,7 @@ else
     timeout $(( $(left) - 15 )) $PY -m qvla_ros.cli train --data "$DEMOS" --out "$POLICY" \
       --preset "$PRESET" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --seed "$SEED" \
       --checkpoint-every "$CKPT_EVERY" --time-limit "$TRAIN_TOTAL_S" --stop-after "$train_s" \
-      --device "$DEVICE" --resume >>"$WORK/train.log" 2>&1 || log "train ended early ($?)"
+      --device "$DEVICE" "${compile_args[@]}" --resume >>"$WORK/train.log" 2>&1 || log "train ended early ($?)"
     grep -a "^qvla train" "$WORK/train.log" | tail -4 >>"$LOG"
   fi
 fi
@@ -159,11 +174,32 @@ if finished && [ -f "$WORK/eval/results.json" ] && [ "$COMPARE_EPS" -gt 0 ] && !
   compare_s=$(( $(left) - 20 ))
   if [ "$compare_s" -gt 60 ]; then
     log "compare: $COMPARE_METHODS, $COMPARE_EPS episodes per task, within ${compare_s}s"
-    timeout "$compare_s" $PY -m qvla_ros.cli compare --suite "$SUITE" --policy "$POLICY" --data "$DEMOS" --device "$DEVICE" \
+    timeout "$compare_s" $PY -m qvla_ros.cli compare --suite "$SUITE" --policy "$POLICY" --data "$DEMOS" --device "$DEVICE" --dtype "$COMPARE_DTYPE" \
       --methods "$COMPARE_METHODS" --episodes-per-task "$COMPARE_EPS" --offline-frames "$COMPARE_OFFLINE" --workers "$WORKERS" \
       "${task_args[@]}" "${step_args[@]}" --out "$WORK/compare" --quiet >>"$WORK/compare.log" 2>&1 \
       && touch "$WORK/compare/.complete" || log "compare ended early ($?): call again to resume it"
     tail -3 "$WORK/compare.log" >>"$LOG"
+  fi
+fi
+
+# -- robustness of some comparison rows, after the comparison (its run folders hold their policies) --
+robust_done() { [ -f "$WORK/robustness.json.complete" ]; }
+if compared && [ -n "$ROBUST_PLANS" ] && ! robust_done; then
+  robust_s=$(( $(left) - 20 ))
+  plans="" reference=""
+  for method in ${ROBUST_PLANS//,/ }; do   # a method's run folder: runs/<method, '@' as _at_>-<id>/policy
+    run=$(ls -d "$WORK/compare/runs/${method//@/_at_}"-*/policy 2>/dev/null | head -1)
+    [ -n "$run" ] && plans="$plans${plans:+,}$run" || log "robustness: no run of $method in the comparison"
+    [ "$method" = fp ] && reference=$run   # the others pair with the comparison's own float row
+  done
+  conditions=plain,brightness=0.8,brightness=1.2,shift=2; [ "$LIBERO" = 1 ] || conditions=$conditions,rephrase
+  if [ "$robust_s" -gt 60 ] && [ -n "$plans" ]; then
+    log "robustness: $ROBUST_PLANS under $conditions, $ROBUST_EPS episodes per task, within ${robust_s}s"
+    timeout "$robust_s" $PY bench/robustness/robustness.py --policy "$POLICY" --plans "$plans" --suite "$SUITE" \
+      --conditions "$conditions" --episodes "$ROBUST_EPS" --workers "$WORKERS" --device "$DEVICE" "${task_args[@]}" \
+      ${reference:+--reference "$reference"} \
+      "${step_args[@]}" --resume --out "$WORK/robustness.json" >>"$WORK/robustness.log" 2>&1 \
+      && touch "$WORK/robustness.json.complete" || log "robustness ended early ($?): what finished is in robustness.json"
   fi
 fi
 
@@ -176,8 +212,14 @@ done
 for f in compare.json compare.png; do   # compare.md follows from compare.json (compare_report.write_markdown)
   [ -f "$WORK/compare/$f" ] && cp "$WORK/compare/$f" "$OUT/$f"
 done
-if finished && compared; then
-  log "TRAINING FINISHED; EVALUATED (eval_results.json); COMPARED (compare.json, compare.png)"
+[ -f "$WORK/robustness.json" ] && cp "$WORK/robustness.json" "$OUT/robustness.json"
+# At most 8 files come back: once the comparison has run, config.json and tokenizer.json (back
+# from the first call already) make room.
+if compared; then rm -f "$OUT/config.json" "$OUT/tokenizer.json"; fi
+if finished && compared && { [ -z "$ROBUST_PLANS" ] || robust_done; }; then
+  log "TRAINING FINISHED; EVALUATED (eval_results.json); COMPARED (compare.json, compare.png); ROBUSTNESS (robustness.json)"
+elif finished && compared; then
+  log "TRAINING FINISHED; EVALUATED (eval_results.json); COMPARED (compare.json, compare.png); call again for robustness"
 elif finished && [ -f "$WORK/eval/results.json" ]; then
   log "TRAINING FINISHED; EVALUATED (eval_results.json); call again to compare"
 elif finished; then

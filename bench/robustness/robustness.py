@@ -9,10 +9,11 @@ every run on the same held-out seeds, each perturbed run paired with the same pl
     # pair `qvla eval [--perturb ...]` results made elsewhere (no rollouts):
     python bench/robustness/robustness.py --from-results plain/results.json bright/results.json --out r.json
 
-A plan is "float", a BitPlan file (applied to --policy) or a quantized checkpoint directory. Writes
+A plan is "float", a BitPlan file (applied to --policy), a quantized checkpoint directory (a
+`qvla compare` run's policy/, which keeps the dtype the comparison ran in) or a float checkpoint. Writes
 JSON: per plan and condition ("plain", "brightness=1.2", ...): success, Wilson interval and, for
-perturbed conditions, the paired comparison with plain; plus the same plan-vs-float pairs under
-each condition. Shows progress per run. A run cut short keeps what it measured (the JSON is
+perturbed conditions, the paired comparison with plain; plus each plan paired with the reference
+(--reference, float by default) under each condition ("vs_float"). Shows progress per run. A run cut short keeps what it measured (the JSON is
 rewritten after every run).
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from qvla_ros.io import atomic_write_text  # noqa: E402
+from qvla_ros.quant.checkpoint import is_quantized_checkpoint  # noqa: E402
+from qvla_ros.sim.compare import SavedPolicyFactory  # noqa: E402
 from qvla_ros.sim.evaluate import EvalResults, cpu_model, evaluate  # noqa: E402
 from qvla_ros.sim.factories import make_factory  # noqa: E402
 from qvla_ros.sim.paired import compare_paired, outcomes_of  # noqa: E402
@@ -41,23 +44,43 @@ class Robustness:
     with its plan's plain run and every plan's run with float's under the same condition, as far
     as both sides have run."""
 
-    def __init__(self, header: dict, out: Path):
-        self.doc = {**header, "runs": {}, "vs_plain": {}, "vs_float": {}}
+    def __init__(self, header: dict, out: Path, reference: str = "float"):
+        self.doc = {**header, "reference": reference, "runs": {}, "vs_plain": {}, "vs_float": {}, "outcomes": {}}
         self.out, self.outcomes, self.started = out, {}, time.perf_counter()
+        self.reference = reference
+
+    def resume(self) -> None:
+        """Take the runs an earlier, interrupted invocation with the same header wrote to `out`."""
+        if not self.out.is_file():
+            return
+        old = json.loads(self.out.read_text())
+        same = all(old.get(k) == v for k, v in self.doc.items() if k not in ("runs", "vs_plain", "vs_float", "outcomes", "command"))
+        if not same:
+            raise SystemExit(f"{self.out} holds another robustness run (other policy, plans' reference, "
+                             f"episodes or suite); give another --out")
+        for key, outcome in old.get("outcomes", {}).items():
+            plan, cond = key.rsplit(" | ", 1)
+            self.outcomes[(plan, cond)] = {t: {int(seed): ok for seed, ok in per.items()} for t, per in outcome.items()}
+            self.doc["runs"][key] = old["runs"][key]
+            self.doc["outcomes"][key] = outcome
+
+    def has(self, plan: str, cond: str) -> bool:
+        return (plan, cond) in self.outcomes
 
     def add(self, plan: str, cond: str, run: EvalResults) -> None:
         key = f"{plan} | {cond}"
         if (plan, cond) in self.outcomes:
             raise ValueError(f"two runs of {key}")
         self.outcomes[(plan, cond)] = outcomes_of(run.episodes)
+        self.doc["outcomes"][key] = self.outcomes[(plan, cond)]
         self.doc["runs"][key] = {"success": run.overall["rate"], "ci95": run.overall["ci95"],
                                  "episodes": run.overall["episodes"],
                                  "wall_time_s": run.settings.get("wall_time_s")}
         for (p, c), outcome in self.outcomes.items():
             if c != "plain" and (p, "plain") in self.outcomes:
                 self.doc["vs_plain"][f"{p} | {c}"] = compare_paired(outcome, self.outcomes[(p, "plain")])
-            if p != "float" and ("float", c) in self.outcomes:
-                self.doc["vs_float"][f"{p} | {c}"] = compare_paired(outcome, self.outcomes[("float", c)])
+            if p != self.reference and (self.reference, c) in self.outcomes:
+                self.doc["vs_float"][f"{p} | {c}"] = compare_paired(outcome, self.outcomes[(self.reference, c)])
         self.doc["total_s"] = round(time.perf_counter() - self.started, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out, json.dumps(self.doc, indent=1) + "\n")
@@ -91,9 +114,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=None, help="default: the whole suite")
     ap.add_argument("--episodes", type=int, default=10, help="per task")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--suite", default="metaworld", help="benchmark (LIBERO has no held-out phrasings)")
+    ap.add_argument("--max-steps", type=int, default=None, help="default: the suite's")
     ap.add_argument("--device", default="cpu", help="torch device of the policy (cuda: CUDA-graphed)")
+    ap.add_argument("--reference", default="float",
+                    help="the plan the others are paired with under each condition (vs_float), e.g. a "
+                         "`qvla compare` run's fp policy/ (default: float)")
     ap.add_argument("--from-results", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
                     help="pair these `qvla eval` results.json files instead of running anything")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs an interrupted invocation with the same settings wrote to --out")
     ap.add_argument("--smoke", action="store_true", help="1 task, 2 episodes, float and one condition")
     args = ap.parse_args(argv)
     command = "bench/robustness/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -107,18 +137,28 @@ def main(argv=None) -> int:
     if conditions[0] != "plain":
         ap.error("the first condition must be 'plain' (every other is paired with it)")
     perturbations = {c: None if c == "plain" else Perturbation.parse(c) for c in conditions}  # bad spellings fail here
+    if args.reference not in plans:
+        ap.error(f"--reference {args.reference!r} is not one of --plans")
     book = Robustness({"policy": args.policy, "tasks": args.tasks or "all", "episodes_per_task": args.episodes,
-                       "cpu": cpu_model(), "device": args.device, "command": command}, args.out)
+                       "cpu": cpu_model(), "device": args.device, "suite": args.suite, "command": command},
+                      args.out, reference=args.reference)
+    if args.resume:
+        book.resume()
     for plan in plans:
         path = None if plan == "float" else REPO / plan   # an absolute path stays itself
-        if path is not None and path.is_dir():            # a quantized checkpoint: the policy itself
-            factory = make_factory(str(path), None, args.device)
+        if path is not None and is_quantized_checkpoint(path):   # e.g. a `qvla compare` run's policy/
+            factory = SavedPolicyFactory(path, {"plan": plan}, device=args.device)
+        elif path is not None and path.is_dir():          # a float checkpoint
+            factory = make_factory(str(path), None, args.device, suite=args.suite)
         else:
-            factory = make_factory(args.policy, None if path is None else str(path), args.device)
+            factory = make_factory(args.policy, None if path is None else str(path), args.device, suite=args.suite)
         for cond in conditions:
+            if book.has(plan, cond):
+                continue
             print(f"== {plan} / {cond}", flush=True)
             run = evaluate(factory, tasks=args.tasks, episodes_per_task=args.episodes, workers=args.workers,
-                           perturbation=perturbations[cond], progress=True)
+                           perturbation=perturbations[cond], progress=True, suite=args.suite,
+                           max_steps=args.max_steps)
             book.add(plan, cond, run)
             print(json.dumps({f"{plan} | {cond}": book.doc["runs"][f"{plan} | {cond}"]}), flush=True)
     return 0

@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train on a demonstration folder whose generation did not finish")
     p.add_argument("--max-episodes", type=int, default=None, help="use only the first N episodes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training forward through torch.compile (eager if compiling fails)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--init", default=None,
                    help="start from this checkpoint's weights, tokenizer and statistics (new optimizer and schedule)")
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(config=args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, shift_pixels=args.shift, brightness=args.brightness, contrast=args.contrast,
                       phrasings=not args.no_phrasings, checkpoint_every=args.checkpoint_every,
-                      time_limit_s=args.time_limit, stop_after_s=args.stop_after, device=args.device)
+                      time_limit_s=args.time_limit, stop_after_s=args.stop_after, device=args.device,
+                      compile=args.compile)
     episodes = _read_all(dataset, args.max_episodes, "train episodes")
     record = train(episodes, args.out, cfg, manifest=dataset.manifest, data_path=str(Path(args.data).resolve()),
                    resume=args.resume, init_from=args.init, val_episodes=_read_all(val, None, "val episodes") if val is not None and len(val) else None)

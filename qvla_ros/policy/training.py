@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,9 @@ class TrainConfig:
             steps: the run saves and stops unfinished when it is up, and a `resume` continues it
             (training longer than one command may run, over several).
         device: "cuda", "cpu" or None (GPU when present).
+        compile: run the training forward through torch.compile (fuses the elementwise work
+            around the GEMMs, which is most of an oft-small step's time at batch 256); where
+            compiling fails on the first step, the run goes on eagerly and training.json says why.
     """
 
     config: str | dict = "tiny"
@@ -96,6 +99,7 @@ class TrainConfig:
     time_limit_s: float | None = None
     stop_after_s: float | None = None
     device: str | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -195,16 +199,17 @@ def _optimizer(policy: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.
 
 def loss_on_batch(policy: torch.nn.Module, data: ChunkData, text: PhrasingTable, index: torch.Tensor,
                   generator: torch.Generator, shift: int = 0, brightness: float = 0.0, contrast: float = 0.0,
-                  phrase: bool = False) -> torch.Tensor:
+                  phrase: bool = False, forward: Callable | None = None) -> torch.Tensor:
     """Mean L1 between the predicted and the true normalized action chunks of frames `index`
     (a VLAPolicy or an OFTPolicy). `text`: the dataset's phrasings, tokenized; `phrase`: a drawn
     training phrasing per frame rather than the episode's own sentence. The defaults (no
-    augmentation, own sentence) are the validation loss."""
+    augmentation, own sentence) are the validation loss. `forward`: the policy's
+    predict_normalized as it should run (e.g. compiled); None: the policy's own."""
     images, instr, proprio, actions = data.batch(index)
     ids, mask = text.sample(instr, generator) if phrase else text.canonical(instr)
     images = jitter_images(images, brightness, contrast, generator)
     pixels = shift_pixels(policy.images_to_pixels(images), len(index), policy.config.n_cams, shift, generator)
-    pred = policy.predict_normalized(pixels, ids, mask, policy.normalize_proprio(proprio))
+    pred = (forward or policy.predict_normalized)(pixels, ids, mask, policy.normalize_proprio(proprio))
     return F.l1_loss(pred, policy.normalize_actions(actions))
 
 
@@ -374,6 +379,8 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
     warmup = cfg.warmup_steps / cfg.steps
     first_step, loop_started = step, time.perf_counter()
     finished = True
+    forward = torch.compile(policy.predict_normalized) if cfg.compile else None
+    record["compiled"] = bool(cfg.compile)
     while step < cfg.steps:
         elapsed = time.perf_counter() - started
         prog = step / cfg.steps
@@ -387,9 +394,20 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(prog, warmup, cfg.lr_min_ratio)
         index = torch.randint(0, len(train_data), (cfg.batch_size,), generator=generator)
-        with autocast:
-            loss = loss_on_batch(policy, train_data, train_text, index, generator, shift=cfg.shift_pixels,
-                                 brightness=cfg.brightness, contrast=cfg.contrast, phrase=cfg.phrasings)
+        def step_loss():
+            with autocast:
+                return loss_on_batch(policy, train_data, train_text, index, generator, shift=cfg.shift_pixels,
+                                     brightness=cfg.brightness, contrast=cfg.contrast, phrase=cfg.phrasings,
+                                     forward=forward)
+
+        try:
+            loss = step_loss()
+        except Exception as exc:  # noqa: BLE001 - whatever torch.compile raises, the run goes on eagerly
+            if forward is None or step > first_step:
+                raise
+            forward, record["compiled"] = None, f"failed, eager instead: {type(exc).__name__}: {exc}"[:500]
+            tqdm.write(f"qvla train: torch.compile failed on the first step ({type(exc).__name__}); training eagerly")
+            loss = step_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
