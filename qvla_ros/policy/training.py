@@ -381,6 +381,13 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
     finished = True
     forward = torch.compile(policy.predict_normalized) if cfg.compile else None
     record["compiled"] = bool(cfg.compile)
+
+    def step_loss(index: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return loss_on_batch(policy, train_data, train_text, index, generator, shift=cfg.shift_pixels,
+                                 brightness=cfg.brightness, contrast=cfg.contrast, phrase=cfg.phrasings,
+                                 forward=forward)
+
     while step < cfg.steps:
         elapsed = time.perf_counter() - started
         prog = step / cfg.steps
@@ -394,20 +401,14 @@ def train(episodes: Iterable[dict], out: str | os.PathLike, cfg: TrainConfig, ma
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(prog, warmup, cfg.lr_min_ratio)
         index = torch.randint(0, len(train_data), (cfg.batch_size,), generator=generator)
-        def step_loss():
-            with autocast:
-                return loss_on_batch(policy, train_data, train_text, index, generator, shift=cfg.shift_pixels,
-                                     brightness=cfg.brightness, contrast=cfg.contrast, phrase=cfg.phrasings,
-                                     forward=forward)
-
         try:
-            loss = step_loss()
+            loss = step_loss(index)
         except Exception as exc:  # noqa: BLE001 - whatever torch.compile raises, the run goes on eagerly
             if forward is None or step > first_step:
                 raise
             forward, record["compiled"] = None, f"failed, eager instead: {type(exc).__name__}: {exc}"[:500]
             tqdm.write(f"qvla train: torch.compile failed on the first step ({type(exc).__name__}); training eagerly")
-            loss = step_loss()
+            loss = step_loss(index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
