@@ -11,9 +11,11 @@
 # and the logs into $OUT. Once the schedule is finished, a closed-loop evaluation (EVAL_EPS
 # episodes per task, the policy on the GPU) runs in what is left of that call or in the next one,
 # and the call says "EVALUATED" (eval_results.json). Then, in what is left of that call and the
-# next ones, `qvla compare --device cuda` (COMPARE_METHODS, COMPARE_EPS episodes per task; issue
-# #19's table: float, the group-wise baselines users run, QVLA at their measured memory), resumed
-# from its cache folder on each call, until the call says "COMPARED" (compare.json, compare.png).
+# next ones, `qvla compare --device cuda --dtype $COMPARE_DTYPE` (COMPARE_METHODS, COMPARE_EPS
+# episodes per task; issue #19's table: float, the group-wise baselines users run, QVLA at their
+# measured memory and at whole-policy budgets), resumed from its cache folder on each call, until
+# the call says "COMPARED" (compare.json, compare.png); then bench/robustness/robustness.py on the
+# comparison's ROBUST_PLANS rows (resumed likewise) until it says "ROBUSTNESS" (robustness.json).
 #
 # State: demonstrations and the run (checkpoint + training_state.safetensors: weights, AdamW
 # moments, step, RNG) live in $WORK, by default /tmp/qvla_oft_small on the device. That survives
@@ -32,7 +34,8 @@
 # GPTQ-row sensitivity ~55 s once, AWQ ~13 s, GPTQ ~9 s per method); machine start ~90 s. The
 # defaults fit three calls plus a fourth for the comparison in one session's 30 minutes.
 #
-# CPU smoke check of the logic (oft-smoke preset, 1 demonstration of 2 tasks, a few steps; ~1 min):
+# CPU smoke check of the logic (oft-smoke preset, 1 demonstration of 2 tasks, a few steps; two
+# calls on 2 cores, 2026-12-07: 220 s, robustness cut short, then 105 s finishing it):
 #   SMOKE=1 OUT=/tmp/o WORK=/tmp/w bash bench/gpu/train_oft_small.sh
 # and of a run split over calls: STOP_AFTER caps each call's training seconds, so
 #   SMOKE=1 STEPS=40 STOP_AFTER=6 OUT=/tmp/o WORK=/tmp/w2 bash bench/gpu/train_oft_small.sh   (twice or more)
@@ -42,7 +45,8 @@
 # demonstrations from its 30 demonstration initial states (batches of one: a scene takes ~10 s to
 # build), the oft-small-libero preset (oft-small on LIBERO's 8 proprio values and 7-d actions),
 # evaluation and comparison on its held-out states 30-49. Carry .libbundle (scripts/make_libero_bundle.sh)
-# and .gl; bench/gpu/device_setup.sh unpacks the bundle. CPU smoke check (119 s on 2 cores):
+# and .gl; bench/gpu/device_setup.sh unpacks the bundle. No held-out phrasings there, so its
+# robustness runs brightness and shifts only. CPU smoke check (198 s on 2 cores, with robustness):
 #   SMOKE=1 SUITE=libero-object OUT=/tmp/lo WORK=/tmp/lw bash bench/gpu/train_oft_small.sh
 set -u
 START=$(date +%s)
