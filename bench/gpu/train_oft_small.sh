@@ -98,9 +98,10 @@ COMPARE_EPS=${COMPARE_EPS:-20}     # closed-loop episodes per task and method in
 COMPARE_OFFLINE=${COMPARE_OFFLINE:-512}   # held-out frames for its offline metrics (the smoke has none)
 # The policy in bf16 as a robot runs it (the float row 16 whole bits); the g128 baselines users run
 # at 4, 3 and 2 bits (whole: ~5.3, ~4.4, ~3.5 with the bf16 rest) and QVLA at the issue's whole-policy
-# budgets, GPTQ-rounded rows.
+# budgets, GPTQ-rounded rows. In the order they run (what the issue asks first), as the lease may
+# end before the last: a later call resumes at the first unfinished one.
 COMPARE_DTYPE=${COMPARE_DTYPE:-bfloat16}
-COMPARE_METHODS=${COMPARE_METHODS:-fp,gptq-g128-w4,awq-g128-w4,gptq-g128-w3,awq-g128-w3,gptq-g128-w2,qvla-gptq@gptq-g128-w3,qvla-gptq-b4.0-whole,qvla-gptq-b3.0-whole,qvla-gptq-b2.5-whole}
+COMPARE_METHODS=${COMPARE_METHODS:-fp,qvla-gptq-b4.0-whole,gptq-g128-w3,qvla-gptq-b3.0-whole,gptq-g128-w2,gptq-g128-w4,awq-g128-w3,awq-g128-w4,qvla-gptq@gptq-g128-w3,qvla-gptq-b2.5-whole}
 # Robustness (bench/robustness/robustness.py) of these comparison rows after the comparison, under
 # brightness x0.8 / x1.2, 2-px shifts and (MetaWorld) held-out phrasings; "" skips it.
 ROBUST_PLANS=${ROBUST_PLANS:-fp,qvla-gptq-b4.0-whole}
