@@ -31,8 +31,9 @@
 # (100 per task, 16 workers) 91 s; eager training 6.0 steps/s at batch 256 (COMPILE=1, the default
 # now, is untried on a card: its steps/s is the figure to read first); evaluation 200 episodes
 # in 35-40 s; compare ~40 s of rollouts per method at 20 episodes per task, plus quantizing (QVLA's
-# GPTQ-row sensitivity ~55 s once, AWQ ~13 s, GPTQ ~9 s per method); machine start ~90 s. The
-# defaults fit three calls plus a fourth for the comparison in one session's 30 minutes.
+# GPTQ-row sensitivity ~55 s once, AWQ ~13 s, GPTQ ~9 s per method); machine start ~90 s. A
+# session's 30 minutes hold three full calls after the start: with the defaults the second ends
+# training and evaluates, the third compares, and robustness gets what is left.
 #
 # CPU smoke check of the logic (oft-smoke preset, 1 demonstration of 2 tasks, a few steps; two
 # calls on 2 cores, 2026-12-07: 220 s, robustness cut short, then 105 s finishing it):
