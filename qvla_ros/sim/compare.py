@@ -221,14 +221,19 @@ class Comparison:
 
     def config_id(self, spec: MethodSpec, budget: float | None) -> str:
         s = self.settings
-        doc = {"method": spec.to_dict(), "policy": self.fingerprint["weights"],
+        method = spec.to_dict()
+        # Settings that came later enter the id only away from their default, so a folder of runs
+        # made before them is still found: a planned-layers budget scope, a float32 policy.
+        if method.get("scope") == "planned":
+            del method["scope"]
+        doc = {"method": method, "policy": self.fingerprint["weights"],
                "frames": self.frames.source, "n_frames": len(self.frames), "calib_batch": s.calib_batch,
                "alphas": list(s.alphas) if spec.family == "smoothquant" else None,
                "estimator": s.estimator if spec.family == "qvla" else None,
                "budget": None if budget is None else round(budget, 6)}
         if spec.family == "qvla" and s.projections is not None:
             doc["projections"] = s.projections
-        if s.dtype != "float32":   # float32 runs keep the ids they had before dtype existed
+        if s.dtype != "float32":
             doc["dtype"] = s.dtype
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
