@@ -7,7 +7,8 @@
     y = layer(x)                                              # what MixedBitLinear runs
 
 On CUDA tensors `ops.route()` is the whole routing table: 8-bit activations run the grouped GEMM's
-int8 path (after one launch that quantizes the activations); with 16-bit activations one token runs
+int8 path (after one launch that quantizes the activations), and from A8_DECODE_MIN_TOKENS tokens on
+one int8 tensor-core GEMM over the layer decoded to int8 codes (triton_a8.py); with 16-bit activations one token runs
 the Triton small-M kernel (triton_gemv.py), 2-23 tokens the grouped GEMM (triton_gemm.py), from
 DEQUANT_MIN_TOKENS (24) tokens on decode-then-cuBLAS (triton_dequant.py). QVLA_SMALL_M_KERNEL=gemv|mma
 (or set_small_m_kernel()) sends 1-16 tokens to the Triton small-M kernel or to the tensor-core CUDA
@@ -32,14 +33,15 @@ if __name__ == "kernels":
 else:
     from .cuda_gemv import MmaConfig, launch_mma_gemv, mma_available, override_mma_configs, pick_mma_config
     from .layout import KernelWeights, prepare_groups, prepare_packed
-    from .ops import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, PreparedLinear, dequant_linear, launch_dequant,
+    from .ops import (A8_DECODE_MIN_TOKENS, DEQUANT_MIN_TOKENS, GemmConfig, launch_a8_decoded, GemvConfig, PreparedLinear, dequant_linear, launch_dequant,
                       launch_gemv, launch_mixed_gemm, mixed_bit_linear, override_configs, override_gemv_configs,
                       pick_config, pick_gemv_config, quantize_activations, route, runs_dequant_path,
                       runs_small_m_kernel, set_small_m_kernel, small_m_kernel, small_m_route, triton_available)
     from .reference import dequantize_kernel_weights, mixed_bit_linear_reference, quantize_activations_reference
 
 __all__ = [
-    "KernelWeights", "prepare_groups", "prepare_packed", "DEQUANT_MIN_TOKENS", "GemmConfig", "GemvConfig",
+    "KernelWeights", "prepare_groups", "prepare_packed", "A8_DECODE_MIN_TOKENS", "DEQUANT_MIN_TOKENS",
+    "launch_a8_decoded", "GemmConfig", "GemvConfig",
     "PreparedLinear", "dequant_linear", "launch_dequant", "launch_gemv", "route",
     "launch_mixed_gemm", "mixed_bit_linear", "override_configs", "override_gemv_configs", "pick_config",
     "pick_gemv_config", "quantize_activations", "runs_dequant_path", "runs_small_m_kernel",

@@ -130,14 +130,14 @@ def compile_dequant(block_rows: int = 32, block_features: int = 512, w_dtype: st
 
     from .triton_dequant import dequant_kernel
 
-    if w_dtype not in ("bf16", "fp16"):
-        raise ValueError(f"w_dtype must be bf16 or fp16, got {w_dtype!r}")
+    if w_dtype not in ("bf16", "fp16", "i8"):
+        raise ValueError(f"w_dtype must be bf16, fp16 or i8 (codes), got {w_dtype!r}")
     pointers = dict(w_ptr="*i32", wh_ptr="*i16", w16_ptr="*bf16", scale_ptr="*fp32", zero_ptr="*fp32",
                     out_index_ptr="*i32", W_ptr="*" + w_dtype)
     signature = dict(pointers)
     signature.update({name: "i32" for name in ("K", "stride_w", "r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4",
                                                "o3", "o2", "h3", "n8", "n4", "n3", "n2")})
-    constants = dict(BN=block_rows, KC=block_features)
+    constants = dict(BN=block_rows, KC=block_features, CODES=w_dtype == "i8")
     signature.update({name: "constexpr" for name in constants})
     names = dequant_kernel.arg_names
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in list(pointers) + ["K", "stride_w"]}
@@ -148,3 +148,32 @@ def compile_dequant(block_rows: int = 32, block_features: int = 512, w_dtype: st
     for op in re.findall(r"\s(STG\.[A-Z0-9.]+)", sass):
         stores[op] = stores.get(op, 0) + 1
     return {"registers": registers, "spill_bytes": local, "stores": stores}
+
+
+def compile_a8_gemm(tile: tuple[int, ...], arch: int = 90, dense: bool = True, bias: bool = True) -> dict:
+    """Compile triton_a8.a8_gemm_kernel with tile (BM, BN, BK, GROUP_M, warps, stages) for sm_{arch}
+    (K a multiple of 16, as for the OFT-7B shapes): registers, spills, shared memory and the
+    tensor-core instructions of its SASS (opcode -> count; Hopper's int8 wgmma is IGMMA)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_a8 import a8_gemm_kernel
+
+    bm, bn, bk, group_m, warps, stages = tile
+    pointers = dict(x_ptr="*i8", w_ptr="*i8", xscale_ptr="*fp32", xsum_ptr="*i32", wscale_ptr="*fp32",
+                    wcorr_ptr="*fp32", dense_ptr="*i32", y16_ptr="*bf16", bias_ptr="*fp32", y_ptr="*bf16")
+    signature = dict(pointers)
+    signature.update({name: "i32" for name in ("M", "N", "K", "stride_y16")})
+    constants = dict(HAS_DENSE=dense, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=group_m)
+    signature.update({name: "constexpr" for name in constants})
+    names = a8_gemm_kernel.arg_names
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in list(pointers) + ["K"]}
+    kernel = triton.compile(ASTSource(a8_gemm_kernel, signature, constants, attrs),
+                            target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    registers, shared, local, sass = resources_and_sass(kernel)
+    mma: dict[str, int] = {}
+    for op in re.findall(r"\s((?:IGMMA|HGMMA|QGMMA|IMMA|HMMA)[A-Z0-9._]*)", sass):
+        mma[op] = mma.get(op, 0) + 1
+    return {"registers": registers, "spill_bytes": local, "shared_bytes": max(shared, kernel.metadata.shared),
+            "tensor_core_ops": mma}

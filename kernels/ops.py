@@ -455,6 +455,11 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 #: routing table").
 DEQUANT_MIN_TOKENS = 24
 
+#: layers with 8-bit activations and at least this many tokens decode the layer to int8 codes and run
+#: one int8 GEMM (a8_linear route "a8_decoded"); fewer run the grouped GEMM's int8 path. Placeholder,
+#: the 16-bit path's switch, until bench/kernels/a8_probe.py's crossover has run on a card.
+A8_DECODE_MIN_TOKENS = 24
+
 
 def runs_dequant_path(m: int) -> bool:
     """Whether a 16-bit-activation layer call with m tokens decodes the layer for cuBLAS."""
@@ -464,9 +469,10 @@ def runs_dequant_path(m: int) -> bool:
 def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_rows: int = 32,
                   block_features: int = 512, num_warps: int = 4):
     """run(out=None) -> the layer's dense [N, K] weight of `dtype`, decoded by one launch (into
-    `out` when given: a caller that double-buffers decodes, bench/serve/overlap_probe.py)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
+    `out` when given: a caller that double-buffers decodes, bench/serve/overlap_probe.py). dtype
+    int8: the rows' integer codes instead (q; q - 128 at 8 bits; dense rows zero), for a8_linear."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.int8):
+        raise ValueError(f"dtype must be bfloat16, float16 or int8, got {dtype}")
     if block_features % 512 or block_rows < 16 or block_rows & (block_rows - 1):
         raise ValueError("block_features must be a multiple of 512 and block_rows a power of two >= 16")
     if _interpreting():
@@ -479,7 +485,7 @@ def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_
     table = slot_table(kw.group_rows, k)
     tiles = sum(-(-rows // block_rows) for rows in kw.group_rows)
     launch = BoundLaunch(dequant_kernel, (tiles, -(-k // block_features)), BN=block_rows, KC=block_features,
-                         num_warps=num_warps)
+                         CODES=dtype == torch.int8, num_warps=num_warps)
     weights = (kw.qwords, kw.qwords.view(torch.int16), kw.w16, kw.scale, kw.zero, kw.out_index)
     groups = tuple(table[key] for key in ("r16", "r8", "r4", "r3", "r2", "r0", "o8", "o4", "o3", "o2", "h3",
                                           "n8", "n4", "n3", "n2"))
@@ -510,36 +516,121 @@ def dequant_linear(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+@dataclass(frozen=True)
+class A8Channels:
+    """Per output channel, what the decoded-codes A8 GEMM's epilogue needs (a8_linear): the weight
+    scale (0 for pruned channels), the zero-point term c (-zero; 128 - zero at 8 bits, whose codes
+    are stored shifted) and the dense row each 16-bit channel takes from y16 (-1 for the others).
+    12 bytes a channel, built once per layer (PreparedLinear) and held beside its weights."""
+    scale: torch.Tensor
+    corr: torch.Tensor
+    dense: torch.Tensor
+
+    @classmethod
+    def of(cls, kw: KernelWeights) -> "A8Channels":
+        from .layout import SLOT_BITS
+        n, kept, device = kw.out_features, kw.kept_rows, kw.device
+        channel = kw.out_index[:kept].long()
+        scale = torch.zeros(n, dtype=torch.float32, device=device)
+        corr = torch.zeros(n, dtype=torch.float32, device=device)
+        dense = torch.full((n,), -1, dtype=torch.int32, device=device)
+        if kept:
+            shift = torch.zeros(kept, dtype=torch.float32, device=device)
+            r16, r8 = kw.group_rows[SLOT_BITS.index(16)], kw.group_rows[SLOT_BITS.index(8)]
+            shift[r16:r16 + r8] = 128.0  # packed rows are in slot order: 16, 8, 4, 3, 2 bits
+            quantized = torch.ones(kept, dtype=torch.bool, device=device)
+            quantized[:r16] = False
+            scale[channel] = torch.where(quantized, kw.scale.float(), torch.zeros_like(shift))
+            corr[channel] = torch.where(quantized, shift - kw.zero.float(), torch.zeros_like(shift))
+            dense[channel[:r16]] = torch.arange(r16, dtype=torch.int32, device=device)
+        return cls(scale, corr, dense)
+
+
+#: A8 tile of a8_linear: (BM, BN, BK, GROUP_M, num_warps, num_stages). Placeholder until the first
+#: card run of bench/kernels/a8_probe.py picks one.
+A8_GEMM_TILE = (128, 128, 128, 8, 8, 4)
+
+
+def _bind_a8_decoded(kw: KernelWeights, m: int, y_dtype: torch.dtype, bias: torch.Tensor | None,
+                     channels: A8Channels | None = None, tile: tuple[int, ...] | None = None):
+    """call(x2) -> y [m, N] of y_dtype: per-token int8 activations, the layer decoded to int8 codes
+    (one launch), then one int8 tensor-core GEMM with everything else in its epilogue (triton_a8.py);
+    dense rows by cuBLAS on the activation codes. The same numbers as the grouped GEMM's A8 path."""
+    if _interpreting():
+        from ._interpreter_compat import patch_interpreter
+        patch_interpreter()
+    from .layout import SLOT_BITS
+    from .triton_a8 import a8_gemm_kernel
+    n, k, device = kw.out_features, kw.in_features, kw.device
+    ch = channels or A8Channels.of(kw)
+    bm, bn, bk, group_m, warps, stages = tile or A8_GEMM_TILE
+    quant, decode = _bind_act_quant(m, k), _bind_dequant(kw, torch.int8)
+    r16 = kw.group_rows[SLOT_BITS.index(16)]
+    w16 = kw.w16 if r16 else None
+    launch = BoundLaunch(a8_gemm_kernel, (-(-m // bm) * -(-n // bn),), HAS_DENSE=bool(r16), HAS_BIAS=bias is not None,
+                         BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    no_bias = ch.scale  # any float32 tensor: the kernel does not read it without HAS_BIAS
+
+    def call(x2, out=None):
+        y = output_tensor(out, m, n, y_dtype, device)
+        if not m:
+            return y
+        xq, xscale, xsum = quant(x2)
+        codes = decode()
+        # int8 codes are exact in bf16; the dense rows' products in bf16, scaled by s_x in the epilogue
+        y16 = torch.mm(xq.to(torch.bfloat16), w16.T) if w16 is not None else y
+        launch(xq, codes, xscale, xsum, ch.scale, ch.corr, ch.dense, y16, no_bias if bias is None else bias, y,
+               m, n, k, y16.stride(0))
+        return y
+    return call
+
+
+def launch_a8_decoded(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
+                      tile: tuple[int, ...] | None = None, out_dtype: torch.dtype | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + bias with 8-bit activations through the decoded-codes GEMM (x: [M, K] bf16/fp16;
+    y in x's dtype, or out_dtype: float32 shows the kernel's own error, below bf16's rounding;
+    written into `out` when given)."""
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or x.shape[1] != kw.in_features:
+        raise ValueError(f"x must be a 2-D bfloat16/float16 [M, {kw.in_features}] tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    b = None if bias is None else bias.detach().to(device=kw.device, dtype=torch.float32)
+    return _bind_a8_decoded(kw, x.shape[0], out_dtype or x.dtype, b, tile=tile)(x.contiguous(), out)
+
+
 # ---- the routing table: one function -------------------------------------------------------------
 
 #: the kernels route() names
-ROUTES = ("gemm_a8", "mma", "gemv", "gemm", "dequant")
+ROUTES = ("gemm_a8", "a8_decoded", "mma", "gemv", "gemm", "dequant")
 
 
 def route(m: int, act_bits: int, device: torch.device) -> str:
     """The kernel a CUDA layer call with m tokens runs (the whole routing table; README "Which GPU
     kernel runs a quantized layer", measurements in bench/kernels/NOTES.md):
 
-    * 8-bit activations, any m: "gemm_a8", the grouped GEMM's int8 path after the per-token
-      activation quantization;
+    * 8-bit activations, m >= A8_DECODE_MIN_TOKENS: "a8_decoded", the layer decoded to int8 codes
+      and one int8 GEMM (triton_a8.py); fewer tokens: "gemm_a8", the grouped GEMM's int8 path
+      after the per-token activation quantization;
     * 16-bit, m <= SMALL_M: small_m_route() ("gemv" for one token by default; QVLA_SMALL_M_KERNEL);
     * 16-bit, m >= DEQUANT_MIN_TOKENS: "dequant", decode-then-cuBLAS;
     * everything else (2-23 tokens by default): "gemm", the grouped GEMM.
     """
     if act_bits == 8:
-        return "gemm_a8"
+        return "a8_decoded" if m >= A8_DECODE_MIN_TOKENS else "gemm_a8"
     if m <= SMALL_M:
         return small_m_route(m, device) or "gemm"
     return "dequant" if runs_dequant_path(m) else "gemm"
 
 
 def _bind_route(kind: str, kw: KernelWeights, m: int, x_dtype: torch.dtype, bias: torch.Tensor | None,
-                bias_x: torch.Tensor | None, device):
+                bias_x: torch.Tensor | None, device, a8_channels: A8Channels | None = None):
     """call(x2) -> y [m, N] in x2's dtype, for contiguous [m, K] inputs of x_dtype: everything that
     does not change between calls is decided here, once. bias: float32 [N]; bias_x: the same in x_dtype
-    (what cuBLAS adds after the decode)."""
+    (what cuBLAS adds after the decode); a8_channels: the layer's A8Channels where already built."""
     n = kw.out_features
-    if kind == "gemm_a8":
+    if kind == "a8_decoded":
+        call = _bind_a8_decoded(kw, m, x_dtype, bias, a8_channels)
+    elif kind == "gemm_a8":
         quant, gemm = _bind_act_quant(m, kw.in_features), _bind_gemm(kw, m, 8, torch.int8, bias, device)
 
         def call(x2):
@@ -662,7 +753,7 @@ class PreparedLinear:
     MAX_BOUND = 64
 
     __slots__ = ("kw", "bias", "act_bits", "device", "in_features", "out_features", "_bias_x", "_bound",
-                 "_op_args")
+                 "_op_args", "_a8_channels")
 
     def __init__(self, weights: KernelWeights, bias: torch.Tensor | None = None, act_bits: int = 16):
         self.act_bits = check_act_bits(act_bits)
@@ -676,6 +767,9 @@ class PreparedLinear:
         self.bias = None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32)
         self._bias_x: dict[torch.dtype, torch.Tensor | None] = {}
         self._bound: dict[tuple, object] = {}
+        # built here, at load time, never inside a CUDA-graph capture (its torch ops would only be recorded)
+        self._a8_channels = (A8Channels.of(weights) if self.act_bits == 8 and self.device.type == "cuda"
+                             else None)
         self._op_args = (weights.qwords, weights.w16, weights.scale, weights.zero, weights.out_index, weights.meta,
                          self.bias, list(weights.group_rows), n, self.act_bits, weights.integer_zero)
 
@@ -702,7 +796,7 @@ class PreparedLinear:
         if run_dtype not in self._bias_x:
             self._bias_x[run_dtype] = None if self.bias is None else self.bias.to(run_dtype)
         call = _bind_route(route(m, self.act_bits, self.device), self.kw, m, run_dtype, self.bias,
-                           self._bias_x[run_dtype], self.device)
+                           self._bias_x[run_dtype], self.device, self._a8_channels)
         if len(self._bound) >= self.MAX_BOUND:
             self._bound.clear()
         self._bound[key] = call

@@ -29,7 +29,7 @@ from .triton_gemv import decode_field, tile_group  # the same decode and group t
 
 @triton.jit
 def _dequant_rows(w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow, out_row, scale_ptr, zero_ptr, W_ptr, K,
-                  stride_w, chunk, BITS: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr):
+                  stride_w, chunk, BITS: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, CODES: tl.constexpr):
     E: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     KB: tl.constexpr = 32 * E
     WC: tl.constexpr = KC // E  # words of a row that hold this chunk's KC features
@@ -51,7 +51,10 @@ def _dequant_rows(w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow, out_row,
     for i in tl.static_range(E):
         v = decode_field(w, wh, i, BITS, False, False, False)
         q = v * float(1 << BITS) - float(1 << BITS)  # exact: v = 1 + q / 2^b
-        val = (q - zero[:, None]) * scale[:, None]
+        if CODES:  # int8 codes for an integer GEMM: q, or q - 128 for 8-bit rows (the A8 epilogue adds it back)
+            val = q - 128.0 if BITS == 8 else q
+        else:
+            val = (q - zero[:, None]) * scale[:, None]
         k = tl.max_contiguous(tl.multiple_of(kbase + i * 32, 8), 8)
         tl.store(dst + k[None, :], val.to(W_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
 
@@ -60,8 +63,11 @@ def _dequant_rows(w_ptr, wh_ptr, woff, hoff, nkb, offs_n, n_mask, prow, out_row,
                                "n3", "n2"])
 def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W_ptr, K, stride_w,
                    r16, r8, r4, r3, r2, r0, o8, o4, o3, o2, h3, n8, n4, n3, n2,
-                   BN: tl.constexpr, KC: tl.constexpr):
+                   BN: tl.constexpr, KC: tl.constexpr, CODES: tl.constexpr = False):
     """W[out_index[row]] = decoded row, for every packed row and pruned channel of the layer.
+
+    CODES: W is int8 and takes the rows' integer codes (q, q - 128 at 8 bits) instead of their
+    weights, with zeros for dense rows (the 8-bit-activation path multiplies those in bf16 apart).
 
     Group table as in triton_gemv.gemv_kernel. Grid: (sum over slots of cdiv(rows, BN), cdiv(K, KC)).
     """
@@ -72,10 +78,10 @@ def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W
     n_mask = offs_n < rows
     prow = start + offs_n
     out_row = tl.load(out_index_ptr + prow, mask=n_mask, other=0)
-    if slot == 5 or slot == 0:  # pruned channels: zeros; dense rows: a copy
+    if slot == 5 or slot == 0:  # pruned channels: zeros; dense rows: a copy (zeros for codes)
         k = chunk * KC + tl.arange(0, KC)
         mask = n_mask[:, None] & (k < K)[None, :]
-        if slot == 5:
+        if slot == 5 or CODES:
             val = tl.zeros([BN, KC], dtype=W_ptr.dtype.element_ty)
         else:
             val = tl.load(w16_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :], mask=mask,
@@ -83,13 +89,13 @@ def dequant_kernel(w_ptr, wh_ptr, w16_ptr, scale_ptr, zero_ptr, out_index_ptr, W
         tl.store(W_ptr + out_row[:, None].to(tl.int64) * stride_w + k[None, :], val, mask=mask)
     elif slot == 1:
         _dequant_rows(w_ptr, wh_ptr, o8 * 16, 0, n8, offs_n, n_mask, prow, out_row, scale_ptr, zero_ptr, W_ptr, K,
-                      stride_w, chunk, 8, BN, KC)
+                      stride_w, chunk, 8, BN, KC, CODES)
     elif slot == 2:
         _dequant_rows(w_ptr, wh_ptr, o4 * 16, 0, n4, offs_n, n_mask, prow, out_row, scale_ptr, zero_ptr, W_ptr, K,
-                      stride_w, chunk, 4, BN, KC)
+                      stride_w, chunk, 4, BN, KC, CODES)
     elif slot == 3:
         _dequant_rows(w_ptr, wh_ptr, o3 * 16, h3 * 32, n3, offs_n, n_mask, prow, out_row, scale_ptr, zero_ptr,
-                      W_ptr, K, stride_w, chunk, 3, BN, KC)
+                      W_ptr, K, stride_w, chunk, 3, BN, KC, CODES)
     else:
         _dequant_rows(w_ptr, wh_ptr, o2 * 16, 0, n2, offs_n, n_mask, prow, out_row, scale_ptr, zero_ptr, W_ptr, K,
-                      stride_w, chunk, 2, BN, KC)
+                      stride_w, chunk, 2, BN, KC, CODES)

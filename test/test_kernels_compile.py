@@ -56,9 +56,10 @@ def test_pipelined_one_token_loops_stream_weights_by_asynchronous_copies(compile
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("w_dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("w_dtype", ["bf16", "fp16", "i8"])
 def test_decode_for_cublas_writes_whole_vectors(w_dtype):
-    # one 2-byte store per weight made the first H200 run's decode 20x slower than its bytes
+    # one 2-byte store per weight made the first H200 run's decode 20x slower than its bytes (i8:
+    # the codes the 8-bit-activation GEMM reads, 8 per thread)
     from qvla_ros.kernels.offline_compile import compile_dequant
 
     try:
@@ -68,3 +69,19 @@ def test_decode_for_cublas_writes_whole_vectors(w_dtype):
     assert result["spill_bytes"] == 0, result
     assert not any(op.endswith((".U16", ".16", ".U8")) for op in result["stores"]), result["stores"]
     assert result["stores"].get("STG.E.128", 0) > 0, result["stores"]
+
+
+@pytest.mark.slow
+def test_the_a8_decoded_gemm_runs_on_int8_wgmma_without_spills():
+    # the default tile of the many-token A8 route: Hopper's int8 tensor-core instruction in the
+    # main loop, everything in registers
+    from qvla_ros.kernels.offline_compile import compile_a8_gemm
+    from qvla_ros.kernels.ops import A8_GEMM_TILE
+
+    try:
+        result = compile_a8_gemm(A8_GEMM_TILE)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert result["spill_bytes"] == 0, result
+    assert any(op.startswith("IGMMA") for op in result["tensor_core_ops"]), result
+    assert result["shared_bytes"] <= 227 * 1024, result

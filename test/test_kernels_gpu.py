@@ -7,7 +7,7 @@ is filled with NaN first so an element the kernel never writes fails the test.
 import pytest
 import torch
 
-from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, PreparedLinear, dequant_linear,
+from qvla_ros.kernels import (A8_DECODE_MIN_TOKENS, DEQUANT_MIN_TOKENS, GemmConfig, launch_a8_decoded, route, GemvConfig, PreparedLinear, dequant_linear,
                               dequantize_kernel_weights, launch_dequant, launch_gemv, launch_mixed_gemm,
                               mixed_bit_linear, pick_config, pick_gemv_config, quantize_activations,
                               quantize_activations_reference, set_small_m_kernel)
@@ -48,6 +48,49 @@ def test_every_mix_at_every_token_count(mix, m, act_bits):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda")
     check(run(kw, x, bias, act_bits), packed, x, bias, act_bits)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("m", [A8_DECODE_MIN_TOKENS, 64, 590])
+def test_a8_decoded_gemm_every_mix(mix, m):
+    # the many-token A8 route: the layer decoded to int8 codes, one int8 tensor-core GEMM
+    n, k = 1152, 4096
+    packed, kw = layer(n, k, mix_counts(n, MIXES[mix]))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda")
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    launch_a8_decoded(x, kw, bias, out=out)
+    check(out, packed, x, bias, 8)
+
+
+# (BM, BN, BK, GROUP_M, warps, stages): tiles smaller and larger than the shapes, one-tile groups
+A8_TILES = [(128, 128, 128, 8, 8, 4), (64, 128, 64, 4, 4, 3), (128, 256, 128, 8, 8, 3), (16, 32, 64, 1, 4, 2)]
+
+
+@pytest.mark.parametrize("tile", A8_TILES)
+@pytest.mark.parametrize("m", [17, 129, 333])
+@pytest.mark.parametrize("frac", [False, True])
+def test_a8_decoded_gemm_odd_shapes_tiles_and_fractional_zeros(tile, m, frac):
+    # N = K = 1000: off every tile and K-block; fp16 activations; float32 output shows the kernel's
+    # own error for the quantized rows (exact integer products)
+    counts = {16: 48, 8: 96, 4: 400, 3: 256, 2: 152, 0: 48}
+    packed, kw = layer(1000, 1000, counts, frac)
+    x = torch.randn(m, 1000, device="cuda", dtype=torch.float16)
+    out = torch.full((m, 1000), float("nan"), device="cuda", dtype=torch.float16)
+    launch_a8_decoded(x, kw, None, tile=tile, out=out)
+    check(out, packed, x, None, 8)
+    if not frac:
+        quantized = {b: r for b, r in counts.items() if b != 16}
+        packed_q, kw_q = layer(1000, 1000, quantized)
+        out32 = launch_a8_decoded(x, kw_q, None, tile=tile, out_dtype=torch.float32)
+        check(out32, packed_q, x, None, 8, tol=1e-5)
+
+
+def test_a8_routes_switch_at_the_decoded_gemm_threshold():
+    device = torch.device("cuda")
+    assert route(A8_DECODE_MIN_TOKENS - 1, 8, device) == "gemm_a8"
+    assert route(A8_DECODE_MIN_TOKENS, 8, device) == "a8_decoded"
+    assert route(590, 8, device) == "a8_decoded"
 
 
 @pytest.mark.parametrize("m", [1, 5, 17, 63, 65, 129, 333])

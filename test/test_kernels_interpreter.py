@@ -133,7 +133,25 @@ DEQUANT_CASES = [
     ("dequant-wide-chunks", 96, 2048, EVERY, "bfloat16", False, 16, 1024),
     ("dequant-all-pruned", 32, 64, {0: 32}, "bfloat16", False, 16, 512),
     ("dequant-one-width-3bit", 37, 77, {3: 37}, "bfloat16", False, 16, 512),
+    # int8: the rows' codes for the 8-bit-activation GEMM (q - 128 at 8 bits, dense rows zero)
+    ("codes-every-width-odd-k", 99, 1100, {16: 16, 8: 16, 4: 16, 3: 19, 2: 16, 0: 16}, "int8", True, 16, 512),
+    ("codes-one-width-8bit", 40, 300, {8: 40}, "int8", False, 32, 512),
 ]
+
+
+def expected_codes(kw):
+    """The int8 matrix the decode writes in codes mode, from the kernel words by plain torch."""
+    import torch
+
+    from qvla_ros.kernels.layout import SLOT_BITS
+
+    codes = torch.zeros(kw.out_features, kw.in_features, dtype=torch.int16)
+    for bits, rows in zip(SLOT_BITS[1:5], kw.group_rows[1:5]):
+        if rows:
+            start = kw.slot(bits).start
+            shift = 128 if bits == 8 else 0
+            codes[kw.out_index[start:start + rows].long()] = kw.group_codes(bits).to(torch.int16) - shift
+    return codes.to(torch.int8)
 
 
 def run_dequant_cases() -> dict:
@@ -148,6 +166,10 @@ def run_dequant_cases() -> dict:
         packed, _ = random_packed(n, k, counts, seed=n * 3 + k, fractional_zero=frac)
         kw = prepare_packed(packed)
         out = launch_dequant(kw, getattr(torch, dtype), block_rows=rows, block_features=features)
+        if dtype == "int8":
+            results[name] = {"equal": bool(torch.equal(out, expected_codes(kw))), "shape": list(out.shape),
+                             "expected_shape": [n, k]}
+            continue
         ref32 = dequantize_kernel_weights(kw, torch.float32)
         nearest = ref32.to(out.dtype)
         # Triton's interpreter converts float32 to bfloat16 by truncation (the GPU rounds to nearest)
@@ -155,6 +177,41 @@ def run_dequant_cases() -> dict:
         results[name] = {"equal": bool(torch.equal(out, nearest)),
                          "nearest_or_truncated": bool(((out == nearest) | (out == truncated)).all()),
                          "shape": list(out.shape), "expected_shape": [n, k]}
+    return results
+
+
+# the decoded-codes A8 GEMM (triton_a8.py): (case, N, K, counts, tokens, tile (BM, BN, BK, GROUP_M,
+# warps, stages), x dtype, fractional zero, bias); float32 outputs show the kernel's own error
+A8_CASES = [
+    ("a8-every-width-odd-k", 99, 1100, {16: 16, 8: 16, 4: 16, 3: 19, 2: 16, 0: 16}, 37, (16, 32, 64, 2, 4, 2),
+     "bfloat16", False, True),
+    ("a8-quantized-only-fractional-zero", 80, 600, {8: 16, 4: 32, 3: 16, 2: 16}, 20, (32, 16, 128, 1, 4, 2),
+     "float16", True, False),
+    ("a8-all-pruned", 32, 64, {0: 32}, 5, (16, 16, 32, 1, 4, 2), "bfloat16", False, True),
+    ("a8-dense-only-grouped-tiles", 40, 300, {16: 40}, 70, (16, 16, 64, 4, 4, 2), "bfloat16", False, True),
+]
+
+
+def run_a8_cases() -> dict:
+    """The decoded-codes A8 route against the oracle, in this process."""
+    import torch
+
+    from qvla_ros.kernels import launch_a8_decoded, prepare_packed
+    from qvla_ros.quant.kernel_oracle import oracle, random_packed
+
+    results = {}
+    for name, n, k, counts, m, tile, dtype, frac, with_bias in A8_CASES:
+        packed, _ = random_packed(n, k, counts, seed=n * 11 + k, fractional_zero=frac)
+        kw = prepare_packed(packed)
+        gen = torch.Generator().manual_seed(m + 5 * n)
+        x = torch.randn(m, k, generator=gen).to(getattr(torch, dtype))
+        bias = torch.randn(n, generator=gen) if with_bias else None
+        out = torch.full((m, n), float("nan"), dtype=torch.float32)
+        launch_a8_decoded(x, kw, bias, tile=tile, out_dtype=torch.float32, out=out)
+        ref = oracle(x, packed, bias, 8)
+        err = float((out.to(torch.float64) - ref).norm() / ref.norm().clamp(min=1e-30))
+        results[name] = {"rel_err": err, "all_written": bool(torch.isfinite(out).all()),
+                         "exact_bias": kw.kept_rows > 0 or torch.equal(out, ref.to(torch.float32))}
     return results
 
 
@@ -215,7 +272,24 @@ def test_interpreted_dequant_kernel_writes_the_reference_weights(interpreted_deq
     dtype = next(c[4] for c in DEQUANT_CASES if c[0] == case)
     result = interpreted_dequant[case]
     assert result["shape"] == result["expected_shape"], result
-    assert result["equal"] if dtype == "float16" else result["nearest_or_truncated"], result
+    assert result["equal"] if dtype in ("float16", "int8") else result["nearest_or_truncated"], result
+
+
+@pytest.fixture(scope="module")
+def interpreted_a8():
+    return _run_interpreted("--a8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c[0] for c in A8_CASES])
+def test_interpreted_a8_decoded_gemm_matches_the_oracle(interpreted_a8, case):
+    spec = next(c for c in A8_CASES if c[0] == case)
+    result = interpreted_a8[case]
+    assert result["all_written"], f"{case}: some output elements were never written"
+    assert result["exact_bias"], f"{case}: a layer without kept rows must output exactly its bias"
+    # quantized rows: exact integer products, float32 epilogue; dense rows: their bf16 products
+    # (cuBLAS's output type) round at 2^-9
+    assert result["rel_err"] < (5e-3 if 16 in spec[3] else 1e-5), result
 
 
 @pytest.mark.slow
@@ -245,5 +319,5 @@ def test_interpreted_kernel_matches_the_oracle(interpreted, case):
 
 
 if __name__ == "__main__":
-    modes = {"--gemv": run_gemv_cases, "--dequant": run_dequant_cases}
+    modes = {"--gemv": run_gemv_cases, "--dequant": run_dequant_cases, "--a8": run_a8_cases}
     print(json.dumps(modes.get(sys.argv[1] if len(sys.argv) > 1 else "", run_cases)()))

@@ -223,7 +223,7 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
     # many tokens: decode-then-cuBLAS from DEQUANT_MIN_TOKENS on (run 10: 4x the grouped GEMM at 590
     # tokens); the QVLA_LARGE_M_KERNEL switch is gone (the grouped GEMM lost at every count from 24)
     import qvla_ros.kernels as kernels
-    from qvla_ros.kernels import DEQUANT_MIN_TOKENS, route, runs_dequant_path
+    from qvla_ros.kernels import A8_DECODE_MIN_TOKENS, DEQUANT_MIN_TOKENS, route, runs_dequant_path
 
     assert not hasattr(kernels, "set_large_m_kernel")
     assert [runs_dequant_path(m) for m in (DEQUANT_MIN_TOKENS - 1, DEQUANT_MIN_TOKENS, 590)] == [False, True, True]
@@ -232,7 +232,9 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert [route(m, 16, cuda) for m in (1, 2, 16, 17, 23, 24, 590)] == \
         ["gemv", "gemm", "gemm", "gemm", "gemm", "dequant", "dequant"]
-    assert {route(m, 8, cuda) for m in (1, 16, 590)} == {"gemm_a8"}
+    # 8-bit activations: the grouped GEMM's int8 path, from A8_DECODE_MIN_TOKENS on the decoded-codes GEMM
+    assert [route(m, 8, cuda) for m in (1, 16, A8_DECODE_MIN_TOKENS - 1, A8_DECODE_MIN_TOKENS, 590)] == \
+        ["gemm_a8"] * 3 + ["a8_decoded"] * 2
     monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
     assert [route(m, 16, cuda) for m in (1, 2, 16, 17)] == ["gemv", "gemv", "gemv", "gemm"]
     monkeypatch.delenv("QVLA_SMALL_M_KERNEL")

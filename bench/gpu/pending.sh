@@ -15,6 +15,7 @@
 #   chain    bench/scale/oft7b_chain.py: calibrate -> allocate -> quantize -> fresh load (#18) 330
 #   rosnode  bench/ros/gpu_node.sh: the ROS node's graph path on the card (#21)             240
 #   inloop   bench/kernels/inloop_probe.py: decode-in-the-GEMM ceilings (#17)               200
+#   a8       bench/kernels/a8_probe.py: the decoded-codes int8 GEMM against its peers (#17)   200
 set -u
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-570}
@@ -54,7 +55,7 @@ for step in "$@"; do
         test/test_kernels_gpu.py test/test_kernels_mma_gpu.py test/test_policy_graphed_gpu.py \
         test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py test/test_compare_gpu.py ;;
     serve)
-      variants=("A16 avg4,A16 avg3,A8 avg4,fp8 W8A8 cuBLAS"); [[ $SMOKE = 1 ]] && variants=("A16 avg4")
+      variants=("A16 avg4,A16 avg3,A8 avg4,A8 avg4 grouped GEMM,fp8 W8A8 cuBLAS"); [[ $SMOKE = 1 ]] && variants=("A16 avg4")
       budgeted 380 "$PY" bench/serve/serve.py "${smoke[@]}" --skip-layers --variants "${variants[@]}" \
         --out "$OUT/serve_oft7b.json" ;;
     chain)
@@ -68,7 +69,9 @@ for step in "$@"; do
       rm -rf "$OUT/.rosnode" ;;
     inloop)
       budgeted 200 "$PY" bench/kernels/inloop_probe.py "${smoke[@]}" --budget 150 --out "$OUT/inloop.json" ;;
-    *) log "unknown step $step (gputests serve chain rosnode inloop)" ;;
+    a8)
+      budgeted 200 "$PY" bench/kernels/a8_probe.py "${smoke[@]}" --out "$OUT/a8.json" ;;
+    *) log "unknown step $step (gputests serve chain rosnode inloop a8)" ;;
   esac
 done
 # A finished step's final JSON makes its partial copy redundant (and files back are few).

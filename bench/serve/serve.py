@@ -7,7 +7,8 @@
    CUDA graph (torch.cuda.graph via bench_kernels.graph_time, L2 flushed before each timed replay)
    and eager (each call timed alone with CUDA events, L2 flushed before it), over the preprocessed
    inputs (predict_normalized: what the graph captures; tokenization and image conversion outside).
-   Variants: bf16; A16 avg4; A8 avg4; A16 avg3 (the kernels' MIXES, drawn per layer at random:
+   Variants: bf16; A16 avg4; A8 avg4 (and A8 avg4 with the grouped GEMM at every token count, the
+   route before the decoded int8 GEMM); A16 avg3 (the kernels' MIXES, drawn per layer at random:
    random plans); fp8 W8A8 with cuBLAS (torch._scaled_mm row-wise, weights converted ahead,
    per-token activation scales in torch: bench_kernels.fp8_linear), the peer a user would pick.
    Optional variants from other modules join with one line in OPTIONAL_VARIANTS (skipped when their
@@ -34,13 +35,14 @@ Output JSON: card, policy_ms {variant: {batch: {graph, eager, eager_over_graph}}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +56,7 @@ for p in (REPO, REPO / "bench" / "kernels"):
 
 import bench_kernels as bk  # noqa: E402
 
-from qvla_ros.kernels import PreparedLinear  # noqa: E402
+from qvla_ros.kernels import PreparedLinear, ops  # noqa: E402
 from qvla_ros.kernels.launch_common import BoundLaunch  # noqa: E402
 from qvla_ros.kernels.testing import MIXES, mix_counts, random_kernel_weights  # noqa: E402
 from qvla_ros.quant.mixed_linear import MixedBitLinear  # noqa: E402
@@ -154,13 +156,28 @@ class Variant:
     mix: str | None = None
     act_bits: int = 16
     factory: Callable | None = None  # (linear, mix, act_bits, seed) -> nn.Module; default mixed_layer
-    extra: dict = field(default_factory=dict)
+    #: ops.A8_DECODE_MIN_TOKENS while this variant runs (None: the shipped routing); a huge value
+    #: keeps 8-bit activations on the grouped GEMM at every token count, the route before a8_decoded
+    a8_min_tokens: int | None = None
+
+
+@contextlib.contextmanager
+def routing(v: Variant):
+    """The routing table as variant v asks for it (route() reads the module constant per bind)."""
+    shipped = ops.A8_DECODE_MIN_TOKENS
+    if v.a8_min_tokens is not None:
+        ops.A8_DECODE_MIN_TOKENS = v.a8_min_tokens
+    try:
+        yield
+    finally:
+        ops.A8_DECODE_MIN_TOKENS = shipped
 
 
 VARIANTS = [
     Variant("bf16", "bf16"),
     Variant("A16 avg4", "mixed", "avg4", 16),
     Variant("A8 avg4", "mixed", "avg4", 8),
+    Variant("A8 avg4 grouped GEMM", "mixed", "avg4", 8, a8_min_tokens=1 << 30),
     Variant("A16 avg3", "mixed", "avg3", 16),
     Variant("fp8 W8A8 cuBLAS", "fp8"),
 ]
@@ -293,7 +310,8 @@ def bench_layers(variants: list[Variant]) -> dict:
                 layers = [v.factory(lin, v.mix, v.act_bits, s) for s in range(len(layers))]
             for m in LAYER_TOKENS:
                 x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-                t = bk.graph_time([(lambda f=f: f(x)) for f in layers])
+                with routing(v):
+                    t = bk.graph_time([(lambda f=f: f(x)) for f in layers])
                 bk.row(rows, shape, n, k, m, f"ours {v.name}", t, probe.nbytes(), m * k * 2 + m * n * 2, ceilings)
             del layers, probe
         if DEVICE == "cuda":
@@ -386,7 +404,8 @@ def main(argv=None) -> int:
             result["build_s"][v.name] = round(time.perf_counter() - t0, 2)
             if DEVICE == "cuda":
                 result["vram_bytes"][v.name] = torch.cuda.memory_allocated() - (0 if v.kind == "bf16" else aside)
-            result["policy_ms"][v.name] = time_policy(policy, graphs, compare_launch=v.kind == "mixed")
+            with routing(v):
+                result["policy_ms"][v.name] = time_policy(policy, graphs, compare_launch=v.kind == "mixed")
             apply_variant(policy, originals, VARIANTS[0])  # back to bf16; the variant's layers are freed
             print(json.dumps({v.name: result["policy_ms"][v.name], "vram": result["vram_bytes"].get(v.name)}), flush=True)
             _dump(args.out, result)   # a run cut short keeps what it measured
