@@ -455,10 +455,23 @@ def launch_gemv(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None, o
 #: routing table").
 DEQUANT_MIN_TOKENS = 24
 
+
+def _a8_decode_min_tokens() -> int | None:
+    value = os.environ.get("QVLA_A8_DECODE_MIN_TOKENS", "").strip()
+    if not value or value.lower() in ("0", "off", "none"):
+        return None
+    if not value.isdigit():
+        raise ValueError(f"QVLA_A8_DECODE_MIN_TOKENS must be a token count (or off), got {value!r}")
+    return int(value)
+
+
 #: layers with 8-bit activations and at least this many tokens decode the layer to int8 codes and run
-#: one int8 GEMM (a8_linear route "a8_decoded"); fewer run the grouped GEMM's int8 path. Placeholder,
-#: the 16-bit path's switch, until bench/kernels/a8_probe.py's crossover has run on a card.
-A8_DECODE_MIN_TOKENS = 24
+#: one int8 GEMM (route "a8_decoded", _bind_a8_decoded); fewer run the grouped GEMM's int8 path. None
+#: (the default): the grouped GEMM at every token count. Opt-in (QVLA_A8_DECODE_MIN_TOKENS=24) until its
+#: GPU tests have passed on a card; it has run only under Triton's interpreter and the sm_90 compiler
+#: (bench/kernels/NOTES.md, "8-bit activations at many tokens"). The crossover comes from
+#: bench/kernels/a8_probe.py's first card run.
+A8_DECODE_MIN_TOKENS: int | None = _a8_decode_min_tokens()
 
 
 def runs_dequant_path(m: int) -> bool:
@@ -470,7 +483,7 @@ def _bind_dequant(kw: KernelWeights, dtype: torch.dtype = torch.bfloat16, block_
                   block_features: int = 512, num_warps: int = 4):
     """run(out=None) -> the layer's dense [N, K] weight of `dtype`, decoded by one launch (into
     `out` when given: a caller that double-buffers decodes, bench/serve/overlap_probe.py). dtype
-    int8: the rows' integer codes instead (q; q - 128 at 8 bits; dense rows zero), for a8_linear."""
+    int8: the rows' integer codes instead (q; q - 128 at 8 bits; dense rows zero), for _bind_a8_decoded."""
     if dtype not in (torch.bfloat16, torch.float16, torch.int8):
         raise ValueError(f"dtype must be bfloat16, float16 or int8, got {dtype}")
     if block_features % 512 or block_rows < 16 or block_rows & (block_rows - 1):
@@ -518,7 +531,7 @@ def dequant_linear(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None
 
 @dataclass(frozen=True)
 class A8Channels:
-    """Per output channel, what the decoded-codes A8 GEMM's epilogue needs (a8_linear): the weight
+    """Per output channel, what the decoded-codes A8 GEMM's epilogue needs (_bind_a8_decoded): the weight
     scale (0 for pruned channels), the zero-point term c (-zero; 128 - zero at 8 bits, whose codes
     are stored shifted) and the dense row each 16-bit channel takes from y16 (-1 for the others).
     12 bytes a channel, built once per layer (PreparedLinear) and held beside its weights."""
@@ -546,7 +559,7 @@ class A8Channels:
         return cls(scale, corr, dense)
 
 
-#: A8 tile of a8_linear: (BM, BN, BK, GROUP_M, num_warps, num_stages). Placeholder until the first
+#: tile of the decoded-codes A8 GEMM: (BM, BN, BK, GROUP_M, num_warps, num_stages). Placeholder until the first
 #: card run of bench/kernels/a8_probe.py picks one.
 A8_GEMM_TILE = (128, 128, 128, 8, 8, 4)
 
@@ -608,15 +621,15 @@ def route(m: int, act_bits: int, device: torch.device) -> str:
     """The kernel a CUDA layer call with m tokens runs (the whole routing table; README "Which GPU
     kernel runs a quantized layer", measurements in bench/kernels/NOTES.md):
 
-    * 8-bit activations, m >= A8_DECODE_MIN_TOKENS: "a8_decoded", the layer decoded to int8 codes
-      and one int8 GEMM (triton_a8.py); fewer tokens: "gemm_a8", the grouped GEMM's int8 path
-      after the per-token activation quantization;
+    * 8-bit activations: "gemm_a8", the grouped GEMM's int8 path after the per-token activation
+      quantization; with A8_DECODE_MIN_TOKENS set (opt-in), from that many tokens "a8_decoded", the
+      layer decoded to int8 codes and one int8 GEMM (triton_a8.py);
     * 16-bit, m <= SMALL_M: small_m_route() ("gemv" for one token by default; QVLA_SMALL_M_KERNEL);
     * 16-bit, m >= DEQUANT_MIN_TOKENS: "dequant", decode-then-cuBLAS;
     * everything else (2-23 tokens by default): "gemm", the grouped GEMM.
     """
     if act_bits == 8:
-        return "a8_decoded" if m >= A8_DECODE_MIN_TOKENS else "gemm_a8"
+        return "a8_decoded" if A8_DECODE_MIN_TOKENS is not None and m >= A8_DECODE_MIN_TOKENS else "gemm_a8"
     if m <= SMALL_M:
         return small_m_route(m, device) or "gemm"
     return "dequant" if runs_dequant_path(m) else "gemm"

@@ -7,10 +7,10 @@ is filled with NaN first so an element the kernel never writes fails the test.
 import pytest
 import torch
 
-from qvla_ros.kernels import (A8_DECODE_MIN_TOKENS, DEQUANT_MIN_TOKENS, GemmConfig, launch_a8_decoded, route, GemvConfig, PreparedLinear, dequant_linear,
-                              dequantize_kernel_weights, launch_dequant, launch_gemv, launch_mixed_gemm,
-                              mixed_bit_linear, pick_config, pick_gemv_config, quantize_activations,
-                              quantize_activations_reference, set_small_m_kernel)
+from qvla_ros.kernels import (DEQUANT_MIN_TOKENS, GemmConfig, GemvConfig, PreparedLinear, dequant_linear,
+                              dequantize_kernel_weights, launch_a8_decoded, launch_dequant, launch_gemv,
+                              launch_mixed_gemm, mixed_bit_linear, pick_config, pick_gemv_config,
+                              quantize_activations, quantize_activations_reference, route, set_small_m_kernel)
 from qvla_ros.kernels.testing import MIXES, mix_counts, replayed_in_a_cuda_graph
 from qvla_ros.quant.kernel_oracle import check_against_oracle as check, gpu_layer as layer, oracle
 
@@ -51,7 +51,7 @@ def test_every_mix_at_every_token_count(mix, m, act_bits):
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
-@pytest.mark.parametrize("m", [A8_DECODE_MIN_TOKENS, 64, 590])
+@pytest.mark.parametrize("m", [24, 64, 590])
 def test_a8_decoded_gemm_every_mix(mix, m):
     # the many-token A8 route: the layer decoded to int8 codes, one int8 tensor-core GEMM
     n, k = 1152, 4096
@@ -86,11 +86,27 @@ def test_a8_decoded_gemm_odd_shapes_tiles_and_fractional_zeros(tile, m, frac):
         check(out32, packed_q, x, None, 8, tol=1e-5)
 
 
-def test_a8_routes_switch_at_the_decoded_gemm_threshold():
+def test_the_switched_on_a8_route_is_what_prepared_layers_the_op_and_graphs_run(monkeypatch):
+    # with the decoded-codes GEMM switched on, PreparedLinear, the op (which binds per call and
+    # builds the channel table each time) and a CUDA-graph replay give the same bits, and the
+    # grouped GEMM's int8 path (below the switch) agrees with it to bf16 rounding
+    from qvla_ros.kernels import ops
+
+    monkeypatch.setattr(ops, "A8_DECODE_MIN_TOKENS", 24)
     device = torch.device("cuda")
-    assert route(A8_DECODE_MIN_TOKENS - 1, 8, device) == "gemm_a8"
-    assert route(A8_DECODE_MIN_TOKENS, 8, device) == "a8_decoded"
-    assert route(590, 8, device) == "a8_decoded"
+    assert [route(m, 8, device) for m in (23, 24, 590)] == ["gemm_a8", "a8_decoded", "a8_decoded"]
+    packed, kw = layer(1000, 1000, RAGGED)
+    bias = torch.randn(1000, device="cuda")
+    prepared = PreparedLinear(kw, bias, 8)
+    for m in (24, 590, 24):
+        x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)
+        want = mixed_bit_linear(x, kw, bias, 8)
+        assert torch.equal(prepared(x), want), m
+        check(want, packed, x, bias, 8)
+        grouped = run(kw, x, bias, 8)
+        assert float((grouped.float() - want.float()).norm() / want.float().norm()) < 1e-2
+    captured = replayed_in_a_cuda_graph(lambda: prepared(x))
+    assert torch.equal(captured, want)
 
 
 @pytest.mark.parametrize("m", [1, 5, 17, 63, 65, 129, 333])

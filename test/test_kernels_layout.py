@@ -232,9 +232,9 @@ def test_small_m_switch_and_configs_reject_bad_values(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert [route(m, 16, cuda) for m in (1, 2, 16, 17, 23, 24, 590)] == \
         ["gemv", "gemm", "gemm", "gemm", "gemm", "dequant", "dequant"]
-    # 8-bit activations: the grouped GEMM's int8 path, from A8_DECODE_MIN_TOKENS on the decoded-codes GEMM
-    assert [route(m, 8, cuda) for m in (1, 16, A8_DECODE_MIN_TOKENS - 1, A8_DECODE_MIN_TOKENS, 590)] == \
-        ["gemm_a8"] * 3 + ["a8_decoded"] * 2
+    # 8-bit activations: the grouped GEMM's int8 path (the decoded-codes GEMM is opt-in, below)
+    if A8_DECODE_MIN_TOKENS is None:
+        assert {route(m, 8, cuda) for m in (1, 16, 24, 590)} == {"gemm_a8"}
     monkeypatch.setenv("QVLA_SMALL_M_KERNEL", "gemv")
     assert [route(m, 16, cuda) for m in (1, 2, 16, 17)] == ["gemv", "gemv", "gemv", "gemm"]
     monkeypatch.delenv("QVLA_SMALL_M_KERNEL")
@@ -417,3 +417,22 @@ def test_a_kernel_row_never_takes_less_than_a_packed_row(bits):
     # K-block padding: a 2-bit row at K = 1152 holds 1536 codes (three blocks of 512)
     if bits == 2:
         assert resident_row_bits(2, 1152) == 2 * 1536 + 96
+
+
+def test_the_decoded_a8_gemm_is_switched_on_by_a_token_count(monkeypatch):
+    import torch
+
+    from qvla_ros.kernels import ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(ops, "A8_DECODE_MIN_TOKENS", 24)
+    assert [ops.route(m, 8, cuda) for m in (1, 16, 23, 24, 590)] == ["gemm_a8"] * 3 + ["a8_decoded"] * 2
+    assert ops.route(590, 16, cuda) == "dequant"  # 16-bit activations keep their own table
+    monkeypatch.delenv("QVLA_A8_DECODE_MIN_TOKENS", raising=False)
+    assert ops._a8_decode_min_tokens() is None  # off unless asked for
+    for value, want in (("", None), ("off", None), ("0", None), ("32", 32)):
+        monkeypatch.setenv("QVLA_A8_DECODE_MIN_TOKENS", value)
+        assert ops._a8_decode_min_tokens() == want
+    monkeypatch.setenv("QVLA_A8_DECODE_MIN_TOKENS", "many")
+    with pytest.raises(ValueError, match="QVLA_A8_DECODE_MIN_TOKENS"):
+        ops._a8_decode_min_tokens()

@@ -55,7 +55,7 @@ for step in "$@"; do
         test/test_kernels_gpu.py test/test_kernels_mma_gpu.py test/test_policy_graphed_gpu.py \
         test/test_kernels_fp8_gpu.py test/test_kernels_inloop_gpu.py test/test_compare_gpu.py ;;
     serve)
-      variants=("A16 avg4,A16 avg3,A8 avg4,A8 avg4 grouped GEMM,fp8 W8A8 cuBLAS"); [[ $SMOKE = 1 ]] && variants=("A16 avg4")
+      variants=("A16 avg4,A16 avg3,A8 avg4,A8 avg4 decoded,fp8 W8A8 cuBLAS"); [[ $SMOKE = 1 ]] && variants=("A16 avg4")
       budgeted 380 "$PY" bench/serve/serve.py "${smoke[@]}" --skip-layers --variants "${variants[@]}" \
         --out "$OUT/serve_oft7b.json" ;;
     chain)

@@ -11,8 +11,8 @@ one CUDA graph over distinct layer copies that together outgrow L2, flushed befo
                               converted ahead (bench_kernels.fp8_linear; serve.py's peer policy)
   fp8 GEMM only / int8 GEMM only   cuBLAS's fp8 (_scaled_mm) and int8 (_int_mm) GEMMs on operands made
                               ahead: the tensor-core floors an 8-bit route sits on
-  ours A8 grouped GEMM        the route below A8_DECODE_MIN_TOKENS (triton_gemm.py, int8 path)
-  ours A8 decoded             the route from A8_DECODE_MIN_TOKENS on (ops._bind_a8_decoded: activation
+  ours A8 grouped GEMM        the default 8-bit-activation route at every token count (triton_gemm.py)
+  ours A8 decoded             the opt-in route (QVLA_A8_DECODE_MIN_TOKENS; ops._bind_a8_decoded: activation
                               quantization + decode to int8 codes + triton_a8's GEMM), default tile and,
                               at the largest token count, every tile of TILES
   act quant / decode to int8  the decoded route's first two launches alone
