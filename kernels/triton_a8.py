@@ -23,22 +23,28 @@ import triton.language as tl
 
 
 @triton.jit
-def a8_gemm_kernel(x_ptr, w_ptr, xscale_ptr, xsum_ptr, wscale_ptr, wcorr_ptr, dense_ptr, y16_ptr, bias_ptr, y_ptr,
-                   M, N, K, stride_y16, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """y [M, N] (output-channel order) = the epilogue above over xq [M, K] int8 @ W [N, K] int8.
-
-    Grid: (cdiv(M, BM) * cdiv(N, BN),), tiles in groups of GROUP_M token tiles so that the weight
-    tiles a group reads stay in L2 while its token tiles pass over them.
-    """
+def tile_order(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in Triton's grouped order: GROUP_M token tiles walk the weight
+    tiles together, so a weight tile is read by consecutive programs while it is in L2 (at 590
+    tokens and BM >= 128 a group holds every token tile: each weight tile streams from DRAM once)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def a8_gemm_kernel(x_ptr, w_ptr, xscale_ptr, xsum_ptr, wscale_ptr, wcorr_ptr, dense_ptr, y16_ptr, bias_ptr, y_ptr,
+                   M, N, K, stride_y16, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """y [M, N] (output-channel order) = the epilogue above over xq [M, K] int8 @ W [N, K] int8.
+
+    Grid: (cdiv(M, BM) * cdiv(N, BN),), in tile_order.
+    """
+    pid_m, pid_n = tile_order(M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)

@@ -140,20 +140,7 @@ def reference_w4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
 # ---- kernels ------------------------------------------------------------------------------------------
 
 if _HAVE_TRITON:
-    @triton.jit
-    def _swizzle(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-        """The tutorial's grouped order: GROUP_M token tiles walk the weight tiles together, so a weight
-        tile is read by consecutive programs (at 590 tokens and BM >= 128 a group holds every token
-        tile: each weight tile is streamed from DRAM once)."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + ((pid % in_group) % size_m)
-        pid_n = (pid % in_group) // size_m
-        return pid_m, pid_n
+    from .triton_a8 import tile_order as _swizzle  # the grouped program order, shared with the A8 GEMM
 
     @triton.jit
     def _bf16_pair(words, p: tl.constexpr):
