@@ -80,7 +80,7 @@ def test_a8_decoded_gemm_odd_shapes_tiles_and_fractional_zeros(tile, m, frac):
     launch_a8_decoded(x, kw, None, tile=tile, out=out)
     check(out, packed, x, None, 8)
     if not frac:
-        quantized = {b: r for b, r in counts.items() if b != 16}
+        quantized = {8: 96, 4: 448, 3: 256, 2: 152, 0: 48}  # the dense rows made 4-bit: N stays 1000
         packed_q, kw_q = layer(1000, 1000, quantized)
         out32 = launch_a8_decoded(x, kw_q, None, tile=tile, out_dtype=torch.float32)
         check(out32, packed_q, x, None, 8, tol=1e-5)

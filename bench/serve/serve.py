@@ -8,8 +8,8 @@
    and eager (each call timed alone with CUDA events, L2 flushed before it), over the preprocessed
    inputs (predict_normalized: what the graph captures; tokenization and image conversion outside).
    Variants: bf16; A16 avg4; A8 avg4 (the grouped GEMM's int8 path, the default) and A8 avg4
-   decoded (the opt-in decoded-codes int8 GEMM from 24 tokens); A16 avg3 (the kernels' MIXES, drawn per layer at random:
-   random plans); fp8 W8A8 with cuBLAS (torch._scaled_mm row-wise, weights converted ahead,
+   decoded (the opt-in decoded-codes int8 GEMM from 24 tokens); A16 avg3 (the kernels' MIXES,
+   drawn per layer at random: random plans); fp8 W8A8 with cuBLAS (torch._scaled_mm row-wise, weights converted ahead,
    per-token activation scales in torch: bench_kernels.fp8_linear), the peer a user would pick.
    Optional variants from other modules join with one line in OPTIONAL_VARIANTS (skipped when their
    module is missing).
