@@ -534,7 +534,8 @@ class A8Channels:
     """Per output channel, what the decoded-codes A8 GEMM's epilogue needs (_bind_a8_decoded): the weight
     scale (0 for pruned channels), the zero-point term c (-zero; 128 - zero at 8 bits, whose codes
     are stored shifted) and the dense row each 16-bit channel takes from y16 (-1 for the others).
-    12 bytes a channel, built once per layer (PreparedLinear) and held beside its weights."""
+    12 bytes a channel, built once per layer by PreparedLinear's first bind of the route and held
+    beside its weights."""
     scale: torch.Tensor
     corr: torch.Tensor
     dense: torch.Tensor
@@ -780,9 +781,7 @@ class PreparedLinear:
         self.bias = None if bias is None else bias.detach().to(device=self.device, dtype=torch.float32)
         self._bias_x: dict[torch.dtype, torch.Tensor | None] = {}
         self._bound: dict[tuple, object] = {}
-        # built here, at load time, never inside a CUDA-graph capture (its torch ops would only be recorded)
-        self._a8_channels = (A8Channels.of(weights) if self.act_bits == 8 and self.device.type == "cuda"
-                             else None)
+        self._a8_channels: A8Channels | None = None  # built by the first bind of route "a8_decoded"
         self._op_args = (weights.qwords, weights.w16, weights.scale, weights.zero, weights.out_index, weights.meta,
                          self.bias, list(weights.group_rows), n, self.act_bits, weights.integer_zero)
 
@@ -808,8 +807,18 @@ class PreparedLinear:
     def _bind(self, key: tuple, m: int, run_dtype: torch.dtype):
         if run_dtype not in self._bias_x:
             self._bias_x[run_dtype] = None if self.bias is None else self.bias.to(run_dtype)
-        call = _bind_route(route(m, self.act_bits, self.device), self.kw, m, run_dtype, self.bias,
-                           self._bias_x[run_dtype], self.device, self._a8_channels)
+        kind = route(m, self.act_bits, self.device)
+        if kind == "a8_decoded" and self._a8_channels is None:
+            # Once per layer, and only where the route runs (it is opt-in): 12 bytes a channel held
+            # beside the weights. Not inside a CUDA-graph capture, where its torch ops would only be
+            # recorded and an eager call before the first replay would read garbage.
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("the decoded-codes A8 route builds its channel table on its first call, "
+                                   "which cannot happen during CUDA graph capture; run the layer once at this "
+                                   "token count before capturing")
+            self._a8_channels = A8Channels.of(self.kw)
+        call = _bind_route(kind, self.kw, m, run_dtype, self.bias, self._bias_x[run_dtype], self.device,
+                           self._a8_channels)
         if len(self._bound) >= self.MAX_BOUND:
             self._bound.clear()
         self._bound[key] = call

@@ -92,11 +92,15 @@ def test_the_switched_on_a8_route_is_what_prepared_layers_the_op_and_graphs_run(
     # grouped GEMM's int8 path (below the switch) agrees with it to bf16 rounding
     from qvla_ros.kernels import ops
 
+    packed, kw = layer(1000, 1000, RAGGED)
+    bias = torch.randn(1000, device="cuda")
+    monkeypatch.setattr(ops, "A8_DECODE_MIN_TOKENS", None)
+    switched_off = PreparedLinear(kw, bias, 8)
+    switched_off(torch.randn(590, 1000, device="cuda", dtype=torch.bfloat16))
+    assert switched_off._a8_channels is None  # the route's channel table is held only where it runs
     monkeypatch.setattr(ops, "A8_DECODE_MIN_TOKENS", 24)
     device = torch.device("cuda")
     assert [route(m, 8, device) for m in (23, 24, 590)] == ["gemm_a8", "a8_decoded", "a8_decoded"]
-    packed, kw = layer(1000, 1000, RAGGED)
-    bias = torch.randn(1000, device="cuda")
     prepared = PreparedLinear(kw, bias, 8)
     for m in (24, 590, 24):
         x = torch.randn(m, 1000, device="cuda", dtype=torch.bfloat16)

@@ -90,8 +90,9 @@ def compare_width(policy, names, hs, bits: int, eval_batches, reference) -> dict
     same = total = 0
     max_steps = 0.0
     objective = {"ours": 0.0, "llmcompressor": 0.0}
+    float_mods = dict(policy.named_modules())
     for name in names:
-        w = dict(policy.named_modules())[name].weight.detach().float().clone()
+        w = float_mods[name].weight.detach().float().clone()
         _, scale, zero = quantize_rows(w, bits)
         s = scale.float()[:, None]
         ours = gptq_quantize_weight(w, hs[name], bits, damp=0.01, block=128, act_order=True)
